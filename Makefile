@@ -1,0 +1,38 @@
+# Two commands set up a fresh machine and use it (README.md):
+#   make quickstart   the main job
+#   make test         the whole test suite (what .ci/run calls)
+# Both create .venv if it is missing and install torch==2.13.0 (the CPU build) first,
+# then the kernel and every plugin under plugins/ in editable mode, pinned by constraints/cpu.txt.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PLUGINS := $(wildcard plugins/*)
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: test quickstart bench install clean
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+quickstart: $(STAMP)
+	$(BIN)/modelloop plugins --all
+
+bench: $(STAMP)
+	$(BIN)/python bench/plugins_startup.py
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt $(wildcard plugins/*/pyproject.toml)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints/cpu.txt -e '.[test]' $(foreach p,$(PLUGINS),-e '$(p)[test]')
+	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'torch {v}: a CUDA build was pulled in'"
+	touch $@
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,98 @@
+"""The ``modelloop`` command line.
+
+Each built-in command lives in its own module under ``modelloop.commands`` and is
+imported only when it runs or when ``--help`` lists it; command modules keep torch and
+friends inside their functions. Plugins add commands through ``register_commands``.
+
+A ``ModelloopError`` is shown as one ``Error: ...`` line with exit code 2; ``--debug``
+(or ``MODELLOOP_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import click
+
+import modelloop
+from modelloop.errors import ModelloopError
+from modelloop.plugins import get_plugin_manager
+
+#: command name -> "module:attribute" of its click command.
+BUILTIN_COMMANDS: Mapping[str, str] = {
+    "plugins": "modelloop.commands.plugins:plugins_command",
+    "new-plugin": "modelloop.commands.new_plugin:new_plugin_command",
+}
+
+
+class UserError(click.ClickException):
+    """A ModelloopError on its way to the terminal: one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ModelloopGroup(click.Group):
+    """A click group that imports built-in commands on demand and reports user errors plainly."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*BUILTIN_COMMANDS, *super().list_commands(ctx)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in BUILTIN_COMMANDS:
+            module_name, attribute = BUILTIN_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module_name), attribute)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModelloopError as error:
+            if ctx.params.get("debug"):
+                raise
+            raise UserError(str(error)) from error
+
+
+def build_cli() -> click.Group:
+    """The root command with every loaded plugin's commands added."""
+
+    @click.group(cls=ModelloopGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(modelloop.__version__, prog_name="modelloop")
+    @click.option("--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors.")
+    def cli(debug: bool) -> None:
+        """Load, tune, align, export, serve and evaluate open language models.
+
+        Model families, tuners, rewards and engines are plugins: see `modelloop plugins`.
+        """
+
+    manager = get_plugin_manager()
+    owners: dict[str, str] = {}
+    for plugin, call in manager.implementations("register_commands"):
+        version = manager.info[plugin].version
+        before = dict(cli.commands)
+        try:
+            call(cli=cli)
+        except Exception as error:  # third-party code: isolate it
+            cli.commands.clear()
+            cli.commands.update(before)
+            manager.report(plugin, version, f"register_commands ignored: it raised {error!r}")
+            continue
+        added = [name for name, command in cli.commands.items() if before.get(name) is not command]
+        for name in added:
+            holder = "modelloop" if name in BUILTIN_COMMANDS else owners.get(name)
+            if holder is None:
+                owners[name] = plugin
+                continue
+            if name in before:
+                cli.commands[name] = before[name]
+            else:
+                del cli.commands[name]
+            manager.report(plugin, version, f"command {name!r} ignored: {holder} already provides it")
+        manager.commands[plugin] = [name for name in added if owners.get(name) == plugin]
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    build_cli().main(args=argv, prog_name="modelloop")

@@ -1,0 +1,1 @@
+"""One module per CLI command, imported only when that command runs (see ``modelloop.cli``)."""

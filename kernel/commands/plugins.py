@@ -1,0 +1,60 @@
+"""``modelloop plugins``: what is installed, which hooks it implements, what it registered."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from modelloop import hooks
+from modelloop.plugins import PluginManager, get_plugin_manager
+from modelloop.registry import KINDS, get_registry
+
+HOOK_NAMES = sorted(name for name in vars(hooks) if hasattr(getattr(hooks, name), "modelloop_spec"))
+
+
+def describe_plugins(manager: PluginManager, *, include_builtins: bool, hook: str | None) -> list[dict[str, Any]]:
+    """One dict per loaded plugin: name, version, builtin, hooks, and names registered per kind."""
+    described = []
+    for name, info in manager.info.items():
+        if info.builtin and not include_builtins:
+            continue
+        plugin = manager.get_plugin(name)
+        hook_names = sorted(caller.name for caller in manager.get_hookcallers(plugin) or ())
+        if hook is not None and hook not in hook_names:
+            continue
+        registered = {kind.kind: get_registry(kind, manager).registered_by(name) for kind in KINDS}
+        if manager.commands.get(name):
+            registered["command"] = manager.commands[name]
+        described.append(
+            {
+                "name": name,
+                "version": info.version,
+                "builtin": info.builtin,
+                "hooks": hook_names,
+                "registered": {kind: names for kind, names in registered.items() if names},
+            }
+        )
+    return described
+
+
+@click.command("plugins")
+@click.option("--all", "include_builtins", is_flag=True, help="Include the plugins built into modelloop.")
+@click.option("--hook", type=click.Choice(HOOK_NAMES), help="Only plugins implementing this hook.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def plugins_command(include_builtins: bool, hook: str | None, as_json: bool) -> None:
+    """List installed plugins, their hooks and what they registered."""
+    described = describe_plugins(get_plugin_manager(), include_builtins=include_builtins, hook=hook)
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    if not described:
+        click.echo("No plugins installed." if not include_builtins else "No plugins loaded.")
+        return
+    for plugin in described:
+        suffix = " (built-in)" if plugin["builtin"] else ""
+        click.echo(f"{plugin['name']} {plugin['version']}{suffix}")
+        click.echo(f"  hooks: {', '.join(plugin['hooks'])}")
+        for kind, names in plugin["registered"].items():
+            click.echo(f"  {kind}: {', '.join(names)}")

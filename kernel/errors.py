@@ -1,0 +1,21 @@
+"""Errors a user can act on.
+
+Every ``ModelloopError`` is a mistake the user made or a condition they can fix (an
+unknown name, a bad option, a broken plugin). The CLI prints its message as one line
+and exits with code 2; a traceback is shown only with ``--debug``. Anything that is
+not a ``ModelloopError`` is a bug in modelloop or a plugin and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ModelloopError(Exception):
+    """Base class of every error the CLI reports without a traceback."""
+
+
+class UnknownNameError(ModelloopError, LookupError):
+    """A name (tuner, model family, reward, ...) that no installed plugin registered."""
+
+
+class PluginError(ModelloopError):
+    """A plugin broke its side of the contract (wrong type registered, hook raised)."""

@@ -1,0 +1,354 @@
+"""What ``modelloop new-plugin KIND NAME`` writes: a complete third-party plugin package.
+
+The package is one module plus a pyproject whose ``[project.entry-points.modelloop]``
+points at it, a README, and a test proving the entry point is wired: once the package
+is installed, ``modelloop plugins --json`` lists it with its hook and what it
+registered. Each KIND's example is working code against the current specs, which the
+kernel's own tests check by loading every kind.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import modelloop
+from modelloop.errors import ModelloopError
+
+
+@dataclass(frozen=True)
+class PluginKind:
+    """One choice of ``new-plugin KIND``: the hook it implements and its example body."""
+
+    hook: str
+    #: the key under which ``modelloop plugins --json`` lists what it registered, if any.
+    registers: str | None
+    imports: str
+    body: str
+
+
+KINDS: dict[str, PluginKind] = {
+    "model": PluginKind(
+        "register_models",
+        "model",
+        "from modelloop.specs import ModelFamily",
+        '''
+@modelloop.hookimpl
+def register_models(register):
+    register(
+        ModelFamily(
+            name="$name",
+            description="The $name model family.",
+            model_types=("$name",),  # the config.model_type values this family claims
+            template="chatml",
+            lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
+    )
+''',
+    ),
+    "template": PluginKind(
+        "register_templates",
+        "template",
+        "from modelloop.specs import ChatTemplate",
+        '''
+SOURCE = (
+    "{% for message in messages %}<|{{ message.role }}|>\\n{{ message.content }}<|end|>\\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\\n{% endif %}"
+)
+
+
+@modelloop.hookimpl
+def register_templates(register):
+    register(ChatTemplate(name="$name", description="The $name chat template.", source=SOURCE, end_of_turn=("<|end|>",)))
+''',
+    ),
+    "dataset-format": PluginKind(
+        "register_dataset_formats",
+        "dataset format",
+        "from modelloop.specs import DatasetFormat",
+        '''
+def convert(record):
+    """A question/answer record as a two-turn conversation."""
+    if not str(record["answer"]).strip():
+        raise ValueError("empty answer")
+    return {
+        "messages": [
+            {"role": "user", "content": str(record["question"])},
+            {"role": "assistant", "content": str(record["answer"])},
+        ]
+    }
+
+
+@modelloop.hookimpl
+def register_dataset_formats(register):
+    register(
+        DatasetFormat(
+            name="$name",
+            description="Records with question and answer fields.",
+            kind="conversation",
+            columns=("question", "answer"),
+            convert=convert,
+        )
+    )
+''',
+    ),
+    "sampler": PluginKind(
+        "register_samplers",
+        "sampler",
+        "from modelloop.specs import Sampler",
+        '''
+def order(lengths, *, batch_size, seed):
+    """Longest examples first, so an out-of-memory batch shows up at the first step."""
+    return iter(sorted(range(len(lengths)), key=lambda index: -lengths[index]))
+
+
+@modelloop.hookimpl
+def register_samplers(register):
+    register(Sampler(name="$name", description="Longest examples first.", order=order))
+''',
+    ),
+    "tuner": PluginKind(
+        "register_tuners",
+        "tuner",
+        "from modelloop.specs import Tuner",
+        '''
+def prepare(model, options, family):
+    """BitFit: train only the bias terms."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.endswith(".bias")
+    return model
+
+
+@modelloop.hookimpl
+def register_tuners(register):
+    register(Tuner(name="$name", description="Train only bias terms (BitFit).", prepare=prepare))
+''',
+    ),
+    "parallel-strategy": PluginKind(
+        "register_parallel_strategies",
+        "parallel strategy",
+        "from modelloop.specs import ParallelStrategy",
+        '''
+def plan(model_info, world_size, options):
+    return {"replicas": world_size}
+
+
+def apply(model, plan):
+    """Replicate the model in each process (torch DDP) when there is more than one."""
+    if plan["replicas"] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+@modelloop.hookimpl
+def register_parallel_strategies(register):
+    register(ParallelStrategy(name="$name", description="Plain data parallel.", plan=plan, apply=apply))
+''',
+    ),
+    "reward": PluginKind(
+        "register_rewards",
+        "reward",
+        "from modelloop.specs import Reward",
+        '''
+def score(prompts, completions, **columns):
+    """Prefer short answers: 1.0 for an empty completion, towards 0 as it grows."""
+    return [1.0 / (1.0 + len(str(completion).split())) for completion in completions]
+
+
+@modelloop.hookimpl
+def register_rewards(register):
+    register(Reward(name="$name", description="Prefers short completions.", score=score))
+''',
+    ),
+    "exporter": PluginKind(
+        "register_exporters",
+        "exporter",
+        "from modelloop.specs import Exporter",
+        '''
+def export(source_dir, out_dir, **options):
+    """Copy the run's weights and tokenizer as they are."""
+    import shutil
+
+    shutil.copytree(source_dir, out_dir, dirs_exist_ok=True)
+    return out_dir
+
+
+@modelloop.hookimpl
+def register_exporters(register):
+    register(Exporter(name="$name", description="Copies the weights unchanged.", export=export, engines=("hf",)))
+''',
+    ),
+    "engine": PluginKind(
+        "register_engines",
+        "engine",
+        "from modelloop.specs import Engine",
+        '''
+class EchoSession:
+    """An engine that answers every request with its last message: replace with a real one."""
+
+    def generate(self, requests, params):
+        return [{"text": request["messages"][-1]["content"], "finish_reason": "stop"} for request in requests]
+
+    def stream(self, request, params):
+        yield from request["messages"][-1]["content"].split(" ")
+
+    def load_adapter(self, name, path):
+        raise NotImplementedError("this engine serves no adapters")
+
+    def close(self):
+        pass
+
+
+def start(model_path, *, adapters=None, options=None):
+    return EchoSession()
+
+
+@modelloop.hookimpl
+def register_engines(register):
+    register(Engine(name="$name", description="Echoes the last message.", start=start))
+''',
+    ),
+    "command": PluginKind(
+        "register_commands",
+        "command",
+        "import click",
+        '''
+@modelloop.hookimpl
+def register_commands(cli):
+    @cli.command(name="$name")
+    def command():
+        """Say hello from $dist."""
+        click.echo("hello from $dist")
+''',
+    ),
+    "tracker": PluginKind(
+        "on_log",
+        None,
+        "import json\nfrom pathlib import Path",
+        '''
+@modelloop.hookimpl
+def on_log(stage, step, metrics, run_dir):
+    """Append every logged metric to $name.jsonl in the run folder."""
+    with open(Path(run_dir) / "$name.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"stage": stage, "step": step, **metrics}) + "\\n")
+''',
+    ),
+}
+
+MODULE = '''"""$dist: a modelloop $kind plugin."""
+
+$imports
+
+import modelloop
+$body'''
+
+PYPROJECT = '''[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "$dist"
+version = "0.1.0"
+description = "A modelloop $kind plugin."
+readme = "README.md"
+requires-python = ">=3.11"
+dependencies = ["$kernel_requirement"]
+
+[project.optional-dependencies]
+test = ["pytest"]
+
+[project.entry-points.modelloop]
+$entry_name = "$module"
+
+[tool.setuptools]
+py-modules = ["$module"]
+'''
+
+README = '''# $dist
+
+A [modelloop](https://pypi.org/project/modelloop/) $kind plugin: `$module.py` implements `$hook`.
+
+    pip install -e '.[test]'
+    modelloop plugins          # lists $dist
+    pytest
+
+Keep heavy imports (torch, transformers, ...) inside the functions that use them, so
+that `modelloop --help` and `modelloop plugins` stay fast.
+'''
+
+TEST = '''"""Proves the entry point is wired: once installed, modelloop lists this plugin."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_modelloop_lists_the_plugin():
+    listed = subprocess.run(
+        [sys.executable, "-m", "modelloop", "plugins", "--json"],
+        env={**os.environ, "MODELLOOP_LOAD_PLUGINS": "$dist"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert listed.stderr == ""
+    (plugin,) = json.loads(listed.stdout)
+    assert plugin["name"] == "$dist"
+    assert "$hook" in plugin["hooks"]
+    $registered_assertion
+'''
+
+
+def kernel_requirement(version: str = modelloop.__version__) -> str:
+    """The kernel range a new plugin declares: this minor series in 0.x, this major after."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    upper = f"{major}.{minor + 1}" if major == 0 else f"{major + 1}"
+    return f"modelloop>={major}.{minor},<{upper}"
+
+
+def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
+    """Write the package ``modelloop-plugin-NAME`` under ``directory``; returns its folder."""
+    if kind not in KINDS:
+        raise ModelloopError(f"Unknown plugin kind {kind!r}. Choose one of: {', '.join(KINDS)}.")
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+        raise ModelloopError(
+            f"Plugin name {name!r} must start with a lowercase letter and use only a-z, 0-9, '-' and '_'."
+        )
+    plugin_kind = KINDS[kind]
+    dist = f"modelloop-plugin-{name.replace('_', '-')}"
+    module = f"modelloop_{name.replace('-', '_')}"
+    target = directory / dist
+    if target.exists():
+        raise ModelloopError(f"{target} already exists; choose another --dir or name.")
+    registered_assertion = (
+        f'assert plugin["registered"] == {{"{plugin_kind.registers}": ["{name}"]}}'
+        if plugin_kind.registers
+        else 'assert plugin["registered"] == {}'
+    )
+    values = {
+        "name": name,
+        "dist": dist,
+        "module": module,
+        "entry_name": name.replace("-", "_"),
+        "kind": kind,
+        "hook": plugin_kind.hook,
+        "kernel_requirement": kernel_requirement(),
+        "registered_assertion": registered_assertion,
+    }
+    body = string.Template(plugin_kind.body).substitute(values)
+    files = {
+        "pyproject.toml": string.Template(PYPROJECT).substitute(values),
+        "README.md": string.Template(README).substitute(values),
+        f"{module}.py": string.Template(MODULE).substitute(values, imports=plugin_kind.imports, body=body),
+        f"tests/test_{module}.py": string.Template(TEST).substitute(values),
+    }
+    for relative, text in files.items():
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return target

@@ -1,0 +1,304 @@
+"""The objects plugins register: one frozen dataclass per ``register_*`` hook.
+
+They are plain data plus callables, free of torch and every other heavy import, so
+that listing plugins and resolving names costs nothing. Callables that need torch,
+transformers or PEFT import them inside their own body, when a stage calls them.
+
+Each spec validates itself in ``__post_init__``: a plugin that registers a reward whose
+``score`` cannot take ``(prompts, completions, **columns)`` is told so when it
+registers, not an hour into training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from modelloop.errors import PluginError
+
+
+def _require_callable(spec: Spec, attribute: str, *, optional: bool = False) -> None:
+    value = getattr(spec, attribute)
+    if value is None and optional:
+        return
+    if not callable(value):
+        raise PluginError(
+            f"{type(spec).__name__} {spec.name!r}: {attribute} must be callable, got {value!r}"
+        )
+
+
+def _accepts_var_keywords(function: Callable[..., Any]) -> bool:
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    """Fields every registered object has.
+
+    :param name: the name users type (``--tuner lora``); unique within its registry.
+    :param description: one line shown by ``modelloop plugins``.
+    :param aliases: other names that resolve to this object.
+    """
+
+    name: str
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise PluginError(f"{type(self).__name__} needs a non-empty name, got {self.name!r}")
+        if isinstance(self.aliases, str):
+            raise PluginError(f"{type(self).__name__} {self.name!r}: aliases must be a tuple, not a string")
+
+    def keys(self) -> tuple[str, ...]:
+        """Every name this object is found under in its registry."""
+        return (self.name, *self.aliases)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatTemplate(Spec):
+    """A chat template and the tokens around an assistant turn.
+
+    :param source: the Jinja source, in the format of a tokenizer's ``chat_template``.
+    :param end_of_turn: the text that closes an assistant turn; it is trained and it
+        stops generation.
+    :param default_system: the system prompt used when a conversation has none, or None.
+    :param options: template switches (e.g. ``{"keep_thinking": False}``) passed to
+        the Jinja renderer as variables.
+    """
+
+    source: str
+    end_of_turn: tuple[str, ...]
+    default_system: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.end_of_turn:
+            raise PluginError(f"ChatTemplate {self.name!r}: end_of_turn must name at least one token")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFamily(Spec):
+    """A model family: which checkpoints it claims and what the stages need to know.
+
+    :param model_types: the ``config.model_type`` values it claims (``qwen2``, ``llama``).
+    :param template: name of the ChatTemplate its instruct models use.
+    :param lora_targets: module-name suffixes LoRA targets by default (all linear
+        projections of attention and MLP).
+    :param module_groups: group name -> module-name prefixes (``vision_tower``,
+        ``aligner``, ``language_model``), for freezing and per-group learning rates.
+    :param tp_plan: module pattern -> tensor-parallel style; None means "use the plan
+        in the transformers config".
+    :param moe_experts: module-name patterns of MoE experts, for expert parallelism.
+    :param load: ``load(path, **options) -> (model, tokenizer)`` for families that need
+        more than the Auto classes; None means the kernel's default loader.
+    """
+
+    model_types: tuple[str, ...]
+    template: str
+    lora_targets: tuple[str, ...] = ()
+    module_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    tp_plan: Mapping[str, str] | None = None
+    moe_experts: tuple[str, ...] = ()
+    load: Callable[..., tuple[Any, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_types or isinstance(self.model_types, str):
+            raise PluginError(f"ModelFamily {self.name!r}: model_types must be a non-empty tuple")
+        _require_callable(self, "load", optional=True)
+
+    def keys(self) -> tuple[str, ...]:
+        """A family is found by its name, its aliases and every model_type it claims."""
+        return tuple(dict.fromkeys((*super().keys(), *self.model_types)))
+
+
+# --------------------------------------------------------------------------- data
+
+DatasetKind = Literal["conversation", "preference", "kto", "prompt", "text"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetFormat(Spec):
+    """A record format and how it becomes modelloop's canonical record.
+
+    :param kind: what the canonical record is: a ``conversation`` (messages), a
+        ``preference`` pair, a ``kto`` example, a GRPO ``prompt`` or raw ``text``.
+    :param columns: the fields a record must have; used to auto-detect the format and
+        to name the missing one in errors.
+    :param convert: ``convert(record) -> canonical record``; raises ValueError with a
+        readable reason for a bad record.
+    :param detect: ``detect(record) -> bool`` when the columns alone cannot tell
+        this format from another; None means "all columns present".
+    """
+
+    kind: DatasetKind
+    columns: tuple[str, ...]
+    convert: Callable[[Mapping[str, Any]], Any]
+    detect: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "convert")
+        _require_callable(self, "detect", optional=True)
+
+    def matches(self, record: Mapping[str, Any]) -> bool:
+        """Whether a record looks like this format."""
+        if self.detect is not None:
+            return bool(self.detect(record))
+        return all(column in record for column in self.columns)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampler(Spec):
+    """The order in which examples are drawn.
+
+    :param order: ``order(lengths, *, batch_size, seed) -> iterator of indices`` over one
+        epoch; ``lengths`` are token counts, so a sampler can group by length.
+    """
+
+    order: Callable[..., Iterator[int]]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "order")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tuner(Spec):
+    """How a model's parameters are trained.
+
+    :param prepare: ``prepare(model, options, family) -> model``: freeze, wrap with
+        adapters, quantize.
+    :param parameter_groups: ``parameter_groups(model, options) -> list of optimizer
+        groups`` (dicts with ``params`` and optionally ``lr``); None means one group of
+        every trainable parameter.
+    :param save: ``save(model, directory)``; None means ``model.save_pretrained``.
+    :param merge: ``merge(model) -> model`` folding adapters into the base; None if the
+        tuner has nothing to merge.
+    :param requires: import names the tuner needs (``peft``, ``bitsandbytes``): checked
+        before a model is loaded, so a missing library fails in the first second.
+    """
+
+    prepare: Callable[..., Any]
+    parameter_groups: Callable[..., list[dict[str, Any]]] | None = None
+    save: Callable[..., None] | None = None
+    merge: Callable[..., Any] | None = None
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "prepare")
+        for attribute in ("parameter_groups", "save", "merge"):
+            _require_callable(self, attribute, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelStrategy(Spec):
+    """A way to spread training over processes.
+
+    :param plan: ``plan(model_info, world_size, options) -> plan``: a description of
+        what goes where, cheap to compute, printable by ``modelloop plan``.
+    :param apply: ``apply(model, plan) -> model`` in each process.
+    :param min_world_size: the fewest processes it makes sense on.
+    """
+
+    plan: Callable[..., Any]
+    apply: Callable[..., Any]
+    min_world_size: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "plan")
+        _require_callable(self, "apply")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reward(Spec):
+    """A reward function or reward model; rewards double as evaluation metrics.
+
+    :param score: ``score(prompts, completions, **columns) -> list of floats``, one
+        per completion. ``columns`` carries the dataset's extra fields (``solution``).
+    :param columns: dataset fields the reward needs; recipes check them up front.
+    """
+
+    score: Callable[..., Sequence[float]]
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "score")
+        try:
+            inspect.signature(self.score).bind("prompts", "completions")
+        except TypeError:
+            raise PluginError(
+                f"Reward {self.name!r}: score must accept (prompts, completions, **columns)"
+            ) from None
+        if not _accepts_var_keywords(self.score):
+            raise PluginError(
+                f"Reward {self.name!r}: score must accept **columns (extra dataset fields)"
+            )
+
+
+# --------------------------------------------------------------------------- export and serving
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exporter(Spec):
+    """Turns a run's weights into a deployable form.
+
+    :param export: ``export(source_dir, out_dir, **options) -> out_dir``.
+    :param engines: engine names that can load what it writes.
+    :param requires: import names it needs, checked before any work starts.
+    """
+
+    export: Callable[..., Any]
+    engines: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "export")
+
+
+@runtime_checkable
+class EngineSession(Protocol):
+    """A started engine, whatever runs behind it (in-process, or a server over HTTP)."""
+
+    def generate(self, requests: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> list[Any]:
+        """Generate for a batch of chat or text requests with one set of sampling params."""
+
+    def stream(self, request: Mapping[str, Any], params: Mapping[str, Any]) -> Iterable[Any]:
+        """Yield the generation of one request piece by piece."""
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Make a LoRA adapter servable under ``name``."""
+
+    def close(self) -> None:
+        """Stop the engine and free what it holds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Engine(Spec):
+    """An inference engine behind one protocol.
+
+    :param start: ``start(model_path, *, adapters, options) -> EngineSession``.
+    :param runtime_lora: whether adapters can be loaded after start.
+    """
+
+    start: Callable[..., EngineSession]
+    runtime_lora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "start")

@@ -1,0 +1,90 @@
+"""Hermetic plugin loading for every test.
+
+Tests see the built-ins and the plugins of this repository, never a plugin that
+happens to be installed on the machine: ``MODELLOOP_LOAD_PLUGINS`` is set to this
+repo's plugin distributions, and the process-wide plugin manager is rebuilt around
+every test. Test plugins are written as real installed distributions (a dist-info
+folder with entry_points.txt) so they go through the same discovery as any other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelloop import plugins
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_plugin_distributions() -> list[str]:
+    """The distribution names of every plugin package under plugins/."""
+    names = []
+    for pyproject in sorted(REPO.glob("plugins/*/pyproject.toml")):
+        names.append(tomllib.loads(pyproject.read_text())["project"]["name"])
+    return names
+
+
+HERMETIC_ENV = {
+    "MODELLOOP_LOAD_PLUGINS": ",".join(repo_plugin_distributions()),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+
+
+@pytest.fixture(autouse=True)
+def hermetic_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for variable in ("MODELLOOP_BLOCK_PLUGINS", "MODELLOOP_TRACE_PLUGINS", "MODELLOOP_DEBUG"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in HERMETIC_ENV.items():
+        monkeypatch.setenv(variable, value)
+    previous = plugins.set_plugin_manager(None)
+    yield
+    plugins.set_plugin_manager(previous)
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """The environment for a ``modelloop`` child process, as hermetic as this one."""
+    return {**os.environ, **HERMETIC_ENV}
+
+
+InstallPlugin = Callable[..., str]
+
+
+@pytest.fixture
+def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InstallPlugin]:
+    """Write an installed plugin distribution (module + dist-info) onto sys.path.
+
+    ``install_plugin(dist, source, version="1.0", requires="modelloop>=0.1,<1")`` returns
+    the distribution name; the module is named after it, unique to this test.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules = []
+
+    def install(dist: str, source: str, version: str = "1.0", requires: str | None = "modelloop>=0.1,<1") -> str:
+        module = f"{dist.replace('-', '_')}_{abs(hash(str(tmp_path))) % 10**8}"
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        metadata = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        if requires:
+            metadata += f"Requires-Dist: {requires}\n"
+        (info / "METADATA").write_text(metadata)
+        (info / "entry_points.txt").write_text(f"[modelloop]\n{dist} = {module}\n")
+        modules.append(module)
+        return dist
+
+    install.site = site  # type: ignore[attr-defined]
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)

@@ -1,0 +1,188 @@
+"""Registries: every provider hook fills its registry; names, clashes and mistakes are reported."""
+
+from __future__ import annotations
+
+import pytest
+
+from modelloop import hookimpl
+from modelloop.errors import PluginError, UnknownNameError
+from modelloop.plugins import PluginInfo, make_plugin_manager, set_plugin_manager
+from modelloop.registry import (
+    DATASET_FORMATS,
+    ENGINES,
+    EXPORTERS,
+    MODELS,
+    PARALLEL_STRATEGIES,
+    REWARDS,
+    SAMPLERS,
+    TEMPLATES,
+    TUNERS,
+    get_registry,
+)
+from modelloop.specs import (
+    ChatTemplate,
+    DatasetFormat,
+    Engine,
+    Exporter,
+    ModelFamily,
+    ParallelStrategy,
+    Reward,
+    Sampler,
+    Tuner,
+)
+
+
+def constant_score(prompts, completions, **columns):
+    return [0.5] * len(completions)
+
+
+@pytest.fixture
+def manager():
+    """A process-wide manager with the built-ins and nothing installed."""
+    manager = make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": ""})
+    set_plugin_manager(manager)
+    return manager
+
+
+def add(manager, name, plugin, version="1.0"):
+    assert manager.add_plugin(plugin, PluginInfo(name, version, builtin=False))
+    return plugin
+
+
+def registering(hook_name, *specs):
+    """A plugin object whose ``hook_name`` registers ``specs``."""
+
+    def implementation(register):
+        for spec in specs:
+            register(spec)
+
+    implementation.__name__ = hook_name
+    return type("Plugin", (), {hook_name: staticmethod(hookimpl(implementation))})()
+
+
+def test_hook_register_models(manager):
+    family = ModelFamily(name="toy", model_types=("toy", "toy_moe"), template="chatml", aliases=("toy-family",))
+    add(manager, "p", registering("register_models", family))
+    models = get_registry(MODELS)
+    assert models.get("toy_moe") is family
+    assert models.get("toy-family") is family
+    assert models.names() == ["toy"]
+
+
+def test_hook_register_templates(manager):
+    template = ChatTemplate(name="plain", source="{{ messages }}", end_of_turn=("</s>",))
+    add(manager, "p", registering("register_templates", template))
+    assert get_registry(TEMPLATES).get("plain").end_of_turn == ("</s>",)
+
+
+def test_hook_register_dataset_formats(manager):
+    qa = DatasetFormat(name="qa", kind="conversation", columns=("q", "a"), convert=dict)
+    add(manager, "p", registering("register_dataset_formats", qa))
+    found = get_registry(DATASET_FORMATS).get("qa")
+    assert found.matches({"q": 1, "a": 2}) and not found.matches({"q": 1})
+
+
+def test_hook_register_samplers(manager):
+    sampler = Sampler(name="reverse", order=lambda lengths, **_: iter(reversed(range(len(lengths)))))
+    add(manager, "p", registering("register_samplers", sampler))
+    assert list(get_registry(SAMPLERS).get("reverse").order([3, 1, 2], batch_size=1, seed=0)) == [2, 1, 0]
+
+
+def test_hook_register_tuners(manager):
+    tuner = Tuner(name="bitfit", prepare=lambda model, options, family: model, requires=("torch",))
+    add(manager, "tuners", registering("register_tuners", tuner))
+    tuners = get_registry(TUNERS)
+    assert tuners.get("bitfit").requires == ("torch",)
+    assert tuners.provider("bitfit") == "tuners"
+    assert tuners.registered_by("tuners") == ["bitfit"]
+
+
+def test_hook_register_parallel_strategies(manager):
+    strategy = ParallelStrategy(name="replicate", plan=lambda *a: {}, apply=lambda model, plan: model, min_world_size=2)
+    add(manager, "p", registering("register_parallel_strategies", strategy))
+    assert get_registry(PARALLEL_STRATEGIES).get("replicate").min_world_size == 2
+
+
+def test_hook_register_rewards(manager):
+    add(manager, "p", registering("register_rewards", Reward(name="half", score=constant_score)))
+    assert get_registry(REWARDS).get("half").score(["p"], ["c1"], solution=["x"]) == [0.5]
+
+
+def test_hook_register_exporters(manager):
+    exporter = Exporter(name="copy", export=lambda source, out, **options: out, engines=("hf",))
+    add(manager, "p", registering("register_exporters", exporter))
+    assert get_registry(EXPORTERS).get("copy").engines == ("hf",)
+
+
+def test_hook_register_engines(manager):
+    engine = Engine(name="echo", start=lambda model_path, **options: None, runtime_lora=True)
+    add(manager, "p", registering("register_engines", engine))
+    assert get_registry(ENGINES).get("echo").runtime_lora
+
+
+def test_unknown_name_lists_installed_and_closest(manager):
+    add(manager, "p", registering("register_rewards", Reward(name="accuracy", score=constant_score)))
+    with pytest.raises(UnknownNameError) as raised:
+        get_registry(REWARDS).get("acuracy")
+    assert str(raised.value) == "Unknown reward 'acuracy'. Did you mean 'accuracy'? Installed: accuracy."
+
+
+def test_unknown_first_party_name_says_what_to_install(manager):
+    with pytest.raises(UnknownNameError, match="pip install modelloop-plugin-tuner-lora"):
+        get_registry(TUNERS).get("lora")
+
+
+def test_duplicate_name_names_both_plugins_and_keeps_the_first(manager, capsys):
+    first = Reward(name="accuracy", score=constant_score)
+    add(manager, "first-plugin", registering("register_rewards", first))
+    add(
+        manager,
+        "second-plugin",
+        registering("register_rewards", Reward(name="brevity", score=constant_score), Reward(name="accuracy", score=constant_score)),
+        version="0.2",
+    )
+    rewards = get_registry(REWARDS)
+    assert rewards.get("accuracy") is first
+    assert "brevity" not in rewards  # a clashing plugin's contribution is taken whole or not at all
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "second-plugin 0.2" in line
+    assert "'accuracy' is registered by both first-plugin and second-plugin" in line
+
+
+def test_registering_the_wrong_type_is_reported(manager, capsys):
+    add(manager, "confused", registering("register_rewards", Tuner(name="x", prepare=lambda *a: None)))
+    add(manager, "fine", registering("register_rewards", Reward(name="ok", score=constant_score)))
+    assert get_registry(REWARDS).names() == ["ok"]
+    assert "expected a Reward" in capsys.readouterr().err
+
+
+def test_hook_that_raises_is_reported_and_others_kept(manager, capsys):
+    class Raising:
+        @hookimpl
+        def register_rewards(self, register):
+            raise KeyError("boom")
+
+    add(manager, "raising", Raising())
+    add(manager, "fine", registering("register_rewards", Reward(name="ok", score=constant_score)))
+    assert get_registry(REWARDS).names() == ["ok"]
+    assert "raising 1.0: register_rewards ignored: it raised KeyError: 'boom'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "score, reason",
+    [
+        (lambda completions: [], "must accept \\(prompts, completions"),
+        (lambda prompts, completions: [], "must accept \\*\\*columns"),
+        ("not callable", "score must be callable"),
+    ],
+)
+def test_reward_signature_is_checked_when_registered(score, reason):
+    with pytest.raises(PluginError, match=reason):
+        Reward(name="bad", score=score)
+
+
+def test_specs_reject_empty_names_and_string_tuples():
+    with pytest.raises(PluginError, match="non-empty name"):
+        Reward(name=" ", score=constant_score)
+    with pytest.raises(PluginError, match="model_types must be a non-empty tuple"):
+        ModelFamily(name="toy", model_types="toy", template="chatml")
