@@ -24,6 +24,8 @@ from modelloop.plugins import get_plugin_manager
 BUILTIN_COMMANDS: Mapping[str, str] = {
     "plugins": "modelloop.commands.plugins:plugins_command",
     "new-plugin": "modelloop.commands.new_plugin:new_plugin_command",
+    "new-model": "modelloop.commands.new_model:new_model_command",
+    "data": "modelloop.commands.data:data_command",
 }
 
 

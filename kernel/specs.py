@@ -68,14 +68,12 @@ class ChatTemplate(Spec):
     :param source: the Jinja source, in the format of a tokenizer's ``chat_template``.
     :param end_of_turn: the text that closes an assistant turn; it is trained and it
         stops generation.
-    :param default_system: the system prompt used when a conversation has none, or None.
-    :param options: template switches (e.g. ``{"keep_thinking": False}``) passed to
-        the Jinja renderer as variables.
+    :param options: the template's switches and their defaults (e.g.
+        ``{"enable_thinking": True}``), passed to Jinja as variables; users override them.
     """
 
     source: str
     end_of_turn: tuple[str, ...]
-    default_system: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,34 +83,72 @@ class ChatTemplate(Spec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TokenizerRecipe:
+    """How ``modelloop new-model`` trains a small tokenizer that behaves like the family's own.
+
+    The pre-tokenizer must be the family's: transformers may rebuild a known family's
+    tokenizer from its own class (Qwen2Tokenizer re-applies NFC and Qwen's regex), and a
+    BPE trained with another pre-tokenizer would then encode differently than its
+    tokenizer.json says.
+
+    :param split_regex: the pre-tokenizer's split pattern (isolated), before byte-level.
+    :param nfc: apply NFC normalisation first.
+    :param special_tokens: added first, in this order, so their ids are stable.
+    :param eos_token: ends a sequence (and, for chat models, usually an assistant turn).
+    :param pad_token: padding; None means "same as eos".
+    :param bos_token: prepended by the chat template, or None.
+    """
+
+    split_regex: str
+    nfc: bool
+    special_tokens: tuple[str, ...]
+    eos_token: str
+    pad_token: str | None = None
+    bos_token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelFamily(Spec):
     """A model family: which checkpoints it claims and what the stages need to know.
 
-    :param model_types: the ``config.model_type`` values it claims (``qwen2``, ``llama``).
-    :param template: name of the ChatTemplate its instruct models use.
+    :param model_types: the ``config.model_type`` values it claims (``qwen2``, ``llama``);
+        ``("*",)`` claims every type no other family claims (the built-in fallback).
+    :param template: name of the ChatTemplate for models whose tokenizer has none; None
+        means "the tokenizer's own chat_template only".
     :param lora_targets: module-name suffixes LoRA targets by default (all linear
-        projections of attention and MLP).
+        projections of attention and MLP); empty means every linear layer.
+    :param lora_target_parameters: parameter names LoRA targets directly, for fused MoE
+        experts that are parameters rather than modules (``mlp.experts.gate_up_proj``).
     :param module_groups: group name -> module-name prefixes (``vision_tower``,
         ``aligner``, ``language_model``), for freezing and per-group learning rates.
     :param tp_plan: module pattern -> tensor-parallel style; None means "use the plan
-        in the transformers config".
-    :param moe_experts: module-name patterns of MoE experts, for expert parallelism.
+        in the transformers config" (``base_model_tp_plan``).
+    :param moe_experts: module-name patterns of MoE expert blocks, for expert parallelism.
+    :param presets: preset name -> config fields for ``modelloop new-model`` (including
+        ``model_type``); ``tokenizer_vocab`` there sets the size of the trained tokenizer.
+    :param tokenizer: how ``new-model`` trains this family's tokenizer.
     :param load: ``load(path, **options) -> (model, tokenizer)`` for families that need
         more than the Auto classes; None means the kernel's default loader.
     """
 
     model_types: tuple[str, ...]
-    template: str
+    template: str | None = None
     lora_targets: tuple[str, ...] = ()
+    lora_target_parameters: tuple[str, ...] = ()
     module_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tp_plan: Mapping[str, str] | None = None
     moe_experts: tuple[str, ...] = ()
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tokenizer: TokenizerRecipe | None = None
     load: Callable[..., tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.model_types or isinstance(self.model_types, str):
             raise PluginError(f"ModelFamily {self.name!r}: model_types must be a non-empty tuple")
+        for preset, fields in self.presets.items():
+            if "model_type" not in fields:
+                raise PluginError(f"ModelFamily {self.name!r}: preset {preset!r} must set model_type")
         _require_callable(self, "load", optional=True)
 
     def keys(self) -> tuple[str, ...]:

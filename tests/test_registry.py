@@ -66,7 +66,7 @@ def test_hook_register_models(manager):
     models = get_registry(MODELS)
     assert models.get("toy_moe") is family
     assert models.get("toy-family") is family
-    assert models.names() == ["toy"]
+    assert models.registered_by("p") == ["toy"]
 
 
 def test_hook_register_templates(manager):

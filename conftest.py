@@ -20,7 +20,7 @@ import pytest
 
 from modelloop import plugins
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent
 
 
 def repo_plugin_distributions() -> list[str]:
@@ -39,15 +39,41 @@ HERMETIC_ENV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def hermetic_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _hermetic(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
     for variable in ("MODELLOOP_BLOCK_PLUGINS", "MODELLOOP_TRACE_PLUGINS", "MODELLOOP_DEBUG"):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in HERMETIC_ENV.items():
         monkeypatch.setenv(variable, value)
-    previous = plugins.set_plugin_manager(None)
-    yield
-    plugins.set_plugin_manager(previous)
+    monkeypatch.setenv("MODELLOOP_CACHE", str(cache))
+    monkeypatch.setattr(plugins, "_manager", None)
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("modelloop-cache")
+
+
+@pytest.fixture(autouse=True)
+def hermetic_plugins(monkeypatch: pytest.MonkeyPatch, session_cache: Path) -> None:
+    _hermetic(monkeypatch, session_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Callable[[str], Path]:
+    """``tiny_models(family)``: the folder of that family's ``tiny`` preset, built once per session."""
+    from modelloop.models.new_model import new_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                _hermetic(monkeypatch, session_cache)
+                built[family] = new_model(family, "tiny", root / family)
+        return built[family]
+
+    return get
 
 
 @pytest.fixture

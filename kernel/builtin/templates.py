@@ -1,0 +1,80 @@
+"""Built-in chat templates: ChatML, the format Qwen and many other open models speak.
+
+Templates are Jinja in the format of a tokenizer's ``chat_template``, so the same text
+is rendered at training time by modelloop and at inference time by any engine that
+reads the tokenizer. ``chatml_source`` is shared with model plugins whose formats are
+ChatML with a default system prompt or thinking blocks (Qwen2.5, Qwen3).
+"""
+
+from __future__ import annotations
+
+from modelloop import hookimpl
+from modelloop.specs import ChatTemplate
+
+IM_END = "<|im_end|>"
+
+_TOOL_CALLS = (
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{%- set function = call['function'] if call['function'] is defined else call %}"
+    "{%- if content or not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' }}"
+    "{%- if function['arguments'] is string %}{{ function['arguments'] }}"
+    "{%- else %}{{ function['arguments'] | tojson }}{%- endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+)
+
+_EMPTY_THINK = "<think>\\n\\n</think>\\n\\n"
+
+
+def chatml_source(*, default_system: str | None = None, thinking: bool = False) -> str:
+    """Jinja for ChatML with tool calls and tool responses.
+
+    :param default_system: system prompt inserted when the conversation has none.
+    :param thinking: honour ``enable_thinking``: when it is false, ``<think>`` blocks are
+        stripped from assistant turns and replaced by an empty one, which the generation
+        prompt also ends with (Qwen3's non-thinking mode), so training and inference
+        prompts stay identical.
+    """
+    no_thinking = "enable_thinking is defined and not enable_thinking"
+    parts = []
+    if default_system is not None:
+        parts.append(
+            "{%- if not messages or messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\n" + default_system + IM_END + "\\n' }}"
+            "{%- endif %}"
+        )
+    parts.append("{%- for message in messages %}")
+    parts.append("{%- set content = message['content'] or '' %}")
+    parts.append("{%- if message['role'] == 'assistant' %}")
+    if thinking:
+        parts.append(
+            "{%- if " + no_thinking + " %}"
+            "{%- set content = '" + _EMPTY_THINK + "' + content.split('</think>')[-1].lstrip('\\n') %}"
+            "{%- endif %}"
+        )
+    parts.append("{{ '<|im_start|>assistant\\n' + content }}" + _TOOL_CALLS + "{{ '" + IM_END + "\\n' }}")
+    parts.append("{%- elif message['role'] == 'tool' %}")
+    parts.append("{{ '<|im_start|>user\\n<tool_response>\\n' + content + '\\n</tool_response>" + IM_END + "\\n' }}")
+    parts.append("{%- else %}")
+    parts.append("{{ '<|im_start|>' + message['role'] + '\\n' + content + '" + IM_END + "\\n' }}")
+    parts.append("{%- endif %}")
+    parts.append("{%- endfor %}")
+    parts.append("{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}")
+    if thinking:
+        parts.append("{%- if " + no_thinking + " %}{{ '" + _EMPTY_THINK + "' }}{%- endif %}")
+    parts.append("{%- endif %}")
+    return "".join(parts)
+
+
+CHATML = ChatTemplate(
+    name="chatml",
+    description="ChatML (<|im_start|>role ... <|im_end|>), no default system prompt.",
+    source=chatml_source(),
+    end_of_turn=(IM_END,),
+)
+
+
+@hookimpl
+def register_templates(register):
+    register(CHATML)

@@ -1,0 +1,120 @@
+"""``modelloop data check`` and ``modelloop data preview``: see the data as the model will."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+SOURCE = click.argument("files", nargs=-1, required=True)
+MODEL = click.option("--model", "model", help="Model folder or hub id whose tokenizer and template to use.")
+FORMAT = click.option("--format", "format_name", help="Force a data format (default: detected per file).")
+TEMPLATE = click.option("--template", help="Use this registered chat template instead of the model's.")
+
+
+def _chat_setup(model: str, template: str | None):
+    from modelloop.chat import resolve_chat_format
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+
+    tokenizer = load_tokenizer(model)
+    family = resolve_family(read_config(model).model_type)
+    return tokenizer, resolve_chat_format(tokenizer, family, template)
+
+
+@click.group("data")
+def data_command() -> None:
+    """Validate and preview training data."""
+
+
+@data_command.command("check")
+@SOURCE
+@MODEL
+@click.option("--max-length", type=click.IntRange(min=1), help="Count records longer than this (needs --model).")
+@click.option(
+    "--truncation",
+    type=click.Choice(["truncate", "drop"]),
+    default="truncate",
+    show_default=True,
+    help="What training does with a record longer than --max-length.",
+)
+@FORMAT
+@TEMPLATE
+def check_command(files, model, max_length, truncation, format_name, template) -> None:
+    """Check every record of FILES; print each problem as file:line: reason.
+
+    Exits with 1 if any record is bad. FILES may carry a sampling ratio: data.jsonl#0.5.
+    """
+    from modelloop.data.records import read_records
+    from modelloop.data.sources import Problem
+    from modelloop.data.tokenize import Encoder
+
+    if max_length and not model:
+        raise click.UsageError("--max-length needs --model (lengths are counted in the model's tokens)")
+    records = read_records(files, format=format_name)
+    problems = list(records.problems)
+    longer: list[tuple[str, int]] = []
+    if model:
+        tokenizer, chat = _chat_setup(model, template)
+        encoder = Encoder(tokenizer, chat)
+        for example in records.examples:
+            try:
+                (sequences,) = encoder.encode([example])
+            except Exception as error:  # a template that cannot render this record
+                problems.append(Problem(example.location, str(error)))
+                continue
+            length = max(len(sequence) for sequence in sequences)
+            if max_length and length > max_length:
+                longer.append((example.location, length))
+    for problem in problems:
+        click.echo(str(problem))
+    for path, format_used in records.formats.items():
+        count = sum(1 for example in records.examples if example.location.startswith(f"{path}:"))
+        click.echo(f"{path}: {format_used}, {count} records")
+    kinds = Counter(example.kind for example in records.examples)
+    click.echo(f"{len(records.examples)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
+    if longer:
+        action = "truncated" if truncation == "truncate" else "dropped"
+        click.echo(f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {max(n for _, n in longer)})")
+    if problems:
+        sys.exit(1)
+
+
+@data_command.command("preview")
+@click.argument("file")
+@MODEL
+@click.option("-n", "count", type=click.IntRange(min=1), default=3, show_default=True, help="How many records.")
+@FORMAT
+@TEMPLATE
+def preview_command(file, model, count, format_name, template) -> None:
+    """Show the first records of FILE rendered as the model sees them, trained text highlighted.
+
+    On a terminal the trained text is green; piped, it is marked with «».
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from modelloop.data.records import read_records
+    from modelloop.data.tokenize import IGNORE, Encoder
+
+    if not model:
+        raise click.UsageError("preview needs --model (the template and tokenizer are the model's)")
+    tokenizer, chat = _chat_setup(model, template)
+    encoder = Encoder(tokenizer, chat)
+    records = read_records([Path(file)], format=format_name)
+    console = Console(highlight=False)
+    for problem in records.problems[:count]:
+        console.print(str(problem), style="red", markup=False)
+    for example in records.examples[:count]:
+        console.rule(example.location)
+        for sequence, encoded in zip(encoder.pieces(example), encoder.encode([example])[0]):
+            text = Text()
+            for piece, trained in sequence:
+                if trained and not console.is_terminal:
+                    text.append(f"«{piece}»")
+                else:
+                    text.append(piece, style="bold green" if trained else "dim")
+            console.print(text)
+            trained_tokens = sum(label != IGNORE for label in encoded.labels)
+            console.print(f"{len(encoded)} tokens, {trained_tokens} trained", style="cyan")

@@ -1,0 +1,116 @@
+"""Padding-free packing: many examples per row of ``max_length``, kept apart.
+
+Examples are placed by best-fit decreasing (the fullest row that still has room), so
+rows come out nearly full. Within a row, position ids restart at 0 for each example;
+with no attention mask and no KV cache, transformers builds a block-diagonal causal
+mask from them, so no token attends across examples. The first label of each packed
+example is ignored, so no example learns to predict from the one before it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modelloop.data.tokenize import IGNORE
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of total length at most ``capacity``.
+
+    Bins are found by their free space, kept as a sorted list of distinct free sizes
+    (at most ``capacity + 1`` of them), so placing each item costs a bisect.
+    """
+    if any(length > capacity for length in lengths):
+        raise ValueError(f"an example is longer than the row length {capacity}")
+    bins: list[list[int]] = []
+    by_free: dict[int, list[int]] = {}
+    free_sizes: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        position = bisect.bisect_left(free_sizes, length)
+        if position < len(free_sizes):
+            free = free_sizes[position]
+            bin_id = by_free[free].pop()
+            if not by_free[free]:
+                del by_free[free]
+                free_sizes.pop(position)
+        else:
+            bin_id, free = len(bins), capacity
+            bins.append([])
+        bins[bin_id].append(index)
+        left = free - length
+        if left > 0:
+            if left not in by_free:
+                by_free[left] = []
+                bisect.insort(free_sizes, left)
+            by_free[left].append(bin_id)
+    return bins
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_length: int) -> list[PackedRow]:
+    """Pack tokenised examples into rows of at most ``max_length`` tokens."""
+    rows = []
+    for members in best_fit_decreasing([len(ids) for ids in input_ids], max_length):
+        row_ids: list[int] = []
+        row_labels: list[int] = []
+        positions: list[int] = []
+        for index in members:
+            row_ids += input_ids[index]
+            row_labels += [IGNORE, *labels[index][1:]]
+            positions += range(len(input_ids[index]))
+        rows.append(PackedRow(row_ids, row_labels, positions))
+    return rows
+
+
+def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
+    """The share of a padded batch's tokens that are padding, batching in the given order."""
+    padded = real = 0
+    for start in range(0, len(lengths), batch_size):
+        batch = lengths[start : start + batch_size]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+    return 1 - real / padded if padded else 0.0
+
+
+def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, Any]:
+    """A batch of packed rows as tensors, padded to the longest row.
+
+    No attention mask is returned: the position ids carry the example boundaries. The
+    padding continues as one more block of positions, never attended by real tokens.
+    """
+    import torch
+
+    width = max(len(row.input_ids) for row in rows)
+    input_ids, labels, positions = [], [], []
+    for row in rows:
+        pad = width - len(row.input_ids)
+        input_ids.append(row.input_ids + [pad_token_id] * pad)
+        labels.append(row.labels + [IGNORE] * pad)
+        positions.append(row.position_ids + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(positions),
+    }
+
+
+def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Any]:
+    """A batch of unpacked examples, right-padded, with an attention mask."""
+    import torch
+
+    width = max(len(ids) for ids in input_ids)
+    return {
+        "input_ids": torch.tensor([list(ids) + [pad_token_id] * (width - len(ids)) for ids in input_ids]),
+        "labels": torch.tensor([list(lab) + [IGNORE] * (width - len(lab)) for lab in labels]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in input_ids]),
+    }

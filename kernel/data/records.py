@@ -1,0 +1,132 @@
+"""Files -> canonical records: format detection per file, validation per record, mixing.
+
+Every record of every file is checked before anything trains; each bad one becomes a
+``Problem`` (``file:line: reason``). A file's format is detected from its first record
+(or forced), then every record of that file must fit it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelloop.data.sources import DataError, DataSource, Problem, RawRecord, open_source
+from modelloop.registry import DATASET_FORMATS, get_registry
+from modelloop.specs import DatasetFormat, DatasetKind
+
+
+@dataclass(frozen=True)
+class Example:
+    """One canonical record and where it came from."""
+
+    location: str
+    kind: DatasetKind
+    record: dict[str, Any]
+
+
+@dataclass
+class Records:
+    """What reading some data files gave: the good examples and every problem found."""
+
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    formats: dict[Path, str] = field(default_factory=dict)
+
+
+def detect_format(record: Any, location: str) -> DatasetFormat:
+    """The first registered format a record fits, or a DataError naming what was expected."""
+    formats = get_registry(DATASET_FORMATS)
+    if isinstance(record, Mapping):
+        for candidate in formats:
+            if candidate.matches(record):
+                return candidate
+        found = ", ".join(sorted(record)) or "none"
+    else:
+        found = f"a {type(record).__name__}, not an object"
+    expected = "; ".join(f"{f.name} ({', '.join(f.columns)})" for f in formats)
+    raise DataError(f"{location}: no data format fits this record (fields: {found}). Formats: {expected}")
+
+
+def _convert_file(source: DataSource, format_name: str | None, records: Records, allowed: Sequence[str] | None) -> list[Example]:
+    opened = open_source(source.path)
+    chosen: DatasetFormat | None = get_registry(DATASET_FORMATS).get(format_name) if format_name else None
+    examples: list[Example] = []
+    for item in opened.records:
+        if isinstance(item, Problem):
+            records.problems.append(item)
+            continue
+        if source.path not in records.formats:
+            if chosen is None:
+                try:
+                    chosen = detect_format(item.data, item.location)
+                except DataError as error:
+                    records.problems.append(Problem(item.location, str(error).split(": ", 1)[1]))
+                    return examples
+            missing = [column for column in chosen.columns if column not in (opened.columns or chosen.columns)]
+            if missing:
+                records.problems.append(
+                    Problem(f"{source.path}:1", f"no column {missing[0]!r} for format {chosen.name} (columns: {', '.join(opened.columns or ())})")
+                )
+                return examples
+            if allowed is not None and chosen.kind not in allowed:
+                raise DataError(
+                    f"{source.path}: holds {chosen.kind} records (format {chosen.name}); this stage needs {' or '.join(allowed)} data"
+                )
+            records.formats[source.path] = chosen.name
+        example = _convert(chosen, item)
+        if isinstance(example, Problem):
+            records.problems.append(example)
+        else:
+            examples.append(example)
+    return examples
+
+
+def _convert(chosen: DatasetFormat, item: RawRecord) -> Example | Problem:
+    if not isinstance(item.data, Mapping):
+        return Problem(item.location, f"record is a {type(item.data).__name__}, not an object")
+    missing = [column for column in chosen.columns if column not in item.data]
+    if missing:
+        return Problem(item.location, f"missing field {missing[0]!r} (format {chosen.name})")
+    try:
+        return Example(item.location, chosen.kind, chosen.convert(item.data))
+    except (ValueError, TypeError, KeyError) as error:
+        reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        return Problem(item.location, reason)
+
+
+def _sample(examples: list[Example], ratio: float, seed: int, path: Path) -> list[Example]:
+    """``ratio`` copies of a file's examples: whole copies, then a seeded share of the rest."""
+    whole, share = divmod(ratio, 1.0)
+    picked = examples * int(whole)
+    extra = round(share * len(examples))
+    if extra:
+        rng = random.Random(f"{seed}:{path}")
+        picked += [examples[i] for i in sorted(rng.sample(range(len(examples)), extra))]
+    return picked
+
+
+def read_records(
+    sources: Iterable[str | Path | DataSource],
+    *,
+    format: str | None = None,
+    kinds: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Records:
+    """Read, detect, validate and mix data files.
+
+    :param format: a registered format forced on every file without its own.
+    :param kinds: the record kinds the caller can use (``conversation`` for sft); a file
+        of another kind is refused as a whole.
+    :param seed: for the share sampled from files with a fractional ratio.
+    """
+    records = Records()
+    parsed = [DataSource.parse(source) for source in sources]
+    if not parsed:
+        raise DataError("no data files given")
+    for source in parsed:
+        examples = _convert_file(source, source.format or format, records, kinds)
+        records.examples += _sample(examples, source.ratio, seed, source.path)
+    return records

@@ -1,0 +1,287 @@
+"""Canonical records -> token ids and labels, checked, truncated and cached on disk.
+
+Each record is rendered with the chat template and cut into trained and untrained
+pieces (``ChatFormat.segments``); each piece is tokenised on its own, without special
+tokens added, so the prompt tokens are exactly those the model gets at inference.
+Labels are the ids of trained pieces and ``IGNORE`` elsewhere.
+
+Tokenisation runs once per (data files, tokenizer, template, max_length, ...): the
+result is stored under the cache folder and the next run loads it instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from modelloop.chat import ChatFormat
+from modelloop.data.records import Example, Records, read_records
+from modelloop.data.sources import DataError, DataSource, Problem
+from modelloop.paths import cache_home
+
+IGNORE = -100
+#: Bump when the encoding changes, so old cache entries are not reused.
+ENCODING_VERSION = 1
+BATCH = 1024
+SHOWN_PROBLEMS = 20
+
+Truncation = Literal["truncate", "drop", "error"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Encoder:
+    """Renders and tokenises canonical records of every kind."""
+
+    def __init__(self, tokenizer: Any, chat: ChatFormat | None) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+
+    def _chat(self) -> ChatFormat:
+        if self.chat is None:
+            raise DataError("conversation data needs a chat template, and none was resolved")
+        return self.chat
+
+    def pieces(self, example: Example) -> list[list[tuple[str, bool]]]:
+        """The ``(text, trained)`` pieces of each sequence a record stands for
+        (a preference pair stands for two: prompt + chosen, prompt + rejected)."""
+        record = example.record
+        if example.kind == "text":
+            return [[(record["text"] + (self.tokenizer.eos_token or ""), True)]]
+        chat = self._chat()
+        if example.kind == "conversation":
+            return [chat.segments(record["messages"], record.get("tools"))]
+        if example.kind == "prompt":
+            return [[(chat.render(record["prompt"], add_generation_prompt=True), False)]]
+        if example.kind == "preference":
+            return [chat.segments([*record["prompt"], *record[side]]) for side in ("chosen", "rejected")]
+        return [chat.segments([*record["prompt"], *record["completion"]])]
+
+    def encode(self, examples: Sequence[Example]) -> list[list[Encoded]]:
+        """Each example's sequences, tokenised in batches."""
+        pieces = [self.pieces(example) for example in examples]
+        texts = [text for sequences in pieces for sequence in sequences for text, _ in sequence]
+        ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        encoded = []
+        for sequences in pieces:
+            example_sequences = []
+            for sequence in sequences:
+                input_ids: list[int] = []
+                labels: list[int] = []
+                for _, trained in sequence:
+                    piece = next(ids)
+                    input_ids += piece
+                    labels += piece if trained else [IGNORE] * len(piece)
+                example_sequences.append(Encoded(input_ids, labels))
+            encoded.append(example_sequences)
+        return encoded
+
+
+@dataclass
+class DataStats:
+    """What preparing the data did, for the run's manifest and the user."""
+
+    examples: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    longest: int = 0
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [f"{self.examples} examples", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
+        for label, count in (("truncated", self.truncated), ("dropped", self.dropped), ("bad records skipped", self.skipped_bad)):
+            if count:
+                parts.append(f"{count} {label}")
+        return ", ".join(parts)
+
+
+@dataclass
+class TokenizedData:
+    """Training-ready sequences: ids, labels, and where each came from."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    locations: list[str]
+    stats: DataStats
+    from_cache: bool = False
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def problems_error(problems: Sequence[Problem], hint: str) -> DataError:
+    shown = [str(problem) for problem in problems[:SHOWN_PROBLEMS]]
+    if len(problems) > SHOWN_PROBLEMS:
+        shown.append(f"... and {len(problems) - SHOWN_PROBLEMS} more")
+    return DataError(f"{len(problems)} bad record(s):\n" + "\n".join(shown) + f"\n{hint}")
+
+
+def fit(encoded: Encoded, max_length: int, truncation: Truncation) -> Encoded | None:
+    """The sequence within ``max_length``: cut, or None when dropped (or nothing trained is left)."""
+    if len(encoded) > max_length:
+        if truncation != "truncate":
+            return None
+        encoded = Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
+    if all(label == IGNORE for label in encoded.labels):
+        return None
+    return encoded
+
+
+def tokenize_records(
+    examples: Sequence[Example], encoder: Encoder, *, max_length: int, truncation: Truncation
+) -> TokenizedData:
+    """Encode conversation or text examples into training sequences within ``max_length``."""
+    stats = DataStats()
+    input_ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    locations: list[str] = []
+    too_long: list[Problem] = []
+    for start in range(0, len(examples), BATCH):
+        batch = examples[start : start + BATCH]
+        for example, (encoded,) in zip(batch, encoder.encode(batch)):
+            if len(encoded) > max_length:
+                if truncation == "error":
+                    too_long.append(Problem(example.location, f"{len(encoded)} tokens, longer than max_length {max_length}"))
+                    continue
+                stats.truncated += truncation == "truncate"
+            kept = fit(encoded, max_length, truncation)
+            if kept is None:
+                stats.dropped += 1
+                continue
+            input_ids.append(kept.input_ids)
+            labels.append(kept.labels)
+            locations.append(example.location)
+            stats.tokens += len(kept)
+            stats.trained_tokens += sum(label != IGNORE for label in kept.labels)
+            stats.longest = max(stats.longest, len(kept))
+    if too_long:
+        raise problems_error(too_long, "Raise --max-length, or choose --truncation truncate or drop.")
+    stats.examples = len(input_ids)
+    return TokenizedData(input_ids, labels, locations, stats)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token])
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def cache_key(sources: Sequence[DataSource], encoder: Encoder, settings: dict[str, Any]) -> str:
+    chat = encoder.chat
+    described = {
+        "version": ENCODING_VERSION,
+        "files": [[_file_digest(s.path), s.ratio, s.format] for s in sources],
+        "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
+        "chat": [chat.source, list(chat.end_of_turn), dict(chat.options), dict(chat.special_tokens)] if chat else None,
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _save(path: Path, data: TokenizedData) -> None:
+    """Write atomically: a killed run never leaves a half-written entry behind."""
+    import numpy
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = numpy.cumsum([0, *data.lengths], dtype=numpy.int64)
+    flat_ids = numpy.fromiter((i for ids in data.input_ids for i in ids), dtype=numpy.int32, count=int(offsets[-1]))
+    trained = numpy.fromiter(
+        (label != IGNORE for labels in data.labels for label in labels), dtype=numpy.bool_, count=int(offsets[-1])
+    )
+    meta = json.dumps({"locations": data.locations, "stats": asdict(data.stats)})
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            numpy.savez(out, ids=flat_ids, trained=trained, offsets=offsets, meta=numpy.frombuffer(meta.encode(), dtype=numpy.uint8))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _load(path: Path) -> TokenizedData:
+    import numpy
+
+    with numpy.load(path) as stored:
+        ids, trained, offsets = stored["ids"], stored["trained"], stored["offsets"]
+        meta = json.loads(stored["meta"].tobytes().decode())
+    labels_flat = numpy.where(trained, ids, IGNORE)
+    bounds = offsets.tolist()
+    ids_list, labels_list = ids.tolist(), labels_flat.tolist()
+    input_ids = [ids_list[a:b] for a, b in zip(bounds, bounds[1:])]
+    labels = [labels_list[a:b] for a, b in zip(bounds, bounds[1:])]
+    return TokenizedData(input_ids, labels, meta["locations"], DataStats(**meta["stats"]), from_cache=True)
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+
+def prepare_data(
+    sources: Iterable[str | Path | DataSource],
+    tokenizer: Any,
+    chat: ChatFormat | None,
+    *,
+    max_length: int,
+    kind: Literal["conversation", "text"] = "conversation",
+    format: str | None = None,
+    truncation: Truncation = "truncate",
+    skip_bad_records: bool = False,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> TokenizedData:
+    """Read, validate, render, tokenise and (once) cache training data.
+
+    Every record is validated first: any bad one stops here with ``file:line: reason``
+    for each, unless ``skip_bad_records`` (then they are counted in ``stats``).
+    """
+    if max_length < 1:
+        raise DataError(f"max_length must be positive, got {max_length}")
+    parsed = [DataSource.parse(source) for source in sources]
+    encoder = Encoder(tokenizer, chat if kind == "conversation" else None)
+    settings = {"max_length": max_length, "kind": kind, "format": format, "truncation": truncation, "skip_bad": skip_bad_records, "seed": seed}
+    cached = cache_home() / "tokenized" / f"{cache_key(parsed, encoder, settings)}.npz" if use_cache else None
+    if cached is not None and cached.exists():
+        return _load(cached)
+    records: Records = read_records(parsed, format=format, kinds=(kind,), seed=seed)
+    if records.problems and not skip_bad_records:
+        raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
+    data = tokenize_records(records.examples, encoder, max_length=max_length, truncation=truncation)
+    data.stats.skipped_bad = len(records.problems)
+    data.stats.formats = {str(path): name for path, name in records.formats.items()}
+    if not data.input_ids:
+        raise DataError("no usable examples in the data")
+    if cached is not None:
+        _save(cached, data)
+    return data

@@ -1,0 +1,173 @@
+"""Loading a model and its tokenizer through the family that claims it.
+
+``load_model`` reads the config first (cheap), resolves the family by
+``config.model_type``, then loads weights with the family's loader or the Auto classes:
+safetensors only, ``trust_remote_code`` off unless asked, sdpa attention unless told
+otherwise. Each way this can fail for a reason the user can fix is a one-line
+``ModelloopError``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelloop.errors import ModelloopError, UnknownNameError
+from modelloop.log import warn_once
+from modelloop.registry import MODELS, get_registry
+from modelloop.specs import ModelFamily
+
+DTYPES = {
+    "auto": "auto",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+#: attention implementation -> the package it needs, if any.
+ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+class ModelLoadError(ModelloopError):
+    """A model or tokenizer that cannot be loaded as asked."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and the family that claimed it."""
+
+    model: Any
+    tokenizer: Any
+    family: ModelFamily
+    path: str
+
+
+def locate(name_or_path: str | Path) -> str:
+    """A local folder (checked) or a hub id, as a string transformers accepts."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; give the model's folder")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
+        return str(path)
+    if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")):
+        return text
+    raise ModelLoadError(f"{text}: no such model folder (and not a hub id like Qwen/Qwen2.5-0.5B)")
+
+
+def read_config(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The model's transformers config, with clear errors for the usual mistakes."""
+    from transformers import AutoConfig
+
+    location = locate(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise ModelLoadError(
+                f"{location} needs custom code from its repository; pass --trust-remote-code if you trust it"
+            ) from None
+        raise ModelLoadError(f"{location}: {error} (installed families: {', '.join(installed_families())})") from None
+    except OSError as error:
+        raise ModelLoadError(f"{location}: cannot read the config ({error})") from None
+
+
+def installed_families() -> list[str]:
+    return [f"{family.name} ({', '.join(family.model_types)})" for family in get_registry(MODELS)]
+
+
+def resolve_family(model_type: str) -> ModelFamily:
+    """The family that claims ``model_type``, or the generic fallback with a warning."""
+    models = get_registry(MODELS)
+    if model_type in models:
+        return models.get(model_type)
+    try:
+        fallback = models.get("*")
+    except UnknownNameError:
+        raise ModelLoadError(
+            f"no installed plugin handles model type {model_type!r}; installed families: {', '.join(installed_families())}"
+        ) from None
+    warn_once(f"no installed plugin claims model type {model_type!r}; using the {fallback.name} family")
+    return fallback
+
+
+def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    location = locate(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{location}: cannot load the tokenizer ({error})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _torch_dtype(dtype: str) -> Any:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    if DTYPES[dtype] == "auto":
+        return "auto"
+    import torch
+
+    return getattr(torch, DTYPES[dtype])
+
+
+def check_attention(attn_implementation: str) -> None:
+    if attn_implementation not in ATTENTION:
+        raise ModelLoadError(f"unknown attention implementation {attn_implementation!r}; use one of: {', '.join(ATTENTION)}")
+    package = ATTENTION[attn_implementation]
+    if package and importlib.util.find_spec(package) is None:
+        raise ModelLoadError(f"{attn_implementation} needs the {package} package (CUDA only); use sdpa on this machine")
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer through the family that claims it.
+
+    :param name_or_path: a local model folder or a hub id.
+    :param dtype: ``auto`` (as saved), ``bf16``, ``fp16`` or ``fp32``.
+    :param device_map: passed to transformers (``auto`` spreads over the GPUs).
+    :param attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``_3``.
+    :param trust_remote_code: run code shipped with the checkpoint (off unless asked).
+    """
+    check_attention(attn_implementation)
+    torch_dtype = _torch_dtype(dtype)
+    location = locate(name_or_path)
+    config = read_config(location, trust_remote_code=trust_remote_code)
+    family = resolve_family(config.model_type)
+    options = {
+        "dtype": torch_dtype,
+        "device_map": device_map,
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True if Path(location).is_dir() else None,
+    }
+    if family.load is not None:
+        model, tokenizer = family.load(location, config=config, **options)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, config=config, **options)
+        except OSError as error:
+            raise ModelLoadError(f"{location}: cannot load the weights ({error})") from None
+        tokenizer = load_tokenizer(location, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=location)
