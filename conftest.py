@@ -37,6 +37,8 @@ HERMETIC_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
 }
+# huggingface_hub reads its offline switch when imported: set it before any test imports it.
+os.environ.update({key: value for key, value in HERMETIC_ENV.items() if key.endswith("OFFLINE")})
 
 
 def _hermetic(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:

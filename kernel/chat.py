@@ -92,7 +92,7 @@ class ChatFormat:
         trained on the prompt it will be given.
         """
         pieces: list[tuple[str, bool]] = []
-        done = ""
+        done = full = ""
         for index, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
@@ -108,7 +108,8 @@ class ChatFormat:
             pieces.append((prompt[len(done) :], False))
             pieces.append((completion[:trained_end], True))
             done = prompt + completion[:trained_end]
-        whole = self.render(messages, add_generation_prompt=False, tools=tools)
+        ends_with_answer = bool(messages) and messages[-1].get("role") == "assistant"
+        whole = full if ends_with_answer else self.render(messages, add_generation_prompt=False, tools=tools)
         if not whole.startswith(done):
             raise TemplateError(f"the chat template {self.name!r} renders a conversation differently than its turns")
         pieces.append((whole[len(done) :], False))

@@ -52,23 +52,27 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 @dataclass(frozen=True)
 class PackedRow:
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
+    input_ids: Any
+    labels: Any
+    position_ids: Any
 
 
 def pack(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_length: int) -> list[PackedRow]:
-    """Pack tokenised examples into rows of at most ``max_length`` tokens."""
+    """Pack tokenised examples into rows of at most ``max_length`` tokens (numpy int32 arrays)."""
+    import numpy
+
     rows = []
     for members in best_fit_decreasing([len(ids) for ids in input_ids], max_length):
-        row_ids: list[int] = []
-        row_labels: list[int] = []
-        positions: list[int] = []
-        for index in members:
-            row_ids += input_ids[index]
-            row_labels += [IGNORE, *labels[index][1:]]
-            positions += range(len(input_ids[index]))
-        rows.append(PackedRow(row_ids, row_labels, positions))
+        row_labels = [numpy.array(labels[index], dtype=numpy.int32) for index in members]  # copies
+        for example_labels in row_labels:
+            example_labels[:1] = IGNORE  # the first token is never predicted from the previous example
+        rows.append(
+            PackedRow(
+                numpy.concatenate([numpy.asarray(input_ids[index], dtype=numpy.int32) for index in members]),
+                numpy.concatenate(row_labels),
+                numpy.concatenate([numpy.arange(len(input_ids[index]), dtype=numpy.int32) for index in members]),
+            )
+        )
     return rows
 
 
@@ -88,29 +92,41 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, An
     No attention mask is returned: the position ids carry the example boundaries. The
     padding continues as one more block of positions, never attended by real tokens.
     """
+    import numpy
     import torch
 
     width = max(len(row.input_ids) for row in rows)
-    input_ids, labels, positions = [], [], []
-    for row in rows:
-        pad = width - len(row.input_ids)
-        input_ids.append(row.input_ids + [pad_token_id] * pad)
-        labels.append(row.labels + [IGNORE] * pad)
-        positions.append(row.position_ids + list(range(pad)))
+    input_ids = numpy.full((len(rows), width), pad_token_id, dtype=numpy.int64)
+    labels = numpy.full((len(rows), width), IGNORE, dtype=numpy.int64)
+    positions = numpy.tile(numpy.arange(width), (len(rows), 1))
+    for number, row in enumerate(rows):
+        size = len(row.input_ids)
+        input_ids[number, :size] = row.input_ids
+        labels[number, :size] = row.labels
+        positions[number, :size] = row.position_ids
+        positions[number, size:] = numpy.arange(width - size)
     return {
-        "input_ids": torch.tensor(input_ids),
-        "labels": torch.tensor(labels),
-        "position_ids": torch.tensor(positions),
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
     }
 
 
 def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Any]:
     """A batch of unpacked examples, right-padded, with an attention mask."""
+    import numpy
     import torch
 
     width = max(len(ids) for ids in input_ids)
+    batch_ids = numpy.full((len(input_ids), width), pad_token_id, dtype=numpy.int64)
+    batch_labels = numpy.full((len(input_ids), width), IGNORE, dtype=numpy.int64)
+    mask = numpy.zeros((len(input_ids), width), dtype=numpy.int64)
+    for number, (ids, example_labels) in enumerate(zip(input_ids, labels)):
+        batch_ids[number, : len(ids)] = ids
+        batch_labels[number, : len(ids)] = example_labels
+        mask[number, : len(ids)] = 1
     return {
-        "input_ids": torch.tensor([list(ids) + [pad_token_id] * (width - len(ids)) for ids in input_ids]),
-        "labels": torch.tensor([list(lab) + [IGNORE] * (width - len(lab)) for lab in labels]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in input_ids]),
+        "input_ids": torch.from_numpy(batch_ids),
+        "labels": torch.from_numpy(batch_labels),
+        "attention_mask": torch.from_numpy(mask),
     }

@@ -1,0 +1,112 @@
+"""Packing: rows are full, examples stay apart (same loss packed or not), samplers are seeded."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from modelloop.chat import resolve_chat_format
+from modelloop.data.packing import best_fit_decreasing, collate_packed, pack, padding_waste
+from modelloop.data.tokenize import IGNORE, prepare_data
+from modelloop.models.loading import load_model
+from modelloop.registry import SAMPLERS, get_registry
+
+
+def test_best_fit_decreasing_places_every_example_once_within_capacity():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(500)]
+    bins = best_fit_decreasing(lengths, 128)
+    assert sorted(index for members in bins for index in members) == list(range(500))
+    assert all(sum(lengths[i] for i in members) <= 128 for members in bins)
+    assert len(bins) <= sum(lengths) / 128 * 1.1  # close to the lower bound
+
+
+def test_an_example_longer_than_a_row_is_refused():
+    with pytest.raises(ValueError, match="longer than the row length 4"):
+        best_fit_decreasing([3, 5], 4)
+
+
+def test_packed_rows_restart_positions_and_ignore_each_first_label():
+    rows = pack([[1, 2, 3], [4, 5], [6]], [[1, 2, 3], [IGNORE, 5], [6]], max_length=4)
+    assert [(row.input_ids.tolist(), row.position_ids.tolist(), row.labels.tolist()) for row in rows] == [
+        ([1, 2, 3, 6], [0, 1, 2, 0], [IGNORE, 2, 3, IGNORE]),
+        ([4, 5], [0, 1], [IGNORE, 5]),
+    ]
+
+
+def as_long(values):
+    return torch.as_tensor(values, dtype=torch.long)
+
+
+def per_token_losses(logits, input_ids, labels):
+    """Cross-entropy of each predicted token (label != IGNORE), as a causal LM is trained."""
+    targets = labels[1:]
+    keep = targets != IGNORE
+    return torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep], reduction="none")
+
+
+def test_loss_per_example_is_the_same_packed_and_unpacked(tmp_path, tiny_models):
+    loaded = load_model(tiny_models("qwen2"), dtype="fp32")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    chat = resolve_chat_format(tokenizer, loaded.family)
+    rows = [
+        {"messages": [{"role": "user", "content": f"Reverse {word * n}"}, {"role": "assistant", "content": (word * n)[::-1]}]}
+        for n, word in enumerate(["abc", "river", "tiger", "xy", "banana", "q"], start=1)
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = prepare_data([tmp_path / "d.jsonl"], tokenizer, chat, max_length=96, use_cache=False)
+
+    with torch.no_grad():
+        alone = [
+            per_token_losses(model(input_ids=as_long(ids)[None], use_cache=False).logits[0], as_long(ids), as_long(labels))
+            for ids, labels in zip(data.input_ids, data.labels)
+        ]
+        packed = pack(data.input_ids, data.labels, max_length=96)
+        assert len(packed) < len(data.input_ids)  # several examples share a row
+        batch = collate_packed(packed, tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        mixed = model(input_ids=batch["input_ids"], use_cache=False).logits  # positions not restarted
+
+    order = [index for members in best_fit_decreasing(data.lengths, 96) for index in members]
+    row_of = [row for row, members in enumerate(best_fit_decreasing(data.lengths, 96)) for _ in members]
+    starts: dict[int, int] = {}
+    worst_leak = 0.0
+    for index, row in zip(order, row_of):
+        start = starts.get(row, 0)
+        end = start + data.lengths[index]
+        starts[row] = end
+        ids, labels = as_long(data.input_ids[index]), as_long(data.labels[index])
+        together = per_token_losses(logits[row, start:end], ids, labels)
+        torch.testing.assert_close(together.mean(), alone[index].mean(), atol=1e-5, rtol=0)
+        if start > 0:
+            worst_leak = max(worst_leak, (per_token_losses(mixed[row, start:end], ids, labels).mean() - alone[index].mean()).abs().item())
+    assert worst_leak > 1e-3  # without restarted positions the examples do see each other
+
+
+def test_padding_waste():
+    assert padding_waste([4, 4, 2, 2], batch_size=2) == 0.0
+    assert padding_waste([4, 2, 4, 2], batch_size=2) == pytest.approx(4 / 16)
+
+
+def test_hook_register_samplers_random_is_a_seeded_permutation():
+    sampler = get_registry(SAMPLERS).get("random")
+    lengths = list(range(100))
+    first = list(sampler.order(lengths, batch_size=8, seed=3))
+    assert sorted(first) == lengths
+    assert first == list(sampler.order(lengths, batch_size=8, seed=3))
+    assert first != list(sampler.order(lengths, batch_size=8, seed=4))
+
+
+def test_length_grouped_sampler_cuts_padding():
+    samplers = get_registry(SAMPLERS)
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(2000)]
+    grouped = list(samplers.get("length-grouped").order(lengths, batch_size=8, seed=0))
+    shuffled = list(samplers.get("random").order(lengths, batch_size=8, seed=0))
+    assert sorted(grouped) == list(range(2000))
+    waste_grouped = padding_waste([lengths[i] for i in grouped], 8)
+    waste_random = padding_waste([lengths[i] for i in shuffled], 8)
+    assert waste_grouped < waste_random / 5

@@ -1,0 +1,117 @@
+"""Tokenisation: labels on assistant tokens only, truncation reported, bad data stops training, a disk cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modelloop.chat import resolve_chat_format
+from modelloop.data.sources import DataError
+from modelloop.data.tokenize import IGNORE, prepare_data
+from modelloop.models.loading import load_tokenizer, resolve_family
+
+
+@pytest.fixture
+def qwen(tiny_models):
+    tokenizer = load_tokenizer(tiny_models("qwen2"))
+    return tokenizer, resolve_chat_format(tokenizer, resolve_family("qwen2"))
+
+
+def conversations(path, count=20, answer=lambda i: str(i * 2)):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": answer(i)}]} for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_labels_are_the_assistant_tokens_and_end_of_turn(tmp_path, qwen):
+    tokenizer, chat = qwen
+    data = prepare_data([conversations(tmp_path / "d.jsonl")], tokenizer, chat, max_length=128)
+    ids, labels = data.input_ids[3].tolist(), data.labels[3].tolist()
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert tokenizer.decode(trained) == "6<|im_end|>"
+    assert [label for label in labels if label != IGNORE] == trained
+    prompt = chat.render([{"role": "user", "content": "What is 3+3?"}], add_generation_prompt=True)
+    assert ids[: len(ids) - len(trained) - 1] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert data.stats.examples == 20
+    assert data.stats.trained_tokens == sum(label != IGNORE for row in data.labels for label in row.tolist())
+
+
+def test_pretraining_text_trains_every_token_and_ends_with_eos(tmp_path, qwen):
+    tokenizer, _ = qwen
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "hello world"}) + "\n")
+    data = prepare_data([path], tokenizer, None, max_length=64, kind="text")
+    assert data.labels[0].tolist() == data.input_ids[0].tolist()
+    assert tokenizer.decode(data.input_ids[0]) == "hello world" + tokenizer.eos_token
+
+
+def test_long_records_are_truncated_dropped_or_refused(tmp_path, qwen):
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl", count=4, answer=lambda i: "x " * (i * 30) + "end")
+    truncated = prepare_data([path], tokenizer, chat, max_length=64, use_cache=False)
+    assert truncated.stats.truncated == 2 and truncated.stats.examples == 4
+    assert max(truncated.lengths) == 64
+    dropped = prepare_data([path], tokenizer, chat, max_length=64, truncation="drop", use_cache=False)
+    assert (dropped.stats.dropped, dropped.stats.examples) == (2, 2)
+    with pytest.raises(DataError) as raised:
+        prepare_data([path], tokenizer, chat, max_length=64, truncation="error", use_cache=False)
+    assert f"{path}:3: " in str(raised.value) and "longer than max_length 64" in str(raised.value)
+
+
+def test_bad_records_stop_before_training_unless_skipped(tmp_path, qwen):
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl", count=5)
+    with path.open("a") as handle:
+        handle.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n')
+        handle.write("not json\n")
+    with pytest.raises(DataError) as raised:
+        prepare_data([path], tokenizer, chat, max_length=64)
+    message = str(raised.value)
+    assert f"{path}:6: messages[2] is an empty assistant turn" in message
+    assert f"{path}:7: malformed JSON" in message
+    assert "--skip-bad-records" in message
+    data = prepare_data([path], tokenizer, chat, max_length=64, skip_bad_records=True)
+    assert (data.stats.examples, data.stats.skipped_bad) == (5, 2)
+
+
+def test_second_run_loads_the_cache_and_a_changed_file_does_not(tmp_path, qwen, monkeypatch):
+    monkeypatch.setenv("MODELLOOP_CACHE", str(tmp_path / "cache"))
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl")
+    first = prepare_data([path], tokenizer, chat, max_length=128)
+    second = prepare_data([path], tokenizer, chat, max_length=128)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert second.flat_ids.tolist() == first.flat_ids.tolist()
+    assert second.flat_labels.tolist() == first.flat_labels.tolist()
+    assert (second.offsets.tolist(), second.locations) == (first.offsets.tolist(), first.locations)
+    assert second.stats == first.stats
+    assert not prepare_data([path], tokenizer, chat, max_length=64).from_cache
+    conversations(path, count=21)
+    changed = prepare_data([path], tokenizer, chat, max_length=128)
+    assert not changed.from_cache and changed.stats.examples == 21
+
+
+def test_a_failed_cache_write_leaves_nothing_behind(tmp_path, qwen, monkeypatch):
+    import numpy
+
+    monkeypatch.setenv("MODELLOOP_CACHE", str(tmp_path / "cache"))
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl", count=7)
+
+    def killed(handle, **arrays):
+        handle.write(b"half an entry")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(numpy, "savez", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_data([path], tokenizer, chat, max_length=128)
+    assert list((tmp_path / "cache" / "tokenized").iterdir()) == []
+    assert not prepare_data([path], tokenizer, chat, max_length=128).from_cache
+
+
+def test_max_length_must_be_positive(tmp_path, qwen):
+    tokenizer, chat = qwen
+    with pytest.raises(DataError, match="max_length must be positive"):
+        prepare_data([conversations(tmp_path / "d.jsonl")], tokenizer, chat, max_length=0)
