@@ -18,11 +18,18 @@ export HF_DATASETS_OFFLINE := 1
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Until the training stages land, the main job runs the most complete path that exists:
+# plugins, demo data, a locally built model, data validation and a preview.
 quickstart: $(STAMP)
-	$(BIN)/modelloop plugins --all
+	$(BIN)/modelloop plugins
+	$(BIN)/python examples/make_demo_data.py runs/data
+	$(BIN)/modelloop new-model --family qwen2 --preset tiny --out runs/tiny-qwen2 --corpus runs/data/tasks.jsonl --overwrite
+	$(BIN)/modelloop data check runs/data/*.jsonl --model runs/tiny-qwen2 --max-length 128
+	$(BIN)/modelloop data preview runs/data/tasks.jsonl --model runs/tiny-qwen2 -n 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/plugins_startup.py
+	$(BIN)/python bench/data_throughput.py
 
 install: $(STAMP)
 

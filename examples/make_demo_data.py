@@ -1,0 +1,64 @@
+"""Write the demo data sets: small tasks a tiny model can visibly learn, in every format.
+
+  tasks.jsonl        messages: 2-digit addition and string reversal (train)
+  tasks_eval.jsonl   messages: held-out questions of the same tasks
+  tasks_alpaca.jsonl the train set as alpaca records
+  preference.jsonl   prompt + chosen (right) / rejected (wrong) answers
+  prompts.jsonl      prompt-only records with a `solution` column, for GRPO rewards
+
+Deterministic for a seed. Usage: python examples/make_demo_data.py [OUT_DIR] [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+from pathlib import Path
+
+
+def task(rng: random.Random) -> tuple[str, str, str]:
+    """A question, its answer, and a plausible wrong answer."""
+    if rng.random() < 0.5:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return f"What is {a}+{b}?", str(a + b), str(a + b + rng.choice([-10, -1, 1, 10]))
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    wrong = word if word != word[::-1] else word + "x"
+    return f"Reverse the string: {word}", word[::-1], wrong
+
+
+def write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the demo data sets.")
+    parser.add_argument("out", nargs="?", default="runs/data", type=Path)
+    parser.add_argument("--count", type=int, default=2000, help="training examples")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    rng = random.Random(arguments.seed)
+    seen: set[str] = set()
+    rows = []
+    while len(rows) < arguments.count + arguments.count // 10:
+        question, answer, wrong = task(rng)
+        if question not in seen:
+            seen.add(question)
+            rows.append((question, answer, wrong))
+    train, held_out = rows[: arguments.count], rows[arguments.count :]
+
+    def conversation(question: str, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    write(arguments.out / "tasks.jsonl", [conversation(q, a) for q, a, _ in train])
+    write(arguments.out / "tasks_eval.jsonl", [conversation(q, a) for q, a, _ in held_out])
+    write(arguments.out / "tasks_alpaca.jsonl", [{"instruction": q, "input": "", "output": a} for q, a, _ in train])
+    write(arguments.out / "preference.jsonl", [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in train if a != w])
+    write(arguments.out / "prompts.jsonl", [{"prompt": q, "solution": a} for q, a, _ in train])
+    print(f"{arguments.out}: {len(train)} train, {len(held_out)} held-out examples in 5 files")
+
+
+if __name__ == "__main__":
+    main()

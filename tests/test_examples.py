@@ -1,0 +1,26 @@
+"""The shipped examples work: the demo data generator writes valid data in every format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+from modelloop.data.records import read_records
+
+
+def test_demo_data_is_valid_in_every_format(tmp_path):
+    subprocess.run([sys.executable, REPO / "examples" / "make_demo_data.py", tmp_path, "--count", "50"], check=True)
+    records = read_records(sorted(tmp_path.glob("*.jsonl")))
+    assert records.problems == []
+    assert {path.name: name for path, name in records.formats.items()} == {
+        "preference.jsonl": "preference",
+        "prompts.jsonl": "prompt",
+        "tasks.jsonl": "messages",
+        "tasks_alpaca.jsonl": "alpaca",
+        "tasks_eval.jsonl": "messages",
+    }
+    train = {e.record["messages"][0]["content"] for e in read_records([tmp_path / "tasks.jsonl"]).examples}
+    held_out = {e.record["messages"][0]["content"] for e in read_records([tmp_path / "tasks_eval.jsonl"]).examples}
+    assert len(train) == 50 and len(held_out) == 5 and not train & held_out
