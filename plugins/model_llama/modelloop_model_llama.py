@@ -7,6 +7,7 @@ models; nothing heavy is imported here.
 from __future__ import annotations
 
 import modelloop
+from modelloop.models.presets import TINY
 from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe
 
 #: Llama 3's pre-tokenizer split (digits in groups of up to three).
@@ -84,17 +85,6 @@ MISTRAL_TOKENIZER = TokenizerRecipe(
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUPS = {"embeddings": ("model.embed_tokens",), "language_model": ("model.layers", "model.norm"), "lm_head": ("lm_head",)}
-TINY = {
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-    "rope_theta": 10000.0,
-    "tokenizer_vocab": 2000,
-}
 
 FAMILIES = (
     ModelFamily(

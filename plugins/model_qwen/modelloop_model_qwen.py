@@ -8,6 +8,7 @@ imported: everything registered is data, or a function that imports when called.
 from __future__ import annotations
 
 import modelloop
+from modelloop.models.presets import TINY
 from modelloop.builtin.templates import IM_END, chatml_source
 from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe
 
@@ -36,18 +37,6 @@ DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 LANGUAGE_MODEL = {"embeddings": ("model.embed_tokens",), "language_model": ("model.layers", "model.norm"), "lm_head": ("lm_head",)}
 
-#: The shape used by the benchmarks and the peer baseline: 3.3 M parameters.
-TINY = {
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "tie_word_embeddings": True,
-    "rope_theta": 10000.0,
-    "tokenizer_vocab": 2000,
-}
 TINY_MOE = {**TINY, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}
 
 QWEN2_TEMPLATE = ChatTemplate(
