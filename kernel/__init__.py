@@ -6,8 +6,31 @@ compose the libraries made for each job. Model families, tuners, rewards and eng
 are plugins. Importing this package imports nothing heavy.
 """
 
+from typing import Any
+
 from modelloop.hooks import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", "hookimpl", "load_model", "pt", "sft"]
+
+
+def sft(config: Any) -> dict[str, Any]:
+    """Supervised fine-tuning: a ``TrainConfig`` (or a mapping of its fields) in, a run folder out."""
+    from modelloop.stages.train import train
+
+    return train("sft", config)
+
+
+def pt(config: Any) -> dict[str, Any]:
+    """Pre-training or continued pre-training on raw text."""
+    from modelloop.stages.train import train
+
+    return train("pt", config)
+
+
+def load_model(name_or_path: Any, **options: Any) -> Any:
+    """A model folder, hub id or run folder -> ``LoadedModel`` (model, tokenizer, family)."""
+    from modelloop.models.loading import load_model as load
+
+    return load(name_or_path, **options)

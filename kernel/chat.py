@@ -72,13 +72,18 @@ class ChatFormat:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
         """The conversation as text, exactly as ``apply_chat_template(tokenize=False)`` renders it."""
-        return _compile(self.source).render(
-            messages=list(messages),
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **self.special_tokens,
-            **self.options,
-        )
+        from jinja2.exceptions import TemplateError as JinjaTemplateError
+
+        try:
+            return _compile(self.source).render(
+                messages=list(messages),
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+                **self.options,
+            )
+        except JinjaTemplateError as error:
+            raise TemplateError(f"the chat template {self.name!r} cannot render this conversation: {error}") from None
 
     def segments(
         self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
@@ -141,12 +146,17 @@ def resolve_chat_format(
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default")
-    special_tokens = {
-        "bos_token": getattr(tokenizer, "bos_token", None) or "",
-        "eos_token": getattr(tokenizer, "eos_token", None) or "",
-    }
+    # transformers passes every special token to the template: so do we.
+    special_tokens = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
+    if registered is not None:
+        unknown = set(options or ()) - set(registered.options)
     if template is None and own:
-        end_of_turn = registered.end_of_turn if registered else (special_tokens["eos_token"],)
+        if registered is not None and unknown:
+            raise TemplateError(
+                f"template {registered.name!r} has no option {sorted(unknown)[0]!r}; "
+                f"its options: {', '.join(registered.options) or 'none'}"
+            )
+        end_of_turn = registered.end_of_turn if registered else (special_tokens.get("eos_token", ""),)
         defaults = dict(registered.options) if registered else {}
         return ChatFormat(own, tuple(e for e in end_of_turn if e), {**defaults, **(options or {})}, special_tokens)
     if registered is None:
@@ -154,7 +164,6 @@ def resolve_chat_format(
             "the tokenizer has no chat template and no template is registered for this model; "
             f"pass one of: {', '.join(templates.names())} (--template)"
         )
-    unknown = set(options or ()) - set(registered.options)
     if unknown:
         raise TemplateError(
             f"template {registered.name!r} has no option {sorted(unknown)[0]!r}; "

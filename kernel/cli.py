@@ -26,6 +26,8 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "new-plugin": "modelloop.commands.new_plugin:new_plugin_command",
     "new-model": "modelloop.commands.new_model:new_model_command",
     "data": "modelloop.commands.data:data_command",
+    "sft": "modelloop.commands.train:sft_command",
+    "pt": "modelloop.commands.train:pt_command",
 }
 
 

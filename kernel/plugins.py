@@ -36,7 +36,7 @@ ENTRY_POINT_GROUP = "modelloop"
 
 #: Modules under ``modelloop.builtin`` registered before any third-party plugin,
 #: exactly like one: the kernel is built on its own hooks.
-BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family")
+BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family", "full_tuner")
 
 
 def canonical_name(name: str) -> str:
@@ -86,9 +86,10 @@ class PluginManager(pluggy.PluginManager):
             self.register(plugin, name=info.name)
             self.check_pending()
         except (pluggy.PluginValidationError, ValueError) as error:
-            if self.is_registered(plugin):
-                self.unregister(plugin)
-            self.report(info.name, info.version, f"not loaded: {error}")
+            if self.get_plugin(info.name) is plugin:
+                self.unregister(name=info.name)
+            reason = str(error).splitlines()[0] if isinstance(error, ValueError) else str(error)
+            self.report(info.name, info.version, f"not loaded: {reason}")
             return False
         self.info[info.name] = info
         return True
@@ -100,13 +101,21 @@ class PluginManager(pluggy.PluginManager):
         one-shot call, so the kernel knows who registered what and can skip one
         plugin's contribution without losing the others'.
         """
+        loaded = {name: position for position, name in enumerate(self.info)}
         found = []
-        for impl in getattr(self.hook, hook_name).get_hookimpls():
+        for impl in sorted(getattr(self.hook, hook_name).get_hookimpls(), key=lambda i: loaded.get(i.plugin_name, len(loaded))):
+            if impl.hookwrapper or impl.wrapper:
+                version = self.info[impl.plugin_name].version if impl.plugin_name in self.info else "unknown"
+                self.report(impl.plugin_name, version, f"{hook_name} ignored: a provider hook cannot be a wrapper")
+                continue
 
             def call(_impl: Any = impl, **kwargs: Any) -> Any:
                 arguments = {name: kwargs[name] for name in _impl.argnames}
                 self.trace_call(f"{_impl.plugin_name}.{hook_name}", arguments)
-                return _impl.function(**arguments)
+                result = _impl.function(**arguments)
+                if self._tracing:
+                    print(f"modelloop trace: {_impl.plugin_name}.{hook_name} returned {result!r}", file=sys.stderr)
+                return result
 
             found.append((impl.plugin_name, call))
         return found

@@ -172,6 +172,11 @@ class Registry(Generic[S]):
         for spec in staged:
             for key in spec.keys():
                 holder = self._providers.get(self._by_key[key].name) if key in self._by_key else taken.get(key)
+                if holder == plugin:
+                    self._manager.report(
+                        plugin, version, f"{self.kind.hook} ignored: it registers {self.kind.kind} {key!r} twice"
+                    )
+                    return
                 if holder is not None:
                     self._manager.report(
                         plugin,

@@ -315,9 +315,9 @@ def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
     """Write the package ``modelloop-plugin-NAME`` under ``directory``; returns its folder."""
     if kind not in KINDS:
         raise ModelloopError(f"Unknown plugin kind {kind!r}. Choose one of: {', '.join(KINDS)}.")
-    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+    if not re.fullmatch(r"[a-z][a-z0-9]*(?:[_-][a-z0-9]+)*", name):
         raise ModelloopError(
-            f"Plugin name {name!r} must start with a lowercase letter and use only a-z, 0-9, '-' and '_'."
+            f"Plugin name {name!r} must start with a lowercase letter and use only a-z, 0-9 and single '-' or '_' between them."
         )
     plugin_kind = KINDS[kind]
     dist = f"modelloop-plugin-{name.replace('_', '-')}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from modelloop.errors import PluginError
@@ -50,12 +50,16 @@ class Spec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise PluginError(f"{type(self).__name__} needs a non-empty name, got {self.name!r}")
-        if isinstance(self.aliases, str):
-            raise PluginError(f"{type(self).__name__} {self.name!r}: aliases must be a tuple, not a string")
+        for spec_field in fields(self):
+            if "tuple[" in str(spec_field.type) and isinstance(getattr(self, spec_field.name), str):
+                raise PluginError(
+                    f"{type(self).__name__} {self.name!r}: {spec_field.name} must be a tuple, not a string "
+                    "(a one-item tuple needs a trailing comma)"
+                )
 
     def keys(self) -> tuple[str, ...]:
         """Every name this object is found under in its registry."""
-        return (self.name, *self.aliases)
+        return tuple(dict.fromkeys((self.name, *self.aliases)))
 
 
 # --------------------------------------------------------------------------- models
@@ -215,27 +219,40 @@ class Tuner(Spec):
     """How a model's parameters are trained.
 
     :param prepare: ``prepare(model, options, family) -> model``: freeze, wrap with
-        adapters, quantize.
-    :param parameter_groups: ``parameter_groups(model, options) -> list of optimizer
-        groups`` (dicts with ``params`` and optionally ``lr``); None means one group of
-        every trainable parameter.
+        adapters.
+    :param check: ``check(options) -> options``: validate and complete the user's
+        options (raising ValueError with the reason) before anything is loaded.
+    :param load_options: ``load_options(options) -> dict`` of extra ``from_pretrained``
+        arguments, e.g. a 4-bit ``quantization_config``; None means none.
+    :param parameter_groups: ``parameter_groups(model, options, family) -> list of optimizer
+        groups`` (dicts with ``params`` and optionally ``lr`` (absolute), ``lr_scale``
+        (times the configured rate) and optimizer-specific keys); None means one group of
+        every trainable parameter. The kernel keeps each group's rate and takes weight
+        decay off biases and norms.
+    :param optimizer: ``optimizer(groups, lr=, weight_decay=, betas=, eps=) -> torch
+        optimizer``; None means AdamW.
     :param save: ``save(model, directory)``; None means ``model.save_pretrained``.
     :param merge: ``merge(model) -> model`` folding adapters into the base; None if the
         tuner has nothing to merge.
+    :param adapter: whether ``save`` writes an adapter that needs the base model to load.
     :param requires: import names the tuner needs (``peft``, ``bitsandbytes``): checked
         before a model is loaded, so a missing library fails in the first second.
     """
 
     prepare: Callable[..., Any]
+    check: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    load_options: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
     parameter_groups: Callable[..., list[dict[str, Any]]] | None = None
+    optimizer: Callable[..., Any] | None = None
     save: Callable[..., None] | None = None
     merge: Callable[..., Any] | None = None
+    adapter: bool = False
     requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require_callable(self, "prepare")
-        for attribute in ("parameter_groups", "save", "merge"):
+        for attribute in ("check", "load_options", "parameter_groups", "optimizer", "save", "merge"):
             _require_callable(self, attribute, optional=True)
 
 

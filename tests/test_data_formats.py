@@ -210,3 +210,64 @@ def test_ratio_syntax():
     assert DataSource.parse("data/x.jsonl#0.25") == DataSource(path=__import__("pathlib").Path("data/x.jsonl"), ratio=0.25)
     with pytest.raises(DataError, match="must be positive"):
         DataSource.parse("x.jsonl#0")
+
+
+def test_the_same_file_twice_is_read_twice(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"messages": USER_ASSISTANT}] * 4)
+    assert len(read_records([path, f"{path}#0.5"]).examples) == 6
+
+
+def test_a_bad_first_record_does_not_hide_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"nonsense": 1}\n' + "".join(json.dumps({"messages": USER_ASSISTANT}) + "\n" for _ in range(3)))
+    records = read_records([path])
+    assert [p.location for p in records.problems] == [f"{path}:1"]
+    assert len(records.examples) == 3
+
+
+def test_text_that_is_not_utf8_is_a_located_problem(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    (problem,) = read_records([path]).problems
+    assert str(problem) == f"{path}:2: not UTF-8 text (save the file as UTF-8)"
+
+
+@pytest.mark.parametrize(
+    "text, line, reason",
+    [
+        ('[\n  {"text": "a"}\n  {"text": "b"}\n]', 3, "expected ',' between records"),
+        ('[\n  {"text": "a"},\n  {"text": "b"}\n', 4, "not closed with ']'"),
+    ],
+)
+def test_a_broken_json_array_is_reported(tmp_path, text, line, reason):
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    records = read_records([path])
+    assert [str(p) for p in records.problems] == [f"{path}:{line}: " + records.problems[0].reason]
+    assert reason in records.problems[0].reason
+
+
+def test_a_large_json_array_reads_in_linear_time(tmp_path):
+    import time
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"text": f"line {i}"} for i in range(50_000)], indent=1))
+    started = time.perf_counter()
+    records = read_records([path])
+    assert len(records.examples) == 50_000
+    assert records.examples[-1].location == f"{path}:{50_000 * 3 - 1}"
+    assert time.perf_counter() - started < 10  # quadratic line counting took minutes
+
+
+def test_csv_rows_are_located_where_they_start(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('instruction,output\n"multi\nline\nquestion",answer\nq2,\n')
+    records = read_records([path])
+    assert records.examples[0].location == f"{path}:2"
+    assert [str(p) for p in records.problems] == [f"{path}:5: output is missing or empty"]
+
+
+def test_a_tool_turn_must_answer_tool_calls(tmp_path):
+    record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "tool", "content": "z"}, {"role": "assistant", "content": "w"}]}
+    (problem,) = read_records([write_jsonl(tmp_path / "a.jsonl", [record])]).problems
+    assert "a tool turn must follow an assistant turn with tool_calls" in problem.reason

@@ -121,3 +121,30 @@ def test_new_model_command(tmp_path):
     unknown = CliRunner().invoke(build_cli(), ["new-model", "--family", "mistrall", "--out", str(tmp_path / "n")])
     assert unknown.exit_code == 2
     assert "Did you mean 'mistral'?" in unknown.output
+
+
+def test_a_preset_with_the_released_vocabulary_size_builds(tmp_path):
+    from modelloop import hookimpl
+    from modelloop.plugins import PluginInfo, make_plugin_manager, set_plugin_manager
+    from modelloop.registry import MODELS, get_registry
+
+    qwen = get_registry(MODELS).get("qwen2")
+    manager = make_plugin_manager()
+    set_plugin_manager(manager)
+    preset = {**qwen.presets["tiny"], "num_hidden_layers": 1, "vocab_size": 4096}
+
+    class Family:
+        @hookimpl
+        def register_models(self, register):
+            register(type(qwen)(name="toy", model_types=("toy",), template="qwen2", presets={"released": preset}, tokenizer=qwen.tokenizer))
+
+    manager.add_plugin(Family(), PluginInfo("toy", "1.0", builtin=False))
+    loaded = load_model(new_model("toy", "released", tmp_path / "m"))
+    assert loaded.model.config.vocab_size == 4096 > len(loaded.tokenizer)
+
+
+def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelLoadError, match="runs/tiny-qwen: no such model folder"):
+        load_model("runs/tiny-qwen")

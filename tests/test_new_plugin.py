@@ -176,7 +176,7 @@ def test_scaffold_declares_this_kernel_series(tmp_path):
     assert kernel_requirement("2.1.0") == "modelloop>=2.1,<3"
 
 
-@pytest.mark.parametrize("name", ["Bad", "1st", "has space", ""])
+@pytest.mark.parametrize("name", ["Bad", "1st", "has space", "", "foo-", "a--b", "x_-y"])
 def test_bad_plugin_names_are_refused(name, tmp_path):
     result = CliRunner().invoke(build_cli(), ["new-plugin", "reward", name, "--dir", str(tmp_path)])
     assert result.exit_code == 2

@@ -184,5 +184,49 @@ def test_reward_signature_is_checked_when_registered(score, reason):
 def test_specs_reject_empty_names_and_string_tuples():
     with pytest.raises(PluginError, match="non-empty name"):
         Reward(name=" ", score=constant_score)
+    with pytest.raises(PluginError, match="model_types must be a tuple, not a string"):
+        ModelFamily(name="toy", model_types=("toy"), template="chatml")
+    with pytest.raises(PluginError, match="columns must be a tuple, not a string .*trailing comma"):
+        DatasetFormat(name="body", kind="text", columns=("body"), convert=dict)
     with pytest.raises(PluginError, match="model_types must be a non-empty tuple"):
-        ModelFamily(name="toy", model_types="toy", template="chatml")
+        ModelFamily(name="toy", model_types=(), template="chatml")
+
+
+def test_load_order_not_hook_order_decides_clashes(manager, capsys):
+    class Late:
+        @hookimpl(trylast=True)
+        def register_rewards(self, register):
+            register(Reward(name="accuracy", score=constant_score, description="late"))
+
+    add(manager, "first", registering("register_rewards", Reward(name="accuracy", score=constant_score, description="first")))
+    add(manager, "late", Late())
+    assert get_registry(REWARDS).get("accuracy").description == "first"
+    assert "registered by both first and late" in capsys.readouterr().err
+
+
+def test_a_wrapper_cannot_provide(manager, capsys):
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def register_rewards(self, register):
+            register(Reward(name="wrapped", score=constant_score))
+            return (yield)
+
+    add(manager, "wrapper", Wrapper())
+    assert "wrapped" not in get_registry(REWARDS)
+    assert "a provider hook cannot be a wrapper" in capsys.readouterr().err
+
+
+def test_registering_a_name_twice_in_one_plugin(manager, capsys):
+    twice = Reward(name="same", score=constant_score)
+    add(manager, "twice", registering("register_rewards", twice, twice))
+    assert "same" not in get_registry(REWARDS)
+    assert "registers reward 'same' twice" in capsys.readouterr().err
+
+
+def test_offering_one_module_twice_keeps_the_first(manager, capsys):
+    plugin = registering("register_rewards", Reward(name="kept", score=constant_score))
+    add(manager, "original", plugin)
+    assert not manager.add_plugin(plugin, PluginInfo("copy", "1.0", builtin=False))
+    assert get_registry(REWARDS).provider("kept") == "original"
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("modelloop: plugin copy 1.0: not loaded:")

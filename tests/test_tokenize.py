@@ -115,3 +115,29 @@ def test_max_length_must_be_positive(tmp_path, qwen):
     tokenizer, chat = qwen
     with pytest.raises(DataError, match="max_length must be positive"):
         prepare_data([conversations(tmp_path / "d.jsonl")], tokenizer, chat, max_length=0)
+
+
+def test_a_record_the_template_cannot_render_is_located(tmp_path, qwen):
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl", count=2)
+    with path.open("a") as handle:
+        call = {"id": "1"}  # no function name: passes validation, fails in the template
+        record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]}
+        handle.write(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=f"{path}:3: the chat template"):
+        prepare_data([path], tokenizer, chat, max_length=128, use_cache=False)
+    data = prepare_data([path], tokenizer, chat, max_length=128, use_cache=False, skip_bad_records=True)
+    assert (data.stats.examples, data.stats.skipped_bad) == (2, 1)
+
+
+def test_the_cache_key_tells_same_content_at_another_path_apart(tmp_path, qwen, monkeypatch):
+    monkeypatch.setenv("MODELLOOP_CACHE", str(tmp_path / "cache"))
+    tokenizer, chat = qwen
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = conversations(tmp_path / "a" / "x.jsonl")
+    b = conversations(tmp_path / "b" / "x.jsonl")
+    prepare_data([f"{a}#0.5"], tokenizer, chat, max_length=128)
+    second = prepare_data([f"{b}#0.5"], tokenizer, chat, max_length=128)
+    assert not second.from_cache
+    assert all(location.startswith(str(b)) for location in second.locations)

@@ -54,15 +54,16 @@ def check_command(files, model, max_length, truncation, format_name, template) -
         raise click.UsageError("--max-length needs --model (lengths are counted in the model's tokens)")
     records = read_records(files, format=format_name)
     problems = list(records.problems)
+    good = list(records.examples)
     longer: list[tuple[str, int]] = []
     if model:
         tokenizer, chat = _chat_setup(model, template)
-        encoder = Encoder(tokenizer, chat)
-        for example in records.examples:
-            try:
-                (sequences,) = encoder.encode([example])
-            except Exception as error:  # a template that cannot render this record
-                problems.append(Problem(example.location, str(error)))
+        encoded = Encoder(tokenizer, chat).encode(good)
+        unrendered = [sequences for sequences in encoded if isinstance(sequences, Problem)]
+        problems += unrendered
+        for example, sequences in zip(list(good), encoded):
+            if isinstance(sequences, Problem):
+                good.remove(example)
                 continue
             length = max(len(sequence) for sequence in sequences)
             if max_length and length > max_length:
@@ -70,10 +71,10 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     for problem in problems:
         click.echo(str(problem))
     for path, format_used in records.formats.items():
-        count = sum(1 for example in records.examples if example.location.startswith(f"{path}:"))
+        count = sum(1 for example in good if example.location.startswith(f"{path}:"))
         click.echo(f"{path}: {format_used}, {count} records")
-    kinds = Counter(example.kind for example in records.examples)
-    click.echo(f"{len(records.examples)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
+    kinds = Counter(example.kind for example in good)
+    click.echo(f"{len(good)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
     if longer:
         action = "truncated" if truncation == "truncate" else "dropped"
         click.echo(f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {max(n for _, n in longer)})")
@@ -96,6 +97,7 @@ def preview_command(file, model, count, format_name, template) -> None:
     from rich.text import Text
 
     from modelloop.data.records import read_records
+    from modelloop.data.sources import Problem
     from modelloop.data.tokenize import IGNORE, Encoder
 
     if not model:
@@ -108,7 +110,11 @@ def preview_command(file, model, count, format_name, template) -> None:
         console.print(str(problem), style="red", markup=False)
     for example in records.examples[:count]:
         console.rule(example.location)
-        for sequence, encoded in zip(encoder.pieces(example), encoder.encode([example])[0]):
+        (sequences,) = encoder.encode([example])
+        if isinstance(sequences, Problem):
+            console.print(str(sequences), style="red", markup=False)
+            continue
+        for sequence, encoded in zip(encoder.pieces(example), sequences):
             text = Text()
             for piece, trained in sequence:
                 if trained and not console.is_terminal:

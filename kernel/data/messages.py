@@ -51,6 +51,8 @@ def check_messages(
         if role not in _MAY_FOLLOW[previous]:
             after = f"after a {previous} turn" if previous else "first"
             raise ValueError(f"{where}: a {role} turn cannot come {after} (roles must alternate)")
+        if role == "tool" and previous == "assistant" and not messages[-1].get("tool_calls"):
+            raise ValueError(f"{where}: a tool turn must follow an assistant turn with tool_calls")
         content = item.get("content")
         if content is None and item.get("tool_calls"):
             content = ""

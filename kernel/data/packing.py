@@ -89,8 +89,9 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
 def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, Any]:
     """A batch of packed rows as tensors, padded to the longest row.
 
-    No attention mask is returned: the position ids carry the example boundaries. The
-    padding continues as one more block of positions, never attended by real tokens.
+    No attention mask is returned: the position ids carry the example boundaries, which
+    transformers honours only without a KV cache (hence ``use_cache=False``). The padding
+    continues as one more block of positions, never attended by real tokens.
     """
     import numpy
     import torch
@@ -109,6 +110,7 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, An
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
+        "use_cache": False,  # with a cache, transformers ignores the boundaries in position_ids
     }
 
 

@@ -36,7 +36,7 @@ class Records:
     formats: dict[Path, str] = field(default_factory=dict)
 
 
-def detect_format(record: Any, location: str) -> DatasetFormat:
+def detect_format(record: Any) -> DatasetFormat:
     """The first registered format a record fits, or a DataError naming what was expected."""
     formats = get_registry(DATASET_FORMATS)
     if isinstance(record, Mapping):
@@ -47,24 +47,25 @@ def detect_format(record: Any, location: str) -> DatasetFormat:
     else:
         found = f"a {type(record).__name__}, not an object"
     expected = "; ".join(f"{f.name} ({', '.join(f.columns)})" for f in formats)
-    raise DataError(f"{location}: no data format fits this record (fields: {found}). Formats: {expected}")
+    raise DataError(f"no data format fits this record (fields: {found}). Formats: {expected}")
 
 
 def _convert_file(source: DataSource, format_name: str | None, records: Records, allowed: Sequence[str] | None) -> list[Example]:
     opened = open_source(source.path)
     chosen: DatasetFormat | None = get_registry(DATASET_FORMATS).get(format_name) if format_name else None
     examples: list[Example] = []
+    settled = False
     for item in opened.records:
         if isinstance(item, Problem):
             records.problems.append(item)
             continue
-        if source.path not in records.formats:
+        if not settled:
             if chosen is None:
                 try:
-                    chosen = detect_format(item.data, item.location)
-                except DataError as error:
-                    records.problems.append(Problem(item.location, str(error).split(": ", 1)[1]))
-                    return examples
+                    chosen = detect_format(item.data)
+                except DataError as error:  # this record is bad; the next may still tell the format
+                    records.problems.append(Problem(item.location, str(error)))
+                    continue
             missing = [column for column in chosen.columns if column not in (opened.columns or chosen.columns)]
             if missing:
                 records.problems.append(
@@ -76,6 +77,7 @@ def _convert_file(source: DataSource, format_name: str | None, records: Records,
                     f"{source.path}: holds {chosen.kind} records (format {chosen.name}); this stage needs {' or '.join(allowed)} data"
                 )
             records.formats[source.path] = chosen.name
+            settled = True
         example = _convert(chosen, item)
         if isinstance(example, Problem):
             records.problems.append(example)

@@ -92,12 +92,20 @@ def open_source(path: Path) -> SourceFile:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)} or a datasets folder)")
 
 
+NOT_UTF8 = "not UTF-8 text (save the file as UTF-8)"
+
+
 def _jsonl(path: Path) -> Iterator[RawRecord | Problem]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            location = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Problem(location, NOT_UTF8)
+                continue
             if not line.strip():
                 continue
-            location = f"{path}:{number}"
             try:
                 yield RawRecord(location, json.loads(line))
             except json.JSONDecodeError as error:
@@ -106,39 +114,75 @@ def _jsonl(path: Path) -> Iterator[RawRecord | Problem]:
 
 def _json_array(path: Path) -> Iterator[RawRecord | Problem]:
     """Each element of a top-level array, located by the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        yield Problem(f"{path}:1", NOT_UTF8)
+        return
     decoder = json.JSONDecoder()
-    whitespace = re.compile(r"[\s,]*")
+    whitespace = re.compile(r"\s*")
+    line, counted = 1, 0
+
+    def line_at(position: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, position)
+        counted = position
+        return line
+
     position = whitespace.match(text, 0).end()
     if not text.startswith("[", position):
-        yield Problem(f"{path}:1", "a .json data file must hold an array of records (use .jsonl for one per line)")
+        yield Problem(f"{path}:{line_at(position)}", "a .json data file must hold an array of records (use .jsonl for one per line)")
         return
-    position += 1
+    position = whitespace.match(text, position + 1).end()
+    first = True
     while True:
-        position = whitespace.match(text, position).end()
-        if position >= len(text) or text[position] == "]":
+        if position >= len(text):
+            yield Problem(f"{path}:{line_at(position)}", "the array is not closed with ']' (is the file cut short?)")
             return
-        line = text.count("\n", 0, position) + 1
+        if text[position] == "]":
+            return
+        if not first:
+            if text[position] != ",":
+                yield Problem(f"{path}:{line_at(position)}", "expected ',' between records")
+                return
+            position = whitespace.match(text, position + 1).end()
         try:
-            value, position = decoder.raw_decode(text, position)
+            value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             yield Problem(f"{path}:{error.lineno}", f"malformed JSON: {error.msg} (column {error.colno})")
             return
-        yield RawRecord(f"{path}:{line}", value)
+        yield RawRecord(f"{path}:{line_at(position)}", value)
+        position = whitespace.match(text, end).end()
+        first = False
 
 
 def _csv(path: Path) -> SourceFile:
     handle = path.open(encoding="utf-8", newline="")
-    reader = csv.DictReader(handle)
-    columns = tuple(reader.fieldnames or ())
+    try:
+        reader = csv.DictReader(handle)
+        columns = tuple(reader.fieldnames or ())
+    except UnicodeDecodeError:
+        handle.close()
+        return SourceFile(iter([Problem(f"{path}:1", NOT_UTF8)]), ())
 
     def records() -> Iterator[RawRecord | Problem]:
         with handle:
-            for row in reader:
+            while True:
+                start = reader.line_num + 1  # a quoted cell may span lines: report where the row starts
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except UnicodeDecodeError:
+                    yield Problem(f"{path}:{start}", NOT_UTF8)
+                    return
+                except csv.Error as error:
+                    yield Problem(f"{path}:{start}", f"malformed CSV: {error}")
+                    return
                 if None in row:
-                    yield Problem(f"{path}:{reader.line_num}", f"more fields than the {len(columns)} columns of the header")
+                    yield Problem(f"{path}:{start}", f"more fields than the {len(columns)} columns of the header")
                     continue
-                yield RawRecord(f"{path}:{reader.line_num}", row)
+                yield RawRecord(f"{path}:{start}", row)
 
     return SourceFile(records(), columns)
 

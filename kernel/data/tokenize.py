@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modelloop.chat import ChatFormat
+from modelloop.artifacts import sha256_path
+from modelloop.chat import ChatFormat, TemplateError
 from modelloop.data.records import Example, Records, read_records
 from modelloop.data.sources import DataError, DataSource, Problem
 from modelloop.paths import cache_home
@@ -80,13 +81,22 @@ class Encoder:
             return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def encode(self, examples: Sequence[Example]) -> list[list[Encoded]]:
-        """Each example's sequences, tokenised in batches."""
-        pieces = [self.pieces(example) for example in examples]
-        texts = [text for sequences in pieces for sequence in sequences for text, _ in sequence]
+    def encode(self, examples: Sequence[Example]) -> list[list[Encoded] | Problem]:
+        """Each example's sequences, tokenised in batches; a record the template cannot
+        render becomes a Problem at its location."""
+        pieces: list[list[list[tuple[str, bool]]] | Problem] = []
+        for example in examples:
+            try:
+                pieces.append(self.pieces(example))
+            except TemplateError as error:
+                pieces.append(Problem(example.location, str(error)))
+        texts = [text for sequences in pieces if not isinstance(sequences, Problem) for sequence in sequences for text, _ in sequence]
         ids = iter(self.token_ids(texts))
-        encoded = []
+        encoded: list[list[Encoded] | Problem] = []
         for sequences in pieces:
+            if isinstance(sequences, Problem):
+                encoded.append(sequences)
+                continue
             example_sequences = []
             for sequence in sequences:
                 input_ids: list[int] = []
@@ -191,8 +201,9 @@ def fit(encoded: Encoded, max_length: int, truncation: Truncation) -> Encoded | 
 
 def tokenize_records(
     examples: Sequence[Example], encoder: Encoder, *, max_length: int, truncation: Truncation
-) -> TokenizedData:
-    """Encode conversation or text examples into training sequences within ``max_length``."""
+) -> tuple[TokenizedData, list[Problem]]:
+    """Encode conversation or text examples into training sequences within ``max_length``;
+    also returns the records that could not be rendered."""
     from array import array
 
     import numpy
@@ -201,18 +212,22 @@ def tokenize_records(
     flat_ids, flat_labels, offsets = array("i"), array("i"), array("q", [0])
     locations: list[str] = []
     too_long: list[Problem] = []
+    unrendered: list[Problem] = []
     for start in range(0, len(examples), BATCH):
         batch = examples[start : start + BATCH]
-        for example, (encoded,) in zip(batch, encoder.encode(batch)):
-            if len(encoded) > max_length:
-                if truncation == "error":
-                    too_long.append(Problem(example.location, f"{len(encoded)} tokens, longer than max_length {max_length}"))
-                    continue
-                stats.truncated += truncation == "truncate"
+        for example, sequences in zip(batch, encoder.encode(batch)):
+            if isinstance(sequences, Problem):
+                unrendered.append(sequences)
+                continue
+            (encoded,) = sequences
+            if len(encoded) > max_length and truncation == "error":
+                too_long.append(Problem(example.location, f"{len(encoded)} tokens, longer than max_length {max_length}"))
+                continue
             kept = fit(encoded, max_length, truncation)
             if kept is None:
                 stats.dropped += 1
                 continue
+            stats.truncated += len(kept) < len(encoded)
             flat_ids.extend(kept.input_ids)
             flat_labels.extend(kept.labels)
             offsets.append(len(flat_ids))
@@ -224,23 +239,13 @@ def tokenize_records(
     stats.examples = len(locations)
     stats.tokens = len(flat_ids)
     stats.trained_tokens = int(numpy.count_nonzero(labels != IGNORE))
-    return TokenizedData(
+    data = TokenizedData(
         numpy.frombuffer(flat_ids, dtype=numpy.int32), labels, numpy.frombuffer(offsets, dtype=numpy.int64), locations, stats
     )
+    return data, unrendered
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -251,10 +256,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(sources: Sequence[DataSource], encoder: Encoder, settings: dict[str, Any]) -> str:
+    """Everything the tokenised result depends on: file paths (sampling is seeded by path)
+    and contents, the tokenizer, the template, the settings, and the versions of the
+    kernel and of every plugin (a format's ``convert`` may change with its version)."""
+    import modelloop
+    from modelloop.plugins import get_plugin_manager
+
     chat = encoder.chat
     described = {
         "version": ENCODING_VERSION,
-        "files": [[_file_digest(s.path), s.ratio, s.format] for s in sources],
+        "modelloop": modelloop.__version__,
+        "plugins": {name: info.version for name, info in get_plugin_manager().info.items()},
+        "files": [[str(s.path.resolve()), sha256_path(s.path), s.ratio, s.format] for s in sources],
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "chat": [chat.source, list(chat.end_of_turn), dict(chat.options), dict(chat.special_tokens)] if chat else None,
         **settings,
@@ -323,11 +336,14 @@ def prepare_data(
     cached = cache_home() / "tokenized" / f"{cache_key(parsed, encoder, settings)}.npz" if use_cache else None
     if cached is not None and cached.exists():
         return _load(cached)
+    hint = "Fix them, or pass --skip-bad-records to train without them."
     records: Records = read_records(parsed, format=format, kinds=(kind,), seed=seed)
     if records.problems and not skip_bad_records:
-        raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
-    data = tokenize_records(records.examples, encoder, max_length=max_length, truncation=truncation)
-    data.stats.skipped_bad = len(records.problems)
+        raise problems_error(records.problems, hint)
+    data, unrendered = tokenize_records(records.examples, encoder, max_length=max_length, truncation=truncation)
+    if unrendered and not skip_bad_records:
+        raise problems_error(unrendered, hint)
+    data.stats.skipped_bad = len(records.problems) + len(unrendered)
     data.stats.formats = {str(path): name for path, name in records.formats.items()}
     if not data.locations:
         raise DataError("no usable examples in the data")

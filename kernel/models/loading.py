@@ -40,6 +40,40 @@ class ModelLoadError(ModelloopError):
     """A model or tokenizer that cannot be loaded as asked."""
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where each part of a model comes from: a model folder, a hub id, or a run folder.
+
+    :param base: the model whose config and family apply (for an adapter run, its base).
+    :param tokenizer: where the tokenizer (and the chat template trained with) lives.
+    :param adapter: a PEFT adapter folder to put on the base, or None.
+    :param parent: the run this model came from, or None.
+    """
+
+    base: str
+    tokenizer: str
+    adapter: str | None = None
+    parent: str | None = None
+
+
+def resolve_model_source(name_or_path: str | Path) -> ModelSource:
+    """A run folder resolves to its ``model/`` (and, for an adapter, the base it was trained on)."""
+    from modelloop.artifacts import is_run, read_manifest
+
+    if is_run(name_or_path):
+        run = Path(name_or_path)
+        manifest = read_manifest(run)
+        model_dir = run / "model"
+        if manifest.get("status") != "completed" or not model_dir.is_dir():
+            raise ModelLoadError(f"{run} is a run that did not finish (status {manifest.get('status')!r}): nothing to load")
+        parent = str(manifest.get("id", run.name))
+        if (model_dir / "adapter_config.json").exists():
+            return ModelSource(base=manifest["base_model"], tokenizer=str(model_dir), adapter=str(model_dir), parent=parent)
+        return ModelSource(base=str(model_dir), tokenizer=str(model_dir), parent=parent)
+    location = locate(name_or_path)
+    return ModelSource(base=location, tokenizer=location)
+
+
 @dataclass
 class LoadedModel:
     """A model, its tokenizer, and the family that claimed it."""
@@ -60,7 +94,7 @@ def locate(name_or_path: str | Path) -> str:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
         return str(path)
-    if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")):
+    if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")) and not path.parent.is_dir():
         return text
     raise ModelLoadError(f"{text}: no such model folder (and not a hub id like Qwen/Qwen2.5-0.5B)")
 
@@ -79,7 +113,7 @@ def read_config(name_or_path: str | Path, *, trust_remote_code: bool = False) ->
             ) from None
         raise ModelLoadError(f"{location}: {error} (installed families: {', '.join(installed_families())})") from None
     except OSError as error:
-        raise ModelLoadError(f"{location}: cannot read the config ({error})") from None
+        raise ModelLoadError(f"{location}: cannot read the config ({str(error).splitlines()[0]})") from None
 
 
 def installed_families() -> list[str]:
@@ -139,35 +173,45 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    **model_options: Any,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer through the family that claims it.
 
-    :param name_or_path: a local model folder or a hub id.
+    :param name_or_path: a local model folder, a hub id, or a run folder (its trained
+        model: full weights, or the base with the run's adapter on it).
     :param dtype: ``auto`` (as saved), ``bf16``, ``fp16`` or ``fp32``.
     :param device_map: passed to transformers (``auto`` spreads over the GPUs).
     :param attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``_3``.
     :param trust_remote_code: run code shipped with the checkpoint (off unless asked).
+    :param model_options: more ``from_pretrained`` arguments (a tuner's quantization config).
     """
     check_attention(attn_implementation)
     torch_dtype = _torch_dtype(dtype)
-    location = locate(name_or_path)
-    config = read_config(location, trust_remote_code=trust_remote_code)
+    source = resolve_model_source(name_or_path)
+    config = read_config(source.base, trust_remote_code=trust_remote_code)
     family = resolve_family(config.model_type)
     options = {
         "dtype": torch_dtype,
         "device_map": device_map,
         "attn_implementation": attn_implementation,
         "trust_remote_code": trust_remote_code,
-        "use_safetensors": True if Path(location).is_dir() else None,
+        "use_safetensors": True,
+        **model_options,
     }
     if family.load is not None:
-        model, tokenizer = family.load(location, config=config, **options)
+        model, tokenizer = family.load(source.base, config=config, **options)
     else:
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, config=config, **options)
+            model = AutoModelForCausalLM.from_pretrained(source.base, config=config, **options)
         except OSError as error:
-            raise ModelLoadError(f"{location}: cannot load the weights ({error})") from None
-        tokenizer = load_tokenizer(location, trust_remote_code=trust_remote_code)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=location)
+            raise ModelLoadError(f"{source.base}: cannot load the weights ({error})") from None
+        tokenizer = None
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter)
+    if tokenizer is None or source.tokenizer != source.base:
+        tokenizer = load_tokenizer(source.tokenizer, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=str(name_or_path))

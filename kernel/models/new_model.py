@@ -70,11 +70,15 @@ def corpus_from_files(paths: Iterable[Path]) -> Iterator[str]:
         if not path.exists():
             raise ModelloopError(f"{path}: no such corpus file")
         with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                if path.suffix == ".jsonl" and line.strip():
-                    yield from strings(json.loads(line))
-                else:
-                    yield line.rstrip("\n")
+            number = 0
+            try:
+                for number, line in enumerate(lines, start=1):
+                    if path.suffix == ".jsonl" and line.strip():
+                        yield from strings(json.loads(line))
+                    else:
+                        yield line.rstrip("\n")
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ModelloopError(f"{path}:{number or 1}: cannot read the corpus ({error})") from None
 
 
 def train_tokenizer(recipe: TokenizerRecipe, corpus: Iterable[str], vocab_size: int) -> Any:
@@ -157,6 +161,7 @@ def new_model(
     fields = dict(family.presets[preset])
     model_type = fields.pop("model_type")
     tokenizer_vocab = fields.pop("tokenizer_vocab", 2000)
+    released_vocab = fields.pop("vocab_size", 0)
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -169,7 +174,7 @@ def new_model(
     config = AutoConfig.for_model(
         model_type,
         **fields,
-        vocab_size=max(fields.get("vocab_size", 0), len(tokenizer)),
+        vocab_size=max(released_vocab, len(tokenizer)),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos_ids[0],
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,87 @@
+"""``modelloop sft`` and ``modelloop pt``: one set of options, two stages.
+
+The config is built from layers, later ones winning: the config of the run being
+resumed (``--resume RUN``), ``--config FILE.yaml``, ``--set key=value``, then the flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: flag -> click type. Each flag sets the config key of its name (--max-steps: max_steps);
+#: a flag left out does not touch the config.
+FLAGS: dict[str, Any] = {
+    "--model": str,
+    "--tuner": str,
+    "--epochs": float,
+    "--max-steps": int,
+    "--batch-size": int,
+    "--grad-accum": int,
+    "--lr": float,
+    "--max-length": int,
+    "--dtype": click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    "--attn-impl": click.Choice(["sdpa", "eager", "flash_attention_2", "flash_attention_3"]),
+    "--seed": int,
+    "--logging-steps": int,
+    "--save-steps": int,
+    "--save-total-limit": int,
+    "--eval-split": float,
+    "--eval-steps": int,
+    "--sampler": str,
+    "--format": str,
+    "--template": str,
+    "--truncation": click.Choice(["truncate", "drop", "error"]),
+    "--report-to": click.Choice(["none", "tensorboard", "wandb"]),
+    "--output-dir": click.Path(file_okay=False, path_type=Path),
+}
+
+
+def training_command(stage: str, summary: str) -> click.Command:
+    def command(config: Path | None, assignments: tuple[str, ...], data: tuple[str, ...], eval_data: tuple[str, ...], resume: str | None, **flags: Any) -> None:
+        from modelloop.artifacts import is_run, read_manifest
+        from modelloop.config import TrainConfig, build_config, parse_assignments, read_yaml
+        from modelloop.stages.train import train
+
+        layers: list[dict[str, Any]] = []
+        if resume not in (None, "latest") and is_run(resume):
+            layers.append({key: value for key, value in read_manifest(resume)["config"].items() if key != "resume"})
+        if config is not None:
+            layers.append(read_yaml(config))
+        layers.append(parse_assignments(assignments))
+        given = {name: value for name, value in flags.items() if value is not None}
+        if data:
+            given["data"] = list(data)
+        if eval_data:
+            given["eval_data"] = list(eval_data)
+        if resume is not None:
+            given["resume"] = True if resume == "latest" else resume
+        layers.append(given)
+        source = str(config) if config is not None else "options"
+        train(stage, build_config(TrainConfig, *layers, source=source))
+
+    command.__doc__ = summary
+    decorated: Any = command
+    for flag, kind in reversed(FLAGS.items()):
+        decorated = click.option(flag, type=kind, default=None)(decorated)
+    decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (default on).")(decorated)
+    decorated = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(decorated)
+    decorated = click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation.")(decorated)
+    decorated = click.option(
+        "--resume",
+        is_flag=False,
+        flag_value="latest",
+        default=None,
+        help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint.",
+    )(decorated)
+    decorated = click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable).")(decorated)
+    decorated = click.option("--data", multiple=True, help="Data file (repeatable; file#0.5 samples half).")(decorated)
+    decorated = click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16.")(decorated)
+    decorated = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")(decorated)
+    return click.command(stage)(decorated)
+
+
+sft_command = training_command("sft", "Supervised fine-tuning on conversations: loss on the assistant turns.")
+pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")

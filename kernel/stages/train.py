@@ -1,0 +1,259 @@
+"""``sft`` and ``pt``: supervised fine-tuning and (continued) pre-training.
+
+Everything that can be checked without a model is checked first, in this order, so a
+mistake fails in the first second: the config's values, the tuner and its options and
+libraries, the sampler and format names, the model's config (max_length against its
+context), then every data record. Only then are the weights loaded. The stage writes a
+run folder: ``model/`` (adapter or full weights, safetensors, with the tokenizer and the
+chat template it was trained with), ``config.json`` (resolved), ``metrics.jsonl``,
+``loss.png``, ``checkpoints/`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from modelloop.artifacts import (
+    environment,
+    hashed_files,
+    is_run,
+    new_run_dir,
+    read_manifest,
+    runs_root,
+    sha256_path,
+    update_manifest,
+    write_json_atomic,
+)
+from modelloop.config import ConfigError, TrainConfig, build_config
+from modelloop.data.sources import DataSource
+from modelloop.lifecycle import stage_lifecycle
+from modelloop.models.loading import read_config, resolve_family, resolve_model_source
+from modelloop.plugins import get_plugin_manager
+from modelloop.registry import DATASET_FORMATS, SAMPLERS, TEMPLATES, TUNERS, get_registry
+from modelloop.specs import Tuner
+
+Stage = Literal["sft", "pt"]
+KIND = {"sft": "conversation", "pt": "text"}
+
+
+def check_tuner(config: TrainConfig) -> tuple[Tuner, dict[str, Any]]:
+    """The tuner, its libraries present and its options valid — before anything loads."""
+    tuner = get_registry(TUNERS).get(config.tuner)
+    for module in tuner.requires:
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"the {tuner.name} tuner needs {module}: pip install {module}")
+    try:
+        options = dict(tuner.check(config.tuner_options)) if tuner.check else dict(config.tuner_options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"tuner_options for {tuner.name}: {error}") from None
+    return tuner, options
+
+
+def check_names(config: TrainConfig) -> None:
+    get_registry(SAMPLERS).get(config.sampler)
+    if config.format:
+        get_registry(DATASET_FORMATS).get(config.format)
+    if config.template:
+        get_registry(TEMPLATES).get(config.template)
+
+
+def check_context(model_config: Any, config: TrainConfig) -> None:
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and config.max_length > context:
+        raise ConfigError(f"max_length {config.max_length} is longer than the model's context ({context} tokens)")
+
+
+def resume_dir(stage: Stage, config: TrainConfig) -> Path | None:
+    """The run folder to continue, if ``resume`` asks for one."""
+    if config.resume is False:
+        return None
+    if isinstance(config.resume, Path):
+        path = config.resume.parent.parent if config.resume.parent.name == "checkpoints" else config.resume
+        if not is_run(path):
+            raise ConfigError(f"--resume {config.resume}: not a run folder or one of its checkpoints")
+        return path
+    if config.output_dir is not None:
+        return config.output_dir if is_run(config.output_dir) else None
+    unfinished = [
+        run
+        for run in sorted(runs_root().glob(f"*-{stage}*"))
+        if is_run(run) and read_manifest(run).get("status") != "completed"
+    ]
+    if not unfinished:
+        raise ConfigError(f"--resume: no unfinished {stage} run under {runs_root()}")
+    return unfinished[-1]
+
+
+def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run a training stage; returns the run's final metrics and folder."""
+    if not isinstance(config, TrainConfig):
+        config = build_config(TrainConfig, config)
+    tuner, options = check_tuner(config)
+    check_names(config)
+    source = resolve_model_source(config.model)
+    model_config = read_config(source.base, trust_remote_code=config.trust_remote_code)
+    check_context(model_config, config)
+    family = resolve_family(model_config.model_type)
+
+    continuing = resume_dir(stage, config)
+    run_dir = continuing or new_run_dir(stage, config.output_dir)
+    resolved = config.model_dump(mode="json")
+    manager = get_plugin_manager()
+    update_manifest(
+        run_dir,
+        id=run_dir.name,
+        stage=stage,
+        status="running",
+        parent=source.parent,
+        base_model=source.base,
+        config=resolved,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **environment({name: info.version for name, info in manager.info.items()}),
+    )
+    write_json_atomic(run_dir / "config.json", resolved)
+    with stage_lifecycle(stage, resolved, run_dir, manager) as context:
+        try:
+            result = _run(stage, config, tuner, options, family, source, run_dir, context, resume=continuing is not None)
+        except BaseException as error:
+            update_manifest(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
+            raise
+        context.result.update(result)
+    return context.result
+
+
+def _run(stage, config, tuner, options, family, source, run_dir, context, *, resume) -> dict[str, Any]:
+    import torch
+    from transformers import PrinterCallback, TrainingArguments
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_model, load_tokenizer
+    from modelloop.training import (
+        Collator,
+        ModelloopTrainer,
+        RegistrySampler,
+        ReportCallback,
+        TrainingData,
+        build_optimizer,
+        latest_checkpoint,
+        plot_losses,
+    )
+
+    kind = KIND[stage]
+    tokenizer = load_tokenizer(source.tokenizer, trust_remote_code=config.trust_remote_code)
+    chat = resolve_chat_format(tokenizer, family, config.template, config.template_options) if kind == "conversation" else None
+    data_options = {"kind": kind, "format": config.format, "truncation": config.truncation, "skip_bad_records": config.skip_bad_records, "seed": config.seed}
+    data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
+    evaluation = prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options) if config.eval_data else None
+    print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
+
+    extra = dict(tuner.load_options(options)) if tuner.load_options else {}
+    loaded = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_impl, trust_remote_code=config.trust_remote_code, **extra)
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):  # an adapter run as the base: fold it in first
+        model = model.merge_and_unload()
+    torch.manual_seed(config.seed)
+    model = tuner.prepare(model, options, family)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    train_set = TrainingData(data, max_length=config.max_length, packing=config.packing)
+    eval_set = TrainingData(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
+    if config.eval_split:
+        eval_set, train_set = _split(train_set, config.eval_split, config.seed)
+    collator = Collator(tokenizer.pad_token_id, config.packing)
+    sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
+    optimizer = build_optimizer(
+        model, tuner, options, family, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2)
+    )
+    arguments = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if eval_set is not None and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    report = ReportCallback(run_dir / "metrics.jsonl", collator, context.log)
+    trainer = ModelloopTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        optimizers=(optimizer, None),
+        train_sampler=sampler,
+        callbacks=[report],
+    )
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    started = time.perf_counter()
+    outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+        report.on_log(arguments, trainer.state, trainer.control, logs={key: v for key, v in metrics.items() if key.startswith("eval_")})
+    metrics["train_tokens_per_second"] = collator.tokens / train_seconds if train_seconds else 0.0
+
+    model_dir = run_dir / "model"
+    (tuner.save or _save_pretrained)(model, model_dir)
+    if chat is not None:
+        tokenizer.chat_template = chat.source
+    tokenizer.save_pretrained(model_dir)
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    update_manifest(
+        run_dir,
+        status="completed",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        adapter=tuner.adapter,
+        data={
+            "files": {str(DataSource.parse(f).path): sha256_path(DataSource.parse(f).path) for f in [*config.data, *config.eval_data]},
+            "stats": data.stats.__dict__,
+        },
+        metrics=metrics,
+        files=hashed_files(model_dir),
+    )
+    print(f"modelloop: {stage} finished: {run_dir} (train loss {metrics.get('train_loss', float('nan')):.4f})")
+    return {"run_dir": str(run_dir), "metrics": metrics}
+
+
+def _save_pretrained(model: Any, directory: Path) -> None:
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def _split(dataset: Any, share: float, seed: int) -> tuple[Any, Any]:
+    import torch
+
+    count = max(1, round(len(dataset) * share))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    evaluation, training = torch.utils.data.Subset(dataset, held), torch.utils.data.Subset(dataset, kept)
+    training.lengths = [dataset.lengths[i] for i in kept]  # type: ignore[attr-defined]
+    evaluation.lengths = [dataset.lengths[i] for i in held]  # type: ignore[attr-defined]
+    return evaluation, training

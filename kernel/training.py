@@ -1,0 +1,251 @@
+"""What the training stages add to transformers' Trainer, and nothing it already does.
+
+The Trainer runs the loop, gradient accumulation, the scheduler, checkpoint contents,
+resume (optimizer, scheduler, RNG, data position) and the report_to integrations. Here:
+
+- datasets and collators over modelloop's tokenised data, packed or padded;
+- the registry's samplers as a seeded, epoch-aware torch sampler;
+- the optimizer from the tuner's parameter groups (per-group learning rates kept);
+- checkpoints written to a staging folder and renamed into place, so a killed run
+  never leaves a half-written checkpoint for ``--resume`` to pick up;
+- a rich progress bar (step, loss, tokens/s, ETA), ``metrics.jsonl``, the lifecycle
+  ``on_log`` hook, and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
+from modelloop.data.tokenize import TokenizedData
+from modelloop.specs import Sampler, Tuner
+
+STAGING = ".partial"
+
+
+class TrainingData(torch.utils.data.Dataset):
+    """Tokenised examples as training items: packed rows, or single padded examples."""
+
+    def __init__(self, data: TokenizedData, *, max_length: int, packing: bool) -> None:
+        self.packing = packing
+        if packing:
+            self.rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length)
+            self.lengths = [len(row.input_ids) for row in self.rows]
+        else:
+            self.ids, self.labels = data.input_ids, data.labels
+            self.lengths = data.lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.rows[index] if self.packing else (self.ids[index], self.labels[index])
+
+
+class Collator:
+    """Batches items and counts the real (non-padding) tokens it has handed out."""
+
+    def __init__(self, pad_token_id: int, packing: bool) -> None:
+        self.pad_token_id = pad_token_id
+        self.packing = packing
+        self.tokens = 0
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            self.tokens += sum(len(row.input_ids) for row in items)
+            return collate_packed(items, self.pad_token_id)
+        self.tokens += sum(len(ids) for ids, _ in items)
+        return collate_padded([ids for ids, _ in items], [labels for _, labels in items], self.pad_token_id)
+
+
+class RegistrySampler(torch.utils.data.Sampler[int]):
+    """A registered sampler as a torch sampler: a new seeded order each epoch."""
+
+    def __init__(self, sampler: Sampler, lengths: Sequence[int], *, batch_size: int, seed: int) -> None:
+        self.sampler = sampler
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.sampler.order(self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+NO_DECAY = ("bias", "norm")
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    tuner: Tuner,
+    options: Mapping[str, Any],
+    family: Any,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+) -> torch.optim.Optimizer:
+    """The tuner's parameter groups (each keeping its own ``lr`` and extra keys), split so
+    that biases and norm weights get no weight decay, given to the tuner's optimizer."""
+    if tuner.parameter_groups is not None:
+        groups = tuner.parameter_groups(model, options, family)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    names = {id(parameter): name.lower() for name, parameter in model.named_parameters()}
+    split = []
+    for group in groups:
+        parameters = [p for p in group["params"] if p.requires_grad]
+        decayed = [p for p in parameters if not any(word in names.get(id(p), "") for word in NO_DECAY)]
+        decayed_ids = {id(p) for p in decayed}
+        plain = [p for p in parameters if id(p) not in decayed_ids]
+        extra = {key: value for key, value in group.items() if key != "params"}
+        if "lr_scale" in extra:  # relative to the configured learning rate (LoRA+)
+            extra["lr"] = lr * extra.pop("lr_scale")
+        for members, decay in ((decayed, weight_decay), (plain, 0.0)):
+            if members:
+                split.append({**extra, "params": members, "weight_decay": group.get("weight_decay", decay)})
+    if not split:
+        raise ValueError(f"the {tuner.name} tuner left no parameter to train")
+    if tuner.optimizer is not None:
+        return tuner.optimizer(split, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8)
+    return torch.optim.AdamW(split, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8)
+
+
+class ModelloopTrainer(Trainer):
+    """Trainer with registry samplers and atomically appearing checkpoints."""
+
+    def __init__(self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._train_sampler = train_sampler
+        self._staging_dir: str | None = None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        return self._train_sampler or super()._get_train_sampler(train_dataset)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write the checkpoint under ``.partial/``, then rename it into place."""
+        final_root = self.args.output_dir
+        self._staging_dir = os.path.join(final_root, STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(final_root, STAGING, name), target)
+            rotate_checkpoints(final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint; a half-written one (left in staging) is removed."""
+    shutil.rmtree(checkpoints / STAGING, ignore_errors=True)
+    found = [p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+class ReportCallback(TrainerCallback):
+    """Progress bar, metrics.jsonl and the lifecycle ``on_log`` hook."""
+
+    def __init__(self, metrics_path: Path, collator: Collator, log_hook: Callable[[int, Mapping[str, float]], None]) -> None:
+        self.metrics_path = metrics_path
+        self.collator = collator
+        self.log_hook = log_hook
+        self.progress: Any = None
+        self.task: Any = None
+        self.started = 0.0
+        self.first_step = 0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if not state.is_world_process_zero:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
+        self.started = time.perf_counter()
+        self.first_step = state.global_step
+        self.tokens_at_start = self.collator.tokens
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - self.started
+        speed = (self.collator.tokens - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
+        self.progress.update(self.task, completed=state.global_step, speed=f"{speed:,.0f}")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        numbers = {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))}
+        with self.metrics_path.open("a") as out:
+            out.write(json.dumps({"step": state.global_step, **numbers}) + "\n")
+        if self.progress is not None and "loss" in numbers:
+            self.progress.update(self.task, loss=f"{numbers['loss']:.4f}")
+        self.log_hook(state.global_step, numbers)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """``loss.png``: training loss and (when there is one) evaluation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    train, evaluation = [], []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                train.append((record["step"], record["loss"]))
+            if "eval_loss" in record:
+                evaluation.append((record["step"], record["eval_loss"]))
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evaluation:
+        axes.plot(*zip(*evaluation), "o-", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    if train or evaluation:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    pyplot.close(figure)

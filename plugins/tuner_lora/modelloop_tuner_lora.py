@@ -1,0 +1,132 @@
+"""LoRA, DoRA and QLoRA through PEFT.
+
+Nothing heavy at import: PEFT (which imports bitsandbytes when it is installed) is
+imported when a model is prepared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import modelloop
+from modelloop.options import complete, in_range, positive
+from modelloop.specs import Tuner
+
+DEFAULTS = {
+    "rank": 8,
+    "alpha": 32,
+    "dropout": 0.05,
+    "targets": "default",
+    "modules_to_save": [],
+    "loraplus_lr_ratio": None,
+}
+
+
+def check(options: Mapping[str, Any], *, quantized: bool = False) -> dict[str, Any]:
+    options = complete(options, {**DEFAULTS, **({"bits": 4} if quantized else {})})
+    positive(options, "rank")
+    positive(options, "alpha", float)
+    in_range(options, "dropout", 0.0, 1.0)
+    if options["loraplus_lr_ratio"] is not None:
+        positive(options, "loraplus_lr_ratio", float)
+    if quantized and options["bits"] not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {options['bits']!r}")
+    targets = options["targets"]
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError("targets must be 'default', 'all-linear' or a list of module names")
+    return options
+
+
+def check_quantized(options: Mapping[str, Any]) -> dict[str, Any]:
+    return check(options, quantized=True)
+
+
+def quantization(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments that load the base model in 4 or 8 bits."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if options["bits"] == 8:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
+    }
+
+
+def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
+    from peft import LoraConfig
+
+    targets: Any = options["targets"]
+    parameters: list[str] = []
+    if targets == "default":
+        targets = list(family.lora_targets) if family is not None and family.lora_targets else "all-linear"
+        parameters = list(family.lora_target_parameters) if family is not None else []
+    return LoraConfig(
+        r=options["rank"],
+        lora_alpha=options["alpha"],
+        lora_dropout=options["dropout"],
+        target_modules=targets,
+        target_parameters=parameters or None,
+        modules_to_save=list(options["modules_to_save"]) or None,
+        use_dora=dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare(model: Any, options: Mapping[str, Any], family: Any, *, dora: bool = False) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(options, family, dora=dora))
+
+
+def prepare_dora(model: Any, options: Mapping[str, Any], family: Any) -> Any:
+    return prepare(model, options, family, dora=True)
+
+
+def prepare_quantized(model: Any, options: Mapping[str, Any], family: Any) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare(model, options, family)
+
+
+def parameter_groups(model: Any, options: Mapping[str, Any], family: Any) -> list[dict[str, Any]]:
+    """One group, or with LoRA+ a second group for the B matrices at a higher rate."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    ratio = options.get("loraplus_lr_ratio")
+    if not ratio:
+        return [{"params": [p for _, p in trainable]}]
+    b_matrices = [p for name, p in trainable if ".lora_B." in name]
+    others = [p for name, p in trainable if ".lora_B." not in name]
+    return [{"params": others}, {"params": b_matrices, "lr_scale": float(ratio)}]
+
+
+def merge(model: Any) -> Any:
+    return model.merge_and_unload()
+
+
+COMMON = {"parameter_groups": parameter_groups, "merge": merge, "adapter": True}
+
+TUNERS = (
+    Tuner(name="lora", description="LoRA adapters (PEFT)", prepare=prepare, check=check, requires=("peft",), **COMMON),
+    Tuner(name="dora", description="weight-decomposed LoRA (PEFT)", prepare=prepare_dora, check=check, requires=("peft",), **COMMON),
+    Tuner(
+        name="qlora",
+        description="LoRA on a 4-bit (NF4) or 8-bit base (bitsandbytes)",
+        prepare=prepare_quantized,
+        check=check_quantized,
+        load_options=quantization,
+        requires=("peft", "bitsandbytes"),
+        **COMMON,
+    ),
+)
+
+
+@modelloop.hookimpl
+def register_tuners(register):
+    for tuner in TUNERS:
+        register(tuner)
