@@ -84,14 +84,18 @@ class LoadedModel:
     path: str
 
 
-def locate(name_or_path: str | Path) -> str:
-    """A local folder (checked) or a hub id, as a string transformers accepts."""
+def locate(name_or_path: str | Path, *, needs_config: bool = True) -> str:
+    """A local folder (checked) or a hub id, as a string transformers accepts.
+
+    :param needs_config: the folder must hold a model's config.json (a tokenizer-only
+        folder, such as a run's adapter folder, need not).
+    """
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{path} is a file; give the model's folder")
-        if not (path / "config.json").exists():
+        if needs_config and not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
         return str(path)
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")) and not path.parent.is_dir():
@@ -138,7 +142,7 @@ def resolve_family(model_type: str) -> ModelFamily:
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    location = locate(name_or_path)
+    location = locate(name_or_path, needs_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

@@ -54,6 +54,8 @@ def check_tuner(config: TrainConfig) -> tuple[Tuner, dict[str, Any]]:
 
 
 def check_names(config: TrainConfig) -> None:
+    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+        raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package: pip install {config.report_to}")
     get_registry(SAMPLERS).get(config.sampler)
     if config.format:
         get_registry(DATASET_FORMATS).get(config.format)

@@ -1,0 +1,234 @@
+"""Training stages on tiny local models: every tuner learns, runs are complete and resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import modelloop
+from conftest import REPO
+from modelloop import hookimpl
+from modelloop.config import ConfigError
+from modelloop.errors import UnknownNameError
+from modelloop.plugins import PluginInfo, get_plugin_manager
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, REPO / "examples" / "make_demo_data.py", out, "--count", "200"], check=True, capture_output=True)
+    return out
+
+
+def settings(tiny_models, demo, tmp_path, **overrides):
+    return {
+        "model": str(tiny_models("qwen2")),
+        "data": [str(demo / "tasks.jsonl")],
+        "max_length": 64,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "max_steps": 30,
+        "logging_steps": 5,
+        "output_dir": str(tmp_path / "run"),
+        **overrides,
+    }
+
+
+def losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+
+
+@pytest.mark.parametrize(
+    "tuner, options, lr",
+    [
+        ("full", {}, 1e-3),
+        ("lora", {"rank": 8}, 2e-3),
+        ("dora", {"rank": 8}, 2e-3),
+        ("galore", {"rank": 8, "update_proj_gap": 10}, 1e-3),
+        ("qlora", {"rank": 8}, 2e-3),
+    ],
+)
+def test_loss_falls_with_every_tuner(tuner, options, lr, tiny_models, demo, tmp_path):
+    result = modelloop.sft(settings(tiny_models, demo, tmp_path, tuner=tuner, tuner_options=options, lr=lr))
+    logged = losses(tmp_path / "run")
+    assert len(logged) == 6
+    assert logged[-1] < logged[0] * 0.9, logged
+    assert result["metrics"]["train_loss"] > 0
+
+
+def test_the_run_folder_is_complete(tiny_models, demo, tmp_path):
+    modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10))
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["stage"] == "sft"
+    assert manifest["base_model"] == str(tiny_models("qwen2"))
+    assert manifest["config"]["tuner"] == "lora" and manifest["adapter"] is True
+    assert manifest["plugins"]["modelloop-plugin-tuner-lora"] == "0.1.0"
+    assert set(manifest["files"]) >= {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"}
+    assert manifest["data"]["stats"]["examples"] == 200
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 10
+    tokenizer_config = json.loads((run / "model" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in (tokenizer_config.get("chat_template") or (run / "model" / "chat_template.jinja").read_text())
+
+
+def test_adapter_reloads_with_plain_peft_and_gives_the_same_loss(tiny_models, demo, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.packing import collate_padded
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_tokenizer, resolve_family
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join((demo / "tasks_eval.jsonl").read_text().splitlines(keepends=True)[:8]))
+    result = modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=15, eval_data=[str(eval_file)], packing=False))
+    base = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "model").eval()
+    tokenizer = load_tokenizer(tmp_path / "run" / "model")
+    chat = resolve_chat_format(tokenizer, resolve_family("qwen2"))
+    data = prepare_data([eval_file], tokenizer, chat, max_length=64)
+    batch = collate_padded(data.input_ids, data.labels, tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = model(**batch).loss.item()
+    assert loss == pytest.approx(result["metrics"]["eval_loss"], abs=1e-5)
+    with torch.no_grad():
+        ours = modelloop.load_model(tmp_path / "run").model.eval()(**batch).logits
+        theirs = model(**batch).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_a_full_run_loads_as_a_model_and_becomes_the_next_base(tiny_models, demo, tmp_path):
+    modelloop.sft(settings(tiny_models, demo, tmp_path, tuner="full", max_steps=5, lr=1e-3))
+    loaded = modelloop.load_model(tmp_path / "run")
+    assert loaded.family.name == "qwen2" and not hasattr(loaded.model, "peft_config")
+    second = modelloop.sft(settings(tiny_models, demo, tmp_path, model=str(tmp_path / "run"), max_steps=5, output_dir=str(tmp_path / "next")))
+    manifest = json.loads((tmp_path / "next" / "manifest.json").read_text())
+    assert manifest["parent"] == "run"
+    assert second["metrics"]["train_loss"] > 0
+
+
+def test_pretraining_on_text_learns(tiny_models, tmp_path, demo):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"The number after {i} is {i + 1}."}) + "\n" for i in range(300)))
+    modelloop.pt(settings(tiny_models, demo, tmp_path, data=[str(text)], tuner="full", lr=1e-3))
+    logged = losses(tmp_path / "run")
+    assert logged[-1] < logged[0] * 0.8
+
+
+def test_eval_split_reports_eval_loss(tiny_models, demo, tmp_path):
+    result = modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10, eval_split=0.1, eval_steps=5))
+    assert result["metrics"]["eval_loss"] > 0
+    assert sum("eval_loss" in json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_lifecycle_hooks_fire_around_a_real_stage(tiny_models, demo, tmp_path):
+    seen = []
+
+    class Tracker:
+        @hookimpl
+        def before_stage(self, stage):
+            seen.append(("before", stage))
+
+        @hookimpl
+        def on_log(self, step, metrics):
+            if "loss" in metrics:
+                seen.append(("log", step))
+
+        @hookimpl
+        def after_stage(self, result):
+            seen.append(("after", sorted(result)))
+
+    get_plugin_manager().add_plugin(Tracker(), PluginInfo("tracker", "1.0", builtin=False))
+    modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10))
+    assert seen == [("before", "sft"), ("log", 5), ("log", 10), ("after", ["metrics", "run_dir"])]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tuner": "lorra"}, "Unknown tuner 'lorra'. Did you mean 'lora'?"),
+        ({"tuner_options": {"rank": 0}}, "tuner_options for lora: rank must be a positive integer, got 0"),
+        ({"lr": -1e-4}, "lr: Input should be greater than 0"),
+        ({"max_length": 4096}, "max_length 4096 is longer than the model's context (2048 tokens)"),
+        ({"tuner_options": {"rnak": 8}}, "unknown option 'rnak'"),
+        ({"sampler": "shuffled"}, "Unknown sampler 'shuffled'"),
+        ({"epochs": 0}, "epochs: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_config_fails_before_the_model_loads(overrides, message, tiny_models, demo, tmp_path, monkeypatch):
+    import modelloop.models.loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(modelloop.models.loading, "load_model", never)
+    with pytest.raises((ConfigError, UnknownNameError)) as raised:
+        modelloop.sft(settings(tiny_models, demo, tmp_path, **overrides))
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_models, demo, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="the qlora tuner needs bitsandbytes: pip install bitsandbytes"):
+        modelloop.sft(settings(tiny_models, demo, tmp_path, tuner="qlora"))
+
+
+def test_bad_data_stops_before_training(tiny_models, demo, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((demo / "tasks.jsonl").read_text() + '{"messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(modelloop.data.sources.DataError, match=f"{bad}:201: messages must end with an assistant turn"):
+        modelloop.sft(settings(tiny_models, demo, tmp_path, data=[str(bad)]))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
+
+
+def sft_process(tiny_models, demo, out, *extra):
+    command = [
+        sys.executable, "-m", "modelloop", "sft", "--model", str(tiny_models("qwen2")), "--data", str(demo / "tasks.jsonl"),
+        "--max-length", "64", "--lr", "2e-3", "--max-steps", "60", "--save-steps", "10", "--logging-steps", "10",
+        "--output-dir", str(out), *extra,
+    ]  # fmt: skip
+    return command
+
+
+def final_adapter(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "model" / "adapter_model.safetensors")
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, subprocess_env):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(sft_process(tiny_models, demo, whole), env=subprocess_env, check=True, capture_output=True)
+    process = subprocess.Popen(sft_process(tiny_models, demo, killed), env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "checkpoint-20").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
+    assert not (killed / "model").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "modelloop", "sft", "--resume", str(killed)], env=subprocess_env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((killed / "manifest.json").read_text())["status"] == "completed"
+    expected, got = final_adapter(whole), final_adapter(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
