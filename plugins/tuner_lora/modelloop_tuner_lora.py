@@ -6,6 +6,8 @@ imported when a model is prepared.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +59,28 @@ def quantization(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def import_peft_without_bitsandbytes() -> None:
+    """Import PEFT without letting it import bitsandbytes, for runs that do not quantize.
+
+    PEFT imports bitsandbytes whenever it is installed, and that costs about 0.9 s and
+    45 MiB (it pulls in torch's inductor). A None entry in ``sys.modules`` makes it look
+    absent while PEFT imports; PEFT's cached availability checks are then cleared, so a
+    later QLoRA run in the same process finds bitsandbytes as usual (PEFT imports its
+    bitsandbytes layers only when it dispatches one).
+    """
+    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        import peft  # noqa: F401
+    finally:
+        del sys.modules["bitsandbytes"]
+        from peft import import_utils
+
+        for check in ("is_bnb_available", "is_bnb_4bit_available"):
+            getattr(getattr(import_utils, check, None), "cache_clear", lambda: None)()
+
+
 def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
     from peft import LoraConfig
 
@@ -78,9 +102,65 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
 
 
 def prepare(model: Any, options: Mapping[str, Any], family: Any, *, dora: bool = False) -> Any:
+    if not getattr(model, "is_quantized", False):
+        import_peft_without_bitsandbytes()
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(options, family, dora=dora))
+    model = get_peft_model(model, lora_config(options, family, dora=dora))
+    if options["dropout"] > 0 and not _on_gpu(model):
+        _use_fast_dropout(model)
+    return model
+
+
+def _on_gpu(model: Any) -> bool:
+    return any(parameter.is_cuda for parameter in model.parameters())
+
+
+def _use_fast_dropout(model: Any) -> None:
+    """Swap PEFT's LoRA dropout for one that draws its mask 2x faster on a CPU.
+
+    torch's CPU dropout draws one 32-bit random number per element, and on a small
+    model it takes a fifth of a LoRA training step. Drawing 16-bit numbers (two per
+    32-bit draw) keeps each element with probability 1 - p up to 1/65536, and the mask is
+    redrawn identically under gradient checkpointing (the RNG state is restored).
+    """
+    import torch
+
+    fast_dropout = fast_dropout_class()
+    for module in list(model.modules()):
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                    dropouts[name] = fast_dropout(dropout.p)
+
+
+@functools.cache
+def fast_dropout_class() -> type:
+    """The module class, built on first use so that importing this plugin imports no torch."""
+    import torch
+
+    class FastDropout(torch.nn.Module):
+        """Dropout with a mask drawn as 16-bit integers (see ``_use_fast_dropout``)."""
+
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 65536) - 32768
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training:
+                return x
+            count = x.numel()
+            draws = torch.randint(-(2**31), 2**31 - 1, ((count + 1) // 2,), dtype=torch.int32, device=x.device)
+            keep = draws.view(torch.int16)[:count].view(x.shape) >= self.threshold
+            return x * keep * (1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return FastDropout
+
 
 
 def prepare_dora(model: Any, options: Mapping[str, Any], family: Any) -> Any:
