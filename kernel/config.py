@@ -51,6 +51,7 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     attn_impl: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
     template: str | None = None
     template_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 42

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import click
 
     from modelloop.specs import (
+        Accelerator,
         ChatTemplate,
         DatasetFormat,
         Engine,
@@ -102,6 +103,17 @@ def register_tuners(register: Callable[[Tuner], None]) -> None:
     loads the model so that a missing library fails fast.
 
     :param register: call ``register(Tuner(...))`` once per tuner.
+    """
+
+
+@hookspec
+def register_accelerators(register: Callable[[Accelerator], None]) -> None:
+    """Register accelerators: faster kernels swapped into a loaded model (Liger, ...).
+
+    Called when a training stage resolves ``accelerators``, before the model loads, so
+    a missing library, a missing GPU or an unsupported model type fails fast.
+
+    :param register: call ``register(Accelerator(...))`` once per accelerator.
     """
 
 

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 from modelloop.errors import PluginError, UnknownNameError
 from modelloop.plugins import PluginManager, get_plugin_manager
 from modelloop.specs import (
+    Accelerator,
     ChatTemplate,
     DatasetFormat,
     Engine,
@@ -71,6 +72,7 @@ TUNERS = RegistryKind(
         ("galore", "modelloop-plugin-tuner-galore"),
     ),
 )
+ACCELERATORS = RegistryKind("accelerator", "register_accelerators", Accelerator, (("liger", "modelloop-plugin-accel-liger"),))
 PARALLEL_STRATEGIES = RegistryKind("parallel strategy", "register_parallel_strategies", ParallelStrategy)
 REWARDS = RegistryKind("reward", "register_rewards", Reward, (("safety", "modelloop-plugin-reward-safety"),))
 EXPORTERS = RegistryKind("exporter", "register_exporters", Exporter)
@@ -87,6 +89,7 @@ KINDS: tuple[RegistryKind[Spec], ...] = (
     DATASET_FORMATS,
     SAMPLERS,
     TUNERS,
+    ACCELERATORS,
     PARALLEL_STRATEGIES,
     REWARDS,
     EXPORTERS,

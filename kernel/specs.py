@@ -257,6 +257,27 @@ class Tuner(Spec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Accelerator(Spec):
+    """Faster kernels swapped into a loaded model (Liger, fused attention, ...).
+
+    :param apply: ``apply(model, family) -> model``, called after loading and before
+        the tuner prepares the model.
+    :param model_types: the ``config.model_type`` values it supports.
+    :param requires: import names it needs, checked before anything loads.
+    :param needs_cuda: refuse to run, with a clear message, on a machine without a GPU.
+    """
+
+    apply: Callable[..., Any]
+    model_types: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+    needs_cuda: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "apply")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParallelStrategy(Spec):
     """A way to spread training over processes.
 

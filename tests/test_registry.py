@@ -8,6 +8,7 @@ from modelloop import hookimpl
 from modelloop.errors import PluginError, UnknownNameError
 from modelloop.plugins import PluginInfo, make_plugin_manager, set_plugin_manager
 from modelloop.registry import (
+    ACCELERATORS,
     DATASET_FORMATS,
     ENGINES,
     EXPORTERS,
@@ -20,6 +21,7 @@ from modelloop.registry import (
     get_registry,
 )
 from modelloop.specs import (
+    Accelerator,
     ChatTemplate,
     DatasetFormat,
     Engine,
@@ -95,6 +97,12 @@ def test_hook_register_tuners(manager):
     assert tuners.get("bitfit").requires == ("torch",)
     assert tuners.provider("bitfit") == "tuners"
     assert tuners.registered_by("tuners") == ["bitfit"]
+
+
+def test_hook_register_accelerators(manager):
+    accelerator = Accelerator(name="fused", apply=lambda model, family: model, model_types=("llama",), needs_cuda=True)
+    add(manager, "p", registering("register_accelerators", accelerator))
+    assert get_registry(ACCELERATORS).get("fused").needs_cuda
 
 
 def test_hook_register_parallel_strategies(manager):

@@ -40,7 +40,15 @@ FLAGS: dict[str, Any] = {
 
 
 def training_command(stage: str, summary: str) -> click.Command:
-    def command(config: Path | None, assignments: tuple[str, ...], data: tuple[str, ...], eval_data: tuple[str, ...], resume: str | None, **flags: Any) -> None:
+    def command(
+        config: Path | None,
+        assignments: tuple[str, ...],
+        data: tuple[str, ...],
+        eval_data: tuple[str, ...],
+        accelerators: tuple[str, ...],
+        resume: str | None,
+        **flags: Any,
+    ) -> None:
         from modelloop.artifacts import is_run, read_manifest
         from modelloop.config import TrainConfig, build_config, parse_assignments, read_yaml
         from modelloop.stages.train import train
@@ -56,6 +64,8 @@ def training_command(stage: str, summary: str) -> click.Command:
             given["data"] = list(data)
         if eval_data:
             given["eval_data"] = list(eval_data)
+        if accelerators:
+            given["accelerators"] = list(accelerators)
         if resume is not None:
             given["resume"] = True if resume == "latest" else resume
         layers.append(given)
@@ -77,6 +87,7 @@ def training_command(stage: str, summary: str) -> click.Command:
         help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint.",
     )(decorated)
     decorated = click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable).")(decorated)
+    decorated = click.option("--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable).")(decorated)
     decorated = click.option("--data", multiple=True, help="Data file (repeatable; file#0.5 samples half).")(decorated)
     decorated = click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16.")(decorated)
     decorated = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")(decorated)

@@ -33,8 +33,8 @@ from modelloop.data.sources import DataSource
 from modelloop.lifecycle import stage_lifecycle
 from modelloop.models.loading import read_config, resolve_family, resolve_model_source
 from modelloop.plugins import get_plugin_manager
-from modelloop.registry import DATASET_FORMATS, SAMPLERS, TEMPLATES, TUNERS, get_registry
-from modelloop.specs import Tuner
+from modelloop.registry import ACCELERATORS, DATASET_FORMATS, SAMPLERS, TEMPLATES, TUNERS, get_registry
+from modelloop.specs import Accelerator, Tuner
 
 Stage = Literal["sft", "pt"]
 KIND = {"sft": "conversation", "pt": "text"}
@@ -61,6 +61,28 @@ def check_names(config: TrainConfig) -> None:
         get_registry(DATASET_FORMATS).get(config.format)
     if config.template:
         get_registry(TEMPLATES).get(config.template)
+
+
+def check_accelerators(config: TrainConfig, model_type: str) -> list[Accelerator]:
+    """Each accelerator installed, supported for this model, and on the hardware it needs."""
+    found = []
+    for name in config.accelerators:
+        accelerator = get_registry(ACCELERATORS).get(name)
+        for module in accelerator.requires:
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"the {accelerator.name} accelerator needs {module}: pip install {module}")
+        if accelerator.needs_cuda:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"the {accelerator.name} accelerator runs on CUDA GPUs only, and this machine has none")
+        if model_type not in accelerator.model_types:
+            raise ConfigError(
+                f"the {accelerator.name} accelerator does not support model type {model_type!r} "
+                f"(it supports: {', '.join(accelerator.model_types)})"
+            )
+        found.append(accelerator)
+    return found
 
 
 def check_context(model_config: Any, config: TrainConfig) -> None:
@@ -100,6 +122,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     model_config = read_config(source.base, trust_remote_code=config.trust_remote_code)
     check_context(model_config, config)
     family = resolve_family(model_config.model_type)
+    accelerators = check_accelerators(config, model_config.model_type)
 
     continuing = resume_dir(stage, config)
     run_dir = continuing or new_run_dir(stage, config.output_dir)
@@ -119,7 +142,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     write_json_atomic(run_dir / "config.json", resolved)
     with stage_lifecycle(stage, resolved, run_dir, manager) as context:
         try:
-            result = _run(stage, config, tuner, options, family, source, run_dir, context, resume=continuing is not None)
+            result = _run(stage, config, tuner, options, accelerators, family, source, run_dir, context, resume=continuing is not None)
         except BaseException as error:
             update_manifest(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
             raise
@@ -127,7 +150,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     return context.result
 
 
-def _run(stage, config, tuner, options, family, source, run_dir, context, *, resume) -> dict[str, Any]:
+def _run(stage, config, tuner, options, accelerators, family, source, run_dir, context, *, resume) -> dict[str, Any]:
     import torch
     from transformers import PrinterCallback, TrainingArguments
 
@@ -158,6 +181,8 @@ def _run(stage, config, tuner, options, family, source, run_dir, context, *, res
     model = loaded.model
     if hasattr(model, "merge_and_unload"):  # an adapter run as the base: fold it in first
         model = model.merge_and_unload()
+    for accelerator in accelerators:
+        model = accelerator.apply(model, family)
     torch.manual_seed(config.seed)
     model = tuner.prepare(model, options, family)
     if config.gradient_checkpointing:

@@ -7,7 +7,6 @@ imported when a model is prepared.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,28 +58,6 @@ def quantization(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def import_peft_without_bitsandbytes() -> None:
-    """Import PEFT without letting it import bitsandbytes, for runs that do not quantize.
-
-    PEFT imports bitsandbytes whenever it is installed, and that costs about 0.9 s and
-    45 MiB (it pulls in torch's inductor). A None entry in ``sys.modules`` makes it look
-    absent while PEFT imports; PEFT's cached availability checks are then cleared, so a
-    later QLoRA run in the same process finds bitsandbytes as usual (PEFT imports its
-    bitsandbytes layers only when it dispatches one).
-    """
-    if "peft" in sys.modules or "bitsandbytes" in sys.modules:
-        return
-    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
-    try:
-        import peft  # noqa: F401
-    finally:
-        del sys.modules["bitsandbytes"]
-        from peft import import_utils
-
-        for check in ("is_bnb_available", "is_bnb_4bit_available"):
-            getattr(getattr(import_utils, check, None), "cache_clear", lambda: None)()
-
-
 def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
     from peft import LoraConfig
 
@@ -89,6 +66,11 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
     if targets == "default":
         targets = list(family.lora_targets) if family is not None and family.lora_targets else "all-linear"
         parameters = list(family.lora_target_parameters) if family is not None else []
+        if parameters and options["dropout"] > 0:
+            raise ValueError(
+                f"LoRA on fused MoE expert weights ({', '.join(parameters)}) needs dropout 0 in PEFT: "
+                "set tuner_options.dropout=0, or list targets to leave the experts out"
+            )
     return LoraConfig(
         r=options["rank"],
         lora_alpha=options["alpha"],
@@ -102,8 +84,6 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
 
 
 def prepare(model: Any, options: Mapping[str, Any], family: Any, *, dora: bool = False) -> Any:
-    if not getattr(model, "is_quantized", False):
-        import_peft_without_bitsandbytes()
     from peft import get_peft_model
 
     model = get_peft_model(model, lora_config(options, family, dora=dora))

@@ -1,0 +1,37 @@
+"""Liger kernels as a modelloop accelerator (CUDA only).
+
+Liger patches a loaded model instance by its model type (``_apply_liger_kernel_to_instance``);
+the model types below are the ones Liger has patch functions for and modelloop has
+families for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import modelloop
+from modelloop.specs import Accelerator
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+
+def apply(model: Any, family: Any) -> Any:
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+LIGER = Accelerator(
+    name="liger",
+    description="Liger Triton kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy (CUDA)",
+    apply=apply,
+    model_types=MODEL_TYPES,
+    requires=("liger_kernel",),
+    needs_cuda=True,
+)
+
+
+@modelloop.hookimpl
+def register_accelerators(register):
+    register(LIGER)
