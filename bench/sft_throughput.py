@@ -51,8 +51,8 @@ def wait_for_idle_cpus(limit: float = 120.0) -> None:
 
 def timed(command: list[str], env: dict[str, str], log: Path, out: Path) -> dict[str, float]:
     wait_for_idle_cpus()
-    with log.open("w") as out:
-        completed = subprocess.run(["/usr/bin/time", "-v", *command], env=env, stdout=out, stderr=subprocess.STDOUT)
+    with log.open("w") as output:
+        completed = subprocess.run(["/usr/bin/time", "-v", *command], env=env, stdout=output, stderr=subprocess.STDOUT)
     text = log.read_text()
     if completed.returncode != 0:
         raise SystemExit(f"failed ({completed.returncode}): {' '.join(command)}\n{text[-3000:]}")

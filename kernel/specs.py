@@ -150,8 +150,8 @@ class ModelFamily(Spec):
         super().__post_init__()
         if not self.model_types or isinstance(self.model_types, str):
             raise PluginError(f"ModelFamily {self.name!r}: model_types must be a non-empty tuple")
-        for preset, fields in self.presets.items():
-            if "model_type" not in fields:
+        for preset, preset_fields in self.presets.items():
+            if "model_type" not in preset_fields:
                 raise PluginError(f"ModelFamily {self.name!r}: preset {preset!r} must set model_type")
         _require_callable(self, "load", optional=True)
 

@@ -34,37 +34,50 @@ STAGING = ".partial"
 
 
 class TrainingData(torch.utils.data.Dataset):
-    """Tokenised examples as training items: packed rows, or single padded examples."""
+    """Training items: packed rows, or ``(input_ids, labels)`` of single examples."""
 
-    def __init__(self, data: TokenizedData, *, max_length: int, packing: bool) -> None:
-        self.packing = packing
+    def __init__(self, items: Sequence[Any], lengths: Sequence[int]) -> None:
+        self.items = list(items)
+        self.lengths = list(lengths)
+
+    @classmethod
+    def build(cls, data: TokenizedData, *, max_length: int, packing: bool) -> TrainingData:
         if packing:
-            self.rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length)
-            self.lengths = [len(row.input_ids) for row in self.rows]
-        else:
-            self.ids, self.labels = data.input_ids, data.labels
-            self.lengths = data.lengths
+            rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length)
+            return cls(rows, [len(row.input_ids) for row in rows])
+        return cls(list(zip(data.input_ids, data.labels)), data.lengths)
+
+    def split(self, share: float, seed: int) -> tuple[TrainingData, TrainingData]:
+        """A seeded ``share`` of the items held out: ``(held out, the rest)``."""
+        count = max(1, round(len(self) * share))
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        held, kept = sorted(order[:count]), sorted(order[count:])
+        return self._select(held), self._select(kept)
+
+    def _select(self, indices: Sequence[int]) -> TrainingData:
+        return TrainingData([self.items[i] for i in indices], [self.lengths[i] for i in indices])
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> Any:
-        return self.rows[index] if self.packing else (self.ids[index], self.labels[index])
+        return self.items[index]
 
 
 class Collator:
-    """Batches items and counts the real (non-padding) tokens it has handed out."""
+    """Batches items and counts the real (non-padding) training tokens it has handed out."""
 
     def __init__(self, pad_token_id: int, packing: bool) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.tokens = 0
+        self.counting = True  # off while the Trainer evaluates
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         if self.packing:
-            self.tokens += sum(len(row.input_ids) for row in items)
+            self.tokens += self.counting * sum(len(row.input_ids) for row in items)
             return collate_packed(items, self.pad_token_id)
-        self.tokens += sum(len(ids) for ids, _ in items)
+        self.tokens += self.counting * sum(len(ids) for ids, _ in items)
         return collate_padded([ids for ids, _ in items], [labels for _, labels in items], self.pad_token_id)
 
 
@@ -134,6 +147,18 @@ class ModelloopTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._train_sampler = train_sampler
         self._staging_dir: str | None = None
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Evaluate without counting evaluation batches as training tokens."""
+        collator = self.data_collator
+        counting = getattr(collator, "counting", None)
+        if counting is not None:
+            collator.counting = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if counting is not None:
+                collator.counting = counting
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self._train_sampler or super()._get_train_sampler(train_dataset)

@@ -150,7 +150,7 @@ def convert_preference(record: Record) -> dict[str, Any]:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-KTO_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False, 1: True, 0: False}
+KTO_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # True == 1, False == 0
 
 
 def convert_kto(record: Record) -> dict[str, Any]:

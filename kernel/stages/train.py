@@ -191,10 +191,10 @@ def _run(stage, config, tuner, options, accelerators, family, source, run_dir, c
             model.enable_input_require_grads()
     model.config.use_cache = False
 
-    train_set = TrainingData(data, max_length=config.max_length, packing=config.packing)
-    eval_set = TrainingData(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
+    train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
+    eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
     if config.eval_split:
-        eval_set, train_set = _split(train_set, config.eval_split, config.seed)
+        eval_set, train_set = train_set.split(config.eval_split, config.seed)
     collator = Collator(tokenizer.pad_token_id, config.packing)
     sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
     optimizer = build_optimizer(
@@ -273,14 +273,3 @@ def _run(stage, config, tuner, options, accelerators, family, source, run_dir, c
 def _save_pretrained(model: Any, directory: Path) -> None:
     model.save_pretrained(directory, safe_serialization=True)
 
-
-def _split(dataset: Any, share: float, seed: int) -> tuple[Any, Any]:
-    import torch
-
-    count = max(1, round(len(dataset) * share))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
-    held, kept = sorted(order[:count]), sorted(order[count:])
-    evaluation, training = torch.utils.data.Subset(dataset, held), torch.utils.data.Subset(dataset, kept)
-    training.lengths = [dataset.lengths[i] for i in kept]  # type: ignore[attr-defined]
-    evaluation.lengths = [dataset.lengths[i] for i in held]  # type: ignore[attr-defined]
-    return evaluation, training
