@@ -78,10 +78,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -
     return get
 
 
-@pytest.fixture
-def subprocess_env() -> dict[str, str]:
+@pytest.fixture(scope="session")
+def subprocess_env(session_cache: Path) -> dict[str, str]:
     """The environment for a ``modelloop`` child process, as hermetic as this one."""
-    return {**os.environ, **HERMETIC_ENV}
+    return {**os.environ, **HERMETIC_ENV, "MODELLOOP_CACHE": str(session_cache)}
 
 
 InstallPlugin = Callable[..., str]

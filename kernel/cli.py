@@ -28,6 +28,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "data": "modelloop.commands.data:data_command",
     "sft": "modelloop.commands.train:sft_command",
     "pt": "modelloop.commands.train:pt_command",
+    "serve": "modelloop.commands.serve:serve_command",
 }
 
 

@@ -17,5 +17,9 @@ class UnknownNameError(ModelloopError, LookupError):
     """A name (tuner, model family, reward, ...) that no installed plugin registered."""
 
 
+class EngineError(ModelloopError):
+    """A request an engine cannot serve as asked: an unknown model, a prompt too long."""
+
+
 class PluginError(ModelloopError):
     """A plugin broke its side of the contract (wrong type registered, hook raised)."""

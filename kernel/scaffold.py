@@ -185,22 +185,34 @@ def register_exporters(register):
     "engine": PluginKind(
         "register_engines",
         "engine",
-        "from modelloop.specs import Engine",
+        "from modelloop.inference.types import Completion, Delta, Generation\nfrom modelloop.specs import Engine",
         '''
 class EchoSession:
     """An engine that answers every request with its last message: replace with a real one."""
 
-    def generate(self, requests, params):
-        return [{"text": request["messages"][-1]["content"], "finish_reason": "stop"} for request in requests]
+    models = ["echo"]
+    context_length = 4096
 
-    def stream(self, request, params):
-        yield from request["messages"][-1]["content"].split(" ")
+    def check(self, request):
+        return 0
+
+    def generate(self, requests):
+        return [Generation(choices=(self._answer(request),), prompt_tokens=0) for request in requests]
+
+    def stream(self, request):
+        answer = self._answer(request)
+        yield Delta(index=0, text=answer.text)
+        yield Delta(index=0, finish_reason="stop")
 
     def load_adapter(self, name, path):
-        raise NotImplementedError("this engine serves no adapters")
+        raise ValueError("this engine serves no adapters")
 
     def close(self):
         pass
+
+    def _answer(self, request):
+        text = request.messages[-1]["content"] if request.messages else request.prompt
+        return Completion(text=text, token_ids=(), finish_reason="stop")
 
 
 def start(model_path, *, adapters=None, options=None):

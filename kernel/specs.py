@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from modelloop.errors import PluginError
+from modelloop.inference.types import Delta, Generation, GenerationRequest
 
 
 def _require_callable(spec: Spec, attribute: str, *, optional: bool = False) -> None:
@@ -347,16 +348,29 @@ class Exporter(Spec):
 
 @runtime_checkable
 class EngineSession(Protocol):
-    """A started engine, whatever runs behind it (in-process, or a server over HTTP)."""
+    """A started engine, whatever runs behind it (in-process, or a server over HTTP).
 
-    def generate(self, requests: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> list[Any]:
-        """Generate for a batch of chat or text requests with one set of sampling params."""
+    Requests and results are the torch-free types of ``modelloop.inference.types``.
+    """
 
-    def stream(self, request: Mapping[str, Any], params: Mapping[str, Any]) -> Iterable[Any]:
-        """Yield the generation of one request piece by piece."""
+    @property
+    def models(self) -> list[str]:
+        """The served model names: the base model, then each adapter."""
+
+    context_length: int
+
+    def check(self, request: GenerationRequest) -> int:
+        """The prompt's length in tokens; raise ``EngineError`` for a request that cannot
+        be served (unknown model, prompt plus max_tokens beyond the context)."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Generate for chat (``messages``) or text (``prompt``) requests, one result each."""
+
+    def stream(self, request: GenerationRequest) -> Iterable[Delta]:
+        """Yield one request's text as it is generated, then each choice's finish reason."""
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Make a LoRA adapter servable under ``name``."""
+        """Serve a LoRA adapter as model ``name``."""
 
     def close(self) -> None:
         """Stop the engine and free what it holds."""
@@ -366,7 +380,8 @@ class EngineSession(Protocol):
 class Engine(Spec):
     """An inference engine behind one protocol.
 
-    :param start: ``start(model_path, *, adapters, options) -> EngineSession``.
+    :param start: ``start(model_path, *, adapters, options) -> EngineSession``;
+        ``adapters`` maps served names to LoRA adapter folders.
     :param runtime_lora: whether adapters can be loaded after start.
     """
 

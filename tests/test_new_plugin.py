@@ -126,10 +126,14 @@ def check_exporter(exporter, tmp_path):
 
 
 def check_engine(engine, tmp_path):
+    from modelloop.inference.types import GenerationRequest
+    from modelloop.specs import EngineSession
+
     session = engine.start("model-dir")
-    request = {"messages": [{"role": "user", "content": "say this"}]}
-    assert session.generate([request], {})[0]["text"] == "say this"
-    assert list(session.stream(request, {})) == ["say", "this"]
+    assert isinstance(session, EngineSession)
+    request = GenerationRequest(messages=[{"role": "user", "content": "say this"}])
+    assert session.generate([request])[0].choices[0].text == "say this"
+    assert [delta.text for delta in session.stream(request)] == ["say this", ""]
     session.close()
 
 

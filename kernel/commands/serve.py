@@ -1,0 +1,43 @@
+"""``modelloop serve``: an OpenAI-compatible HTTP API over any engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _adapter(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise click.BadParameter(f"{text!r}: expected NAME=PATH")
+    return name, path
+
+
+@click.command("serve")
+@click.argument("model")
+@click.option("--engine", default="hf", show_default=True, help="Inference engine (see `modelloop plugins --hook register_engines`).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="MODELLOOP_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes.")
+@click.option("--adapters", "adapters", multiple=True, help="Serve a LoRA adapter as a model: NAME=PATH (repeatable).")
+@click.option("--served-name", help="The base model's name in the API (default: the folder name).")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+def serve_command(model: str, engine: str, host: str, port: int, api_key: str | None, adapters: tuple[str, ...], served_name: str | None, max_batch_size: int) -> None:
+    """Serve MODEL (a model folder, hub id or run folder) over the OpenAI API.
+
+    SIGTERM or Ctrl-C stops it after the requests in flight are answered.
+    """
+    import uvicorn
+
+    from modelloop.inference.server import create_app
+    from modelloop.registry import ENGINES, get_registry
+
+    chosen = get_registry(ENGINES).get(engine)
+    named = dict(_adapter(text) for text in adapters)
+    for name, path in named.items():
+        if not Path(path).is_dir():
+            raise click.BadParameter(f"{name}={path}: no such adapter folder", param_hint="--adapters")
+    session = chosen.start(model, adapters=named, options={"served_name": served_name, "max_batch_size": max_batch_size})
+    click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
+    uvicorn.run(create_app(session, api_key=api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -1,0 +1,2 @@
+"""Inference: the engine protocol's request and result types, the built-in transformers
+engine, and the OpenAI-compatible server in front of any engine."""

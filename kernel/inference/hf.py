@@ -1,0 +1,313 @@
+"""The built-in ``hf`` engine: transformers' ``generate``, with requests batched as they arrive.
+
+One worker thread owns the model. Requests that arrive within ``batch_window`` seconds
+of each other (up to ``max_batch_size`` rows) are generated together, grouped by the
+served model (base or adapter) and sampling settings, left-padded, with the KV cache on.
+Tokens are streamed to each request as the batch produces them. Several LoRA adapters
+can be served on one base, and more loaded while serving.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from modelloop.errors import EngineError
+from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
+
+_DONE = object()
+
+
+@dataclass
+class _Job:
+    """One request on its way through the worker: where its deltas and result go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    deltas: queue.Queue = field(default_factory=queue.Queue)
+    result: Generation | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class HFSession:
+    """An engine session over a transformers model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from modelloop.chat import resolve_chat_format
+        from modelloop.models.loading import load_model
+
+        options = dict(options or {})
+        self.max_batch_size = int(options.get("max_batch_size", 32))
+        self.batch_window = float(options.get("batch_window", 0.02))
+        loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
+        self.model = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.chat = resolve_chat_format(self.tokenizer, loaded.family, options.get("template"))
+        self.base_name = str(options.get("served_name") or Path(str(model_path)).name)
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.adapters: list[str] = []
+        self.eos_ids = self._eos_ids()
+        self.requests = 0
+        self.batches = 0
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # the model is used by one generate() or adapter load at a time
+        for name, path in (adapters or {}).items():
+            self.load_adapter(name, str(path))
+        self._worker = threading.Thread(target=self._work, name="modelloop-hf-engine", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def models(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serve the LoRA adapter at ``path`` as model ``name``."""
+        from peft import PeftModel
+
+        if name in self.models:
+            raise EngineError(f"a model named {name!r} is already served")
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        self.adapters.append(name)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids, rendered with the chat template the model was trained with."""
+        if request.model is not None and request.model not in self.models:
+            raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
+        if request.messages is not None:
+            text = self.chat.render(request.messages, add_generation_prompt=True)
+        elif request.prompt is not None:
+            text = request.prompt
+        else:
+            raise EngineError("a request needs messages or a prompt")
+        ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+        if len(ids) + request.params.max_tokens > self.context_length:
+            raise EngineError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
+                f"exceeds the context length ({self.context_length})"
+            )
+        return ids
+
+    def check(self, request: GenerationRequest) -> int:
+        """The request's prompt length in tokens; EngineError if it cannot be served."""
+        return len(self.prompt_ids(request))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Generate for many requests; they are batched with whatever else is arriving."""
+        jobs = [self._submit(request) for request in requests]
+        for job in jobs:
+            job.done.wait()
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [job.result for job in jobs]  # type: ignore[misc]
+
+    def stream(self, request: GenerationRequest) -> Iterator[Delta]:
+        """Yield text as it is generated, then one Delta per choice with its finish reason."""
+        job = self._submit(request)
+        while (item := job.deltas.get()) is not _DONE:
+            yield item
+        if job.error is not None:
+            raise job.error
+
+    def close(self) -> None:
+        self._queue.put(_DONE)
+        self._worker.join(timeout=30)
+
+    # ------------------------------------------------------------------ the worker
+
+    def _submit(self, request: GenerationRequest) -> _Job:
+        job = _Job(request, self.prompt_ids(request))
+        self._queue.put(job)
+        return job
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _DONE:
+                return
+            batch = [first]
+            rows = first.request.params.n
+            while rows < self.max_batch_size:
+                try:
+                    job = self._queue.get(timeout=self.batch_window)
+                except queue.Empty:
+                    break
+                if job is _DONE:
+                    self._queue.put(_DONE)
+                    break
+                batch.append(job)
+                rows += job.request.params.n
+            for group in _groups(batch):
+                self._run(group)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            with self._lock:
+                self._generate(jobs)
+        except BaseException as error:  # hand the failure to every waiting request
+            for job in jobs:
+                if not job.done.is_set():
+                    job.error = error
+                    job.deltas.put(_DONE)
+                    job.done.set()
+
+    def _generate(self, jobs: list[_Job]) -> None:
+        import torch
+
+        params = jobs[0].request.params
+        rows = [(job, choice) for job in jobs for choice in range(job.request.params.n)]
+        width = max(len(job.prompt_ids) for job, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(job.prompt_ids)) + job.prompt_ids for job, _ in rows])
+        attention_mask = torch.tensor([[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows])
+        streamer = _BatchStreamer(self, rows)
+        options: dict[str, Any] = {
+            "max_new_tokens": max(job.request.params.max_tokens for job in jobs),
+            "do_sample": params.temperature > 0,
+            "eos_token_id": self.eos_ids,
+            "pad_token_id": pad,
+            "repetition_penalty": params.repetition_penalty,
+            "streamer": streamer,
+            "return_dict_in_generate": True,
+            "output_logits": params.logprobs,
+        }
+        if params.temperature > 0:
+            options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        self.batches += 1
+        self.requests += len(jobs)
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), self._adapter(jobs[0].request.model):
+            output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
+        scores = None
+        if params.logprobs:
+            scores = self.model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)
+        finished: dict[int, list[Completion]] = {}
+        for row, (job, _) in enumerate(rows):
+            generated = output.sequences[row, width:].tolist()
+            logprobs = scores[row].tolist() if scores is not None else None
+            finished.setdefault(id(job), []).append(self._complete(generated, job.request.params, logprobs))
+        streamer.finish(finished)
+        for job in jobs:
+            job.result = Generation(choices=tuple(finished[id(job)]), prompt_tokens=len(job.prompt_ids))
+            job.deltas.put(_DONE)
+            job.done.set()
+
+    def _complete(self, generated: list[int], params: SamplingParams, logprobs: list[float] | None) -> Completion:
+        """Cut one generated row at its end of turn, its stop strings or its max_tokens."""
+        reason = "length"
+        kept = generated[: params.max_tokens]
+        for position, token in enumerate(kept):
+            if token in self.eos_ids:
+                kept, reason = kept[:position], "stop"
+                break
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        cut = _stop_at(text, params.stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        probabilities = tuple(logprobs[: len(kept)]) if logprobs is not None else None
+        return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=probabilities)
+
+    def _adapter(self, name: str | None) -> Any:
+        """A context in which the model generates as ``name`` (an adapter, or the base)."""
+        import contextlib
+
+        if not self.adapters:
+            return contextlib.nullcontext()
+        if name in self.adapters:
+            self.model.set_adapter(name)
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.convert_tokens_to_ids(token) for token in self.chat.end_of_turn}
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0)
+
+
+def _groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """Jobs that can share one ``generate`` call: same served model, same sampling settings."""
+    grouped: dict[Any, list[_Job]] = {}
+    for job in jobs:
+        key = (job.request.model, replace(job.request.params, max_tokens=0))
+        grouped.setdefault(key, []).append(job)
+    return list(grouped.values())
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(found) if found else None
+
+
+class _BatchStreamer:
+    """Receives each step's new tokens from ``generate`` and sends each row its new text.
+
+    Text that could be the start of a stop string is held back until it is not, so a
+    stop string is never streamed; the final text of each choice is settled by ``finish``.
+    """
+
+    def __init__(self, session: HFSession, rows: list[tuple[_Job, int]]) -> None:
+        self.session = session
+        self.rows = rows
+        self.tokens: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.open = [True] * len(rows)
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            job, choice = self.rows[row]
+            params = job.request.params
+            if not self.open[row]:
+                continue
+            if token in self.session.eos_ids or len(self.tokens[row]) >= params.max_tokens:
+                self.open[row] = False
+                continue
+            self.tokens[row].append(token)
+            text = self.session.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if _stop_at(text, params.stop) is not None:
+                self.open[row] = False
+                continue
+            hold = max((len(stop) - 1 for stop in params.stop), default=0)
+            safe = len(text) - hold
+            if safe > len(self.sent[row]) and not text[:safe].endswith("\ufffd"):
+                job.deltas.put(Delta(index=choice, text=text[len(self.sent[row]) : safe]))
+                self.sent[row] = text[:safe]
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, completions: Mapping[int, list[Completion]]) -> None:
+        """Send what is left of each choice's final text, then its finish reason."""
+        for row, (job, choice) in enumerate(self.rows):
+            final = completions[id(job)][choice]
+            rest = final.text[len(self.sent[row]) :] if final.text.startswith(self.sent[row]) else ""
+            if rest:
+                job.deltas.put(Delta(index=choice, text=rest))
+            job.deltas.put(Delta(index=choice, finish_reason=final.finish_reason))
+

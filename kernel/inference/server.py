@@ -1,0 +1,215 @@
+"""The OpenAI-compatible HTTP API in front of an engine session.
+
+``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (both streamed as server-sent events when ``stream`` is
+true). Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``,
+with the status a client expects: 400 for a bad request (malformed JSON included), 401
+for a wrong or missing API key, 404 for an unknown model. Each adapter is a model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from modelloop.errors import EngineError
+from modelloop.inference.types import GenerationRequest, SamplingParams
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class Sampling(BaseModel):
+    """The sampling fields both endpoints share (``top_k`` and ``repetition_penalty`` are extensions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    logprobs: bool = False
+
+    def params(self) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or 256,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=tuple(stop),
+            seed=self.seed,
+            n=self.n,
+            logprobs=self.logprobs,
+        )
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str
+
+
+def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
+    """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route."""
+    app = FastAPI(title="modelloop", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+        return error.response()
+
+    async def parse(request: Request, model: type[Sampling]) -> Any:
+        """The body as ``model``, whatever content type the client declared."""
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise OpenAIError(400, f"malformed JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise OpenAIError(400, f"{where}: {problem['msg']}", param=where or None) from None
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return OpenAIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": session.models, "requests": getattr(session, "requests", None), "batches": getattr(session, "batches", None)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "modelloop"} for name in session.models]}
+
+    def engine_request(body: Sampling, **content: Any) -> GenerationRequest:
+        if body.model not in session.models:
+            raise OpenAIError(404, f"the model {body.model!r} does not exist; served: {', '.join(session.models)}", param="model", code="model_not_found")
+        request = GenerationRequest(model=body.model, params=body.params(), **content)
+        try:
+            session.check(request)
+        except EngineError as error:
+            code = "context_length_exceeded" if "context length" in str(error) else None
+            raise OpenAIError(400, str(error), param="max_tokens" if code else None, code=code) from None
+        return request
+
+    async def respond(body: Sampling, request: GenerationRequest, kind: Literal["chat", "text"]) -> Any:
+        identity = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            return StreamingResponse(_events(session, request, identity, kind), media_type="text/event-stream")
+        try:
+            (generation,) = await asyncio.to_thread(session.generate, [request])
+        except EngineError as error:
+            raise OpenAIError(400, str(error)) from None
+        choices = []
+        for index, choice in enumerate(generation.choices):
+            logprobs = _logprobs(choice, kind) if body.logprobs else None
+            if kind == "chat":
+                choices.append({"index": index, "message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason, "logprobs": logprobs})
+            else:
+                choices.append({"index": index, "text": choice.text, "finish_reason": choice.finish_reason, "logprobs": logprobs})
+        usage = {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.completion_tokens,
+            "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+        }
+        return {
+            "id": identity,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: Request) -> Any:
+        body = await parse(raw, ChatRequest)
+        messages = [message.model_dump(exclude_none=True) for message in body.messages]
+        for message in messages:
+            message.setdefault("content", "")
+        return await respond(body, engine_request(body, messages=messages), "chat")
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Any:
+        body = await parse(raw, CompletionRequest)
+        return await respond(body, engine_request(body, prompt=body.prompt), "text")
+
+    @app.on_event("shutdown")
+    def close() -> None:
+        session.close()
+
+    return app
+
+
+def _logprobs(choice: Any, kind: str) -> Any:
+    if choice.logprobs is None:
+        return None
+    if kind == "chat":
+        return {"content": [{"token": str(token), "logprob": logprob} for token, logprob in zip(choice.token_ids, choice.logprobs)]}
+    return {"token_logprobs": list(choice.logprobs), "tokens": [str(token) for token in choice.token_ids]}
+
+
+def _events(session: Any, request: GenerationRequest, identity: str, kind: str) -> Iterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    created = int(time.time())
+    base = {"id": identity, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created, "model": request.model}
+
+    def event(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+        if kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish}
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+    if kind == "chat":
+        for index in range(request.params.n):
+            yield event(index, None, None, role=True)
+    try:
+        for delta in session.stream(request):
+            yield event(delta.index, delta.text, delta.finish_reason)
+    except EngineError as error:
+        yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'invalid_request_error'}})}\n\n"
+    yield "data: [DONE]\n\n"

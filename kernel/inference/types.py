@@ -1,0 +1,70 @@
+"""What goes into an engine and what comes out, whatever the engine (in-process or HTTP).
+
+Torch-free on purpose: engine plugins that run a server in another Python environment
+use these types on the client side only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample; the OpenAI API's fields. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """One chat (``messages``) or text (``prompt``) request for a served model or adapter."""
+
+    messages: Sequence[Mapping[str, Any]] | None = None
+    prompt: str | None = None
+    model: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Completion:
+    """One generated choice."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generation:
+    """The result of one request: its ``n`` choices and the token counts."""
+
+    choices: tuple[Completion, ...]
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(choice.token_ids) for choice in self.choices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delta:
+    """A piece of a streamed choice: new text, or (last) the finish reason."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason | None = None

@@ -1,0 +1,83 @@
+"""The built-in hf engine in-process: batching, stop strings, n, logprobs, adapters, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from modelloop.errors import EngineError
+from modelloop.inference.types import GenerationRequest, SamplingParams
+from modelloop.registry import ENGINES, get_registry
+from modelloop.specs import EngineSession
+
+QUESTION = [{"role": "user", "content": "What is 2+2?"}]
+
+
+@pytest.fixture(scope="module")
+def session(tiny_models):
+    from modelloop.inference.hf import HFSession
+
+    started = HFSession(tiny_models("qwen2"), options={"served_name": "tiny"})
+    yield started
+    started.close()
+
+
+def ask(session, **params):
+    return session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(**params))])[0]
+
+
+def test_hook_register_engines_builtin_hf_starts_a_session(tiny_models):
+    engine = get_registry(ENGINES).get("hf")
+    session = engine.start(tiny_models("llama"), options={"served_name": "llama"})
+    try:
+        assert isinstance(session, EngineSession) and session.models == ["llama"]
+    finally:
+        session.close()
+
+
+def test_greedy_is_deterministic_and_respects_max_tokens(session):
+    first, second = ask(session, max_tokens=7, temperature=0), ask(session, max_tokens=7, temperature=0)
+    assert first.choices == second.choices
+    assert len(first.choices[0].token_ids) <= 7
+
+
+def test_the_prompt_is_the_training_prompt(session):
+    prompt = session.chat.render(QUESTION, add_generation_prompt=True)
+    assert session.check(GenerationRequest(messages=QUESTION)) == len(session.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def test_a_stop_string_ends_the_text_and_is_not_returned(session):
+    whole = ask(session, max_tokens=20, temperature=0).choices[0].text
+    stop = whole[3:5]
+    cut = ask(session, max_tokens=20, temperature=0, stop=(stop,)).choices[0]
+    assert cut.text == whole[: whole.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(delta.text for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))))
+    assert streamed == cut.text
+
+
+def test_n_choices_seeded_sampling_and_logprobs(session):
+    generation = ask(session, max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=True)
+    assert len(generation.choices) == 3
+    assert all(len(choice.logprobs) == len(choice.token_ids) and all(p <= 0 for p in choice.logprobs) for choice in generation.choices)
+    assert ask(session, max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=True) == generation
+
+
+def test_concurrent_requests_share_batches(session):
+    before_batches, before_requests = session.batches, session.requests
+    threads = [threading.Thread(target=ask, args=(session,), kwargs={"max_tokens": 4, "temperature": 0}) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert session.requests - before_requests == 12
+    assert session.batches - before_batches < 12
+
+
+def test_requests_it_cannot_serve(session):
+    with pytest.raises(EngineError, match="unknown model 'other'; served: tiny"):
+        session.generate([GenerationRequest(messages=QUESTION, model="other")])
+    with pytest.raises(EngineError, match="exceeds the context length"):
+        session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=5000))])
+    with pytest.raises(EngineError, match="needs messages or a prompt"):
+        session.generate([GenerationRequest()])

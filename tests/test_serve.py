@@ -1,0 +1,158 @@
+"""`modelloop serve` as a user runs it: the official openai client against a real server process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+import modelloop
+
+KEY = "sk-modelloop-test"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(40)))
+    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 3, "max_length": 64, "output_dir": str(root / "run")})
+    return root / "run"
+
+
+def start_server(model, port, env, *extra):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelloop", "serve", str(model), "--port", str(port), *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the server did not start: {process.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, adapter_run, subprocess_env):
+    port = free_port()
+    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--api-key", KEY, "--served-name", "tiny", "--adapters", f"sft={adapter_run / 'model'}")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+QUESTION = [{"role": "user", "content": "Say 3"}]
+
+
+def test_lists_the_base_and_each_adapter(client):
+    assert [model.id for model in client.models.list()] == ["tiny", "sft"]
+
+
+def test_chat_completion(client):
+    response = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=5, temperature=0)
+    choice = response.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 0 and response.usage.completion_tokens <= 5
+
+
+def test_streamed_text_equals_the_whole_answer(client):
+    whole = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0)
+    pieces = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, stream=True))
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces)
+    assert streamed == whole.choices[0].message.content
+    assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_an_adapter_is_used_by_name(client):
+    base = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
+    tuned = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
+    assert base.choices[0].logprobs.content != tuned.choices[0].logprobs.content
+
+
+def test_text_completion(client):
+    response = client.completions.create(model="tiny", prompt="What is", max_tokens=4, temperature=0)
+    assert response.choices[0].text and response.usage.completion_tokens == 4
+
+
+def test_32_concurrent_requests_succeed_and_are_batched(client, server):
+    before = httpx.get(f"{server}/health").json()
+
+    def ask(number):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Say {number}"}], max_tokens=8, temperature=0)
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    after = httpx.get(f"{server}/health").json()
+    assert all(answer.choices[0].message is not None for answer in answers)
+    assert after["requests"] - before["requests"] == 32
+    assert after["batches"] - before["batches"] < 32 / 2  # requests arriving together share a forward batch
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b'{"model": "tiny", "messages": [', 400, "malformed JSON"),
+        (json.dumps({"model": "tiny"}).encode(), 400, "messages: Field required"),
+        (json.dumps({"model": "nope", "messages": QUESTION}).encode(), 404, "the model 'nope' does not exist"),
+        (json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 4096}).encode(), 400, "exceeds the context length (2048)"),
+        (json.dumps({"model": "tiny", "messages": QUESTION, "temperature": -1}).encode(), 400, "temperature"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, status, message):
+    response = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2).choices
+
+
+def test_a_wrong_api_key_is_401(server):
+    with pytest.raises(openai.AuthenticationError) as raised:
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert raised.value.status_code == 401
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+
+
+def test_sigterm_finishes_the_request_in_flight(tiny_models, subprocess_env):
+    port = free_port()
+    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--served-name", "tiny")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(client.completions.create(model="tiny", prompt="a", max_tokens=400, temperature=0)))
+    asking.start()
+    time.sleep(0.3)
+    os.kill(process.pid, signal.SIGTERM)
+    asking.join(timeout=60)
+    assert answers and answers[0].usage.completion_tokens > 0
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why it stopped
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
