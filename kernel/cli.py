@@ -29,6 +29,9 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "sft": "modelloop.commands.train:sft_command",
     "pt": "modelloop.commands.train:pt_command",
     "serve": "modelloop.commands.serve:serve_command",
+    "export": "modelloop.commands.export:export_command",
+    "infer": "modelloop.commands.infer:infer_command",
+    "eval": "modelloop.commands.infer:eval_command",
 }
 
 

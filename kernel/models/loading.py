@@ -63,7 +63,7 @@ def resolve_model_source(name_or_path: str | Path) -> ModelSource:
     if is_run(name_or_path):
         run = Path(name_or_path)
         manifest = read_manifest(run)
-        model_dir = run / "model"
+        model_dir = run / "model" if (run / "model").is_dir() else run  # a stage's run, or an export
         if manifest.get("status") != "completed" or not model_dir.is_dir():
             raise ModelLoadError(f"{run} is a run that did not finish (status {manifest.get('status')!r}): nothing to load")
         parent = str(manifest.get("id", run.name))

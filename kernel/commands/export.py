@@ -1,0 +1,33 @@
+"""``modelloop export``: a run (or model) as a deployable model folder."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import click
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
+@click.option("--merge", is_flag=True, help="Fold a LoRA adapter into the base weights (implied by --quant).")
+@click.option("--quant", default="none", show_default=True, help="none, or a registered exporter: bnb-nf4, ...")
+@click.option("--for", "engine", help="Check first that this engine (hf, vllm, sglang) can load the result.")
+def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None) -> None:
+    """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
+    from modelloop.artifacts import is_run
+    from modelloop.models.loading import resolve_model_source
+    from modelloop.registry import EXPORTERS, get_registry
+
+    exporter = get_registry(EXPORTERS).get(quant)
+    if engine is not None and engine not in exporter.engines:
+        raise click.UsageError(f"the {engine} engine cannot load a {exporter.name} export; it loads: "
+                               + ", ".join(e.name for e in get_registry(EXPORTERS) if engine in e.engines))
+    for module in exporter.requires:
+        if importlib.util.find_spec(module) is None:
+            raise click.UsageError(f"the {exporter.name} export needs {module}: pip install {module}")
+    if is_run(source) and resolve_model_source(source).adapter and not merge and exporter.name == "merged":
+        raise click.UsageError(f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)")
+    written = exporter.export(source, out)
+    click.echo(f"{written}: {exporter.name} export of {source}")

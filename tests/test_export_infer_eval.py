@@ -1,0 +1,127 @@
+"""export, infer and eval: a trained run becomes a plain transformers model, answers and scores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import modelloop
+from modelloop.cli import build_cli
+from modelloop.registry import REWARDS, get_registry
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = root / "tasks.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]} for i in range(60)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 20, "lr": 3e-3, "max_length": 64, "output_dir": str(root / "run")})
+    return root / "run", data
+
+
+def invoke(*args):
+    return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
+
+
+def greedy(model, tokenizer, prompts):
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        return model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id).tolist()
+
+
+def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_adapter(adapter_run, tmp_path):
+    from peft import PeftModel
+
+    run, _ = adapter_run
+    refused = invoke("export", run, "--out", tmp_path / "merged")
+    assert refused.exit_code == 2 and "pass --merge" in refused.output
+    result = invoke("export", run, "--out", tmp_path / "merged", "--merge", "--for", "vllm")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    base = json.loads((run / "manifest.json").read_text())["base_model"]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "model")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i}+1?"}], tokenize=False, add_generation_prompt=True) for i in range(5)]
+    assert greedy(merged, tokenizer, prompts) == greedy(adapted, tokenizer, prompts)
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "run", "merged")
+
+
+def test_export_refuses_what_the_engine_cannot_load(adapter_run, tmp_path):
+    run, _ = adapter_run
+    result = invoke("export", run, "--out", tmp_path / "q", "--quant", "bnb-nf4", "--for", "sglang")
+    assert result.exit_code == 2 and "the sglang engine cannot load a bnb-nf4 export" in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_nf4_export_reloads_and_generates(tiny_models, tmp_path):
+    # bitsandbytes' CPU kernels need layer widths divisible by 32, unlike the tiny preset's 688
+    source = tmp_path / "model"
+    shutil.copytree(tiny_models("qwen2"), source)
+    config = AutoConfig.from_pretrained(source)
+    config.intermediate_size = 512
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    result = invoke("export", source, "--out", tmp_path / "nf4", "--quant", "bnb-nf4")
+    assert result.exit_code == 0, result.output
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "nf4")
+    assert len(greedy(quantized, tokenizer, ["hello"])[0]) > 1
+
+
+def test_infer_killed_half_way_writes_every_row_exactly_once(adapter_run, tmp_path, subprocess_env):
+    run, data = adapter_run
+    output = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "modelloop", "infer", str(run), "--input", str(data), "--output", str(output), "--batch-size", "2", "--max-tokens", "48", "--temperature", "1"]
+    process = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not output.exists() or output.read_text().count("\n") < 6:
+        assert process.poll() is None and time.monotonic() < deadline, "infer finished before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with output.open("a") as out:
+        out.write('{"index": 999, "resp')  # a line cut short by the kill
+    written_before = output.read_text().count("\n")
+    assert written_before < 60
+    subprocess.run(command, env=subprocess_env, check=True, capture_output=True)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(row["index"] for row in rows) == list(range(60))
+    assert rows[0]["prompt"] == [{"role": "user", "content": "What is 0+1?"}] and rows[0]["reference"] == "1"
+
+
+def test_eval_scores_models_side_by_side_and_records_it(adapter_run, tiny_models, tmp_path, monkeypatch):
+    run, data = adapter_run
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", tiny_models("qwen2"), run, "--data", data, "--metric", "accuracy", "--metric", "reward:exact", "--max-tokens", "4")
+    assert result.exit_code == 0, result.output
+    header, base_line, run_line = result.stdout.strip().splitlines()
+    assert header.split()[:3] == ["model", "accuracy", "reward:exact"]
+    evaluations = json.loads((run / "manifest.json").read_text())["evaluations"][str(data)]
+    assert 0.0 <= evaluations["accuracy"] <= 1.0 and evaluations["examples"] == 60
+    eval_dir = tmp_path / "runs" / evaluations["run"]
+    rows = [json.loads(line) for line in (eval_dir / "scored.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 and set(rows[0]["scores"]) == {"accuracy", "reward:exact"}
+    assert sum(row["scores"]["accuracy"] for row in rows) / 60 == pytest.approx(evaluations["accuracy"])
+
+
+def test_hook_register_rewards_builtin_accuracy_and_exact():
+    rewards = get_registry(REWARDS)
+    completions = ["The answer is 42.", "42", [{"role": "assistant", "content": " 41 "}], "Paris."]
+    solutions = ["42", "42", "41", "paris"]
+    assert rewards.get("accuracy").score([""] * 4, completions, solution=solutions) == [1.0, 1.0, 1.0, 1.0]
+    assert rewards.get("exact").score([""] * 4, completions, solution=solutions) == [0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="needs a 'solution' column"):
+        rewards.get("exact").score(["p"], ["c"])
