@@ -23,13 +23,27 @@ def _adapter(text: str) -> tuple[str, str]:
 @click.option("--adapters", "adapters", multiple=True, help="Serve a LoRA adapter as a model: NAME=PATH (repeatable).")
 @click.option("--served-name", help="The base model's name in the API (default: the folder name).")
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-def serve_command(model: str, engine: str, host: str, port: int, api_key: str | None, adapters: tuple[str, ...], served_name: str | None, max_batch_size: int) -> None:
+@click.option("--engine-python", type=click.Path(dir_okay=False, exists=True), help="Python of the engine's own environment (vllm, sglang).")
+@click.option("--engine-option", "engine_options", multiple=True, help="An engine option: KEY=VALUE, e.g. tensor_parallel_size=2 (repeatable).")
+def serve_command(
+    model: str,
+    engine: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    adapters: tuple[str, ...],
+    served_name: str | None,
+    max_batch_size: int,
+    engine_python: str | None,
+    engine_options: tuple[str, ...],
+) -> None:
     """Serve MODEL (a model folder, hub id or run folder) over the OpenAI API.
 
     SIGTERM or Ctrl-C stops it after the requests in flight are answered.
     """
     import uvicorn
 
+    from modelloop.config import parse_assignments
     from modelloop.inference.server import create_app
     from modelloop.registry import ENGINES, get_registry
 
@@ -38,6 +52,9 @@ def serve_command(model: str, engine: str, host: str, port: int, api_key: str | 
     for name, path in named.items():
         if not Path(path).is_dir():
             raise click.BadParameter(f"{name}={path}: no such adapter folder", param_hint="--adapters")
-    session = chosen.start(model, adapters=named, options={"served_name": served_name, "max_batch_size": max_batch_size})
+    options = {"served_name": served_name, "max_batch_size": max_batch_size, **parse_assignments(engine_options)}
+    if engine_python:
+        options["python"] = engine_python
+    session = chosen.start(model, adapters=named, options=options)
     click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
     uvicorn.run(create_app(session, api_key=api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

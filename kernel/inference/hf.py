@@ -80,6 +80,8 @@ class HFSession:
 
         if name in self.models:
             raise EngineError(f"a model named {name!r} is already served")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise EngineError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
         with self._lock:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(path, adapter_name=name)

@@ -82,6 +82,11 @@ class CompletionRequest(Sampling):
     prompt: str
 
 
+class AdapterRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
 def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route."""
     app = FastAPI(title="modelloop", docs_url=None, redoc_url=None)
@@ -90,7 +95,7 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
         return error.response()
 
-    async def parse(request: Request, model: type[Sampling]) -> Any:
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
         """The body as ``model``, whatever content type the client declared."""
         try:
             data = json.loads(await request.body())
@@ -168,6 +173,16 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
         for message in messages:
             message.setdefault("content", "")
         return await respond(body, engine_request(body, messages=messages), "chat")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(raw: Request) -> Any:
+        """Serve another LoRA adapter from now on (vLLM's route and body)."""
+        body = await parse(raw, AdapterRequest)
+        try:
+            await asyncio.to_thread(session.load_adapter, body.lora_name, body.lora_path)
+        except (EngineError, OSError, ValueError) as error:
+            raise OpenAIError(400, f"cannot load adapter {body.lora_name!r}: {error}", param="lora_path") from None
+        return {"status": "ok", "models": session.models}
 
     @app.post("/v1/completions")
     async def completions(raw: Request) -> Any:

@@ -1,0 +1,134 @@
+"""Engines behind HTTP: process management with stand-in servers, the client against `modelloop serve`."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import time
+
+import pytest
+
+from modelloop.errors import EngineError
+from modelloop.inference.launch import start_server
+from modelloop.inference.remote import RemoteSession, ServerProcess, free_port
+from modelloop.inference.types import GenerationRequest, SamplingParams
+
+
+def stand_in(tmp_path, body: str):
+    """A Python script that behaves like (or fails like) an engine's server."""
+    script = tmp_path / "server.py"
+    script.write_text(textwrap.dedent(body))
+    return [sys.executable, str(script)]
+
+
+HEALTHY_AFTER_A_WHILE = """
+    import http.server, sys, time
+    print("loading weights...", flush=True)
+    time.sleep(0.5)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_server_that_comes_up_is_waited_for_and_stopped(tmp_path):
+    port = free_port()
+    server = ServerProcess([*stand_in(tmp_path, HEALTHY_AFTER_A_WHILE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in")
+    server.wait_healthy(timeout=30)
+    assert server.process.poll() is None
+    server.stop(grace=5)
+    assert server.process.poll() is not None
+
+
+def test_a_crash_while_starting_is_reported_with_its_last_lines(tmp_path):
+    crash = 'print("CUDA error: out of memory while loading", flush=True)\nraise SystemExit(3)\n'
+    server = ServerProcess(stand_in(tmp_path, crash), url=f"http://127.0.0.1:{free_port()}", name="stand-in")
+    with pytest.raises(EngineError, match=r"exited with status 3 while starting; its last output:\nCUDA error: out of memory"):
+        server.wait_healthy(timeout=30)
+
+
+def test_a_server_that_never_gets_healthy_times_out_and_is_killed(tmp_path):
+    hang = 'import time\nprint("compiling kernels", flush=True)\ntime.sleep(600)\n'
+    server = ServerProcess(stand_in(tmp_path, hang), url=f"http://127.0.0.1:{free_port()}", name="stand-in")
+    started = time.monotonic()
+    with pytest.raises(EngineError, match=r"not healthy after 2 s; its last output:\ncompiling kernels"):
+        server.wait_healthy(timeout=2)
+    assert time.monotonic() - started < 30
+    assert server.process.poll() is not None
+
+
+def test_a_missing_executable_is_a_clear_error():
+    with pytest.raises(EngineError, match="cannot start the stand-in server"):
+        ServerProcess(["/no/such/python"], url="http://127.0.0.1:1", name="stand-in")
+
+
+def modelloop_serve(python, model, adapters, options):
+    """`modelloop serve` as the engine's server: it speaks the same API vLLM and SGLang do."""
+    argv = [python, "-m", "modelloop", "serve", model, "--port", str(options["port"]), "--served-name", options["served_name"]]
+    for name, path in adapters.items():
+        argv += ["--adapters", f"{name}={path}"]
+    return argv, {}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_models, tmp_path_factory):
+    import json
+
+    import modelloop
+
+    root = tmp_path_factory.mktemp("remote")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(30)))
+    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 2, "max_length": 64, "output_dir": str(root / "tuned")})
+    return root / "tuned"
+
+
+@pytest.fixture(scope="module")
+def remote(lora_run):
+    session = start_server("stand-in", "modelloop", lora_run, None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter")
+    yield session
+    session.close()
+
+
+def test_a_lora_run_is_launched_as_base_plus_adapter(remote, tiny_models):
+    assert remote.models == [tiny_models("qwen2").name, "tuned"]
+
+
+def test_generate_batches_of_requests_over_http(remote):
+    requests = [GenerationRequest(messages=[{"role": "user", "content": f"Say {i}"}], model="tuned", params=SamplingParams(max_tokens=4, temperature=0)) for i in range(6)]
+    generations = remote.generate(requests)
+    assert len(generations) == 6 and all(g.choices[0].finish_reason in ("stop", "length") for g in generations)
+    assert all(g.prompt_tokens > 0 for g in generations)
+
+
+def test_streaming_over_http_matches_the_whole_answer(remote):
+    request = GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=8, temperature=0))
+    (whole,) = remote.generate([request])
+    deltas = list(remote.stream(request))
+    assert "".join(d.text for d in deltas) == whole.choices[0].text
+    assert deltas[-1].finish_reason == whole.choices[0].finish_reason
+
+
+def test_an_adapter_is_loaded_while_serving(remote, lora_run):
+    remote.load_adapter("again", str(lora_run / "model"))
+    assert "again" in remote.models
+    (answer,) = remote.generate([GenerationRequest(prompt="Say", model="again", params=SamplingParams(max_tokens=2))])
+    assert answer.choices
+    with pytest.raises(EngineError, match="not a LoRA adapter folder"):
+        remote.load_adapter("broken", str(lora_run))
+
+
+def test_server_side_refusals_become_engine_errors(remote):
+    with pytest.raises(EngineError, match="unknown model 'nope'"):
+        remote.check(GenerationRequest(prompt="x", model="nope"))
+    with pytest.raises(EngineError, match=r"refused the request \(400\).*context length"):
+        remote.generate([GenerationRequest(prompt="x", params=SamplingParams(max_tokens=100_000))])
+
+
+def test_the_engine_session_protocol_is_met(remote):
+    from modelloop.specs import EngineSession
+
+    assert isinstance(remote, EngineSession) and isinstance(remote, RemoteSession)
