@@ -32,6 +32,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "export": "modelloop.commands.export:export_command",
     "infer": "modelloop.commands.infer:infer_command",
     "eval": "modelloop.commands.infer:eval_command",
+    "chat": "modelloop.commands.chat:chat_command",
 }
 
 

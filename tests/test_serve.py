@@ -148,7 +148,7 @@ def test_sigterm_finishes_the_request_in_flight(tiny_models, subprocess_env):
     process = start_server(tiny_models("qwen2"), port, subprocess_env, "--served-name", "tiny")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     answers = []
-    asking = threading.Thread(target=lambda: answers.append(client.completions.create(model="tiny", prompt="a", max_tokens=400, temperature=0)))
+    asking = threading.Thread(target=lambda: answers.append(client.completions.create(model="tiny", prompt="a", max_tokens=1500, temperature=0)))
     asking.start()
     time.sleep(0.3)
     os.kill(process.pid, signal.SIGTERM)

@@ -1,8 +1,10 @@
 """The built-in ``hf`` engine: transformers' ``generate``, with requests batched as they arrive.
 
-One worker thread owns the model. Requests that arrive within ``batch_window`` seconds
-of each other (up to ``max_batch_size`` rows) are generated together, grouped by the
-served model (base or adapter) and sampling settings, left-padded, with the KV cache on.
+One worker thread owns the model. Whatever requests are waiting when it is free (up to
+``max_batch_size`` rows; with ``batch_window`` > 0 it also waits that long for more) are
+generated together, grouped by the served model (base or adapter) and sampling settings,
+left-padded, with the KV cache on. Under load, the requests that arrive while one batch
+generates form the next; a lone request is not delayed.
 Tokens are streamed to each request as the batch produces them. Several LoRA adapters
 can be served on one base, and more loaded while serving.
 """
@@ -49,7 +51,7 @@ class HFSession:
 
         options = dict(options or {})
         self.max_batch_size = int(options.get("max_batch_size", 32))
-        self.batch_window = float(options.get("batch_window", 0.02))
+        self.batch_window = float(options.get("batch_window", 0.0))
         loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
         self.model = loaded.model.eval()
         self.tokenizer = loaded.tokenizer
@@ -149,7 +151,7 @@ class HFSession:
             rows = first.request.params.n
             while rows < self.max_batch_size:
                 try:
-                    job = self._queue.get(timeout=self.batch_window)
+                    job = self._queue.get(timeout=self.batch_window) if self.batch_window else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is _DONE:

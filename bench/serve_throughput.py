@@ -1,0 +1,114 @@
+"""Serving throughput and latency: `modelloop serve` against `transformers serve`, same model, same run.
+
+Starts each server as its own process on this machine, waits for it, then for 1, 8 and
+32 concurrent clients sends chat completions (max_tokens 32, sampled at temperature 1 so
+a random-weight model rarely stops early) and prints generated tokens/s and p50/p95
+request latency:
+
+  modelloop serve                  the built-in hf engine, batching requests as they arrive
+  modelloop serve, batch 1         the same engine one request at a time (the baseline)
+  transformers serve               the library's own server (default settings)
+
+Usage: .venv/bin/python bench/serve_throughput.py [--model DIR] [--requests-per-client 4]
+(default model: the tiny Qwen2 built by `modelloop new-model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MESSAGES = [{"role": "user", "content": "Tell me about rivers and tigers."}]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(command: list[str], port: int) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"server did not start: {' '.join(command)}")
+
+
+def load(url: str, model: str, clients: int, per_client: int) -> dict[str, float]:
+    client = httpx.Client(timeout=600)
+
+    def one(number: int) -> tuple[float, int]:
+        started = time.perf_counter()
+        response = client.post(
+            f"{url}/v1/chat/completions",
+            json={"model": model, "messages": MESSAGES, "max_tokens": 32, "temperature": 1.0},
+        )
+        response.raise_for_status()
+        return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
+
+    one(-1)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients * per_client)))
+    wall = time.perf_counter() - started
+    latencies = sorted(latency for latency, _ in results)
+    return {
+        "tokens_per_s": sum(tokens for _, tokens in results) / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[max(0, round(0.95 * len(latencies)) - 1)],
+        "requests": len(results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    arguments = parser.parse_args()
+    model = arguments.model
+    if model is None:
+        model = Path(tempfile.mkdtemp()) / "tiny-qwen2"
+        subprocess.run([BIN / "modelloop", "new-model", "--family", "qwen2", "--out", str(model)], check=True, capture_output=True)
+    model = model.resolve()
+    servers = {
+        "modelloop serve": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m"],
+        "modelloop serve, batch 1": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m", "--max-batch-size", "1"],
+        "transformers serve": lambda port: [str(BIN / "transformers"), "serve", str(model), "--port", str(port), "--device", "cpu"],
+    }
+    print(f"model {model}, max_tokens 32, {arguments.requests_per_client} requests per client")
+    print(f"{'server':28} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}")
+    for label, command in servers.items():
+        port = free_port()
+        process = start(command(port), port)
+        name = "m" if label.startswith("modelloop") else str(model)
+        try:
+            for clients in (1, 8, 32):
+                result = load(f"http://127.0.0.1:{port}", name, clients, arguments.requests_per_client)
+                print(f"{label:28} {clients:7d} {result['tokens_per_s']:9.1f} {result['p50']:7.2f} {result['p95']:7.2f}", flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
