@@ -126,11 +126,15 @@ class RemoteSession:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.context_length = context_length or 1 << 30
+        self._models: list[str] | None = None
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modelloop-remote")
 
     @property
     def models(self) -> list[str]:
-        return [model["id"] for model in self._call("GET", "/v1/models")["data"]]
+        """The served names, asked once (and again after an adapter is loaded)."""
+        if self._models is None:
+            self._models = [model["id"] for model in self._call("GET", "/v1/models")["data"]]
+        return self._models
 
     def check(self, request: GenerationRequest) -> int:
         if request.model is not None and request.model not in self.models:
@@ -162,6 +166,7 @@ class RemoteSession:
 
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", self.adapter_route, json={"lora_name": name, "lora_path": str(Path(path).resolve())})
+        self._models = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

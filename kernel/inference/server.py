@@ -10,6 +10,7 @@ for a wrong or missing API key, 404 for an unknown model. Each adapter is a mode
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -89,7 +90,12 @@ class AdapterRequest(BaseModel):
 
 def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route."""
-    app = FastAPI(title="modelloop", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        session.close()  # after uvicorn has answered the requests in flight
+
+    app = FastAPI(title="modelloop", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
@@ -188,10 +194,6 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     async def completions(raw: Request) -> Any:
         body = await parse(raw, CompletionRequest)
         return await respond(body, engine_request(body, prompt=body.prompt), "text")
-
-    @app.on_event("shutdown")
-    def close() -> None:
-        session.close()
 
     return app
 
