@@ -79,6 +79,23 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -
 
 
 @pytest.fixture(scope="session")
+def lora_run(tiny_models: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> tuple[Path, Path]:
+    """A LoRA SFT run of the tiny Qwen2 on 60 additions (``tuned/``), and its data file."""
+    import json
+
+    import modelloop
+
+    root = tmp_path_factory.mktemp("lora")
+    data = root / "tasks.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]} for i in range(60)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _hermetic(monkeypatch, session_cache)
+        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 20, "lr": 3e-3, "max_length": 64, "output_dir": str(root / "tuned")})
+    return root / "tuned", data
+
+
+@pytest.fixture(scope="session")
 def subprocess_env(session_cache: Path) -> dict[str, str]:
     """The environment for a ``modelloop`` child process, as hermetic as this one."""
     return {**os.environ, **HERMETIC_ENV, "MODELLOOP_CACHE": str(session_cache)}

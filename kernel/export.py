@@ -62,6 +62,66 @@ def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
     return _write(out, write, source, "bnb-nf4")
 
 
+#: Run with llmcompressor's own Python: argv = merged folder, output folder, scheme.
+COMPRESS = """
+import sys
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+source, out, scheme = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+model.save_pretrained(out, save_compressed=True)
+AutoTokenizer.from_pretrained(source).save_pretrained(out)
+"""
+
+
+def llmcompressor_python(python: str | None) -> str:
+    """The Python that has llmcompressor: the one given, or this one if it has it.
+
+    llmcompressor 0.14 pins transformers<=5.17 while the trainer's stack is newer, so it
+    usually lives in its own environment, as vLLM and SGLang do.
+    """
+    import importlib.util
+    import sys
+
+    if python:
+        return python
+    if importlib.util.find_spec("llmcompressor") is None:
+        raise ExportError(
+            "FP8 export runs llmcompressor, which is not installed here (it pins transformers<=5.17): "
+            "install it in its own environment and pass --quant-python ENV/bin/python"
+        )
+    return sys.executable
+
+
+def export_fp8(source: str | Path, out: Path, *, python: str | None = None, **options: Any) -> Path:
+    """FP8 weights with dynamic per-token activation scales (llmcompressor's FP8_DYNAMIC,
+    data-free), saved in compressed-tensors format for vLLM and SGLang."""
+    import os
+    import subprocess
+
+    interpreter = llmcompressor_python(python)
+
+    def write(folder: Path) -> None:
+        merged = folder.parent / f".{folder.name}.merged"
+        try:
+            _merged(source, merged)
+            completed = subprocess.run(
+                [interpreter, "-c", COMPRESS, str(merged), str(folder), "FP8_DYNAMIC"],
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                capture_output=True,
+                text=True,
+            )
+            if completed.returncode != 0:
+                tail = "\n".join((completed.stdout + completed.stderr).splitlines()[-15:])
+                raise ExportError(f"llmcompressor ({interpreter}) failed:\n{tail}")
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
+
+    return _write(out, write, source, "fp8")
+
+
 def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: str) -> Path:
     """Build the export in a temporary folder next to ``out``, then rename it into place."""
     if out.exists() and any(out.iterdir()):

@@ -14,19 +14,8 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import modelloop
 from modelloop.cli import build_cli
 from modelloop.registry import REWARDS, get_registry
-
-
-@pytest.fixture(scope="module")
-def adapter_run(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = root / "tasks.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]} for i in range(60)]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 20, "lr": 3e-3, "max_length": 64, "output_dir": str(root / "run")})
-    return root / "run", data
 
 
 def invoke(*args):
@@ -40,10 +29,10 @@ def greedy(model, tokenizer, prompts):
         return model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id).tolist()
 
 
-def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_adapter(adapter_run, tmp_path):
+def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_adapter(lora_run, tmp_path):
     from peft import PeftModel
 
-    run, _ = adapter_run
+    run, _ = lora_run
     refused = invoke("export", run, "--out", tmp_path / "merged")
     assert refused.exit_code == 2 and "pass --merge" in refused.output
     result = invoke("export", run, "--out", tmp_path / "merged", "--merge", "--for", "vllm")
@@ -55,11 +44,11 @@ def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_ad
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i}+1?"}], tokenize=False, add_generation_prompt=True) for i in range(5)]
     assert greedy(merged, tokenizer, prompts) == greedy(adapted, tokenizer, prompts)
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
-    assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "run", "merged")
+    assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "tuned", "merged")
 
 
-def test_export_refuses_what_the_engine_cannot_load(adapter_run, tmp_path):
-    run, _ = adapter_run
+def test_export_refuses_what_the_engine_cannot_load(lora_run, tmp_path):
+    run, _ = lora_run
     result = invoke("export", run, "--out", tmp_path / "q", "--quant", "bnb-nf4", "--for", "sglang")
     assert result.exit_code == 2 and "the sglang engine cannot load a bnb-nf4 export" in result.output
     assert not (tmp_path / "q").exists()
@@ -81,8 +70,8 @@ def test_nf4_export_reloads_and_generates(tiny_models, tmp_path):
     assert len(greedy(quantized, tokenizer, ["hello"])[0]) > 1
 
 
-def test_infer_killed_half_way_writes_every_row_exactly_once(adapter_run, tmp_path, subprocess_env):
-    run, data = adapter_run
+def test_infer_killed_half_way_writes_every_row_exactly_once(lora_run, tmp_path, subprocess_env):
+    run, data = lora_run
     output = tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "modelloop", "infer", str(run), "--input", str(data), "--output", str(output), "--batch-size", "2", "--max-tokens", "48", "--temperature", "1"]
     process = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,8 +91,8 @@ def test_infer_killed_half_way_writes_every_row_exactly_once(adapter_run, tmp_pa
     assert rows[0]["prompt"] == [{"role": "user", "content": "What is 0+1?"}] and rows[0]["reference"] == "1"
 
 
-def test_eval_scores_models_side_by_side_and_records_it(adapter_run, tiny_models, tmp_path, monkeypatch):
-    run, data = adapter_run
+def test_eval_scores_models_side_by_side_and_records_it(lora_run, tiny_models, tmp_path, monkeypatch):
+    run, data = lora_run
     monkeypatch.chdir(tmp_path)
     result = invoke("eval", tiny_models("qwen2"), run, "--data", data, "--metric", "accuracy", "--metric", "reward:exact", "--max-tokens", "4")
     assert result.exit_code == 0, result.output
@@ -125,3 +114,28 @@ def test_hook_register_rewards_builtin_accuracy_and_exact():
     assert rewards.get("exact").score([""] * 4, completions, solution=solutions) == [0.0, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="needs a 'solution' column"):
         rewards.get("exact").score(["p"], ["c"])
+
+
+def test_fp8_without_llmcompressor_says_how_to_get_it(lora_run, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llmcompressor is installed here")
+    result = invoke("export", lora_run[0], "--out", tmp_path / "fp8", "--quant", "fp8")
+    assert result.exit_code == 2
+    assert "pass --quant-python ENV/bin/python" in result.output
+    assert not (tmp_path / "fp8").exists()
+
+
+LLMCOMPRESSOR_PYTHON = __import__("os").environ.get("MODELLOOP_LLMCOMPRESSOR_PYTHON")
+
+
+@pytest.mark.skipif(not LLMCOMPRESSOR_PYTHON, reason="set MODELLOOP_LLMCOMPRESSOR_PYTHON to a Python with llmcompressor")
+def test_fp8_export_through_llmcompressors_environment_reloads_and_generates(lora_run, tmp_path):
+    result = invoke("export", lora_run[0], "--out", tmp_path / "fp8", "--quant", "fp8", "--quant-python", LLMCOMPRESSOR_PYTHON)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "fp8")
+    assert len(greedy(model, tokenizer, ["hello"])[0]) > 1

@@ -74,21 +74,8 @@ def modelloop_serve(python, model, adapters, options):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_models, tmp_path_factory):
-    import json
-
-    import modelloop
-
-    root = tmp_path_factory.mktemp("remote")
-    data = root / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(30)))
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 2, "max_length": 64, "output_dir": str(root / "tuned")})
-    return root / "tuned"
-
-
-@pytest.fixture(scope="module")
 def remote(lora_run):
-    session = start_server("stand-in", "modelloop", lora_run, None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter")
+    session = start_server("stand-in", "modelloop", lora_run[0], None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter")
     yield session
     session.close()
 
@@ -113,12 +100,12 @@ def test_streaming_over_http_matches_the_whole_answer(remote):
 
 
 def test_an_adapter_is_loaded_while_serving(remote, lora_run):
-    remote.load_adapter("again", str(lora_run / "model"))
+    remote.load_adapter("again", str(lora_run[0] / "model"))
     assert "again" in remote.models
     (answer,) = remote.generate([GenerationRequest(prompt="Say", model="again", params=SamplingParams(max_tokens=2))])
     assert answer.choices
     with pytest.raises(EngineError, match="not a LoRA adapter folder"):
-        remote.load_adapter("broken", str(lora_run))
+        remote.load_adapter("broken", str(lora_run[0]))
 
 
 def test_server_side_refusals_become_engine_errors(remote):

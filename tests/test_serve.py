@@ -16,8 +16,6 @@ import httpx
 import openai
 import pytest
 
-import modelloop
-
 KEY = "sk-modelloop-test"
 
 
@@ -25,15 +23,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def adapter_run(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data = root / "d.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}) + "\n" for i in range(40)))
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 3, "max_length": 64, "output_dir": str(root / "run")})
-    return root / "run"
 
 
 def start_server(model, port, env, *extra):
@@ -58,9 +47,9 @@ def start_server(model, port, env, *extra):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, adapter_run, subprocess_env):
+def server(tiny_models, lora_run, subprocess_env):
     port = free_port()
-    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--api-key", KEY, "--served-name", "tiny", "--adapters", f"sft={adapter_run / 'model'}")
+    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--api-key", KEY, "--served-name", "tiny", "--adapters", f"sft={lora_run[0] / 'model'}")
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=30)

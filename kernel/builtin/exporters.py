@@ -1,4 +1,5 @@
-"""Built-in exporters: ``merged`` (full-precision safetensors) and ``bnb-nf4`` (4-bit)."""
+"""Built-in exporters: ``merged`` (full-precision safetensors), ``bnb-nf4`` (4-bit) and
+``fp8`` (through llmcompressor, usually run from its own environment)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ def bnb_nf4(source: Any, out: Any, **options: Any) -> Any:
     return export_bnb_nf4(source, out, **options)
 
 
+def fp8(source: Any, out: Any, **options: Any) -> Any:
+    from modelloop.export import export_fp8
+
+    return export_fp8(source, out, **options)
+
+
 EXPORTERS = (
     Exporter(
         name="merged",
@@ -34,6 +41,13 @@ EXPORTERS = (
         export=bnb_nf4,
         engines=("hf", "vllm"),
         requires=("bitsandbytes",),
+    ),
+    Exporter(
+        name="fp8",
+        description="FP8 weights, dynamic activation scales (llmcompressor, compressed-tensors format)",
+        export=fp8,
+        engines=("hf", "vllm", "sglang"),
+        requires=("compressed_tensors",),
     ),
 )
 
