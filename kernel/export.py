@@ -62,18 +62,34 @@ def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
     return _write(out, write, source, "bnb-nf4")
 
 
-#: Run with llmcompressor's own Python: argv = merged folder, output folder, scheme.
+#: Run by llmcompressor's own Python: argv = merged folder, output folder, method, calibration folder.
 COMPRESS = """
 import sys
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
-source, out, scheme = sys.argv[1:4]
+source, out, method, calibration = sys.argv[1:5]
 model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+data = {}
+if method == "fp8":
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+else:
+    import datasets
+    rows = datasets.load_from_disk(calibration)
+    data = {"dataset": rows, "max_seq_length": max(map(len, rows["input_ids"])), "num_calibration_samples": len(rows)}
+    if method == "gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    else:
+        from llmcompressor.modifiers.awq import AWQModifier
+        recipe = AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])
+oneshot(model=model, recipe=recipe, **data)
 model.save_pretrained(out, save_compressed=True)
 AutoTokenizer.from_pretrained(source).save_pretrained(out)
 """
+
+#: exporter name -> (llmcompressor method, needs calibration data)
+METHODS = {"fp8": ("fp8", False), "gptq-int4": ("gptq", True), "awq-int4": ("awq", True)}
 
 
 def llmcompressor_python(python: str | None) -> str:
@@ -89,26 +105,51 @@ def llmcompressor_python(python: str | None) -> str:
         return python
     if importlib.util.find_spec("llmcompressor") is None:
         raise ExportError(
-            "FP8 export runs llmcompressor, which is not installed here (it pins transformers<=5.17): "
+            "this export runs llmcompressor, which is not installed here (it pins transformers<=5.17): "
             "install it in its own environment and pass --quant-python ENV/bin/python"
         )
     return sys.executable
 
 
-def export_fp8(source: str | Path, out: Path, *, python: str | None = None, **options: Any) -> Path:
-    """FP8 weights with dynamic per-token activation scales (llmcompressor's FP8_DYNAMIC,
-    data-free), saved in compressed-tensors format for vLLM and SGLang."""
+def calibration_rows(source: str | Path, files: list[str] | None, samples: int) -> list[list[int]]:
+    """Token ids to calibrate on: the given files, else the run's own training data."""
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family, resolve_model_source
+
+    if not files:
+        if not is_run(source):
+            raise ExportError(f"{source} is not a run folder: give calibration data with --calibration FILE")
+        files = read_manifest(source).get("data", {}).get("train") or read_manifest(source)["config"]["data"]
+    model = resolve_model_source(source)
+    tokenizer = load_tokenizer(model.tokenizer)
+    chat = resolve_chat_format(tokenizer, resolve_family(read_config(model.base).model_type))
+    data = prepare_data(files, tokenizer, chat, max_length=2048, skip_bad_records=True)
+    return [data.input_ids[i].tolist() for i in range(min(samples, len(data.input_ids)))]
+
+
+def export_llmcompressor(
+    name: str, source: str | Path, out: Path, *, python: str | None = None, calibration: list[str] | None = None, samples: int = 128
+) -> Path:
+    """Quantize with llmcompressor (FP8, GPTQ or AWQ) into compressed-tensors format."""
     import os
     import subprocess
 
+    method, calibrated = METHODS[name]
     interpreter = llmcompressor_python(python)
+    rows = calibration_rows(source, calibration, samples) if calibrated else []
 
     def write(folder: Path) -> None:
         merged = folder.parent / f".{folder.name}.merged"
+        data = folder.parent / f".{folder.name}.calibration"
         try:
             _merged(source, merged)
+            if rows:
+                import datasets
+
+                datasets.Dataset.from_list([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in rows]).save_to_disk(str(data))
             completed = subprocess.run(
-                [interpreter, "-c", COMPRESS, str(merged), str(folder), "FP8_DYNAMIC"],
+                [interpreter, "-c", COMPRESS, str(merged), str(folder), method, str(data)],
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
                 capture_output=True,
                 text=True,
@@ -118,8 +159,9 @@ def export_fp8(source: str | Path, out: Path, *, python: str | None = None, **op
                 raise ExportError(f"llmcompressor ({interpreter}) failed:\n{tail}")
         finally:
             shutil.rmtree(merged, ignore_errors=True)
+            shutil.rmtree(data, ignore_errors=True)
 
-    return _write(out, write, source, "fp8")
+    return _write(out, write, source, name)
 
 
 def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: str) -> Path:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 import torch
+
+import modelloop
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -130,12 +132,46 @@ def test_fp8_without_llmcompressor_says_how_to_get_it(lora_run, tmp_path):
 LLMCOMPRESSOR_PYTHON = __import__("os").environ.get("MODELLOOP_LLMCOMPRESSOR_PYTHON")
 
 
+@pytest.fixture
+def run_on_a_quantizable_model(tiny_models, lora_run, tmp_path):
+    """A LoRA run on a tiny Qwen2 whose layer widths divide by 128 (GPTQ/AWQ group size)."""
+    source = tmp_path / "base"
+    shutil.copytree(tiny_models("qwen2"), source)
+    config = AutoConfig.from_pretrained(source)
+    config.intermediate_size = 512
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    modelloop.sft({"model": str(source), "data": [str(lora_run[1])], "max_steps": 2, "max_length": 64, "output_dir": str(tmp_path / "run")})
+    return tmp_path / "run"
+
+
 @pytest.mark.skipif(not LLMCOMPRESSOR_PYTHON, reason="set MODELLOOP_LLMCOMPRESSOR_PYTHON to a Python with llmcompressor")
-def test_fp8_export_through_llmcompressors_environment_reloads_and_generates(lora_run, tmp_path):
-    result = invoke("export", lora_run[0], "--out", tmp_path / "fp8", "--quant", "fp8", "--quant-python", LLMCOMPRESSOR_PYTHON)
+@pytest.mark.parametrize(
+    "quant",
+    [
+        "fp8",
+        "gptq-int4",
+        pytest.param(
+            "awq-int4",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="llmcompressor 0.14's AWQ pins memory, which needs a GPU"),
+            ],
+        ),
+    ],
+)
+def test_llmcompressor_exports_reload_and_generate(quant, run_on_a_quantizable_model, tmp_path):
+    out = tmp_path / quant
+    result = invoke("export", run_on_a_quantizable_model, "--out", out, "--quant", quant, "--quant-python", LLMCOMPRESSOR_PYTHON)
     assert result.exit_code == 0, result.output
-    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "fp8")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(greedy(model, tokenizer, ["hello"])[0]) > 1
+    assert json.loads((out / "manifest.json").read_text())["format"] == quant
+
+
+def test_calibrated_exports_need_calibration_data_for_a_plain_model(tiny_models, tmp_path):
+    result = invoke("export", tiny_models("qwen2"), "--out", tmp_path / "g", "--quant", "gptq-int4", "--quant-python", sys.executable)
+    assert result.exit_code == 2 and "give calibration data with --calibration FILE" in result.output

@@ -1,5 +1,6 @@
-"""Built-in exporters: ``merged`` (full-precision safetensors), ``bnb-nf4`` (4-bit) and
-``fp8`` (through llmcompressor, usually run from its own environment)."""
+"""Built-in exporters: ``merged`` (full-precision safetensors), ``bnb-nf4`` (4-bit), and
+``fp8``, ``gptq-int4``, ``awq-int4`` through llmcompressor (usually run from its own
+environment; GPTQ and AWQ calibrate on the run's training data by default)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ def bnb_nf4(source: Any, out: Any, **options: Any) -> Any:
     return export_bnb_nf4(source, out, **options)
 
 
-def fp8(source: Any, out: Any, **options: Any) -> Any:
-    from modelloop.export import export_fp8
+def llmcompressor(name: str) -> Any:
+    def export(source: Any, out: Any, **options: Any) -> Any:
+        from modelloop.export import export_llmcompressor
 
-    return export_fp8(source, out, **options)
+        return export_llmcompressor(name, source, out, **options)
+
+    return export
 
 
 EXPORTERS = (
@@ -44,8 +48,22 @@ EXPORTERS = (
     ),
     Exporter(
         name="fp8",
-        description="FP8 weights, dynamic activation scales (llmcompressor, compressed-tensors format)",
-        export=fp8,
+        description="FP8 weights, dynamic activation scales (llmcompressor, data-free)",
+        export=llmcompressor("fp8"),
+        engines=("hf", "vllm", "sglang"),
+        requires=("compressed_tensors",),
+    ),
+    Exporter(
+        name="gptq-int4",
+        description="4-bit weights by GPTQ, calibrated on the run's training data (llmcompressor)",
+        export=llmcompressor("gptq-int4"),
+        engines=("hf", "vllm", "sglang"),
+        requires=("compressed_tensors",),
+    ),
+    Exporter(
+        name="awq-int4",
+        description="4-bit weights by AWQ, calibrated on the run's training data (llmcompressor)",
+        export=llmcompressor("awq-int4"),
         engines=("hf", "vllm", "sglang"),
         requires=("compressed_tensors",),
     ),

@@ -14,8 +14,9 @@ import click
 @click.option("--merge", is_flag=True, help="Fold a LoRA adapter into the base weights (implied by --quant).")
 @click.option("--quant", default="none", show_default=True, help="none, or a registered exporter: bnb-nf4, ...")
 @click.option("--for", "engine", help="Check first that this engine (hf, vllm, sglang) can load the result.")
-@click.option("--quant-python", type=click.Path(dir_okay=False, exists=True), help="Python of the environment with llmcompressor (fp8).")
-def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None, quant_python: str | None) -> None:
+@click.option("--quant-python", type=click.Path(dir_okay=False, exists=True), help="Python of the environment with llmcompressor (fp8, gptq-int4, awq-int4).")
+@click.option("--calibration", multiple=True, help="Calibration data for gptq/awq (default: the run's training data).")
+def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None, quant_python: str | None, calibration: tuple[str, ...]) -> None:
     """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
     from modelloop.artifacts import is_run
     from modelloop.models.loading import resolve_model_source
@@ -30,5 +31,8 @@ def export_command(source: str, out: Path, merge: bool, quant: str, engine: str 
             raise click.UsageError(f"the {exporter.name} export needs {module}: pip install {module}")
     if is_run(source) and resolve_model_source(source).adapter and not merge and exporter.name == "merged":
         raise click.UsageError(f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)")
-    written = exporter.export(source, out, **({"python": quant_python} if quant_python else {}))
+    options = {"python": quant_python} if quant_python else {}
+    if calibration:
+        options["calibration"] = list(calibration)
+    written = exporter.export(source, out, **options)
     click.echo(f"{written}: {exporter.name} export of {source}")

@@ -331,6 +331,9 @@ def prepare_data(
     if max_length < 1:
         raise DataError(f"max_length must be positive, got {max_length}")
     parsed = [DataSource.parse(source) for source in sources]
+    for source in parsed:
+        if not source.path.exists():
+            raise DataError(f"{source.path}: no such file or folder")
     encoder = Encoder(tokenizer, chat if kind == "conversation" else None)
     settings = {"max_length": max_length, "kind": kind, "format": format, "truncation": truncation, "skip_bad": skip_bad_records, "seed": seed}
     cached = cache_home() / "tokenized" / f"{cache_key(parsed, encoder, settings)}.npz" if use_cache else None

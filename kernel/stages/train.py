@@ -260,7 +260,8 @@ def _run(stage, config, tuner, options, accelerators, family, source, run_dir, c
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
         adapter=tuner.adapter,
         data={
-            "files": {str(DataSource.parse(f).path): sha256_path(DataSource.parse(f).path) for f in [*config.data, *config.eval_data]},
+            "files": {str(DataSource.parse(f).path.resolve()): sha256_path(DataSource.parse(f).path) for f in [*config.data, *config.eval_data]},
+            "train": [str(DataSource.parse(f).path.resolve()) for f in config.data],
             "stats": data.stats.__dict__,
         },
         metrics=metrics,
