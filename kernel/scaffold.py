@@ -207,6 +207,9 @@ class EchoSession:
     def load_adapter(self, name, path):
         raise ValueError("this engine serves no adapters")
 
+    def unload_adapter(self, name):
+        raise ValueError("this engine serves no adapters")
+
     def close(self):
         pass
 

@@ -372,6 +372,9 @@ class EngineSession(Protocol):
     def load_adapter(self, name: str, path: str) -> None:
         """Serve a LoRA adapter as model ``name``."""
 
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving the adapter ``name`` and free it."""
+
     def close(self) -> None:
         """Stop the engine and free what it holds."""
 

@@ -75,7 +75,9 @@ def modelloop_serve(python, model, adapters, options):
 
 @pytest.fixture(scope="module")
 def remote(lora_run):
-    session = start_server("stand-in", "modelloop", lora_run[0], None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter")
+    session = start_server(
+        "stand-in", "modelloop", lora_run[0], None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter"
+    )
     yield session
     session.close()
 
@@ -106,6 +108,10 @@ def test_an_adapter_is_loaded_while_serving(remote, lora_run):
     assert answer.choices
     with pytest.raises(EngineError, match="not a LoRA adapter folder"):
         remote.load_adapter("broken", str(lora_run[0]))
+    remote.unload_adapter("again")
+    assert "again" not in remote.models
+    with pytest.raises(EngineError, match=r"\(404\).*no adapter 'again' is served"):
+        remote.unload_adapter("again")
 
 
 def test_server_side_refusals_become_engine_errors(remote):

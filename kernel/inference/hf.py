@@ -91,6 +91,14 @@ class HFSession:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
         self.adapters.append(name)
 
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter ``name`` (requests already queued for it fail)."""
+        if name not in self.adapters:
+            raise EngineError(f"no adapter {name!r} is served; adapters: {', '.join(self.adapters) or 'none'}")
+        with self._lock:
+            self.model.delete_adapter(name)
+        self.adapters.remove(name)
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
         if request.model is not None and request.model not in self.models:

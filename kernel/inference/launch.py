@@ -58,6 +58,7 @@ def start_server(
     command: Callable[[str, str, Mapping[str, str], Mapping[str, Any]], tuple[list[str], dict[str, str]]],
     *,
     adapter_route: str,
+    unload_route: str,
 ) -> RemoteSession:
     """Launch an engine's OpenAI-compatible server and return a session talking to it.
 
@@ -79,4 +80,6 @@ def start_server(
     argv, env = command(python, base, named, options)
     process = ServerProcess(argv, url=f"http://127.0.0.1:{options['port']}", env=env, name=name)
     process.wait_healthy(float(options["startup_timeout"]))
-    return RemoteSession(process.url, process=process, context_length=options["max_model_len"], adapter_route=adapter_route)
+    return RemoteSession(
+        process.url, process=process, context_length=options["max_model_len"], adapter_route=adapter_route, unload_route=unload_route
+    )

@@ -106,6 +106,7 @@ class RemoteSession:
     :param process: the server process, stopped by ``close``; None for a server run elsewhere.
     :param adapter_route: the route that loads a LoRA adapter at run time (vLLM and
         modelloop: ``/v1/load_lora_adapter``; SGLang: ``/load_lora_adapter``).
+    :param unload_route: the route that unloads one (``/v1/unload_lora_adapter``, ...).
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class RemoteSession:
         api_key: str | None = None,
         context_length: int | None = None,
         adapter_route: str = "/v1/load_lora_adapter",
+        unload_route: str = "/v1/unload_lora_adapter",
         timeout: float = 600.0,
     ) -> None:
         import httpx
@@ -123,6 +125,7 @@ class RemoteSession:
         self.url = url.rstrip("/")
         self.process = process
         self.adapter_route = adapter_route
+        self.unload_route = unload_route
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.context_length = context_length or 1 << 30
@@ -166,6 +169,10 @@ class RemoteSession:
 
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", self.adapter_route, json={"lora_name": name, "lora_path": str(Path(path).resolve())})
+        self._models = None
+
+    def unload_adapter(self, name: str) -> None:
+        self._call("POST", self.unload_route, json={"lora_name": name})
         self._models = None
 
     def close(self) -> None:

@@ -83,6 +83,10 @@ class CompletionRequest(Sampling):
     prompt: str
 
 
+class UnloadRequest(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
 class AdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
@@ -188,6 +192,16 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
             await asyncio.to_thread(session.load_adapter, body.lora_name, body.lora_path)
         except (EngineError, OSError, ValueError) as error:
             raise OpenAIError(400, f"cannot load adapter {body.lora_name!r}: {error}", param="lora_path") from None
+        return {"status": "ok", "models": session.models}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(raw: Request) -> Any:
+        """Stop serving an adapter (vLLM's route and body)."""
+        body = await parse(raw, UnloadRequest)
+        try:
+            await asyncio.to_thread(session.unload_adapter, body.lora_name)
+        except EngineError as error:
+            raise OpenAIError(404, str(error), param="lora_name", code="model_not_found") from None
         return {"status": "ok", "models": session.models}
 
     @app.post("/v1/completions")

@@ -34,7 +34,7 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     from modelloop.inference.launch import start_server
 
-    return start_server("SGLang", "sglang", model_path, adapters, options, command, adapter_route="/load_lora_adapter")
+    return start_server("SGLang", "sglang", model_path, adapters, options, command, adapter_route="/load_lora_adapter", unload_route="/unload_lora_adapter")
 
 
 SGLANG = Engine(name="sglang", description="SGLang's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)

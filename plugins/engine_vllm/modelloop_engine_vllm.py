@@ -37,7 +37,7 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     from modelloop.inference.launch import start_server
 
-    return start_server("vLLM", "vllm", model_path, adapters, options, command, adapter_route="/v1/load_lora_adapter")
+    return start_server("vLLM", "vllm", model_path, adapters, options, command, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
 
 
 VLLM = Engine(name="vllm", description="vLLM's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)
