@@ -8,6 +8,7 @@ appears only when complete.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -184,6 +185,9 @@ def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: s
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
             files=hashed_files(building),
         )
+        umask = os.umask(0)
+        os.umask(umask)
+        building.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is for others to read
         if out.exists():
             out.rmdir()
         building.rename(out)

@@ -20,6 +20,14 @@ from modelloop.cli import build_cli
 from modelloop.registry import REWARDS, get_registry
 
 
+def current_umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def invoke(*args):
     return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
 
@@ -45,6 +53,7 @@ def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_ad
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "model")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i}+1?"}], tokenize=False, add_generation_prompt=True) for i in range(5)]
     assert greedy(merged, tokenizer, prompts) == greedy(adapted, tokenizer, prompts)
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "tuned", "merged")
 
@@ -175,3 +184,12 @@ def test_llmcompressor_exports_reload_and_generate(quant, run_on_a_quantizable_m
 def test_calibrated_exports_need_calibration_data_for_a_plain_model(tiny_models, tmp_path):
     result = invoke("export", tiny_models("qwen2"), "--out", tmp_path / "g", "--quant", "gptq-int4", "--quant-python", sys.executable)
     assert result.exit_code == 2 and "give calibration data with --calibration FILE" in result.output
+
+
+def test_a_complete_row_without_its_newline_is_redone(tmp_path):
+    from modelloop.inference.batch import finished_rows
+
+    output = tmp_path / "out.jsonl"
+    output.write_text('{"index": 0, "response": "a"}\n{"index": 1, "response": "b"}')
+    assert finished_rows(output) == {0}
+    assert output.read_text() == '{"index": 0, "response": "a"}\n'

@@ -81,3 +81,46 @@ def test_requests_it_cannot_serve(session):
         session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=5000))])
     with pytest.raises(EngineError, match="needs messages or a prompt"):
         session.generate([GenerationRequest()])
+
+
+def test_a_lora_run_is_served_as_trained_even_beside_other_adapters(lora_run, tiny_models):
+    from modelloop.inference.hf import HFSession
+
+    def answer(session, model=None):
+        request = GenerationRequest(messages=QUESTION, model=model, params=SamplingParams(max_tokens=4, temperature=0, logprobs=True))
+        return session.generate([request])[0].choices[0].logprobs
+
+    alone = HFSession(lora_run[0], options={"served_name": "tuned"})
+    beside = HFSession(lora_run[0], adapters={"other": lora_run[0] / "model"}, options={"served_name": "tuned"})
+    base = HFSession(tiny_models("qwen2"))
+    try:
+        assert answer(beside, "tuned") == answer(alone) != answer(base)
+        assert answer(beside, "other") == answer(alone)
+        beside.unload_adapter("other")
+        assert answer(beside, "tuned") == answer(alone)
+        with pytest.raises(EngineError, match="unknown model 'other'"):
+            answer(beside, "other")
+    finally:
+        for session in (alone, beside, base):
+            session.close()
+
+
+def test_unloading_the_last_adapter_leaves_the_base_serving(lora_run, tiny_models):
+    from modelloop.inference.hf import HFSession
+
+    session = HFSession(tiny_models("qwen2"), adapters={"a": lora_run[0] / "model"}, options={"served_name": "tiny"})
+    try:
+        session.unload_adapter("a")
+        assert session.models == ["tiny"]
+        assert ask(session, max_tokens=3, temperature=0).choices
+    finally:
+        session.close()
+
+
+def test_a_closed_engine_refuses_requests(tiny_models):
+    from modelloop.inference.hf import HFSession
+
+    session = HFSession(tiny_models("qwen2"))
+    session.close()
+    with pytest.raises(EngineError, match="the engine was closed"):
+        ask(session, max_tokens=2)

@@ -82,8 +82,13 @@ def remote(lora_run):
     session.close()
 
 
-def test_a_lora_run_is_launched_as_base_plus_adapter(remote, tiny_models):
+def test_a_lora_run_is_launched_as_base_plus_adapter_and_answers_by_default(remote, tiny_models):
     assert remote.models == [tiny_models("qwen2").name, "tuned"]
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=True)
+    unnamed, tuned, base = remote.generate(
+        [GenerationRequest(prompt="Say", params=params), GenerationRequest(prompt="Say", model="tuned", params=params), GenerationRequest(prompt="Say", model=tiny_models("qwen2").name, params=params)]
+    )
+    assert unnamed.choices[0].logprobs == tuned.choices[0].logprobs != base.choices[0].logprobs
 
 
 def test_generate_batches_of_requests_over_http(remote):

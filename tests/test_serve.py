@@ -125,6 +125,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=2).choices
 
 
+def test_an_empty_prompt_is_a_400(server):
+    response = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": ""}, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 400 and response.json()["error"]["message"] == "the prompt is empty"
+
+
 def test_a_wrong_api_key_is_401(server):
     with pytest.raises(openai.AuthenticationError) as raised:
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()

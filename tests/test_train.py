@@ -232,3 +232,17 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, s
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    first = sft_process(tiny_models, demo, run)
+    first[first.index("--max-steps") + 1] = "20"
+    subprocess.run(first, env=subprocess_env, check=True, capture_output=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "modelloop", "sft", "--resume", str(run / "checkpoints" / "checkpoint-10")],
+        env=subprocess_env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in logged if "loss" in record] == [10, 20, 20]  # steps 11-20 ran again

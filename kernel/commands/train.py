@@ -49,13 +49,16 @@ def training_command(stage: str, summary: str) -> click.Command:
         resume: str | None,
         **flags: Any,
     ) -> None:
-        from modelloop.artifacts import is_run, read_manifest
+        from modelloop.artifacts import read_manifest
         from modelloop.config import TrainConfig, build_config, parse_assignments, read_yaml
-        from modelloop.stages.train import train
+        from modelloop.stages.train import run_to_resume, train
 
         layers: list[dict[str, Any]] = []
-        if resume not in (None, "latest") and is_run(resume):
-            layers.append({key: value for key, value in read_manifest(resume)["config"].items() if key != "resume"})
+        if resume is not None:  # the resumed run's own config is the first layer
+            output_dir = flags.get("output_dir")
+            found = run_to_resume(stage, True if resume == "latest" else resume, output_dir)
+            if found is not None:
+                layers.append({key: value for key, value in read_manifest(found[0])["config"].items() if key != "resume"})
         if config is not None:
             layers.append(read_yaml(config))
         layers.append(parse_assignments(assignments))

@@ -57,6 +57,8 @@ def finished_rows(output: Path) -> set[int]:
     good_bytes = 0
     with output.open("rb") as lines:
         for raw in lines:
+            if not raw.endswith(b"\n"):  # cut short before its newline: the next row would join it
+                break
             try:
                 done.add(json.loads(raw)["index"])
             except (json.JSONDecodeError, KeyError, UnicodeDecodeError):

@@ -60,6 +60,9 @@ class HFSession:
         self.base_name = str(options.get("served_name") or Path(str(model_path)).name)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.adapters: list[str] = []
+        # A LoRA run loads as its base plus PEFT's "default" adapter: that is the served model.
+        self._own_adapter = "default" if hasattr(self.model, "peft_config") else None
+        self._closed = False
         self.eos_ids = self._eos_ids()
         self.requests = 0
         self.batches = 0
@@ -96,8 +99,12 @@ class HFSession:
         if name not in self.adapters:
             raise EngineError(f"no adapter {name!r} is served; adapters: {', '.join(self.adapters) or 'none'}")
         with self._lock:
-            self.model.delete_adapter(name)
-        self.adapters.remove(name)
+            self.adapters.remove(name)
+            if self.adapters or self._own_adapter:
+                self.model.set_adapter(self._own_adapter or self.adapters[0])
+                self.model.delete_adapter(name)
+            else:  # the last adapter: back to the plain base model
+                self.model = self.model.unload()
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
@@ -110,6 +117,8 @@ class HFSession:
         else:
             raise EngineError("a request needs messages or a prompt")
         ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
+        if not ids:
+            raise EngineError("the prompt is empty")
         if len(ids) + request.params.max_tokens > self.context_length:
             raise EngineError(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
@@ -140,12 +149,25 @@ class HFSession:
             raise job.error
 
     def close(self) -> None:
+        """Stop the worker after the batch in hand; requests still waiting fail."""
+        self._closed = True
         self._queue.put(_DONE)
         self._worker.join(timeout=30)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _DONE:
+                job.error = EngineError("the engine was closed")
+                job.deltas.put(_DONE)
+                job.done.set()
 
     # ------------------------------------------------------------------ the worker
 
     def _submit(self, request: GenerationRequest) -> _Job:
+        if self._closed:
+            raise EngineError("the engine was closed")
         job = _Job(request, self.prompt_ids(request))
         self._queue.put(job)
         return job
@@ -236,19 +258,25 @@ class HFSession:
         cut = _stop_at(text, params.stop)
         if cut is not None:
             text, reason = text[:cut], "stop"
+            # the shortest prefix of the tokens that still decodes to the kept text
+            length = next((n for n in range(len(kept) + 1) if len(self.tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text)), len(kept))
+            kept = kept[:length]
         probabilities = tuple(logprobs[: len(kept)]) if logprobs is not None else None
         return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=probabilities)
 
     def _adapter(self, name: str | None) -> Any:
-        """A context in which the model generates as ``name`` (an adapter, or the base)."""
+        """A context in which the model generates as ``name`` (an adapter, or the served base)."""
         import contextlib
 
-        if not self.adapters:
+        if name is not None and name != self.base_name and name not in self.adapters:
+            raise EngineError(f"the adapter {name!r} is no longer served")
+        if not hasattr(self.model, "peft_config"):
             return contextlib.nullcontext()
-        if name in self.adapters:
-            self.model.set_adapter(name)
-            return contextlib.nullcontext()
-        return self.model.disable_adapter()
+        chosen = name if name in self.adapters else self._own_adapter
+        if chosen is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(chosen)
+        return contextlib.nullcontext()
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.convert_tokens_to_ids(token) for token in self.chat.end_of_turn}

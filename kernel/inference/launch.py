@@ -34,19 +34,23 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def model_and_adapters(model: str | Path, adapters: Mapping[str, str | Path] | None, served_name: str | None) -> tuple[str, str, dict[str, str]]:
-    """The base model to launch, its served name, and the adapters to serve by name.
+def model_and_adapters(
+    model: str | Path, adapters: Mapping[str, str | Path] | None, served_name: str | None
+) -> tuple[str, str, dict[str, str], str | None]:
+    """The base model to launch, its served name, the adapters to serve by name, and the
+    model a request without a name goes to.
 
-    A LoRA run is served as an adapter named after the run (or ``served_name``) on its base.
+    A LoRA run is served as an adapter named after the run (or ``served_name``) on its
+    base, and is the default: asking "the run" must not answer with its base.
     """
     from modelloop.models.loading import resolve_model_source
 
     source = resolve_model_source(model)
     named = {name: str(Path(path).resolve()) for name, path in (adapters or {}).items()}
     if source.adapter is not None:
-        named = {served_name or Path(str(model)).name: str(Path(source.adapter).resolve()), **named}
-        return source.base, Path(source.base).name, named
-    return source.base, served_name or Path(str(model)).name, named
+        own = served_name or Path(str(model)).name
+        return source.base, Path(source.base).name, {own: str(Path(source.adapter).resolve()), **named}, own
+    return source.base, served_name or Path(str(model)).name, named, None
 
 
 def start_server(
@@ -75,11 +79,20 @@ def start_server(
             f"{module} is not installed in this environment; install it, or pass --engine-python "
             f"with the Python of an environment that has it (its torch and transformers pins differ)"
         )
-    base, served, named = model_and_adapters(model, adapters, options["served_name"])
+    base, served, named, default = model_and_adapters(model, adapters, options["served_name"])
     options = {**options, "served_name": served, "port": options["port"] or free_port()}
     argv, env = command(python, base, named, options)
     process = ServerProcess(argv, url=f"http://127.0.0.1:{options['port']}", env=env, name=name)
-    process.wait_healthy(float(options["startup_timeout"]))
+    try:
+        process.wait_healthy(float(options["startup_timeout"]))
+    except BaseException:  # Ctrl-C or a failed start: never leave the server behind
+        process.stop(grace=10)
+        raise
     return RemoteSession(
-        process.url, process=process, context_length=options["max_model_len"], adapter_route=adapter_route, unload_route=unload_route
+        process.url,
+        process=process,
+        context_length=options["max_model_len"],
+        adapter_route=adapter_route,
+        unload_route=unload_route,
+        default_model=default,
     )

@@ -86,17 +86,23 @@ class ServerProcess:
             time.sleep(0.25)
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the process group, then SIGKILL if it has not exited after ``grace`` s."""
-        if self.process.poll() is not None:
-            return
+        """SIGTERM to the process group, then SIGKILL if it has not exited after ``grace`` s.
+
+        The group is signalled even when its leader has exited: its children may not have.
+        """
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
             self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
         except ProcessLookupError:
             pass
+        self.process.wait()
 
 
 class RemoteSession:
@@ -107,6 +113,8 @@ class RemoteSession:
     :param adapter_route: the route that loads a LoRA adapter at run time (vLLM and
         modelloop: ``/v1/load_lora_adapter``; SGLang: ``/load_lora_adapter``).
     :param unload_route: the route that unloads one (``/v1/unload_lora_adapter``, ...).
+    :param default_model: the served name a request without ``model`` goes to (a LoRA
+        run's adapter, not its base); None means the first served model.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class RemoteSession:
         context_length: int | None = None,
         adapter_route: str = "/v1/load_lora_adapter",
         unload_route: str = "/v1/unload_lora_adapter",
+        default_model: str | None = None,
         timeout: float = 600.0,
     ) -> None:
         import httpx
@@ -126,6 +135,7 @@ class RemoteSession:
         self.process = process
         self.adapter_route = adapter_route
         self.unload_route = unload_route
+        self.default_model = default_model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.context_length = context_length or 1 << 30
@@ -151,6 +161,14 @@ class RemoteSession:
         return list(self._pool.map(self._generate_one, requests))
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
+        import httpx
+
+        try:
+            yield from self._stream(request)
+        except httpx.HTTPError as error:
+            raise EngineError(f"the engine at {self.url} failed while streaming: {error}") from None
+
+    def _stream(self, request: GenerationRequest) -> Iterator[Delta]:
         route, body = self._body(request)
         with self.http.stream("POST", route, json={**body, "stream": True}) as response:
             if response.status_code != 200:
@@ -186,7 +204,7 @@ class RemoteSession:
     def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
         params = request.params
         body: dict[str, Any] = {
-            "model": request.model or self.models[0],
+            "model": request.model or self.default_model or self.models[0],
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,

@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from modelloop.errors import EngineError
+from modelloop.errors import EngineError, ModelloopError
 from modelloop.inference.types import GenerationRequest, SamplingParams
 
 
@@ -105,6 +105,10 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
         return error.response()
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        return OpenAIError(500, f"internal error: {type(error).__name__}: {error}", "server_error").response()
+
     async def parse(request: Request, model: type[BaseModel]) -> Any:
         """The body as ``model``, whatever content type the client declared."""
         try:
@@ -142,7 +146,7 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
         request = GenerationRequest(model=body.model, params=body.params(), **content)
         try:
             session.check(request)
-        except EngineError as error:
+        except ModelloopError as error:
             code = "context_length_exceeded" if "context length" in str(error) else None
             raise OpenAIError(400, str(error), param="max_tokens" if code else None, code=code) from None
         return request
@@ -153,7 +157,7 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(_events(session, request, identity, kind), media_type="text/event-stream")
         try:
             (generation,) = await asyncio.to_thread(session.generate, [request])
-        except EngineError as error:
+        except ModelloopError as error:
             raise OpenAIError(400, str(error)) from None
         choices = []
         for index, choice in enumerate(generation.choices):
@@ -241,6 +245,7 @@ def _events(session: Any, request: GenerationRequest, identity: str, kind: str) 
     try:
         for delta in session.stream(request):
             yield event(delta.index, delta.text, delta.finish_reason)
-    except EngineError as error:
-        yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'invalid_request_error'}})}\n\n"
+    except Exception as error:  # the status line is sent: report in the stream, then end it
+        kind = "invalid_request_error" if isinstance(error, ModelloopError) else "server_error"
+        yield f"data: {json.dumps({'error': {'message': str(error), 'type': kind}})}\n\n"
     yield "data: [DONE]\n\n"

@@ -91,17 +91,25 @@ def check_context(model_config: Any, config: TrainConfig) -> None:
         raise ConfigError(f"max_length {config.max_length} is longer than the model's context ({context} tokens)")
 
 
-def resume_dir(stage: Stage, config: TrainConfig) -> Path | None:
-    """The run folder to continue, if ``resume`` asks for one."""
-    if config.resume is False:
+def run_to_resume(stage: str, resume: bool | str | Path, output_dir: Path | None = None) -> tuple[Path, Path | None] | None:
+    """The run folder to continue and, when one was named, the checkpoint to start from.
+
+    ``resume`` is False (start afresh), True (``output_dir`` if it is a run, else the
+    latest unfinished run of this stage), a run folder, or one of its checkpoints.
+    """
+    if resume is False:
         return None
-    if isinstance(config.resume, Path):
-        path = config.resume.parent.parent if config.resume.parent.name == "checkpoints" else config.resume
+    if resume is not True:
+        path = Path(resume)
+        if path.parent.name == "checkpoints" and is_run(path.parent.parent):
+            if not (path / "trainer_state.json").is_file():
+                raise ConfigError(f"--resume {path}: not a complete checkpoint")
+            return path.parent.parent, path
         if not is_run(path):
-            raise ConfigError(f"--resume {config.resume}: not a run folder or one of its checkpoints")
-        return path
-    if config.output_dir is not None:
-        return config.output_dir if is_run(config.output_dir) else None
+            raise ConfigError(f"--resume {path}: not a run folder or one of its checkpoints")
+        return path, None
+    if output_dir is not None:
+        return (output_dir, None) if is_run(output_dir) else None
     unfinished = [
         run
         for run in sorted(runs_root().glob(f"*-{stage}*"))
@@ -109,7 +117,7 @@ def resume_dir(stage: Stage, config: TrainConfig) -> Path | None:
     ]
     if not unfinished:
         raise ConfigError(f"--resume: no unfinished {stage} run under {runs_root()}")
-    return unfinished[-1]
+    return unfinished[-1], None
 
 
 def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -124,8 +132,8 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     family = resolve_family(model_config.model_type)
     accelerators = check_accelerators(config, model_config.model_type)
 
-    continuing = resume_dir(stage, config)
-    run_dir = continuing or new_run_dir(stage, config.output_dir)
+    continuing = run_to_resume(stage, config.resume, config.output_dir)
+    run_dir = continuing[0] if continuing else new_run_dir(stage, config.output_dir)
     resolved = config.model_dump(mode="json")
     manager = get_plugin_manager()
     update_manifest(
@@ -142,7 +150,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     write_json_atomic(run_dir / "config.json", resolved)
     with stage_lifecycle(stage, resolved, run_dir, manager) as context:
         try:
-            result = _run(stage, config, tuner, options, accelerators, family, source, run_dir, context, resume=continuing is not None)
+            result = _run(stage, config, tuner, options, accelerators, family, source, run_dir, context, resume=continuing)
         except BaseException as error:
             update_manifest(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
             raise
@@ -238,7 +246,7 @@ def _run(stage, config, tuner, options, accelerators, family, source, run_dir, c
         callbacks=[report],
     )
     trainer.remove_callback(PrinterCallback)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
