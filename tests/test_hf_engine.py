@@ -65,7 +65,13 @@ def test_n_choices_seeded_sampling_and_logprobs(session):
 
 def test_concurrent_requests_share_batches(session):
     before_batches, before_requests = session.batches, session.requests
-    threads = [threading.Thread(target=ask, args=(session,), kwargs={"max_tokens": 4, "temperature": 0}) for _ in range(12)]
+    together = threading.Barrier(12)  # all submit at once: the first batch runs while the rest queue
+
+    def client():
+        together.wait()
+        ask(session, max_tokens=16, temperature=0)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -97,7 +97,7 @@ def test_32_concurrent_requests_succeed_and_are_batched(client, server):
     before = httpx.get(f"{server}/health").json()
 
     def ask(number):
-        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Say {number}"}], max_tokens=8, temperature=0)
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Say {number}"}], max_tokens=16, temperature=0)
 
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
