@@ -130,3 +130,30 @@ def test_a_closed_engine_refuses_requests(tiny_models):
     session.close()
     with pytest.raises(EngineError, match="the engine was closed"):
         ask(session, max_tokens=2)
+
+
+def test_a_short_request_is_answered_before_a_long_one_in_the_same_batch(tiny_models):
+    import time
+
+    from modelloop.inference.hf import HFSession
+
+    session = HFSession(tiny_models("qwen2"), options={"batch_window": 0.3})
+    finished = {}
+    together = threading.Barrier(2)
+
+    def client(name, tokens):
+        together.wait()
+        result = ask(session, max_tokens=tokens, temperature=0)
+        finished[name] = (time.monotonic(), len(result.choices[0].token_ids))
+
+    try:
+        threads = [threading.Thread(target=client, args=("short", 1)), threading.Thread(target=client, args=("long", 300))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert session.batches == 1
+        assert finished["short"][1] == 1 and finished["long"][1] > 100
+        assert finished["long"][0] - finished["short"][0] > 0.2
+    finally:
+        session.close()

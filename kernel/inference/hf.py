@@ -214,6 +214,7 @@ class HFSession:
         attention_mask = torch.tensor([[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows])
         streamer = _BatchStreamer(self, rows)
         options: dict[str, Any] = {
+            "stopping_criteria": [_rows_closed(streamer)],
             "max_new_tokens": max(job.request.params.max_tokens for job in jobs),
             "do_sample": params.temperature > 0,
             "eos_token_id": self.eos_ids,
@@ -240,11 +241,9 @@ class HFSession:
             generated = output.sequences[row, width:].tolist()
             logprobs = scores[row].tolist() if scores is not None else None
             finished.setdefault(id(job), []).append(self._complete(generated, job.request.params, logprobs))
-        streamer.finish(finished)
         for job in jobs:
-            job.result = Generation(choices=tuple(finished[id(job)]), prompt_tokens=len(job.prompt_ids))
-            job.deltas.put(_DONE)
-            job.done.set()
+            if not job.done.is_set():  # answered early by the streamer unless it needed logprobs
+                streamer.answer(job, finished[id(job)])
 
     def _complete(self, generated: list[int], params: SamplingParams, logprobs: list[float] | None) -> Completion:
         """Cut one generated row at its end of turn, its stop strings or its max_tokens."""
@@ -305,7 +304,10 @@ class _BatchStreamer:
     """Receives each step's new tokens from ``generate`` and sends each row its new text.
 
     Text that could be the start of a stop string is held back until it is not, so a
-    stop string is never streamed; the final text of each choice is settled by ``finish``.
+    stop string is never streamed. A row closes at its end of turn, its own max_tokens or
+    a stop string; a request whose rows are all closed is answered at once, while the
+    batch goes on for the others (requests that asked for logprobs wait for the batch,
+    whose scores they need). Generation stops when every row is closed.
     """
 
     def __init__(self, session: HFSession, rows: list[tuple[_Job, int]]) -> None:
@@ -314,6 +316,7 @@ class _BatchStreamer:
         self.tokens: list[list[int]] = [[] for _ in rows]
         self.sent = [""] * len(rows)
         self.open = [True] * len(rows)
+        self.ended_by_eos = [False] * len(rows)
         self.prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -321,33 +324,64 @@ class _BatchStreamer:
             self.prompt_seen = True
             return
         for row, token in enumerate(value.reshape(-1).tolist()):
-            job, choice = self.rows[row]
-            params = job.request.params
             if not self.open[row]:
                 continue
-            if token in self.session.eos_ids or len(self.tokens[row]) >= params.max_tokens:
-                self.open[row] = False
+            job, choice = self.rows[row]
+            params = job.request.params
+            if token in self.session.eos_ids:
+                self.ended_by_eos[row] = True
+                self._close(row)
                 continue
             self.tokens[row].append(token)
             text = self.session.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
             if _stop_at(text, params.stop) is not None:
-                self.open[row] = False
+                self._close(row)
                 continue
             hold = max((len(stop) - 1 for stop in params.stop), default=0)
             safe = len(text) - hold
             if safe > len(self.sent[row]) and not text[:safe].endswith("\ufffd"):
                 job.deltas.put(Delta(index=choice, text=text[len(self.sent[row]) : safe]))
                 self.sent[row] = text[:safe]
+            if len(self.tokens[row]) >= params.max_tokens:
+                self._close(row)
 
     def end(self) -> None:
         pass
 
-    def finish(self, completions: Mapping[int, list[Completion]]) -> None:
-        """Send what is left of each choice's final text, then its finish reason."""
-        for row, (job, choice) in enumerate(self.rows):
-            final = completions[id(job)][choice]
+    def _close(self, row: int) -> None:
+        self.open[row] = False
+        job = self.rows[row][0]
+        mine = [i for i, (other, _) in enumerate(self.rows) if other is job]
+        if job.request.params.logprobs or any(self.open[i] for i in mine):
+            return
+        eos = self.session.eos_ids[:1]
+        completions = [
+            self.session._complete(self.tokens[i] + (eos if self.ended_by_eos[i] else []), job.request.params, None) for i in mine
+        ]
+        self.answer(job, completions)
+
+    def answer(self, job: _Job, completions: Sequence[Completion]) -> None:
+        """Send what is left of each of ``job``'s choices, its finish reasons, and its result."""
+        for row, (other, choice) in enumerate(self.rows):
+            if other is not job:
+                continue
+            final = completions[choice]
             rest = final.text[len(self.sent[row]) :] if final.text.startswith(self.sent[row]) else ""
             if rest:
                 job.deltas.put(Delta(index=choice, text=rest))
             job.deltas.put(Delta(index=choice, finish_reason=final.finish_reason))
+        job.result = Generation(choices=tuple(completions), prompt_tokens=len(job.prompt_ids))
+        job.deltas.put(_DONE)
+        job.done.set()
 
+
+def _rows_closed(streamer: _BatchStreamer) -> Any:
+    """A stopping criterion that ends each row when the streamer has closed it."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowsClosed(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.tensor([not is_open for is_open in streamer.open], device=input_ids.device)
+
+    return RowsClosed()
