@@ -200,7 +200,6 @@ class ReportCallback(TrainerCallback):
         self.progress: Any = None
         self.task: Any = None
         self.started = 0.0
-        self.first_step = 0
         self.tokens_at_start = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -220,7 +219,6 @@ class ReportCallback(TrainerCallback):
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
         self.started = time.perf_counter()
-        self.first_step = state.global_step
         self.tokens_at_start = self.collator.tokens
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
