@@ -110,3 +110,36 @@ def test_length_grouped_sampler_cuts_padding():
     waste_grouped = padding_waste([lengths[i] for i in grouped], 8)
     waste_random = padding_waste([lengths[i] for i in shuffled], 8)
     assert waste_grouped < waste_random / 5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_only_at_labels_give_the_same_loss_and_gradients(packed, tmp_path, tiny_models):
+    from modelloop.data.packing import collate_padded
+    from modelloop.training import logits_at_labels, slices_logits_by_mask
+
+    loaded = load_model(tiny_models("qwen2"), dtype="fp32")
+    model, tokenizer = loaded.model.train(), loaded.tokenizer
+    assert slices_logits_by_mask(model)
+    rows = [
+        {"messages": [{"role": "user", "content": f"Spell {word}"}, {"role": "assistant", "content": " ".join(word)}]}
+        for word in ["abc", "river", "tiger", "xy", "banana", "q"]
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = prepare_data([tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, loaded.family), max_length=96, use_cache=False)
+    if packed:
+        batch = collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id)
+    else:
+        batch = collate_padded(data.input_ids, data.labels, tokenizer.pad_token_id)
+
+    def loss_and_grad(inputs):
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), model.model.embed_tokens.weight.grad.clone()
+
+    trimmed = logits_at_labels(batch)
+    assert trimmed["shift_labels"].numel() < batch["labels"].numel() / 2
+    full_loss, full_grad = loss_and_grad(batch)
+    loss, grad = loss_and_grad(trimmed)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-7)

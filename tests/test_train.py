@@ -64,6 +64,21 @@ def test_loss_falls_with_every_tuner(tuner, options, lr, tiny_models, demo, tmp_
     assert result["metrics"]["train_loss"] > 0
 
 
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_weights(tuner, tiny_models, demo, tmp_path):
+    """Checkpointed layers are recomputed with the same dropout masks: the same weights come out."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        modelloop.sft(settings(tiny_models, demo, out, tuner=tuner, max_steps=8, gradient_checkpointing=checkpointing))
+        weights[checkpointing] = load_file(next((out / "run" / "model").glob("*.safetensors")))
+    assert weights[True].keys() == weights[False].keys()
+    for name, expected in weights[False].items():
+        torch.testing.assert_close(weights[True][name], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_the_run_folder_is_complete(tiny_models, demo, tmp_path):
     modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10))
     run = tmp_path / "run"

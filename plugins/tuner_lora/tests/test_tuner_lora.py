@@ -81,3 +81,27 @@ def test_moe_experts_with_dropout_is_a_clear_error(tiny_models):
     loaded = load_model(tiny_models("qwen3_moe"))
     with pytest.raises(ValueError, match="needs dropout 0 in PEFT: set tuner_options.dropout=0"):
         lora.prepare(loaded.model, lora.check({}), loaded.family)
+
+
+def test_fast_dropout_reuses_the_checkpointed_mask_in_the_recompute():
+    dropout = lora.fast_dropout_class()(0.5, reuse_checkpointed_mask=True)
+    x = torch.ones(64, 64)
+    with torch.no_grad():
+        first = dropout(x)  # the checkpointed forward
+    state = torch.random.get_rng_state()
+    assert torch.equal(dropout(x), first)  # the recompute: same mask, no new draws
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(dropout(x), first)  # an ordinary forward draws afresh
+    with torch.no_grad():
+        dropout(torch.ones(8, 8))
+    assert dropout(x).shape == x.shape  # a mask of another shape is never reused
+
+
+def test_lora_reuses_masks_only_under_checkpointing(tiny_models):
+    for checkpointing in (False, True):
+        loaded = load_model(tiny_models("qwen2"))
+        if checkpointing:
+            loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        model = lora.prepare(loaded.model, lora.check({}), loaded.family)
+        reuse = {module.reuse_checkpointed_mask for name, module in model.named_modules() if ".lora_dropout." in name}
+        assert reuse == {checkpointing}
