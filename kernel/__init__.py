@@ -12,7 +12,7 @@ from modelloop.hooks import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "hookimpl", "load_model", "pt", "sft"]
+__all__ = ["__version__", "hookimpl", "load_model", "pt", "rlhf", "sft"]
 
 
 def sft(config: Any) -> dict[str, Any]:
@@ -27,6 +27,13 @@ def pt(config: Any) -> dict[str, Any]:
     from modelloop.stages.train import train
 
     return train("pt", config)
+
+
+def rlhf(config: Any) -> dict[str, Any]:
+    """Alignment (DPO, KTO, SimPO, ORPO, GRPO): an ``RLHFConfig`` (or a mapping of its fields) in, a run folder out."""
+    from modelloop.stages.rlhf import rlhf as run
+
+    return run(config)
 
 
 def load_model(name_or_path: Any, **options: Any) -> Any:

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
-
 import modelloop
 from modelloop.errors import ModelloopError
+from modelloop.log import quiet_library_notices
 from modelloop.plugins import get_plugin_manager
 
 #: command name -> "module:attribute" of its click command.
@@ -28,6 +28,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "data": "modelloop.commands.data:data_command",
     "sft": "modelloop.commands.train:sft_command",
     "pt": "modelloop.commands.train:pt_command",
+    "rlhf": "modelloop.commands.train:rlhf_command",
     "serve": "modelloop.commands.serve:serve_command",
     "export": "modelloop.commands.export:export_command",
     "infer": "modelloop.commands.infer:infer_command",
@@ -74,6 +75,8 @@ def build_cli() -> click.Group:
 
         Model families, tuners, rewards and engines are plugins: see `modelloop plugins`.
         """
+        if not debug:
+            quiet_library_notices()
 
     manager = get_plugin_manager()
     owners: dict[str, str] = {}

@@ -70,6 +70,66 @@ class TrainConfig(BaseModel):
         return self
 
 
+#: RLHF knobs that belong to some methods only: setting one for another method is an error.
+METHOD_KNOBS: dict[str, tuple[str, ...]] = {
+    "loss_type": ("dpo", "kto", "grpo"),
+    "label_smoothing": ("dpo", "simpo"),
+    "simpo_gamma": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    **{
+        name: ("grpo",)
+        for name in (
+            "num_generations", "max_completion_length", "temperature", "top_p", "epsilon", "epsilon_high", "scale_rewards",
+            "num_iterations", "rewards", "reward_weights", "reward_options", "rollout_engine", "rollout_options", "sync_steps",
+        )
+    },  # fmt: skip
+}
+
+
+class RLHFConfig(TrainConfig):
+    """What ``modelloop rlhf`` takes: a training config, the method and the method's knobs.
+
+    Knobs left at None take TRL's default for the method; ``method_options`` passes any
+    other field of TRL's config for the method (checked against it).
+    """
+
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = "dpo"
+    packing: bool = False
+    beta: float | None = Field(None, ge=0.0, description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo: the KL coefficient")
+    loss_type: str | None = Field(None, description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo, simpo: the assumed share of flipped preferences")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin")
+    desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' loss")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' loss")
+    num_generations: int = Field(8, ge=2, description="grpo: completions per prompt (a group)")
+    max_completion_length: int = Field(256, gt=0, description="grpo: tokens per completion at most")
+    temperature: float = Field(1.0, gt=0.0, description="grpo: sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo: nucleus sampling of the rollouts")
+    epsilon: float = Field(0.2, gt=0.0, description="grpo: the clipping range (lower side)")
+    epsilon_high: float | None = Field(None, gt=0.0, description="grpo: the upper clipping bound (DAPO's clip-higher); None = epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="grpo: how advantages are scaled")
+    num_iterations: int = Field(1, ge=1, description="grpo: optimisation passes over each batch of rollouts")
+    rewards: list[str] = Field(default_factory=list, description="grpo: reward names, module:function or file.py:function")
+    reward_weights: list[float] | None = Field(None, description="grpo: one weight per reward (default 1 each)")
+    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="grpo: options per reward, by its name in rewards")
+    rollout_engine: str = Field("hf", description="grpo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)")
+    rollout_options: dict[str, Any] = Field(default_factory=dict, description="grpo: the rollout engine's options")
+    sync_steps: int = Field(1, ge=1, description="grpo: optimizer steps between weight hand-overs to an engine out of process")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="any other field of TRL's config for the method")
+
+    @model_validator(mode="after")
+    def _knobs_of_the_method(self) -> RLHFConfig:
+        for name, methods in METHOD_KNOBS.items():
+            if self.method not in methods and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                raise ValueError(f"{name} is for {', '.join(methods)}, not {self.method}")
+        if self.packing:
+            raise ValueError("rlhf does not pack examples: leave packing off")
+        if self.beta == 0 and self.method != "grpo":
+            raise ValueError(f"beta must be above 0 for {self.method}")
+        return self
+
+
 def parse_assignments(assignments: tuple[str, ...] | list[str]) -> dict[str, Any]:
     """``key=value`` pairs (``--set``) as a nested dict; values are read as YAML (``1e-4``, ``true``, ``[a, b]``)."""
     import yaml
@@ -121,11 +181,12 @@ def build_config(model: type[BaseModel], *layers: Mapping[str, Any], source: str
         return model.model_validate(merged)
     except ValidationError as error:
         problem = error.errors()[0]
-        key = ".".join(str(part) for part in problem["loc"]) or "config"
-        message = problem["msg"]
+        key = ".".join(str(part) for part in problem["loc"])
+        message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" and "error" in problem.get("ctx", {}) else problem["msg"]
         if problem["type"] == "extra_forbidden":
             from difflib import get_close_matches
 
             close = get_close_matches(str(problem["loc"][-1]), list(model.model_fields), n=1)
             message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
-        raise ConfigError(f"{source}: {key}: {message}") from None
+        raise ConfigError(f"{source}: {key}: {message}" if key else f"{source}: {message}") from None
+

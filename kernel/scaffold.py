@@ -155,8 +155,12 @@ def register_parallel_strategies(register):
         "from modelloop.specs import Reward",
         '''
 def score(prompts, completions, **columns):
-    """Prefer short answers: 1.0 for an empty completion, towards 0 as it grows."""
-    return [1.0 / (1.0 + len(str(completion).split())) for completion in completions]
+    """Prefer short answers: 1.0 for an empty completion, towards 0 as it grows.
+
+    A completion is a string, or for chat data a list of messages (the answer is last).
+    """
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 / (1.0 + len(text.split())) for text in texts]
 
 
 @modelloop.hookimpl

@@ -305,10 +305,16 @@ class Reward(Spec):
     :param score: ``score(prompts, completions, **columns) -> list of floats``, one
         per completion. ``columns`` carries the dataset's extra fields (``solution``).
     :param columns: dataset fields the reward needs; recipes check them up front.
+    :param needs_model: whether scoring loads a model (a reward model), so that a run
+        can tell the cheap rewards from the ones that take memory and time.
+
+    ``score``'s keyword-only parameters with defaults are the reward's options, set per
+    run (``reward_options``); ``score`` may be ``async``.
     """
 
     score: Callable[..., Sequence[float]]
     columns: tuple[str, ...] = ()
+    needs_model: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -386,11 +392,16 @@ class Engine(Spec):
     :param start: ``start(model_path, *, adapters, options) -> EngineSession``;
         ``adapters`` maps served names to LoRA adapter folders.
     :param runtime_lora: whether adapters can be loaded after start.
+    :param attach: ``attach(model, tokenizer, chat, *, options) -> EngineSession`` over a
+        model already in this process, for engines that can (GRPO generates with the
+        policy being trained this way, with no weights to hand over); None otherwise.
     """
 
     start: Callable[..., EngineSession]
     runtime_lora: bool = False
+    attach: Callable[..., EngineSession] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require_callable(self, "start")
+        _require_callable(self, "attach", optional=True)

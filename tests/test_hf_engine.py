@@ -18,7 +18,7 @@ QUESTION = [{"role": "user", "content": "What is 2+2?"}]
 def session(tiny_models):
     from modelloop.inference.hf import HFSession
 
-    started = HFSession(tiny_models("qwen2"), options={"served_name": "tiny"})
+    started = HFSession.load(tiny_models("qwen2"), options={"served_name": "tiny"})
     yield started
     started.close()
 
@@ -96,9 +96,9 @@ def test_a_lora_run_is_served_as_trained_even_beside_other_adapters(lora_run, ti
         request = GenerationRequest(messages=QUESTION, model=model, params=SamplingParams(max_tokens=4, temperature=0, logprobs=True))
         return session.generate([request])[0].choices[0].logprobs
 
-    alone = HFSession(lora_run[0], options={"served_name": "tuned"})
-    beside = HFSession(lora_run[0], adapters={"other": lora_run[0] / "model"}, options={"served_name": "tuned"})
-    base = HFSession(tiny_models("qwen2"))
+    alone = HFSession.load(lora_run[0], options={"served_name": "tuned"})
+    beside = HFSession.load(lora_run[0], adapters={"other": lora_run[0] / "model"}, options={"served_name": "tuned"})
+    base = HFSession.load(tiny_models("qwen2"))
     try:
         assert answer(beside, "tuned") == answer(alone) != answer(base)
         assert answer(beside, "other") == answer(alone)
@@ -114,7 +114,7 @@ def test_a_lora_run_is_served_as_trained_even_beside_other_adapters(lora_run, ti
 def test_unloading_the_last_adapter_leaves_the_base_serving(lora_run, tiny_models):
     from modelloop.inference.hf import HFSession
 
-    session = HFSession(tiny_models("qwen2"), adapters={"a": lora_run[0] / "model"}, options={"served_name": "tiny"})
+    session = HFSession.load(tiny_models("qwen2"), adapters={"a": lora_run[0] / "model"}, options={"served_name": "tiny"})
     try:
         session.unload_adapter("a")
         assert session.models == ["tiny"]
@@ -126,7 +126,7 @@ def test_unloading_the_last_adapter_leaves_the_base_serving(lora_run, tiny_model
 def test_a_closed_engine_refuses_requests(tiny_models):
     from modelloop.inference.hf import HFSession
 
-    session = HFSession(tiny_models("qwen2"))
+    session = HFSession.load(tiny_models("qwen2"))
     session.close()
     with pytest.raises(EngineError, match="the engine was closed"):
         ask(session, max_tokens=2)
@@ -137,7 +137,7 @@ def test_a_short_request_is_answered_before_a_long_one_in_the_same_batch(tiny_mo
 
     from modelloop.inference.hf import HFSession
 
-    session = HFSession(tiny_models("qwen2"), options={"batch_window": 0.3})
+    session = HFSession.load(tiny_models("qwen2"), options={"batch_window": 0.3})
     finished = {}
     together = threading.Barrier(2)
 
@@ -155,5 +155,35 @@ def test_a_short_request_is_answered_before_a_long_one_in_the_same_batch(tiny_mo
         assert session.batches == 1
         assert finished["short"][1] == 1 and finished["long"][1] > 100
         assert finished["long"][0] - finished["short"][0] > 0.2
+    finally:
+        session.close()
+
+
+def test_a_token_id_prompt_is_used_as_it_is_and_the_end_of_turn_token_is_kept(session):
+    prompt = session.tokenizer(session.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    by_ids = session.generate([GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=40, temperature=0))])[0]
+    by_messages = ask(session, max_tokens=40, temperature=0)
+    assert by_ids.choices == by_messages.choices and by_ids.prompt_tokens == len(prompt)
+    choice = by_ids.choices[0]
+    if choice.finish_reason == "stop":  # ended by the model: its end-of-turn token closes token_ids, not the text
+        assert choice.token_ids[-1] in session.eos_ids
+        assert session.tokenizer.decode(choice.token_ids[:-1], skip_special_tokens=True) == choice.text
+    with pytest.raises(EngineError, match="ids outside the vocabulary"):
+        session.generate([GenerationRequest(prompt=[1, 10**9])])
+
+
+def test_attached_to_a_model_in_training_it_generates_inline_and_leaves_it_training(tiny_models):
+    from modelloop.chat import resolve_chat_format
+    from modelloop.models.loading import load_model
+
+    loaded = load_model(tiny_models("qwen2"))
+    policy = loaded.model.train()
+    session = get_registry(ENGINES).get("hf").attach(policy, loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family))
+    try:
+        assert session.inline and session._worker is None
+        generation = session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=5, temperature=1.0, n=4, seed=1))])[0]
+        assert len(generation.choices) == 4 and session.batches == 1
+        assert policy.training
+        assert [delta for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=3)))][-1].finish_reason
     finally:
         session.close()

@@ -132,7 +132,7 @@ def test_unknown_name_lists_installed_and_closest(manager):
     add(manager, "p", registering("register_rewards", Reward(name="similarity", score=constant_score)))
     with pytest.raises(UnknownNameError) as raised:
         get_registry(REWARDS).get("similarty")
-    assert str(raised.value) == "Unknown reward 'similarty'. Did you mean 'similarity'? Installed: exact, accuracy, similarity."
+    assert str(raised.value) == "Unknown reward 'similarty'. Did you mean 'similarity'? Installed: exact, accuracy, format, length, repetition, reward-model, similarity."
 
 
 def test_unknown_first_party_name_says_what_to_install(manager):

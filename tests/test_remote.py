@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import modelloop_serve
 from modelloop.errors import EngineError
 from modelloop.inference.launch import start_server
 from modelloop.inference.remote import RemoteSession, ServerProcess, free_port
@@ -63,14 +64,6 @@ def test_a_server_that_never_gets_healthy_times_out_and_is_killed(tmp_path):
 def test_a_missing_executable_is_a_clear_error():
     with pytest.raises(EngineError, match="cannot start the stand-in server"):
         ServerProcess(["/no/such/python"], url="http://127.0.0.1:1", name="stand-in")
-
-
-def modelloop_serve(python, model, adapters, options):
-    """`modelloop serve` as the engine's server: it speaks the same API vLLM and SGLang do."""
-    argv = [python, "-m", "modelloop", "serve", model, "--port", str(options["port"]), "--served-name", options["served_name"]]
-    for name, path in adapters.items():
-        argv += ["--adapters", f"{name}={path}"]
-    return argv, {}
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,14 @@ def test_text_completion(client):
     assert response.choices[0].text and response.usage.completion_tokens == 4
 
 
+def test_a_token_id_prompt_gets_token_ids_back(server):
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    answer = httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    (choice,) = answer["choices"]
+    assert answer["usage"]["prompt_tokens"] == 4
+    assert 1 <= len(choice["token_ids"]) <= 4 and answer["usage"]["completion_tokens"] == len(choice["token_ids"])
+
+
 def test_32_concurrent_requests_succeed_and_are_batched(client, server):
     before = httpx.get(f"{server}/health").json()
 

@@ -11,7 +11,14 @@ from modelloop.specs import Engine
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     from modelloop.inference.hf import HFSession
 
-    return HFSession(model_path, adapters=adapters, options=options)
+    return HFSession.load(model_path, adapters=adapters, options=options)
+
+
+def attach(model: Any, tokenizer: Any, chat: Any, *, options: Any = None) -> Any:
+    from modelloop.inference.hf import HFSession
+
+    options = {"inline": True, **(options or {})}  # one caller, which waits: no worker thread
+    return HFSession(model, tokenizer, chat, served_name=str(options.get("served_name", "policy")), options=options)
 
 
 HF = Engine(
@@ -19,6 +26,7 @@ HF = Engine(
     description="transformers in-process: batched, streaming, several LoRA adapters",
     start=start,
     runtime_lora=True,
+    attach=attach,
 )
 
 

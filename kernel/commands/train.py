@@ -1,4 +1,4 @@
-"""``modelloop sft`` and ``modelloop pt``: one set of options, two stages.
+"""``modelloop sft``, ``pt`` and ``rlhf``: one set of options, three stages.
 
 The config is built from layers, later ones winning: the config of the run being
 resumed (``--resume RUN``), ``--config FILE.yaml``, ``--set key=value``, then the flags.
@@ -39,7 +39,19 @@ FLAGS: dict[str, Any] = {
 }
 
 
-def training_command(stage: str, summary: str) -> click.Command:
+#: rlhf's own flags: the method and the knobs most runs set (the rest through --set).
+RLHF_FLAGS: dict[str, Any] = {
+    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo"]),
+    "--beta": float,
+    "--loss-type": str,
+    "--num-generations": int,
+    "--max-completion-length": int,
+    "--temperature": float,
+    "--rollout-engine": str,
+}
+
+
+def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | None = None) -> click.Command:
     def command(
         config: Path | None,
         assignments: tuple[str, ...],
@@ -47,11 +59,13 @@ def training_command(stage: str, summary: str) -> click.Command:
         eval_data: tuple[str, ...],
         accelerators: tuple[str, ...],
         resume: str | None,
+        rewards: tuple[str, ...] = (),
+        reward_weights: str | None = None,
         **flags: Any,
     ) -> None:
         from modelloop.artifacts import read_manifest
-        from modelloop.config import TrainConfig, build_config, parse_assignments, read_yaml
-        from modelloop.stages.train import run_to_resume, train
+        from modelloop.config import ConfigError, RLHFConfig, TrainConfig, build_config, parse_assignments, read_yaml
+        from modelloop.stages.train import run_to_resume
 
         layers: list[dict[str, Any]] = []
         if resume is not None:  # the resumed run's own config is the first layer
@@ -71,14 +85,33 @@ def training_command(stage: str, summary: str) -> click.Command:
             given["accelerators"] = list(accelerators)
         if resume is not None:
             given["resume"] = True if resume == "latest" else resume
+        if rewards:
+            given["rewards"] = list(rewards)
+        if reward_weights is not None:
+            try:
+                given["reward_weights"] = [float(weight) for weight in reward_weights.split(",")]
+            except ValueError:
+                raise ConfigError(f"--reward-weights {reward_weights!r}: expected numbers separated by commas") from None
         layers.append(given)
         source = str(config) if config is not None else "options"
-        train(stage, build_config(TrainConfig, *layers, source=source))
+        if stage == "rlhf":
+            from modelloop.stages.rlhf import rlhf
+
+            rlhf(build_config(RLHFConfig, *layers, source=source))
+        else:
+            from modelloop.stages.train import train
+
+            train(stage, build_config(TrainConfig, *layers, source=source))
 
     command.__doc__ = summary
     decorated: Any = command
-    for flag, kind in reversed(FLAGS.items()):
+    for flag, kind in reversed({**FLAGS, **(extra_flags or {})}.items()):
         decorated = click.option(flag, type=kind, default=None)(decorated)
+    if stage == "rlhf":
+        decorated = click.option("--reward-weights", help="GRPO: one weight per --reward, comma-separated (default 1 each).")(decorated)
+        decorated = click.option(
+            "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function."
+        )(decorated)
     decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (default on).")(decorated)
     decorated = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(decorated)
     decorated = click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation.")(decorated)
@@ -99,3 +132,6 @@ def training_command(stage: str, summary: str) -> click.Command:
 
 sft_command = training_command("sft", "Supervised fine-tuning on conversations: loss on the assistant turns.")
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
+rlhf_command = training_command(
+    "rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards).", RLHF_FLAGS
+)

@@ -30,6 +30,7 @@ class _Job:
 
     request: GenerationRequest
     prompt_ids: list[int]
+    streamed: bool = False  # someone reads the deltas as they come (else only the result)
     deltas: queue.Queue = field(default_factory=queue.Queue)
     result: Generation | None = None
     error: BaseException | None = None
@@ -41,23 +42,30 @@ class HFSession:
 
     def __init__(
         self,
-        model_path: str | Path,
+        model: Any,
+        tokenizer: Any,
+        chat: Any,
         *,
+        served_name: str,
         adapters: Mapping[str, str | Path] | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
-        from modelloop.chat import resolve_chat_format
-        from modelloop.models.loading import load_model
+        """A session over a model in memory; it may be a model being trained (GRPO's policy):
+        it generates in eval mode and puts the model back in the mode it found it in.
 
+        With ``options["inline"]`` there is no worker thread: each call generates in the
+        caller's thread. That is for a single caller that waits anyway (GRPO's rollouts):
+        on a CPU, torch's OpenMP threads of an idle caller still spin, and a worker thread
+        generating meanwhile runs about a third slower.
+        """
         options = dict(options or {})
         self.max_batch_size = int(options.get("max_batch_size", 32))
         self.batch_window = float(options.get("batch_window", 0.0))
-        loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
-        self.model = loaded.model.eval()
-        self.tokenizer = loaded.tokenizer
-        self.tokenizer.padding_side = "left"
-        self.chat = resolve_chat_format(self.tokenizer, loaded.family, options.get("template"))
-        self.base_name = str(options.get("served_name") or Path(str(model_path)).name)
+        self.inline = bool(options.get("inline", False))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.base_name = served_name
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.adapters: list[str] = []
         # A LoRA run loads as its base plus PEFT's "default" adapter: that is the served model.
@@ -70,8 +78,22 @@ class HFSession:
         self._lock = threading.Lock()  # the model is used by one generate() or adapter load at a time
         for name, path in (adapters or {}).items():
             self.load_adapter(name, str(path))
-        self._worker = threading.Thread(target=self._work, name="modelloop-hf-engine", daemon=True)
-        self._worker.start()
+        self._worker: threading.Thread | None = None
+        if not self.inline:
+            self._worker = threading.Thread(target=self._work, name="modelloop-hf-engine", daemon=True)
+            self._worker.start()
+
+    @classmethod
+    def load(cls, model_path: str | Path, *, adapters: Mapping[str, str | Path] | None = None, options: Mapping[str, Any] | None = None) -> HFSession:
+        """A session over a model folder or run folder, loaded for inference."""
+        from modelloop.chat import resolve_chat_format
+        from modelloop.models.loading import load_model
+
+        options = dict(options or {})
+        loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
+        chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
+        served_name = str(options.get("served_name") or Path(str(model_path)).name)
+        return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options)
 
     # ------------------------------------------------------------------ protocol
 
@@ -111,12 +133,15 @@ class HFSession:
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
         if request.messages is not None:
-            text = self.chat.render(request.messages, add_generation_prompt=True)
+            ids = self.tokenizer(self.chat.render(request.messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        elif isinstance(request.prompt, str):
+            ids = self.tokenizer(request.prompt)["input_ids"]
         elif request.prompt is not None:
-            text = request.prompt
+            ids = list(request.prompt)
+            if not all(isinstance(token, int) and 0 <= token < len(self.tokenizer) for token in ids):
+                raise EngineError(f"a token-id prompt holds ids outside the vocabulary (0..{len(self.tokenizer) - 1})")
         else:
             raise EngineError("a request needs messages or a prompt")
-        ids = self.tokenizer(text, add_special_tokens=request.messages is None)["input_ids"]
         if not ids:
             raise EngineError("the prompt is empty")
         if len(ids) + request.params.max_tokens > self.context_length:
@@ -132,7 +157,7 @@ class HFSession:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Generate for many requests; they are batched with whatever else is arriving."""
-        jobs = [self._submit(request) for request in requests]
+        jobs = self._submit(requests)
         for job in jobs:
             job.done.wait()
         for job in jobs:
@@ -142,7 +167,7 @@ class HFSession:
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
         """Yield text as it is generated, then one Delta per choice with its finish reason."""
-        job = self._submit(request)
+        (job,) = self._submit([request], streamed=True)
         while (item := job.deltas.get()) is not _DONE:
             yield item
         if job.error is not None:
@@ -151,44 +176,56 @@ class HFSession:
     def close(self) -> None:
         """Stop the worker after the batch in hand; requests still waiting fail."""
         self._closed = True
+        if self._worker is None:
+            return
         self._queue.put(_DONE)
         self._worker.join(timeout=30)
         while True:
             try:
-                job = self._queue.get_nowait()
+                waiting = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not _DONE:
+            for job in [] if waiting is _DONE else waiting:
                 job.error = EngineError("the engine was closed")
                 job.deltas.put(_DONE)
                 job.done.set()
 
     # ------------------------------------------------------------------ the worker
 
-    def _submit(self, request: GenerationRequest) -> _Job:
+    def _submit(self, requests: Sequence[GenerationRequest], *, streamed: bool = False) -> list[_Job]:
+        """Queue the requests together, so that the worker never starts on part of them."""
         if self._closed:
             raise EngineError("the engine was closed")
-        job = _Job(request, self.prompt_ids(request))
-        self._queue.put(job)
-        return job
+        jobs = [_Job(request, self.prompt_ids(request), streamed=streamed) for request in requests]
+        if self.inline:  # generate now, in this thread, up to max_batch_size rows at a time
+            batch: list[_Job] = []
+            for job in jobs:
+                batch.append(job)
+                if sum(queued.request.params.n for queued in batch) >= self.max_batch_size or job is jobs[-1]:
+                    for group in _groups(batch):
+                        self._run(group)
+                    batch = []
+        else:
+            self._queue.put(jobs)
+        return jobs
 
     def _work(self) -> None:
         while True:
             first = self._queue.get()
             if first is _DONE:
                 return
-            batch = [first]
-            rows = first.request.params.n
+            batch = list(first)
+            rows = sum(job.request.params.n for job in batch)
             while rows < self.max_batch_size:
                 try:
-                    job = self._queue.get(timeout=self.batch_window) if self.batch_window else self._queue.get_nowait()
+                    more = self._queue.get(timeout=self.batch_window) if self.batch_window else self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if job is _DONE:
+                if more is _DONE:
                     self._queue.put(_DONE)
                     break
-                batch.append(job)
-                rows += job.request.params.n
+                batch += more
+                rows += sum(job.request.params.n for job in more)
             for group in _groups(batch):
                 self._run(group)
 
@@ -231,8 +268,15 @@ class HFSession:
         self.batches += 1
         self.requests += len(jobs)
         device = next(self.model.parameters()).device
-        with torch.no_grad(), self._adapter(jobs[0].request.model):
-            output = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options)
+        training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad(), self._adapter(jobs[0].request.model):
+                output = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=True, **options
+                )
+        finally:
+            self.model.train(training)
         scores = None
         if params.logprobs:
             scores = self.model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)
@@ -249,17 +293,19 @@ class HFSession:
         """Cut one generated row at its end of turn, its stop strings or its max_tokens."""
         reason = "length"
         kept = generated[: params.max_tokens]
+        end: list[int] = []  # the end-of-turn token, kept in token_ids but not in the text
         for position, token in enumerate(kept):
             if token in self.eos_ids:
-                kept, reason = kept[:position], "stop"
+                kept, end, reason = kept[:position], [token], "stop"
                 break
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         cut = _stop_at(text, params.stop)
         if cut is not None:
-            text, reason = text[:cut], "stop"
+            text, reason, end = text[:cut], "stop", []
             # the shortest prefix of the tokens that still decodes to the kept text
             length = next((n for n in range(len(kept) + 1) if len(self.tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text)), len(kept))
             kept = kept[:length]
+        kept += end
         probabilities = tuple(logprobs[: len(kept)]) if logprobs is not None else None
         return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=probabilities)
 
@@ -316,7 +362,7 @@ class _BatchStreamer:
         self.tokens: list[list[int]] = [[] for _ in rows]
         self.sent = [""] * len(rows)
         self.open = [True] * len(rows)
-        self.ended_by_eos = [False] * len(rows)
+        self.end_token: list[int | None] = [None] * len(rows)
         self.prompt_seen = False
 
     def put(self, value: Any) -> None:
@@ -329,19 +375,20 @@ class _BatchStreamer:
             job, choice = self.rows[row]
             params = job.request.params
             if token in self.session.eos_ids:
-                self.ended_by_eos[row] = True
+                self.end_token[row] = token
                 self._close(row)
                 continue
             self.tokens[row].append(token)
-            text = self.session.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            if _stop_at(text, params.stop) is not None:
-                self._close(row)
-                continue
-            hold = max((len(stop) - 1 for stop in params.stop), default=0)
-            safe = len(text) - hold
-            if safe > len(self.sent[row]) and not text[:safe].endswith("\ufffd"):
-                job.deltas.put(Delta(index=choice, text=text[len(self.sent[row]) : safe]))
-                self.sent[row] = text[:safe]
+            if job.streamed or params.stop:  # the text is only needed to stream it or to find a stop string
+                text = self.session.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+                if _stop_at(text, params.stop) is not None:
+                    self._close(row)
+                    continue
+                hold = max((len(stop) - 1 for stop in params.stop), default=0)
+                safe = len(text) - hold
+                if job.streamed and safe > len(self.sent[row]) and not text[:safe].endswith("\ufffd"):
+                    job.deltas.put(Delta(index=choice, text=text[len(self.sent[row]) : safe]))
+                    self.sent[row] = text[:safe]
             if len(self.tokens[row]) >= params.max_tokens:
                 self._close(row)
 
@@ -354,9 +401,9 @@ class _BatchStreamer:
         mine = [i for i, (other, _) in enumerate(self.rows) if other is job]
         if job.request.params.logprobs or any(self.open[i] for i in mine):
             return
-        eos = self.session.eos_ids[:1]
         completions = [
-            self.session._complete(self.tokens[i] + (eos if self.ended_by_eos[i] else []), job.request.params, None) for i in mine
+            self.session._complete(self.tokens[i] + ([self.end_token[i]] if self.end_token[i] is not None else []), job.request.params, None)
+            for i in mine
         ]
         self.answer(job, completions)
 

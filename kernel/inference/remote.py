@@ -221,6 +221,8 @@ class RemoteSession:
             body["seed"] = params.seed
         if request.messages is not None:
             return "/v1/chat/completions", {**body, "messages": list(request.messages)}
+        if not isinstance(request.prompt, str):  # token ids in: ask for token ids out (vLLM's extension)
+            return "/v1/completions", {**body, "prompt": list(request.prompt or ()), "return_token_ids": True}
         return "/v1/completions", {**body, "prompt": request.prompt}
 
     def _generate_one(self, request: GenerationRequest) -> Generation:
@@ -229,7 +231,14 @@ class RemoteSession:
         choices = []
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
             text = choice["message"]["content"] if "message" in choice else choice["text"]
-            choices.append(Completion(text=text or "", token_ids=(), finish_reason=choice.get("finish_reason") or "stop", logprobs=_logprobs(choice)))
+            choices.append(
+                Completion(
+                    text=text or "",
+                    token_ids=tuple(choice.get("token_ids") or ()),
+                    finish_reason=choice.get("finish_reason") or "stop",
+                    logprobs=_logprobs(choice),
+                )
+            )
         return Generation(choices=tuple(choices), prompt_tokens=int(answer.get("usage", {}).get("prompt_tokens", 0)))
 
     def _call(self, method: str, route: str, **kwargs: Any) -> Any:

@@ -52,6 +52,7 @@ class Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     logprobs: bool = False
+    return_token_ids: bool = False  # vLLM's extension: each choice's generated token ids
 
     def params(self) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -80,7 +81,7 @@ class ChatRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: str | list[int]  # text, or token ids
 
 
 class UnloadRequest(BaseModel):
@@ -163,9 +164,12 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
         for index, choice in enumerate(generation.choices):
             logprobs = _logprobs(choice, kind) if body.logprobs else None
             if kind == "chat":
-                choices.append({"index": index, "message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason, "logprobs": logprobs})
+                answer = {"index": index, "message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason, "logprobs": logprobs}
             else:
-                choices.append({"index": index, "text": choice.text, "finish_reason": choice.finish_reason, "logprobs": logprobs})
+                answer = {"index": index, "text": choice.text, "finish_reason": choice.finish_reason, "logprobs": logprobs}
+            if body.return_token_ids:
+                answer["token_ids"] = list(choice.token_ids)
+            choices.append(answer)
         usage = {
             "prompt_tokens": generation.prompt_tokens,
             "completion_tokens": generation.completion_tokens,

@@ -28,10 +28,14 @@ class SamplingParams:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    """One chat (``messages``) or text (``prompt``) request for a served model or adapter."""
+    """One chat (``messages``) or text (``prompt``) request for a served model or adapter.
+
+    A ``prompt`` may also be token ids, sent as they are (the OpenAI completions API
+    allows it), so that a caller that tokenised the prompt itself gets exactly its tokens.
+    """
 
     messages: Sequence[Mapping[str, Any]] | None = None
-    prompt: str | None = None
+    prompt: str | Sequence[int] | None = None
     model: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
 
@@ -41,7 +45,12 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True, kw_only=True)
 class Completion:
-    """One generated choice."""
+    """One generated choice.
+
+    ``token_ids`` are the tokens generated, with the end-of-turn token when one ended the
+    choice (as vLLM returns them); ``text`` leaves it out. Empty when an engine over HTTP
+    did not return ids.
+    """
 
     text: str
     token_ids: tuple[int, ...]

@@ -1,0 +1,241 @@
+"""``rlhf``: DPO, KTO, SimPO, ORPO and GRPO on any tuner, through TRL's trainers.
+
+The losses are TRL's; this stage brings what ``sft`` has — the tuner hook (LoRA by
+default, whose frozen base is the reference model: no second copy), modelloop's data
+formats and chat templates, the run folder, the lifecycle hooks, progress and plots —
+and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
+batch before any model loads) and rollouts through an engine of the registry.
+
+Checks, in order, before the weights load: the config (including which knobs belong to
+which method), the tuner, TRL's own config for the method, the model's config, every
+data record (of the kind the method takes), the rewards and the rollout engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelloop.config import ConfigError, RLHFConfig, build_config
+from modelloop.registry import ENGINES, get_registry
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, run_stage, trainer_arguments
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method maps onto TRL: its trainer and config, and the data kind it takes."""
+
+    kind: str
+    module: str
+    trainer: str
+    config: str
+    loss_types: tuple[str, ...] = ()
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    "dpo": Method(
+        "preference",
+        "trl",
+        "DPOTrainer",
+        "DPOConfig",
+        loss_types=("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"),
+    ),
+    "kto": Method("kto", "trl", "KTOTrainer", "KTOConfig", loss_types=("kto", "apo_zero_unpaired")),
+    "simpo": Method("preference", "trl.experimental.cpo", "CPOTrainer", "CPOConfig", fixed={"loss_type": "simpo", "cpo_alpha": 0.0}),
+    "orpo": Method("preference", "trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
+    "grpo": Method("prompt", "trl", "GRPOTrainer", "GRPOConfig", loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")),
+}
+
+
+#: ``rollout_engine`` for TRL's own generation (transformers' ``generate`` inside the
+#: trainer) instead of an engine of the registry: the baseline of bench/grpo_rollouts.py.
+TRL_GENERATE = "trl"
+
+
+def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run an alignment stage; returns the run's final metrics and folder."""
+    if not isinstance(config, RLHFConfig):
+        config = build_config(RLHFConfig, config)
+    method = METHODS[config.method]
+    if config.loss_type is not None and config.loss_type not in method.loss_types:
+        raise ConfigError(f"loss_type {config.loss_type!r} is not one of {config.method}'s: {', '.join(method.loss_types) or 'none'}")
+    checked = check_training(config)
+    trl_config = _trl_class(method, method.config)
+    method_args = method_arguments(config, trl_config)
+    records = read_data(config, method.kind)
+    rewards = []
+    if config.method == "grpo":
+        rewards = check_rewards(config, records)
+        engine = None if config.rollout_engine == TRL_GENERATE else get_registry(ENGINES).get(config.rollout_engine)
+        if engine is not None and engine.attach is None and checked.tuner.adapter and checked.source.adapter:
+            raise ConfigError(
+                f"rollouts on {engine.name} get the adapter being trained on the base model, but {config.model} is itself "
+                "an adapter run: merge it first (modelloop export --format merged) and start from the merged model"
+            )
+    return run_stage(
+        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, method_args, records, rewards, run_dir, context, continuing)
+    )
+
+
+def method_arguments(config: RLHFConfig, trl_config: type) -> dict[str, Any]:
+    """modelloop's knobs as TRL's config fields for the method, then ``method_options``
+    (any other field of TRL's config, checked against it)."""
+    from dataclasses import fields
+
+    arguments: dict[str, Any] = {}
+    if config.beta is not None:
+        arguments["beta"] = config.beta
+    if config.method == "dpo":
+        arguments.update(loss_type=[config.loss_type or "sigmoid"], label_smoothing=config.label_smoothing, max_length=config.max_length)
+    elif config.method == "kto":
+        arguments.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight, max_length=config.max_length)
+        if config.loss_type:
+            arguments["loss_type"] = config.loss_type
+    elif config.method in ("simpo", "orpo"):
+        arguments.update(max_length=config.max_length, max_completion_length=config.max_length)
+        if config.method == "simpo":
+            arguments.update(simpo_gamma=config.simpo_gamma, label_smoothing=config.label_smoothing)
+    elif config.method == "grpo":
+        arguments.update(
+            num_generations=config.num_generations,
+            max_completion_length=config.max_completion_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high,
+            scale_rewards=config.scale_rewards,
+            num_iterations=config.num_iterations,
+            reward_weights=config.reward_weights,
+            log_completions=False,
+        )
+        if config.loss_type:
+            arguments["loss_type"] = config.loss_type
+    arguments.update(METHODS[config.method].fixed)
+    known = {f.name for f in fields(trl_config)}
+    for key in config.method_options:
+        if key not in known:
+            raise ConfigError(f"method_options.{key}: not a field of TRL's {trl_config.__name__}")
+    return {**arguments, **config.method_options}
+
+
+def read_data(config: RLHFConfig, kind: str) -> list[dict[str, Any]]:
+    """Every record of the method's kind, validated; bad ones stop the run with file:line."""
+    from modelloop.data.records import read_records
+    from modelloop.data.tokenize import problems_error
+
+    records = read_records(config.data, format=config.format, kinds=(kind,), seed=config.seed)
+    if records.problems and not config.skip_bad_records:
+        raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
+    if not records.examples:
+        raise ConfigError("no usable examples in the data")
+    return [example.record for example in records.examples]
+
+
+def check_rewards(config: RLHFConfig, records: list[dict[str, Any]]) -> list[Any]:
+    """Resolve every reward and call it on a sample of the data: cheap rewards before any
+    model loads; rewards that need a model right after (they load their own)."""
+    from modelloop.rewards import check_on_sample, resolve_rewards, sample_batch
+
+    rewards = resolve_rewards(config.rewards, config.reward_weights, config.reward_options)
+    prompts, completions, columns = sample_batch(records)
+    for reward in sorted(rewards, key=lambda r: r.needs_model):
+        check_on_sample(reward, prompts, completions, columns)
+    return rewards
+
+
+def _trl_class(method: Method, name: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(method.module), name)
+
+
+def _run(config: RLHFConfig, method: Method, checked: Checked, method_args: dict[str, Any], records, rewards, run_dir: Path, context: Any, resume: Any) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.models.loading import load_tokenizer
+    from modelloop.training import ReportCallback, build_optimizer, latest_checkpoint, plot_metrics
+
+    tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
+    chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
+    tokenizer.chat_template = chat.source  # TRL renders with the template the model is trained with
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = Dataset.from_list(records)
+    eval_dataset = Dataset.from_list(read_data(config.model_copy(update={"data": config.eval_data}), method.kind)) if config.eval_data else None
+    if config.eval_split:
+        split = dataset.train_test_split(test_size=config.eval_split, seed=config.seed)
+        dataset, eval_dataset = split["train"], split["test"]
+    print(f"modelloop: data: {len(dataset)} {method.kind} examples")
+
+    model = load_trainable(config, checked)
+    optimizer = build_optimizer(
+        model, checked.tuner, checked.options, checked.family, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2)
+    )
+    arguments = _trl_class(method, method.config)(
+        **trainer_arguments(config, run_dir, evaluating=eval_dataset is not None),
+        gradient_checkpointing=False,  # the stage has set it up (or not) on the model
+        **method_args,
+    )
+    report = ReportCallback(run_dir / "metrics.jsonl", context.log)
+    extra: dict[str, Any] = {}
+    rollouts = None
+    if config.method == "grpo":
+        extra = {"reward_funcs": [reward.score for reward in rewards]}
+        if config.rollout_engine != TRL_GENERATE:
+            rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir)
+    trainer = _trl_class(method, method.trainer)(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=[report],
+        **extra,
+    )
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
+    started = time.perf_counter()
+    try:
+        outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if rollouts is not None:
+            rollouts.close()
+    metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
+    metrics["train_seconds"] = time.perf_counter() - started
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
+    return finish_run(run_dir, "rlhf", config, checked, model, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
+
+
+def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
+    """What ``rewards.png`` shows: each reward and their weighted total for GRPO; the
+    chosen-rejected margin (and accuracy) for the preference methods, KTO's rewards."""
+    if config.method == "grpo":
+        return {"reward": "total (weighted)", **{f"rewards/{r.name}/mean": r.name for r in rewards}}
+    if config.method == "kto":
+        return {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"}
+    return {"rewards/margins": "chosen - rejected margin", "rewards/accuracies": "accuracy"}
+
+
+def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, run_dir: Path) -> Any:
+    from modelloop.inference.types import SamplingParams
+    from modelloop.stages.rollouts import EngineRollouts
+
+    sampling = SamplingParams(max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p)
+    return EngineRollouts(
+        get_registry(ENGINES).get(config.rollout_engine),
+        tokenizer=tokenizer,
+        chat=chat,
+        sampling=sampling,
+        base_model=checked.source.base,
+        adapter=checked.tuner.adapter,
+        sync_dir=run_dir / "rollout-weights",
+        sync_steps=config.sync_steps,
+        options=config.rollout_options,
+    )

@@ -1,0 +1,139 @@
+"""GRPO's rollouts through the engine protocol: any registered engine generates the completions.
+
+TRL's ``GRPOTrainer`` takes a ``rollout_func(prompts, trainer)``; this is one that sends
+the prompts to an engine session instead of calling ``generate`` itself:
+
+- an engine that can ``attach`` (the built-in ``hf``) runs in this process on the policy
+  being trained, batched, with nothing to synchronise;
+- any other engine (vLLM, SGLang, or ``hf`` behind HTTP) is started from files: the
+  current LoRA adapter (or, for full fine-tuning, the whole model) is saved every
+  ``sync_steps`` optimizer steps and handed over, the adapter through the engine's runtime
+  adapter loading, full weights by restarting the engine on the new folder.
+
+Prompts are rendered with the chat format the model is trained with and sent as token
+ids, so the policy scores exactly the tokens the engine saw; identical prompts (GRPO
+repeats each ``num_generations`` times) become one request with ``n`` choices.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from modelloop.inference.types import Completion, GenerationRequest, SamplingParams
+from modelloop.specs import Engine, EngineSession
+
+
+class EngineRollouts:
+    """A ``rollout_func`` for TRL's GRPO trainer over an engine of the registry."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        tokenizer: Any,
+        chat: Any,
+        sampling: SamplingParams,
+        base_model: str,
+        adapter: bool,
+        sync_dir: Path,
+        sync_steps: int = 1,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.sampling = sampling
+        self.base_model = base_model
+        self.adapter = adapter
+        self.sync_dir = sync_dir
+        self.sync_steps = sync_steps
+        self.options = dict(options or {})
+        self.session: EngineSession | None = None
+        self.served: str | None = None  # the adapter name the requests go to (files mode)
+        self.synced_step: int | None = None
+        self.eos_id = _end_of_turn_id(tokenizer, chat)
+
+    def __call__(self, prompts: Sequence[Any], trainer: Any) -> dict[str, Any]:
+        session = self._session(trainer)
+        groups: list[tuple[Any, list[int], int]] = []
+        for prompt in prompts:
+            if groups and groups[-1][0] == prompt:
+                groups[-1] = (prompt, groups[-1][1], groups[-1][2] + 1)
+            else:
+                groups.append((prompt, self.prompt_ids(prompt), 1))
+        requests = [GenerationRequest(prompt=ids, model=self.served, params=replace(self.sampling, n=count)) for _, ids, count in groups]
+        prompt_ids: list[list[int]] = []
+        completion_ids: list[list[int]] = []
+        for (_, ids, _), generation in zip(groups, session.generate(requests)):
+            for choice in generation.choices:
+                prompt_ids.append(ids)
+                completion_ids.append(self.completion_ids(choice))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        return self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+    def completion_ids(self, choice: Completion) -> list[int]:
+        """The generated ids with the end-of-turn token that ended them; from the text when an
+        engine over HTTP did not return ids."""
+        if choice.token_ids:
+            return list(choice.token_ids)
+        ids = self.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
+        return ids + [self.eos_id] if choice.finish_reason == "stop" else ids
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------ sessions
+
+    def _session(self, trainer: Any) -> EngineSession:
+        if self.engine.attach is not None:
+            if self.session is None:
+                policy = trainer.accelerator.unwrap_model(trainer.model)
+                self.session = self.engine.attach(policy, self.tokenizer, self.chat, options=self.options)
+            return self.session
+        step = trainer.state.global_step
+        if self.session is None or step - (self.synced_step or 0) >= self.sync_steps:
+            self._hand_over(trainer, step)
+        return self.session  # type: ignore[return-value]
+
+    def _hand_over(self, trainer: Any, step: int) -> None:
+        """Save the policy as it is now and make the engine generate with it."""
+        folder = self.sync_dir / f"step-{step}"
+        shutil.rmtree(folder, ignore_errors=True)
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        policy.save_pretrained(folder, safe_serialization=True)
+        previous = (self.served, self.sync_dir / f"step-{self.synced_step}") if self.synced_step is not None else None
+        if self.adapter:
+            name = f"policy-step-{step}"
+            if self.session is None:
+                self.session = self.engine.start(self.base_model, adapters={name: str(folder)}, options=self.options)
+            else:
+                self.session.load_adapter(name, str(folder))
+                if previous is not None and previous[0] is not None:
+                    self.session.unload_adapter(previous[0])
+            self.served = name
+        else:
+            self.tokenizer.save_pretrained(folder)
+            self.close()
+            self.session = self.engine.start(str(folder), adapters={}, options=self.options)
+        if previous is not None and previous[1] != folder:
+            shutil.rmtree(previous[1], ignore_errors=True)
+        self.synced_step = step
+
+
+def _end_of_turn_id(tokenizer: Any, chat: Any) -> int:
+    tokens = list(getattr(chat, "end_of_turn", ()) or ())
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id >= 0 and token_id != tokenizer.unk_token_id:
+            return token_id
+    return tokenizer.eos_token_id

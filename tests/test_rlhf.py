@@ -1,0 +1,247 @@
+"""``modelloop rlhf`` on tiny local models: each method moves its own metric the right way."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+import modelloop
+from conftest import modelloop_serve
+from modelloop import hookimpl
+from modelloop.plugins import PluginInfo, get_plugin_manager
+from modelloop.errors import ModelloopError
+
+QUESTIONS = [(a, b) for a in range(5) for b in range(5)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Single-digit additions as preference pairs, KTO examples and prompts with solutions."""
+    root = tmp_path_factory.mktemp("rlhf-data")
+
+    def wrong(a, b):
+        return str(a + b + (1 if (a + b) % 2 == 0 else -1))
+
+    return {
+        "preference": write_jsonl(root / "preference.jsonl", [{"prompt": f"What is {a}+{b}?", "chosen": str(a + b), "rejected": wrong(a, b)} for a, b in QUESTIONS]),
+        "kto": write_jsonl(
+            root / "kto.jsonl",
+            [{"prompt": f"What is {a}+{b}?", "completion": answer, "label": good} for a, b in QUESTIONS for answer, good in ((str(a + b), True), (wrong(a, b), False))],
+        ),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in QUESTIONS]),
+    }
+
+
+def logged(run, key):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [record[key] for record in records if key in record]
+
+
+def settings(tiny_models, tmp_path, **overrides):
+    return {
+        "model": str(tiny_models("qwen2")),
+        "max_length": 64,
+        "batch_size": 8,
+        "lr": 5e-3,
+        "max_steps": 16,
+        "logging_steps": 2,
+        "output_dir": str(tmp_path / "run"),
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize("method, beta", [("dpo", 0.1), ("simpo", 2.0), ("orpo", 1.0)])
+def test_preference_methods_widen_the_margin(method, beta, data, tiny_models, tmp_path):
+    result = modelloop.rlhf(settings(tiny_models, tmp_path, method=method, beta=beta, data=[data["preference"]]))
+    run = tmp_path / "run"
+    margins = logged(run, "rewards/margins")  # chosen minus rejected reward, per logged batch
+    assert len(margins) == 8
+    assert statistics.mean(margins[4:]) > statistics.mean(margins[:4]) + 0.03, margins
+    assert result["metrics"]["train_loss"] > 0
+    for name in ("loss.png", "rewards.png", "model/adapter_model.safetensors", "manifest.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "manifest.json").read_text())["stage"] == "rlhf"
+
+
+def test_kto_loss_falls(data, tiny_models, tmp_path):
+    modelloop.rlhf(settings(tiny_models, tmp_path, method="kto", data=[data["kto"]], beta=0.5, max_steps=24))
+    losses = logged(tmp_path / "run", "loss")
+    assert len(losses) == 12
+    assert statistics.mean(losses[-4:]) < statistics.mean(losses[:4]) - 0.02, losses
+
+
+ANSWER_FORMAT = r"<answer>\d+</answer>"
+
+
+@pytest.fixture(scope="module")
+def partly_right(tiny_models, tmp_path_factory):
+    """The tiny model after a short SFT on additions answered half the time as ``<answer>N</answer>``:
+    it follows that format about half the time, which GRPO's ``format`` reward can raise.
+
+    (A tiny model trained for seconds on a CPU does not get sums partly right: its loss on
+    the answer digit stays at the uniform prior for hundreds of steps, so the accuracy
+    reward would have nothing to reinforce.)"""
+    root = tmp_path_factory.mktemp("partly-right")
+    answers = [f"<answer>{a + b}</answer>" if (a * 7 + b * 3) % 2 else str(a + b) for a in range(10) for b in range(10)]
+    chats = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": answer}]} for (a, b), answer in zip(SUMS, answers)]
+    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [write_jsonl(root / "chats.jsonl", chats)], "tuner": "full", "lr": 2e-3, "max_steps": 60, "max_length": 64, "output_dir": str(root / "sft")})
+    return root / "sft", write_jsonl(root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in SUMS])
+
+
+SUMS = [(a, b) for a in range(10) for b in range(10)]
+
+
+def grpo(partly_right, tmp_path, **overrides):
+    model, prompts = partly_right
+    return {
+        "model": str(model),
+        "method": "grpo",
+        "data": [prompts],
+        "rewards": ["format"],
+        "reward_options": {"format": {"pattern": ANSWER_FORMAT}},
+        "num_generations": 8,
+        "batch_size": 16,
+        "max_completion_length": 16,
+        "lr": 1e-3,
+        "max_steps": 36,
+        "logging_steps": 1,
+        "beta": 0.0,
+        "output_dir": str(tmp_path / "grpo"),
+        **overrides,
+    }
+
+
+def test_grpo_raises_the_mean_reward(partly_right, tmp_path):
+    modelloop.rlhf(grpo(partly_right, tmp_path))
+    run = tmp_path / "grpo"
+    rewards = logged(run, "rewards/format/mean")
+    assert len(rewards) == 36
+    first, last = statistics.mean(rewards[:8]), statistics.mean(rewards[-8:])
+    assert 0.1 < first < 0.7, rewards  # partly right to begin with
+    assert last > first + 0.15, rewards
+    assert logged(run, "reward") and logged(run, "completions/mean_length")
+    assert (run / "rewards.png").exists()
+
+
+def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, subprocess_env):
+    created = subprocess.run([sys.executable, "-m", "modelloop", "new-plugin", "reward", "brevity", "--dir", str(tmp_path)], capture_output=True, text=True)
+    assert created.returncode == 0, created.stderr
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", site, tmp_path / "modelloop-plugin-brevity"],
+        check=True,
+        capture_output=True,
+    )
+    config = grpo(partly_right, tmp_path, rewards=["brevity", "accuracy"], reward_weights=[0.5, 1.0], reward_options={}, max_steps=3)
+    (tmp_path / "grpo.yaml").write_text(json.dumps(config))
+    completed = subprocess.run(
+        [sys.executable, "-m", "modelloop", "rlhf", "--config", str(tmp_path / "grpo.yaml")],
+        env={**subprocess_env, "PYTHONPATH": str(site), "MODELLOOP_LOAD_PLUGINS": subprocess_env["MODELLOOP_LOAD_PLUGINS"] + ",modelloop-plugin-brevity"},
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    brevity = logged(tmp_path / "grpo", "rewards/brevity/mean")
+    assert len(brevity) == 3 and all(0 < value <= 1 for value in brevity)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"method": "dpo", "num_generations": 4}, "num_generations is for grpo, not dpo"),
+        ({"method": "kto", "simpo_gamma": 1.0}, "simpo_gamma is for simpo, not kto"),
+        ({"method": "dpo", "loss_type": "dapo"}, "loss_type 'dapo' is not one of dpo's"),
+        ({"method": "dpo", "method_options": {"betta": 1}}, "method_options.betta: not a field of TRL's DPOConfig"),
+        ({"method": "dpo", "packing": True}, "rlhf does not pack examples"),
+        ({"method": "grpo", "rewards": []}, "GRPO needs at least one reward"),
+        ({"method": "grpo", "rewards": ["accuracy"], "rollout_engine": "vlm"}, "Unknown engine 'vlm'"),
+        ({"method": "dpo", "data_kind": "x"}, "data_kind: unknown key"),
+    ],
+)
+def test_a_bad_rlhf_config_fails_before_the_model_loads(overrides, message, data, tiny_models, tmp_path, monkeypatch):
+    import modelloop.stages.rlhf as stage
+
+    monkeypatch.setattr(stage, "load_trainable", lambda *a, **k: pytest.fail("the model was loaded"))
+    data_file = data["prompts"] if overrides.get("method") == "grpo" else data["preference"]
+    with pytest.raises(ModelloopError, match=message):
+        modelloop.rlhf(settings(tiny_models, tmp_path, data=[data_file], **overrides))
+
+
+def test_data_of_the_wrong_kind_is_refused(data, tiny_models, tmp_path):
+    with pytest.raises(ModelloopError, match="kto"):
+        modelloop.rlhf(settings(tiny_models, tmp_path, method="kto", data=[data["preference"]]))
+
+
+def test_grpo_rollouts_from_an_engine_behind_http_get_the_adapter_every_sync(partly_right, tmp_path, subprocess_env, monkeypatch):
+    """An out-of-process engine (``modelloop serve`` standing in for vLLM) generates the
+    rollouts; the LoRA adapter being trained is handed over as files every ``sync_steps``."""
+    from modelloop.inference.launch import start_server
+    from modelloop.specs import Engine
+
+    loads = []
+
+    def start(model_path, *, adapters=None, options=None):
+        loads.append(sorted(adapters or {}))
+        session = start_server("served", "modelloop", model_path, adapters, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
+        load_adapter = session.load_adapter
+
+        def loading(name, path):
+            loads.append(name)
+            load_adapter(name, path)
+
+        session.load_adapter = loading
+        return session
+
+    class Served:
+        @hookimpl
+        def register_engines(self, register):
+            register(Engine(name="served", start=start, runtime_lora=True))
+
+    for key in ("MODELLOOP_CACHE", "MODELLOOP_LOAD_PLUGINS", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, subprocess_env[key])  # the server process is as hermetic as this one
+    get_plugin_manager().add_plugin(Served(), PluginInfo("served", "1.0", builtin=False))
+    modelloop.rlhf(grpo(partly_right, tmp_path, tuner="lora", rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2))
+    run = tmp_path / "grpo"
+    assert loads == [["policy-step-0"], "policy-step-2"]
+    assert [folder.name for folder in (run / "rollout-weights").iterdir()] == ["step-2"]  # older hand-overs removed
+    assert len(logged(run, "rewards/format/mean")) == 4
+
+
+def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models):
+    """GRPO repeats each prompt num_generations times: the engine gets it once, with n."""
+    from modelloop.chat import resolve_chat_format
+    from modelloop.inference.types import Completion, Generation, SamplingParams
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+    from modelloop.specs import Engine
+    from modelloop.stages.rollouts import EngineRollouts
+
+    tokenizer = load_tokenizer(str(tiny_models("qwen2")))
+    chat = resolve_chat_format(tokenizer, resolve_family(read_config(str(tiny_models("qwen2"))).model_type))
+    seen = []
+
+    class Session:
+        def generate(self, requests):
+            seen.extend(requests)
+            # an engine over HTTP that returned text only, and one that returned ids
+            return [Generation(choices=(Completion(text="7", token_ids=(), finish_reason="stop"),) + (Completion(text="", token_ids=(1, 2), finish_reason="length"),) * (r.params.n - 1), prompt_tokens=3) for r in requests]
+
+    engine = Engine(name="fake", start=lambda *a, **k: None, attach=lambda *a, **k: Session())
+    rollouts = EngineRollouts(engine, tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=4), base_model="", adapter=True, sync_dir=None)
+    trainer = type("Trainer", (), {"model": None, "accelerator": type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()})()
+    first, second = [{"role": "user", "content": "What is 3+4?"}], [{"role": "user", "content": "What is 1+1?"}]
+    out = rollouts([first] * 3 + [second] * 3, trainer)
+    assert [request.params.n for request in seen] == [3, 3]
+    assert seen[0].prompt == tokenizer(chat.render(first, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert out["prompt_ids"] == [seen[0].prompt] * 3 + [seen[1].prompt] * 3
+    end_of_turn = tokenizer.convert_tokens_to_ids(chat.end_of_turn[0])
+    assert out["completion_ids"][0] == tokenizer("7", add_special_tokens=False)["input_ids"] + [end_of_turn]
+    assert out["completion_ids"][1] == [1, 2]
