@@ -6,14 +6,15 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import modelloop
 from conftest import modelloop_serve
 from modelloop import hookimpl
-from modelloop.plugins import PluginInfo, get_plugin_manager
 from modelloop.errors import ModelloopError
+from modelloop.plugins import PluginInfo, get_plugin_manager
 
 QUESTIONS = [(a, b) for a in range(5) for b in range(5)]
 
@@ -181,16 +182,18 @@ def test_data_of_the_wrong_kind_is_refused(data, tiny_models, tmp_path):
         modelloop.rlhf(settings(tiny_models, tmp_path, method="kto", data=[data["preference"]]))
 
 
-def test_grpo_rollouts_from_an_engine_behind_http_get_the_adapter_every_sync(partly_right, tmp_path, subprocess_env, monkeypatch):
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tuner, partly_right, tmp_path, subprocess_env, monkeypatch):
     """An out-of-process engine (``modelloop serve`` standing in for vLLM) generates the
-    rollouts; the LoRA adapter being trained is handed over as files every ``sync_steps``."""
+    rollouts; the LoRA adapter being trained is loaded into it every ``sync_steps``, and
+    full weights restart it on the saved model."""
     from modelloop.inference.launch import start_server
     from modelloop.specs import Engine
 
     loads = []
 
     def start(model_path, *, adapters=None, options=None):
-        loads.append(sorted(adapters or {}))
+        loads.append(sorted(adapters or {}) or Path(model_path).name)
         session = start_server("served", "modelloop", model_path, adapters, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
         load_adapter = session.load_adapter
 
@@ -209,9 +212,9 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_adapter_every_sync(par
     for key in ("MODELLOOP_CACHE", "MODELLOOP_LOAD_PLUGINS", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, subprocess_env[key])  # the server process is as hermetic as this one
     get_plugin_manager().add_plugin(Served(), PluginInfo("served", "1.0", builtin=False))
-    modelloop.rlhf(grpo(partly_right, tmp_path, tuner="lora", rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2))
+    modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2 if tuner == "lora" else 1e-4))
     run = tmp_path / "grpo"
-    assert loads == [["policy-step-0"], "policy-step-2"]
+    assert loads == ([["policy-step-0"], "policy-step-2"] if tuner == "lora" else ["step-0", "step-2"])
     assert [folder.name for folder in (run / "rollout-weights").iterdir()] == ["step-2"]  # older hand-overs removed
     assert len(logged(run, "rewards/format/mean")) == 4
 

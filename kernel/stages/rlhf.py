@@ -66,7 +66,8 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     checked = check_training(config)
     trl_config = _trl_class(method, method.config)
     method_args = method_arguments(config, trl_config)
-    records = read_data(config, method.kind)
+    records = read_data(config.data, config, method.kind)
+    eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
     rewards = []
     if config.method == "grpo":
         rewards = check_rewards(config, records)
@@ -77,7 +78,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
                 "an adapter run: merge it first (modelloop export --format merged) and start from the merged model"
             )
     return run_stage(
-        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, method_args, records, rewards, run_dir, context, continuing)
+        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, method_args, (records, eval_records), rewards, run_dir, context, continuing)
     )
 
 
@@ -122,12 +123,12 @@ def method_arguments(config: RLHFConfig, trl_config: type) -> dict[str, Any]:
     return {**arguments, **config.method_options}
 
 
-def read_data(config: RLHFConfig, kind: str) -> list[dict[str, Any]]:
+def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str, Any]]:
     """Every record of the method's kind, validated; bad ones stop the run with file:line."""
     from modelloop.data.records import read_records
     from modelloop.data.tokenize import problems_error
 
-    records = read_records(config.data, format=config.format, kinds=(kind,), seed=config.seed)
+    records = read_records(files, format=config.format, kinds=(kind,), seed=config.seed)
     if records.problems and not config.skip_bad_records:
         raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
     if not records.examples:
@@ -153,7 +154,17 @@ def _trl_class(method: Method, name: str) -> Any:
     return getattr(importlib.import_module(method.module), name)
 
 
-def _run(config: RLHFConfig, method: Method, checked: Checked, method_args: dict[str, Any], records, rewards, run_dir: Path, context: Any, resume: Any) -> dict[str, Any]:
+def _run(
+    config: RLHFConfig,
+    method: Method,
+    checked: Checked,
+    method_args: dict[str, Any],
+    data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None],
+    rewards: list[Any],
+    run_dir: Path,
+    context: Any,
+    resume: Any,
+) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import PrinterCallback
 
@@ -166,8 +177,9 @@ def _run(config: RLHFConfig, method: Method, checked: Checked, method_args: dict
     tokenizer.chat_template = chat.source  # TRL renders with the template the model is trained with
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    records, eval_records = data
     dataset = Dataset.from_list(records)
-    eval_dataset = Dataset.from_list(read_data(config.model_copy(update={"data": config.eval_data}), method.kind)) if config.eval_data else None
+    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
     if config.eval_split:
         split = dataset.train_test_split(test_size=config.eval_split, seed=config.seed)
         dataset, eval_dataset = split["train"], split["test"]
