@@ -18,24 +18,12 @@ export HF_DATASETS_OFFLINE := 1
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Until the loop issue lands, the main job runs the most complete path that exists:
-# demo data, a locally built model, data validation, eval before, SFT, eval after, a merged
-# export, and batch inference through the exported model.
-QS := runs/quickstart
+# The main job: examples/quickstart.yaml takes a tiny model built here around the whole loop
+# (eval, SFT, eval, GRPO, eval, merged export, a served check through the OpenAI API, eval)
+# and writes the run under runs/ with a report.md.
 quickstart: $(STAMP)
-	rm -rf $(QS)
 	$(BIN)/modelloop plugins
-	$(BIN)/python examples/make_demo_data.py $(QS)/data
-	$(BIN)/modelloop new-model --family qwen2 --preset tiny --out $(QS)/base --corpus $(QS)/data/tasks.jsonl
-	$(BIN)/modelloop data check $(QS)/data/*.jsonl --model $(QS)/base --max-length 64
-	$(BIN)/modelloop data preview $(QS)/data/tasks.jsonl --model $(QS)/base -n 1
-	$(BIN)/modelloop eval $(QS)/base --data $(QS)/data/tasks_eval.jsonl --metric accuracy --output-dir $(QS)/eval-base
-	$(BIN)/modelloop sft --model $(QS)/base --data $(QS)/data/tasks.jsonl --tuner full --lr 2e-3 --epochs 3 \
-		--batch-size 16 --max-length 64 --logging-steps 50 --output-dir $(QS)/sft
-	$(BIN)/modelloop eval $(QS)/sft --data $(QS)/data/tasks_eval.jsonl --metric accuracy --output-dir $(QS)/eval-sft
-	$(BIN)/modelloop export $(QS)/sft --out $(QS)/export
-	$(BIN)/modelloop infer $(QS)/export --input $(QS)/data/tasks_eval.jsonl --output $(QS)/answers.jsonl --max-tokens 8
-	@echo "quickstart: runs in $(QS) (see manifest.json, loss.png and scored.jsonl in each)"
+	$(BIN)/modelloop run examples/quickstart.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/plugins_startup.py

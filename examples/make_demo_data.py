@@ -5,6 +5,12 @@
   tasks_alpaca.jsonl the train set as alpaca records
   preference.jsonl   prompt + chosen (right) / rejected (wrong) answers
   prompts.jsonl      prompt-only records with a `solution` column, for GRPO rewards
+  sums.jsonl         messages: the 100 single-digit additions (the quickstart's task)
+  sum_prompts.jsonl  the same 100 questions as prompts with a `solution`, for GRPO and eval
+
+A tiny model fresh from ``new-model`` learns the single-digit sums in a few hundred
+steps at a constant learning rate (its loss sits at the uniform prior over the digits for
+a while, then drops); 2-digit sums and string reversal take it far longer.
 
 Deterministic for a seed. Usage: python examples/make_demo_data.py [OUT_DIR] [--count N]
 """
@@ -57,7 +63,10 @@ def main() -> None:
     write(arguments.out / "tasks_alpaca.jsonl", [{"instruction": q, "input": "", "output": a} for q, a, _ in train])
     write(arguments.out / "preference.jsonl", [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in train if a != w])
     write(arguments.out / "prompts.jsonl", [{"prompt": q, "solution": a} for q, a, _ in train])
-    print(f"{arguments.out}: {len(train)} train, {len(held_out)} held-out examples in 5 files")
+    sums = [(f"What is {a}+{b}?", str(a + b)) for a in range(10) for b in range(10)]
+    write(arguments.out / "sums.jsonl", [conversation(q, a) for q, a in sums])
+    write(arguments.out / "sum_prompts.jsonl", [{"prompt": q, "solution": a} for q, a in sums])
+    print(f"{arguments.out}: {len(train)} train, {len(held_out)} held-out examples, {len(sums)} single-digit sums in 7 files")
 
 
 if __name__ == "__main__":

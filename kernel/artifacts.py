@@ -46,6 +46,16 @@ def new_run_dir(stage: str, output_dir: Path | None = None) -> Path:
     raise RuntimeError(f"could not create a run folder under {root}")
 
 
+def run_id(run_dir: str | Path) -> str:
+    """A run's id: its path under the runs folder (``<time>-sft``, or ``<recipe run>/02-sft``
+    for a recipe's stage), else its folder name."""
+    path = Path(run_dir).resolve()
+    try:
+        return path.relative_to(runs_root().resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def is_run(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

@@ -34,6 +34,8 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "infer": "modelloop.commands.infer:infer_command",
     "eval": "modelloop.commands.infer:eval_command",
     "chat": "modelloop.commands.chat:chat_command",
+    "run": "modelloop.commands.run:run_command",
+    "runs": "modelloop.commands.runs:runs_command",
 }
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modelloop.artifacts import hashed_files, is_run, read_manifest, update_manifest
+from modelloop.artifacts import hashed_files, is_run, read_manifest, run_id, update_manifest
 from modelloop.errors import ModelloopError
 
 
@@ -176,7 +176,7 @@ def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: s
         parent = read_manifest(source) if is_run(source) else None
         update_manifest(
             building,
-            id=out.name,
+            id=run_id(out),
             stage="export",
             status="completed",
             format=kind,

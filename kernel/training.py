@@ -8,7 +8,8 @@ resume (optimizer, scheduler, RNG, data position) and the report_to integrations
 - the optimizer from the tuner's parameter groups (per-group learning rates kept);
 - logits computed only where a label is (on chat data, a tenth of the positions);
 - checkpoints written to a staging folder and renamed into place, so a killed run
-  never leaves a half-written checkpoint for ``--resume`` to pick up;
+  never leaves a half-written checkpoint for ``--resume`` to pick up (TRL's trainers
+  get the same through ``with_atomic_checkpoints``);
 - a rich progress bar (step, loss, tokens/s, ETA), ``metrics.jsonl``, the lifecycle
   ``on_log`` hook, and ``loss.png``.
 """
@@ -142,13 +143,43 @@ def build_optimizer(
     return torch.optim.AdamW(split, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, foreach=True)
 
 
-class ModelloopTrainer(Trainer):
+class AtomicCheckpoints:
+    """A Trainer mixin: each checkpoint is written under ``.partial/`` and renamed into place,
+    so a killed run never leaves a half-written checkpoint for ``--resume`` to pick up."""
+
+    _staging_dir: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write the checkpoint under ``.partial/``, then rename it into place."""
+        final_root = self.args.output_dir
+        self._staging_dir = os.path.join(final_root, STAGING)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            target = os.path.join(final_root, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(final_root, STAGING, name), target)
+            rotate_checkpoints(final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+
+
+def with_atomic_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` (one of TRL's) with modelloop's atomic checkpoints mixed in."""
+    return type(trainer_class.__name__, (AtomicCheckpoints, trainer_class), {})
+
+
+class ModelloopTrainer(AtomicCheckpoints, Trainer):
     """Trainer with registry samplers and atomically appearing checkpoints."""
 
     def __init__(self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._train_sampler = train_sampler
-        self._staging_dir: str | None = None
         self._logits_at_labels_only = slices_logits_by_mask(self.model)
         self._parameter_count: int | None = None
 
@@ -182,25 +213,6 @@ class ModelloopTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         return self._train_sampler or super()._get_train_sampler(train_dataset)
-
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging_dir or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Write the checkpoint under ``.partial/``, then rename it into place."""
-        final_root = self.args.output_dir
-        self._staging_dir = os.path.join(final_root, STAGING)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        if self.args.should_save:
-            target = os.path.join(final_root, name)
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(final_root, STAGING, name), target)
-            rotate_checkpoints(final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
 
 
 def logits_at_labels(inputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,17 @@ def test_demo_data_is_valid_in_every_format(tmp_path):
         "tasks.jsonl": "messages",
         "tasks_alpaca.jsonl": "alpaca",
         "tasks_eval.jsonl": "messages",
+        "sums.jsonl": "messages",
+        "sum_prompts.jsonl": "prompt",
     }
     train = {e.record["messages"][0]["content"] for e in read_records([tmp_path / "tasks.jsonl"]).examples}
     held_out = {e.record["messages"][0]["content"] for e in read_records([tmp_path / "tasks_eval.jsonl"]).examples}
     assert len(train) == 50 and len(held_out) == 5 and not train & held_out
+
+
+def test_the_shipped_demo_data_is_what_the_generator_writes(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "examples" / "make_demo_data.py"), str(tmp_path)], check=True, capture_output=True)
+    shipped = REPO / "examples" / "data"
+    assert sorted(path.name for path in shipped.iterdir()) == sorted(path.name for path in tmp_path.iterdir())
+    for path in tmp_path.iterdir():
+        assert (shipped / path.name).read_bytes() == path.read_bytes(), path.name

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modelloop.artifacts import is_run, new_run_dir, read_manifest, sha256_path, update_manifest
+from modelloop.artifacts import is_run, new_run_dir, read_manifest, run_id, sha256_path, update_manifest
 from modelloop.config import ConfigError
 from modelloop.data.records import read_records
 from modelloop.data.tokenize import problems_error
@@ -53,7 +53,7 @@ def evaluate(
         raise ConfigError(f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)")
     run_dir = new_run_dir("eval", output_dir)
     config = {"model": model, "data": str(data), "metrics": metrics, "engine": engine, "max_tokens": max_tokens}
-    update_manifest(run_dir, id=run_dir.name, stage="eval", status="running", parent=read_manifest(model).get("id") if is_run(model) else None, config=config)
+    update_manifest(run_dir, id=run_id(run_dir), stage="eval", status="running", parent=read_manifest(model).get("id") if is_run(model) else None, config=config)
     with stage_lifecycle("eval", config, run_dir) as context:
         session = chosen.start(model, options={"served_name": "model"})
         try:
@@ -79,7 +79,7 @@ def evaluate(
         update_manifest(run_dir, status="completed", metrics=summary, data={"file": str(data), "sha256": sha256_path(Path(data))})
         if is_run(model):
             evaluations = read_manifest(model).get("evaluations", {})
-            evaluations[str(data)] = {**summary, "run": run_dir.name}
+            evaluations[str(data)] = {**summary, "run": run_id(run_dir)}
             update_manifest(Path(model), evaluations=evaluations)
         context.result.update(summary=summary, run_dir=str(run_dir))
     return {"run_dir": str(run_dir), "summary": summary}

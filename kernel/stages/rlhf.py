@@ -61,11 +61,9 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, RLHFConfig):
         config = build_config(RLHFConfig, config)
     method = METHODS[config.method]
-    if config.loss_type is not None and config.loss_type not in method.loss_types:
-        raise ConfigError(f"loss_type {config.loss_type!r} is not one of {config.method}'s: {', '.join(method.loss_types) or 'none'}")
+    check_method(config)
     checked = check_training(config)
-    trl_config = _trl_class(method, method.config)
-    method_args = method_arguments(config, trl_config)
+    method_args = method_arguments(config)
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
     rewards = []
@@ -82,11 +80,24 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def method_arguments(config: RLHFConfig, trl_config: type) -> dict[str, Any]:
-    """modelloop's knobs as TRL's config fields for the method, then ``method_options``
-    (any other field of TRL's config, checked against it)."""
+def check_method(config: RLHFConfig) -> None:
+    """The loss type is one the method has; ``method_options`` are fields of TRL's config
+    for the method (TRL is imported only to check those)."""
     from dataclasses import fields
 
+    method = METHODS[config.method]
+    if config.loss_type is not None and config.loss_type not in method.loss_types:
+        raise ConfigError(f"loss_type {config.loss_type!r} is not one of {config.method}'s: {', '.join(method.loss_types) or 'none'}")
+    if config.method_options:
+        trl_config = _trl_class(method, method.config)
+        known = {f.name for f in fields(trl_config)}
+        for key in config.method_options:
+            if key not in known:
+                raise ConfigError(f"method_options.{key}: not a field of TRL's {trl_config.__name__}")
+
+
+def method_arguments(config: RLHFConfig) -> dict[str, Any]:
+    """modelloop's knobs as TRL's config fields for the method, then ``method_options``."""
     arguments: dict[str, Any] = {}
     if config.beta is not None:
         arguments["beta"] = config.beta
@@ -116,10 +127,6 @@ def method_arguments(config: RLHFConfig, trl_config: type) -> dict[str, Any]:
         if config.loss_type:
             arguments["loss_type"] = config.loss_type
     arguments.update(METHODS[config.method].fixed)
-    known = {f.name for f in fields(trl_config)}
-    for key in config.method_options:
-        if key not in known:
-            raise ConfigError(f"method_options.{key}: not a field of TRL's {trl_config.__name__}")
     return {**arguments, **config.method_options}
 
 
@@ -170,7 +177,7 @@ def _run(
 
     from modelloop.chat import resolve_chat_format
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import ReportCallback, build_optimizer, latest_checkpoint, plot_metrics
+    from modelloop.training import ReportCallback, build_optimizer, latest_checkpoint, plot_metrics, with_atomic_checkpoints
 
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
@@ -201,7 +208,7 @@ def _run(
         extra = {"reward_funcs": [reward.score for reward in rewards]}
         if config.rollout_engine != TRL_GENERATE:
             rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir)
-    trainer = _trl_class(method, method.trainer)(
+    trainer = with_atomic_checkpoints(_trl_class(method, method.trainer))(
         model=model,
         args=arguments,
         train_dataset=dataset,
@@ -221,8 +228,20 @@ def _run(
             rollouts.close()
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
     metrics["train_seconds"] = time.perf_counter() - started
+    if config.method == "grpo":
+        metrics.update(reward_summary(run_dir / "metrics.jsonl"))
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
     return finish_run(run_dir, "rlhf", config, checked, model, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
+
+
+def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
+    """GRPO's mean total reward over the first and the last ``window`` logged steps."""
+    import json
+
+    logged = [json.loads(line)["reward"] for line in metrics_path.read_text().splitlines() if '"reward"' in line]
+    if not logged:
+        return {}
+    return {"reward_first": sum(logged[:window]) / len(logged[:window]), "reward": sum(logged[-window:]) / len(logged[-window:])}
 
 
 def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:

@@ -24,6 +24,7 @@ from modelloop.artifacts import (
     is_run,
     new_run_dir,
     read_manifest,
+    run_id,
     runs_root,
     sha256_path,
     update_manifest,
@@ -163,7 +164,7 @@ def run_stage(stage: str, config: TrainConfig, source: Any, body: Callable[[Path
     manager = get_plugin_manager()
     update_manifest(
         run_dir,
-        id=run_dir.name,
+        id=run_id(run_dir),
         stage=stage,
         status="running",
         parent=source.parent,

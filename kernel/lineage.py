@@ -1,0 +1,115 @@
+"""Runs and where they came from: every run folder's ``manifest.json``, found under the runs folder.
+
+A run's ``parent`` is the id of the run its model came from, so the manifests alone give
+the lineage (base -> sft -> grpo -> export). Only manifests are read (a few KB each),
+from the runs folder and one level below it (a recipe's stages live inside its run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelloop.artifacts import MANIFEST, runs_root
+from modelloop.errors import ModelloopError
+
+#: The metric a run is summed up by, per stage, first found wins.
+KEY_METRICS = ("accuracy", "exact", "train_loss", "eval_loss", "latency_s")
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    path: Path
+    manifest: Mapping[str, Any]
+
+    @property
+    def stage(self) -> str:
+        return str(self.manifest.get("stage", "?"))
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest.get("parent")
+
+    def key_metric(self) -> str:
+        metrics = self.manifest.get("metrics") or {}
+        for name in KEY_METRICS:
+            if isinstance(metrics.get(name), (int, float)):
+                return f"{name} {metrics[name]:.4g}"
+        return ""
+
+
+def find_runs(root: Path | None = None) -> list[Run]:
+    """Every run under the runs folder, oldest first (ids start with their time)."""
+    root = root or runs_root()
+    return sorted(_runs(root), key=lambda run: run.id)
+
+
+def _runs(root: Path) -> Iterator[Run]:
+    if not root.is_dir():
+        return
+    for manifest in [*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]:
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue  # a run being written: its manifest appears atomically, so this is not one
+        yield Run(id=str(data.get("id") or manifest.parent.relative_to(root).as_posix()), path=manifest.parent, manifest=data)
+
+
+def find_run(reference: str, runs: list[Run] | None = None) -> Run:
+    """A run by id, by a unique end of its id, or by its folder."""
+    path = Path(reference)
+    if (path / MANIFEST).is_file():
+        return Run(id=json.loads((path / MANIFEST).read_text()).get("id", path.name), path=path, manifest=json.loads((path / MANIFEST).read_text()))
+    runs = find_runs() if runs is None else runs
+    exact = [run for run in runs if run.id == reference]
+    matches = exact or [run for run in runs if run.id.endswith(reference)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ModelloopError(f"no run {reference!r} under {runs_root()} (see modelloop runs)")
+    raise ModelloopError(f"{reference!r} matches {len(matches)} runs: {', '.join(run.id for run in matches[:5])}")
+
+
+def tree_lines(runs: list[Run]) -> list[str]:
+    """The lineage as indented lines: each run under the run its model came from."""
+    ids = {run.id for run in runs}
+    children: dict[str | None, list[Run]] = {}
+    for run in runs:
+        children.setdefault(run.parent if run.parent in ids else None, []).append(run)
+    lines: list[str] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for run in children.get(parent, []):
+            base = f" (base {run.manifest['base_model']})" if depth == 0 and run.manifest.get("base_model") else ""
+            status = "" if run.manifest.get("status") in ("completed", None) else f" [{run.manifest['status']}]"
+            metric = run.key_metric()
+            lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{run.id}  {run.stage}{base}{status}{'  ' + metric if metric else ''}")
+            walk(run.id, depth + 1)
+
+    walk(None, 0)
+    return lines
+
+
+def diff(first: Run, second: Run) -> list[tuple[str, Any, Any]]:
+    """``(key, first's value, second's value)`` for every config key and metric that differs."""
+    rows = []
+    for section in ("config", "metrics"):
+        one, two = _flat(first.manifest.get(section) or {}), _flat(second.manifest.get(section) or {})
+        for key in sorted(set(one) | set(two)):
+            if one.get(key) != two.get(key):
+                rows.append((f"{section}.{key}", one.get(key), two.get(key)))
+    return rows
+
+
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
