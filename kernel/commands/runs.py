@@ -14,20 +14,14 @@ def runs_command(ctx: click.Context, stage: str | None) -> None:
     """List the runs under the runs folder ($MODELLOOP_HOME/runs, else ./runs)."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.table import Table
-
     from modelloop.lineage import find_runs
 
-    table = Table(box=None, pad_edge=False)
-    table.add_column("id", no_wrap=True)  # never cut: it is what `runs show` takes
-    for column in ("stage", "status", "parent", "key metric", "started"):
-        table.add_column(column)
-    for run in find_runs():
-        if stage and run.stage != stage:
-            continue
-        manifest = run.manifest
-        table.add_row(run.id, run.stage, str(manifest.get("status", "")), str(run.parent or ""), run.key_metric(), str(manifest.get("started", "")))
-    _console().print(table)
+    rows = [
+        [run.id, run.stage, str(run.manifest.get("status", "")), str(run.parent or ""), run.key_metric(), str(run.manifest.get("started", ""))]
+        for run in find_runs()
+        if not stage or run.stage == stage
+    ]
+    _print_columns(["id", "stage", "status", "parent", "key metric", "started"], rows)
 
 
 @runs_command.command("show")
@@ -55,22 +49,14 @@ def tree_command() -> None:
 @click.argument("second")
 def diff_command(first: str, second: str) -> None:
     """The config keys and metrics in which two runs differ."""
-    from rich.table import Table
-
     from modelloop.lineage import diff, find_run, find_runs
 
     runs = find_runs()
     one, two = find_run(first, runs), find_run(second, runs)
-    table = Table("key", one.id, two.id, box=None, pad_edge=False)
-    for key, left, right in diff(one, two):
-        table.add_row(key, json.dumps(left), json.dumps(right))
-    _console().print(table)
+    _print_columns(["key", one.id, two.id], [[key, json.dumps(left), json.dumps(right)] for key, left, right in diff(one, two)])
 
 
-def _console():
-    """Rich's console, as wide as the terminal, or wide enough not to cut ids when piped."""
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=240)
+def _print_columns(header: list[str], rows: list[list[str]]) -> None:
+    """Aligned plain columns: quick for thousands of rows, and an id is never cut."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    click.echo("\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]))
