@@ -47,6 +47,15 @@ class BoundReward:
     reward: Reward
 
 
+def answer_text(completion: Any) -> str:
+    """The text of a completion: a string, or for chat data the last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
+        return str(completion[-1].get("content") or "")
+    return str(completion)
+
+
 def find_reward(reference: str) -> Reward:
     """The reward a name, ``module:attribute`` or ``file.py:attribute`` refers to."""
     if ":" not in reference:

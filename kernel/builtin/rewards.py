@@ -19,18 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from modelloop import hookimpl
+from modelloop.rewards import answer_text
 from modelloop.specs import Reward
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def answer_text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content") or "")
-    return str(completion)
 
 
 def _solutions(columns: dict[str, Any], count: int) -> list[str]:

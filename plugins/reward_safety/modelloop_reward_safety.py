@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import modelloop
+from modelloop.rewards import answer_text
 from modelloop.specs import Reward
 
 DEFAULT_POLICY: dict[str, Any] = {
@@ -152,14 +153,6 @@ def load_policy(path: str = "") -> Policy:
         "allow": allow if changes.get("replace_allow") else [*DEFAULT_POLICY["allow"], *allow],
     }
     return compile_policy(merged, source=path)
-
-
-def answer_text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
-        return str(completion[-1].get("content") or "")
-    return str(completion)
 
 
 def score(
