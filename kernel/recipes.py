@@ -332,7 +332,8 @@ def run_recipe(recipe: Recipe, *, output_dir: Path | None = None, resume: Path |
             models[step.name] = str(step_dir)
             continue
         model = models[step.source] if step.source else str(recipe.model)
-        print(f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name} ({step.kind}) from {model}")
+        origin = "" if step.kind == "new-model" else f" from {model}"
+        print(f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name} ({step.kind}){origin}")
         done[step.name] = {"run": run_id(step_dir), "status": "running"}
         update_manifest(run_dir, steps=done)
         started = time.perf_counter()
