@@ -80,21 +80,14 @@ def test_kto_loss_falls(data, tiny_models, tmp_path):
     assert statistics.mean(losses[-4:]) < statistics.mean(losses[:4]) - 0.02, losses
 
 
-ANSWER_FORMAT = r"<answer>\d+</answer>"
-
-
 @pytest.fixture(scope="module")
 def partly_right(tiny_models, tmp_path_factory):
-    """The tiny model after a short SFT on additions answered half the time as ``<answer>N</answer>``:
-    it follows that format about half the time, which GRPO's ``format`` reward can raise.
-
-    (A tiny model trained for seconds on a CPU does not get sums partly right: its loss on
-    the answer digit stays at the uniform prior for hundreds of steps, so the accuracy
-    reward would have nothing to reinforce.)"""
+    """The tiny model after a short SFT on the 100 single-digit sums: a few hundred steps
+    teach it all of them; 140 leave it right about a quarter of the time when sampling."""
     root = tmp_path_factory.mktemp("partly-right")
-    answers = [f"<answer>{a + b}</answer>" if (a * 7 + b * 3) % 2 else str(a + b) for a in range(10) for b in range(10)]
-    chats = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": answer}]} for (a, b), answer in zip(SUMS, answers)]
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [write_jsonl(root / "chats.jsonl", chats)], "tuner": "full", "lr": 2e-3, "max_steps": 60, "max_length": 64, "output_dir": str(root / "sft")})
+    chats = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]} for a, b in SUMS]
+    settings = {"tuner": "full", "lr": 1e-3, "scheduler": "constant_with_warmup", "warmup_ratio": 0.05, "max_steps": 140, "batch_size": 16, "max_length": 64}
+    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [write_jsonl(root / "chats.jsonl", chats)], "output_dir": str(root / "sft"), **settings})
     return root / "sft", write_jsonl(root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in SUMS])
 
 
@@ -107,12 +100,12 @@ def grpo(partly_right, tmp_path, **overrides):
         "model": str(model),
         "method": "grpo",
         "data": [prompts],
-        "rewards": ["format"],
-        "reward_options": {"format": {"pattern": ANSWER_FORMAT}},
+        "rewards": ["accuracy"],
+        "tuner": "full",
         "num_generations": 8,
-        "batch_size": 16,
-        "max_completion_length": 16,
-        "lr": 1e-3,
+        "batch_size": 32,
+        "max_completion_length": 4,
+        "lr": 2e-4,
         "max_steps": 36,
         "logging_steps": 1,
         "beta": 0.0,
@@ -124,11 +117,11 @@ def grpo(partly_right, tmp_path, **overrides):
 def test_grpo_raises_the_mean_reward(partly_right, tmp_path):
     modelloop.rlhf(grpo(partly_right, tmp_path))
     run = tmp_path / "grpo"
-    rewards = logged(run, "rewards/format/mean")
+    rewards = logged(run, "rewards/accuracy/mean")
     assert len(rewards) == 36
     first, last = statistics.mean(rewards[:8]), statistics.mean(rewards[-8:])
-    assert 0.1 < first < 0.7, rewards  # partly right to begin with
-    assert last > first + 0.15, rewards
+    assert 0.05 < first < 0.8, rewards  # partly right to begin with
+    assert last > first + 0.1, rewards
     assert logged(run, "reward") and logged(run, "completions/mean_length")
     assert (run / "rewards.png").exists()
 
@@ -142,7 +135,7 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
         check=True,
         capture_output=True,
     )
-    config = grpo(partly_right, tmp_path, rewards=["brevity", "accuracy"], reward_weights=[0.5, 1.0], reward_options={}, max_steps=3)
+    config = grpo(partly_right, tmp_path, rewards=["brevity", "accuracy"], reward_weights=[0.5, 1.0], max_steps=3)
     (tmp_path / "grpo.yaml").write_text(json.dumps(config))
     completed = subprocess.run(
         [sys.executable, "-m", "modelloop", "rlhf", "--config", str(tmp_path / "grpo.yaml")],
@@ -212,11 +205,11 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tun
     for key in ("MODELLOOP_CACHE", "MODELLOOP_LOAD_PLUGINS", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, subprocess_env[key])  # the server process is as hermetic as this one
     get_plugin_manager().add_plugin(Served(), PluginInfo("served", "1.0", builtin=False))
-    modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2 if tuner == "lora" else 1e-4))
+    modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2 if tuner == "lora" else 1e-4, batch_size=16))
     run = tmp_path / "grpo"
     assert loads == ([["policy-step-0"], "policy-step-2"] if tuner == "lora" else ["step-0", "step-2"])
     assert [folder.name for folder in (run / "rollout-weights").iterdir()] == ["step-2"]  # older hand-overs removed
-    assert len(logged(run, "rewards/format/mean")) == 4
+    assert len(logged(run, "rewards/accuracy/mean")) == 4
 
 
 def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models):
