@@ -260,14 +260,9 @@ class ReportCallback(TrainerCallback):
 
         if not state.is_world_process_zero:
             return
+        speed = [TextColumn("{task.fields[speed]} tok/s")] if self.tokens else []
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[speed]} tok/s"),
-            TimeRemainingColumn(),
-            transient=False,
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), *speed, TimeRemainingColumn()
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
