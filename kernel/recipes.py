@@ -151,6 +151,7 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
     overrides = dict(overrides or {})
     model = overrides.pop("model", raw.get("model"))
     steps: list[Step] = []
+    stored: list[dict[str, Any]] = []  # the stages with their overrides: what a resumed run reads
     current: str | None = None  # the stage whose model the next stage starts from
     names: set[str] = set()
     for number, entry in enumerate(stages, start=1):
@@ -167,6 +168,10 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
             raise RecipeError(f"{origin}: stage {number} {name!r}: from: {source!r} is not an earlier stage")
         fields = {key: value for key, value in entry.items() if key not in ("stage", "name", "from")}
         fields.update(overrides.pop(name, {}))
+        set_by_the_recipe = sorted({"model", "output_dir", "resume"} & set(fields))
+        if set_by_the_recipe:
+            raise RecipeError(f"{origin}: stage {number} {name!r}: {set_by_the_recipe[0]} is set by the recipe (use `from:` or the recipe's `model:`)")
+        stored.append({**entry, **fields})
         if kind in ("pt", "sft", "rlhf"):
             if source is None and model is None:
                 raise RecipeError(f"{origin}: stage {number} {name!r}: no model to start from (set the recipe's `model:` or add a new-model stage)")
@@ -182,7 +187,8 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
             current = name
     if overrides:
         raise RecipeError(f"{origin}: --set {next(iter(overrides))}.…: no stage or key of that name (stages: {', '.join(names)})")
-    return Recipe(name=str(raw.get("name") or Path(origin).stem), model=None if model is None else str(model), steps=tuple(steps), source=dict(raw), origin=origin)
+    source = {**raw, "stages": stored, **({"model": model} if model is not None else {})}
+    return Recipe(name=str(raw.get("name") or Path(origin).stem), model=None if model is None else str(model), steps=tuple(steps), source=source, origin=origin)
 
 
 def _fill(value: Any, variables: Mapping[str, Any], origin: str) -> Any:
@@ -284,8 +290,9 @@ def _check_inputs(step: Step) -> None:
                 if records.problems and not config.skip_bad_records:
                     raise problems_error(records.problems, "Fix them, or set skip_bad_records.")
     elif step.kind == "rlhf":
-        from modelloop.stages.rlhf import METHODS, check_rewards, read_data
+        from modelloop.stages.rlhf import CHECK_DIR, METHODS, check_rewards, read_data, trl_arguments
 
+        trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
         records = read_data(config.data, config, METHODS[config.method].kind)
         if config.eval_data:
             read_data(config.eval_data, config, METHODS[config.method].kind)
@@ -307,6 +314,8 @@ def run_recipe(recipe: Recipe, *, output_dir: Path | None = None, resume: Path |
 
     if resume is None:
         check_recipe(recipe)
+        if output_dir is not None and output_dir.exists() and any(output_dir.iterdir()):
+            raise RecipeError(f"{output_dir} is not empty: give another --output-dir, or continue it with --resume {output_dir}")
         run_dir = new_run_dir(f"recipe-{_slug(recipe.name)}", output_dir)
         manager = get_plugin_manager()
         update_manifest(

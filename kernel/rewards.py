@@ -38,13 +38,12 @@ class RewardError(ModelloopError):
 
 @dataclass(frozen=True)
 class BoundReward:
-    """A reward ready to score: its options bound, its weight in the total."""
+    """A reward ready to score: its options bound, named as GRPO logs it."""
 
     name: str
     score: Callable[..., Any]
-    weight: float
     needs_model: bool
-    reward: Reward
+    columns: tuple[str, ...]
 
 
 def answer_text(completion: Any) -> str:
@@ -115,7 +114,7 @@ def reward_options(reward: Reward) -> dict[str, Any]:
     }
 
 
-def bind(reference: str, weight: float, options: Mapping[str, Any]) -> BoundReward:
+def bind(reference: str, options: Mapping[str, Any]) -> BoundReward:
     """The reward with its options checked and bound."""
     reward = find_reward(reference)
     known = reward_options(reward)
@@ -136,11 +135,12 @@ def bind(reference: str, weight: float, options: Mapping[str, Any]) -> BoundRewa
             return original(prompts, completions, **columns, **bound_options)
 
     score.__name__ = score.__qualname__ = reward.name
-    return BoundReward(name=reward.name, score=score, weight=float(weight), needs_model=reward.needs_model, reward=reward)
+    return BoundReward(name=reward.name, score=score, needs_model=reward.needs_model, columns=reward.columns)
 
 
 def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, options: Mapping[str, Mapping[str, Any]]) -> list[BoundReward]:
-    """Every reward named, with its weight (1.0 each by default) and options."""
+    """Every reward named, with its options; the weights (one each) are checked here and
+    given to GRPO as ``reward_weights``."""
     if not references:
         raise RewardError("GRPO needs at least one reward: --reward accuracy (or module:function, or file.py:function)")
     if weights and len(weights) != len(references):
@@ -148,7 +148,7 @@ def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, 
     stray = sorted(set(options) - set(references))
     if stray:
         raise RewardError(f"reward_options for {stray[0]!r}, which is not one of the rewards ({', '.join(references)})")
-    return [bind(reference, weight, options.get(reference, {})) for reference, weight in zip(references, weights or [1.0] * len(references))]
+    return [bind(reference, options.get(reference, {})) for reference in references]
 
 
 def sample_batch(records: Sequence[Mapping[str, Any]], size: int = 2) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
@@ -156,21 +156,32 @@ def sample_batch(records: Sequence[Mapping[str, Any]], size: int = 2) -> tuple[l
     one, and a wrong answer), in the shapes GRPO hands to rewards."""
     prompts: list[Any] = []
     completions: list[Any] = []
-    columns: dict[str, list[Any]] = {}
+    keys = sorted({key for record in records[:size] for key in record} - {"prompt"})
+    columns: dict[str, list[Any]] = {key: [] for key in keys}
     for record in records[:size]:
-        texts = [str(record["solution"]) if "solution" in record else "42", "I do not know."]
+        texts = [str(record["solution"]) if record.get("solution") is not None else "42", "I do not know."]
         for text in texts:
             prompts.append(record["prompt"])
             completions.append([{"role": "assistant", "content": text}])
-            for key, value in record.items():
-                if key != "prompt":
-                    columns.setdefault(key, []).append(value)
+            for key in keys:
+                columns[key].append(record.get(key))
     return prompts, completions, columns
+
+
+def check_columns(rewards: Sequence[BoundReward], records: Sequence[Mapping[str, Any]]) -> None:
+    """Every record has the columns each reward declares it needs (``solution``, ...)."""
+    for reward in rewards:
+        for column in reward.columns:
+            missing = next((number for number, record in enumerate(records, start=1) if record.get(column) is None), None)
+            if missing is not None:
+                raise RewardError(f"reward {reward.name!r} needs a {column!r} column, and record {missing} of the data has none")
 
 
 def check_on_sample(reward: BoundReward, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]) -> list[float]:
     """Call the reward once; one clear RewardError for anything GRPO could not use."""
-    extras = {"completion_ids": [[] for _ in completions], "trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
+    from transformers import TrainerState
+
+    extras = {"completion_ids": [[] for _ in completions], "trainer_state": TrainerState(), "log_extra": _ignore, "log_metric": _ignore}
     try:
         scores = reward.score(prompts, completions, **columns, **extras)
         if inspect.isawaitable(scores):

@@ -260,6 +260,7 @@ class ReportCallback(TrainerCallback):
 
         if not state.is_world_process_zero:
             return
+        self._forget_after(state.global_step)
         speed = [TextColumn("{task.fields[speed]} tok/s")] if self.tokens else []
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), *speed, TimeRemainingColumn()
@@ -268,6 +269,13 @@ class ReportCallback(TrainerCallback):
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
         self.started = time.perf_counter()
         self.tokens_at_start = self.tokens() if self.tokens else 0
+
+    def _forget_after(self, step: int) -> None:
+        """Drop what an earlier attempt logged after ``step`` (where a resumed run starts
+        again, 0 for a run started afresh), so that nothing is logged twice."""
+        if self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is None:

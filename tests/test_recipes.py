@@ -65,6 +65,7 @@ def test_stages_start_from_the_stage_before_or_from_a_named_one(data, tmp_path):
         ({"stages": [SMALL[1]]}, "no model to start from"),
         ({"stages": [{"stage": "finetune"}]}, "'stage' must be one of new-model, pt, sft"),
         ({"stages": SMALL, "modle": "x"}, "unknown key 'modle'"),
+        ({"stages": [SMALL[0], {**SMALL[1], "model": "elsewhere"}]}, "model is set by the recipe (use `from:`"),
     ],
 )
 def test_a_bad_recipe_is_refused_naming_the_stage_and_key(change, message, data, tmp_path):
@@ -144,8 +145,9 @@ def test_every_example_recipe_is_valid(monkeypatch):
 
 
 def test_a_recipe_stored_in_its_run_reads_back_the_same(data, tmp_path):
-    recipe = load_recipe(recipe_file(tmp_path, data, SMALL))
+    recipe = load_recipe(recipe_file(tmp_path, data, SMALL), ["sft.lr=0.5", "grpo.num_generations=2"])
     again = parse_recipe(recipe.source, origin="stored")
+    assert again.steps[1].config.lr == 0.5 and again.steps[2].config.num_generations == 2  # --set kept for --resume
     assert [(s.name, s.kind, s.source, s.config) for s in again.steps] == [(s.name, s.kind, s.source, s.config) for s in recipe.steps]
     assert Path(again.steps[1].config.data[0]).name == "chats.jsonl"
 

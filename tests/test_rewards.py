@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from modelloop.registry import REWARDS, get_registry
-from modelloop.rewards import RewardError, check_on_sample, find_reward, resolve_rewards, sample_batch
+from modelloop.rewards import RewardError, check_columns, check_on_sample, find_reward, resolve_rewards, sample_batch
 
 
 def said(text):
@@ -111,7 +111,6 @@ def test_options_are_the_keyword_only_parameters(reward_module):
     (bound,) = resolve_rewards(["team_rewards:slow_politeness"], [2.0], {"team_rewards:slow_politeness": {"bonus": 0.5}})
     prompts, completions, columns = sample_batch([{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}])
     assert check_on_sample(bound, prompts, completions, columns) == [1.5, 0.5]
-    assert bound.weight == 2.0
     assert bound.score.__name__ == "team_rewards:slow_politeness"
     with pytest.raises(RewardError, match="unknown option 'bonsu' \\(its options: bonus\\)"):
         resolve_rewards(["team_rewards:slow_politeness"], None, {"team_rewards:slow_politeness": {"bonsu": 1}})
@@ -180,3 +179,14 @@ def test_the_cli_names_a_bad_reward_before_any_model_loads(reward, message, rewa
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_reward_column_missing_from_the_data_is_named(reward_module):
+    records = [{"prompt": "q1", "solution": "1"}, {"prompt": "q2", "topic": "math"}]
+    rewards = resolve_rewards(["accuracy", "team_rewards:politeness"], None, {})
+    with pytest.raises(RewardError, match="reward 'accuracy' needs a 'solution' column, and record 2 of the data has none"):
+        check_columns(rewards, records)
+    prompts, completions, columns = sample_batch(records)
+    assert {key: len(values) for key, values in columns.items()} == {"solution": 4, "topic": 4}  # one per completion
+    assert columns["solution"] == ["1", "1", None, None]
+

@@ -159,6 +159,8 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
         ({"method": "grpo", "rewards": []}, "GRPO needs at least one reward"),
         ({"method": "grpo", "rewards": ["accuracy"], "rollout_engine": "vlm"}, "Unknown engine 'vlm'"),
         ({"method": "dpo", "data_kind": "x"}, "data_kind: unknown key"),
+        ({"method": "grpo", "rewards": ["accuracy"], "num_generations": 6}, "generation_batch_size \\(8\\) must be divisible by num_generations \\(6\\)"),
+        ({"method": "dpo", "method_options": {"learning_rate": 1.0}}, "method_options.learning_rate: modelloop sets it"),
     ],
 )
 def test_a_bad_rlhf_config_fails_before_the_model_loads(overrides, message, data, tiny_models, tmp_path, monkeypatch):

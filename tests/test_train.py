@@ -254,10 +254,26 @@ def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_
     first = sft_process(tiny_models, demo, run)
     first[first.index("--max-steps") + 1] = "20"
     subprocess.run(first, env=subprocess_env, check=True, capture_output=True)
+    first_attempt = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     resumed = subprocess.run(
         [sys.executable, "-m", "modelloop", "sft", "--resume", str(run / "checkpoints" / "checkpoint-10")],
         env=subprocess_env, capture_output=True, text=True,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in logged if "loss" in record] == [10, 20, 20]  # steps 11-20 ran again
+    assert [record["step"] for record in logged if "loss" in record] == [10, 20]  # steps 11-20 ran again, logged once
+    assert logged[0] == first_attempt[0] and logged[-1] != first_attempt[-1]  # up to step 10 kept, the rest replaced
+
+
+def test_an_adapter_trained_on_an_adapter_run_keeps_the_first_adapter(lora_run, tmp_path):
+    """LoRA on top of a LoRA run: the first adapter is merged into a base the run keeps."""
+    tuned, data = lora_run
+    second = tmp_path / "second"
+    modelloop.sft({"model": str(tuned), "data": [str(data)], "max_steps": 2, "lr": 1e-12, "max_length": 64, "output_dir": str(second)})
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["base_model"] == str((second / "base").resolve()) and manifest["parent"] == json.loads((tuned / "manifest.json").read_text())["id"]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        first_logits = modelloop.load_model(tuned).model(input_ids=ids).logits
+        second_logits = modelloop.load_model(second).model(input_ids=ids).logits
+    torch.testing.assert_close(second_logits, first_logits, rtol=1e-4, atol=1e-4)  # the new adapter has barely moved

@@ -112,7 +112,7 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
         decorated = click.option(
             "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function."
         )(decorated)
-    decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (default on).")(decorated)
+    decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (sft and pt: default on; rlhf does not pack).")(decorated)
     decorated = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(decorated)
     decorated = click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation.")(decorated)
     decorated = click.option(

@@ -221,6 +221,8 @@ class RemoteSession:
             body["seed"] = params.seed
         if request.messages is not None:
             return "/v1/chat/completions", {**body, "messages": list(request.messages)}
+        if request.prompt is None:
+            raise EngineError("a request needs messages or a prompt")
         if not isinstance(request.prompt, str):  # token ids in: ask for token ids out (vLLM's extension)
             return "/v1/completions", {**body, "prompt": list(request.prompt or ()), "return_token_ids": True}
         return "/v1/completions", {**body, "prompt": request.prompt}

@@ -21,7 +21,7 @@ from typing import Any
 
 from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, run_stage, trainer_arguments
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, run_stage, trainer_arguments
 
 
 @dataclass(frozen=True)
@@ -63,20 +63,16 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     method = METHODS[config.method]
     check_method(config)
     checked = check_training(config)
-    method_args = method_arguments(config)
+    trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
     rewards = []
     if config.method == "grpo":
         rewards = check_rewards(config, records)
-        engine = None if config.rollout_engine == TRL_GENERATE else get_registry(ENGINES).get(config.rollout_engine)
-        if engine is not None and engine.attach is None and checked.tuner.adapter and checked.source.adapter:
-            raise ConfigError(
-                f"rollouts on {engine.name} get the adapter being trained on the base model, but {config.model} is itself "
-                "an adapter run: merge it first (modelloop export --format merged) and start from the merged model"
-            )
+        if config.rollout_engine != TRL_GENERATE:
+            get_registry(ENGINES).get(config.rollout_engine)
     return run_stage(
-        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, method_args, (records, eval_records), rewards, run_dir, context, continuing)
+        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, (records, eval_records), rewards, run_dir, context, continuing)
     )
 
 
@@ -94,6 +90,25 @@ def check_method(config: RLHFConfig) -> None:
         for key in config.method_options:
             if key not in known:
                 raise ConfigError(f"method_options.{key}: not a field of TRL's {trl_config.__name__}")
+
+
+#: The output folder TRL's config is built with to check it (nothing is written there).
+CHECK_DIR = Path("modelloop-config-check")
+
+
+def trl_arguments(config: RLHFConfig, run_dir: Path, *, evaluating: bool) -> Any:
+    """TRL's config for the method: the arguments every stage shares, the method's knobs,
+    then ``method_options``. Building it runs TRL's own checks (GRPO's batch size must be a
+    multiple of num_generations, ...), so it is done once before the model loads."""
+    method = METHODS[config.method]
+    shared = {**trainer_arguments(config, run_dir, evaluating=evaluating), "activation_checkpointing": False}  # the stage set it up
+    clash = sorted(set(config.method_options) & set(shared))
+    if clash:
+        raise ConfigError(f"method_options.{clash[0]}: modelloop sets it from its own keys (lr, max_steps, batch_size, ...)")
+    try:
+        return _trl_class(method, method.config)(**shared, **method_arguments(config))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"TRL's {method.config}: {error}") from None
 
 
 def method_arguments(config: RLHFConfig) -> dict[str, Any]:
@@ -140,15 +155,17 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
         raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
     if not records.examples:
         raise ConfigError("no usable examples in the data")
-    return [example.record for example in records.examples]
+    keys = {key: None for example in records.examples for key in example.record}  # every column in every row
+    return [{**keys, **example.record} for example in records.examples]
 
 
 def check_rewards(config: RLHFConfig, records: list[dict[str, Any]]) -> list[Any]:
     """Resolve every reward and call it on a sample of the data: cheap rewards before any
     model loads; rewards that need a model right after (they load their own)."""
-    from modelloop.rewards import check_on_sample, resolve_rewards, sample_batch
+    from modelloop.rewards import check_columns, check_on_sample, resolve_rewards, sample_batch
 
     rewards = resolve_rewards(config.rewards, config.reward_weights, config.reward_options)
+    check_columns(rewards, records)
     prompts, completions, columns = sample_batch(records)
     for reward in sorted(rewards, key=lambda r: r.needs_model):
         check_on_sample(reward, prompts, completions, columns)
@@ -165,7 +182,6 @@ def _run(
     config: RLHFConfig,
     method: Method,
     checked: Checked,
-    method_args: dict[str, Any],
     data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None],
     rewards: list[Any],
     run_dir: Path,
@@ -192,15 +208,11 @@ def _run(
         dataset, eval_dataset = split["train"], split["test"]
     print(f"modelloop: data: {len(dataset)} {method.kind} examples")
 
-    model = load_trainable(config, checked)
+    model = load_trainable(config, checked, run_dir)
     optimizer = build_optimizer(
         model, checked.tuner, checked.options, checked.family, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2)
     )
-    arguments = _trl_class(method, method.config)(
-        **trainer_arguments(config, run_dir, evaluating=eval_dataset is not None),
-        gradient_checkpointing=False,  # the stage has set it up (or not) on the model
-        **method_args,
-    )
+    arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}
     rollouts = None
@@ -264,7 +276,7 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         tokenizer=tokenizer,
         chat=chat,
         sampling=sampling,
-        base_model=checked.source.base,
+        base_model=str(merged_base(run_dir)) if merged_base(run_dir).is_dir() else checked.source.base,
         adapter=checked.tuner.adapter,
         sync_dir=run_dir / "rollout-weights",
         sync_steps=config.sync_steps,

@@ -184,8 +184,13 @@ def run_stage(stage: str, config: TrainConfig, source: Any, body: Callable[[Path
     return context.result
 
 
-def load_trainable(config: TrainConfig, checked: Checked) -> Any:
-    """The model loaded, accelerated and prepared by the tuner, ready to train."""
+def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
+    """The model loaded, accelerated and prepared by the tuner, ready to train.
+
+    An adapter run as the starting point is folded into its base first. When the new
+    tuner trains an adapter too, that merged base is saved in the run (``base/``) and is
+    the run's ``base_model``: the new adapter belongs on it, not on the original base.
+    """
     import torch
 
     from modelloop.models.loading import load_model
@@ -194,8 +199,11 @@ def load_trainable(config: TrainConfig, checked: Checked) -> Any:
     extra = dict(tuner.load_options(options)) if tuner.load_options else {}
     loaded = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_impl, trust_remote_code=config.trust_remote_code, **extra)
     model = loaded.model
-    if hasattr(model, "merge_and_unload"):  # an adapter run as the base: fold it in first
+    if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+        if tuner.adapter:
+            model.save_pretrained(merged_base(run_dir), safe_serialization=True)
+            update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()))
     for accelerator in checked.accelerators:
         model = accelerator.apply(model, checked.family)
     if config.gradient_checkpointing:
@@ -204,6 +212,11 @@ def load_trainable(config: TrainConfig, checked: Checked) -> Any:
     model = tuner.prepare(model, options, checked.family)
     model.config.use_cache = False
     return model
+
+
+def merged_base(run_dir: Path) -> Path:
+    """Where a run keeps the merged base its adapter was trained on (see ``load_trainable``)."""
+    return run_dir / "base"
 
 
 def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool) -> dict[str, Any]:
@@ -285,7 +298,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     evaluation = prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options) if config.eval_data else None
     print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
 
-    model = load_trainable(config, checked)
+    model = load_trainable(config, checked, run_dir)
     train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
     if config.eval_split:
