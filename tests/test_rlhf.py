@@ -243,3 +243,11 @@ def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models)
     end_of_turn = tokenizer.convert_tokens_to_ids(chat.end_of_turn[0])
     assert out["completion_ids"][0] == tokenizer("7", add_special_tokens=False)["input_ids"] + [end_of_turn]
     assert out["completion_ids"][1] == [1, 2]
+
+
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+def test_grpo_with_a_kl_term_logs_it(tuner, partly_right, tmp_path):
+    """beta > 0 keeps a reference: LoRA's disabled adapter, or for full tuning TRL's copy."""
+    modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, beta=0.04, max_steps=3, lr=1e-2))
+    kl = logged(tmp_path / "grpo", "kl")
+    assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl) > 0  # moves away once it trains
