@@ -86,6 +86,8 @@ def test_an_adapter_is_used_by_name(client):
     base = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
     tuned = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
     assert base.choices[0].logprobs.content != tuned.choices[0].logprobs.content
+    tokens = [item.token for item in base.choices[0].logprobs.content]
+    assert "".join(tokens).startswith(base.choices[0].message.content)  # token texts, not ids
 
 
 def test_text_completion(client):

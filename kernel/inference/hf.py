@@ -306,8 +306,10 @@ class HFSession:
             length = next((n for n in range(len(kept) + 1) if len(self.tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text)), len(kept))
             kept = kept[:length]
         kept += end
-        probabilities = tuple(logprobs[: len(kept)]) if logprobs is not None else None
-        return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=probabilities)
+        if logprobs is None:
+            return Completion(text=text, token_ids=tuple(kept), finish_reason=reason)
+        tokens = tuple(self.tokenizer.decode([token]) for token in kept)
+        return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=tuple(logprobs[: len(kept)]), tokens=tokens)
 
     def _adapter(self, name: str | None) -> Any:
         """A context in which the model generates as ``name`` (an adapter, or the served base)."""

@@ -221,11 +221,13 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
 
 
 def _logprobs(choice: Any, kind: str) -> Any:
+    """OpenAI's logprobs: each token's text with its log-probability."""
     if choice.logprobs is None:
         return None
+    tokens = list(choice.tokens) if choice.tokens is not None else [str(token) for token in choice.token_ids]
     if kind == "chat":
-        return {"content": [{"token": str(token), "logprob": logprob} for token, logprob in zip(choice.token_ids, choice.logprobs)]}
-    return {"token_logprobs": list(choice.logprobs), "tokens": [str(token) for token in choice.token_ids]}
+        return {"content": [{"token": token, "logprob": logprob} for token, logprob in zip(tokens, choice.logprobs)]}
+    return {"token_logprobs": list(choice.logprobs), "tokens": tokens}
 
 
 def _events(session: Any, request: GenerationRequest, identity: str, kind: str) -> Iterator[str]:

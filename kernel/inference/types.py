@@ -49,13 +49,15 @@ class Completion:
 
     ``token_ids`` are the tokens generated, with the end-of-turn token when one ended the
     choice (as vLLM returns them); ``text`` leaves it out. Empty when an engine over HTTP
-    did not return ids.
+    did not return ids. With ``logprobs``, ``tokens`` holds each token's text (what the
+    OpenAI API reports beside each log-probability).
     """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     logprobs: tuple[float, ...] | None = None
+    tokens: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
