@@ -187,3 +187,17 @@ def test_attached_to_a_model_in_training_it_generates_inline_and_leaves_it_train
         assert [delta for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=3)))][-1].finish_reason
     finally:
         session.close()
+
+
+def test_a_stream_closed_early_stops_generating(tiny_models):
+    from modelloop.inference.hf import HFSession
+
+    session = HFSession.load(tiny_models("qwen2"))
+    try:
+        stream = session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1500, temperature=1.0, seed=0)))
+        next(stream)
+        stream.close()  # the reader goes away after the first piece of text
+        session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1))])  # waits for the worker
+        assert session.steps < 100  # not the 1500 tokens asked for
+    finally:
+        session.close()

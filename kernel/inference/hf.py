@@ -31,6 +31,7 @@ class _Job:
     request: GenerationRequest
     prompt_ids: list[int]
     streamed: bool = False  # someone reads the deltas as they come (else only the result)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
     deltas: queue.Queue = field(default_factory=queue.Queue)
     result: Generation | None = None
     error: BaseException | None = None
@@ -74,6 +75,7 @@ class HFSession:
         self.eos_ids = self._eos_ids()
         self.requests = 0
         self.batches = 0
+        self.steps = 0  # decoding steps run, all batches together
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # the model is used by one generate() or adapter load at a time
         for name, path in (adapters or {}).items():
@@ -166,10 +168,18 @@ class HFSession:
         return [job.result for job in jobs]  # type: ignore[misc]
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
-        """Yield text as it is generated, then one Delta per choice with its finish reason."""
+        """Yield text as it is generated, then one Delta per choice with its finish reason.
+
+        Closing the iterator early (a client that went away) ends the request's rows at
+        the next token, freeing the batch for the others.
+        """
         (job,) = self._submit([request], streamed=True)
-        while (item := job.deltas.get()) is not _DONE:
-            yield item
+        try:
+            while (item := job.deltas.get()) is not _DONE:
+                yield item
+        finally:
+            if not job.done.is_set():
+                job.cancelled.set()
         if job.error is not None:
             raise job.error
 
@@ -371,10 +381,14 @@ class _BatchStreamer:
         if not self.prompt_seen:  # the first call carries the prompts
             self.prompt_seen = True
             return
+        self.session.steps += 1
         for row, token in enumerate(value.reshape(-1).tolist()):
             if not self.open[row]:
                 continue
             job, choice = self.rows[row]
+            if job.cancelled.is_set():
+                self._close(row)
+                continue
             params = job.request.params
             if token in self.session.eos_ids:
                 self.end_token[row] = token
