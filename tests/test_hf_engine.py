@@ -164,10 +164,10 @@ def test_a_token_id_prompt_is_used_as_it_is_and_the_end_of_turn_token_is_kept(se
     by_ids = session.generate([GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=40, temperature=0))])[0]
     by_messages = ask(session, max_tokens=40, temperature=0)
     assert by_ids.choices == by_messages.choices and by_ids.prompt_tokens == len(prompt)
-    choice = by_ids.choices[0]
-    if choice.finish_reason == "stop":  # ended by the model: its end-of-turn token closes token_ids, not the text
-        assert choice.token_ids[-1] in session.eos_ids
-        assert session.tokenizer.decode(choice.token_ids[:-1], skip_special_tokens=True) == choice.text
+    word = session.tokenizer("hello", add_special_tokens=False)["input_ids"]
+    ended = session._complete([*word, session.eos_ids[0], *word], SamplingParams(max_tokens=40), None)
+    assert ended.token_ids == (*word, session.eos_ids[0]) and ended.finish_reason == "stop"  # the end-of-turn token kept
+    assert ended.text == session.tokenizer.decode(word)  # but not in the text
     with pytest.raises(EngineError, match="ids outside the vocabulary"):
         session.generate([GenerationRequest(prompt=[1, 10**9])])
 

@@ -250,7 +250,7 @@ def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
     """GRPO's mean total reward over the first and the last ``window`` logged steps."""
     import json
 
-    logged = [json.loads(line)["reward"] for line in metrics_path.read_text().splitlines() if '"reward"' in line]
+    logged = [record["reward"] for record in map(json.loads, metrics_path.read_text().splitlines()) if "reward" in record]
     if not logged:
         return {}
     return {"reward_first": sum(logged[:window]) / len(logged[:window]), "reward": sum(logged[-window:]) / len(logged[-window:])}
