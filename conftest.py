@@ -61,19 +61,21 @@ def hermetic_plugins(monkeypatch: pytest.MonkeyPatch, session_cache: Path) -> No
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Callable[[str], Path]:
-    """``tiny_models(family)``: the folder of that family's ``tiny`` preset, built once per session."""
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Callable[..., Path]:
+    """``tiny_models(family, preset="tiny")``: the folder of that family's preset, built once
+    per session (``small`` where a test measures memory)."""
     from modelloop.models.new_model import new_model
 
     root = tmp_path_factory.mktemp("models")
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, str], Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in built:
+    def get(family: str, preset: str = "tiny") -> Path:
+        if (family, preset) not in built:
             with pytest.MonkeyPatch.context() as monkeypatch:
                 _hermetic(monkeypatch, session_cache)
-                built[family] = new_model(family, "tiny", root / family)
-        return built[family]
+                suffix = "" if preset == "tiny" else f"-{preset}"
+                built[family, preset] = new_model(family, preset, root / f"{family}{suffix}")
+        return built[family, preset]
 
     return get
 

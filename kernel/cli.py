@@ -35,6 +35,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "eval": "modelloop.commands.infer:eval_command",
     "chat": "modelloop.commands.chat:chat_command",
     "run": "modelloop.commands.run:run_command",
+    "plan": "modelloop.commands.plan:plan_command",
     "runs": "modelloop.commands.runs:runs_command",
 }
 

@@ -59,6 +59,11 @@ class TrainConfig(BaseModel):
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
     save_total_limit: int | None = Field(None, gt=0, description="keep the last K checkpoints")
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    nproc: int = Field(1, gt=0, description="processes per node (more than one starts them through torchrun)")
+    nnodes: int | None = Field(None, gt=0, description="nodes taking part, each running the same command with its --node-rank (default: SLURM's count, else 1)")
+    strategy: str | None = Field(None, description="parallel strategy: single, ddp, fsdp, deepspeed, tp, ... (default: single, or ddp for several processes)")
+    strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options (ZeRO stage, offload, ...)")
+    hang_timeout: int = Field(600, gt=0, description="seconds a rank waits for the others in a collective before the job is stopped")
     output_dir: Path | None = None
     resume: bool | Path = False
     trust_remote_code: bool = False

@@ -36,7 +36,7 @@ ENTRY_POINT_GROUP = "modelloop"
 
 #: Modules under ``modelloop.builtin`` registered before any third-party plugin,
 #: exactly like one: the kernel is built on its own hooks.
-BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family", "full_tuner", "hf_engine", "exporters", "rewards")
+BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family", "full_tuner", "parallel", "hf_engine", "exporters", "rewards")
 
 
 def canonical_name(name: str) -> str:

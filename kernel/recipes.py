@@ -238,7 +238,7 @@ def _guard(recipe: Recipe, step: Step, check: Callable[[Step], Any]) -> None:
 
 def _check_names(step: Step) -> None:
     """Plugin names and options: no file, no model, no heavy import."""
-    from modelloop.registry import ENGINES, EXPORTERS, MODELS, get_registry
+    from modelloop.registry import ENGINES, EXPORTERS, MODELS, PARALLEL_STRATEGIES, get_registry
 
     config: Any = step.config
     if step.kind == "new-model":
@@ -252,6 +252,8 @@ def _check_names(step: Step) -> None:
 
         check_tuner(config)
         check_names(config)
+        if config.strategy:
+            get_registry(PARALLEL_STRATEGIES).get(config.strategy)
         if step.kind == "rlhf":
             from modelloop.rewards import resolve_rewards
             from modelloop.stages.rlhf import TRL_GENERATE, check_method

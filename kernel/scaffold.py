@@ -129,24 +129,23 @@ def register_tuners(register):
     "parallel-strategy": PluginKind(
         "register_parallel_strategies",
         "parallel strategy",
-        "from modelloop.specs import ParallelStrategy",
+        "from modelloop.parallel.plan import ParallelPlan\nfrom modelloop.specs import ParallelStrategy",
         '''
-def plan(model_info, world_size, options):
-    return {"replicas": world_size}
-
-
-def apply(model, plan):
-    """Replicate the model in each process (torch DDP) when there is more than one."""
-    if plan["replicas"] == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model)
+def plan(request):
+    """Data parallel with gradients reduced in 100 MB buckets: a replica on every rank."""
+    world = request.world
+    return ParallelPlan(
+        strategy="$name",
+        world=world,
+        mesh={"dp": world.size},
+        backend=request.backend,
+        trainer_arguments={"ddp_backend": request.backend, "ddp_bucket_cap_mb": 100},
+    )
 
 
 @modelloop.hookimpl
 def register_parallel_strategies(register):
-    register(ParallelStrategy(name="$name", description="Plain data parallel.", plan=plan, apply=apply))
+    register(ParallelStrategy(name="$name", description="Data parallel with large gradient buckets.", plan=plan))
 ''',
     ),
     "reward": PluginKind(

@@ -280,22 +280,30 @@ class Accelerator(Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelStrategy(Spec):
-    """A way to spread training over processes.
+    """A way to spread training over processes (``--strategy``).
 
-    :param plan: ``plan(model_info, world_size, options) -> plan``: a description of
-        what goes where, cheap to compute, printable by ``modelloop plan``.
-    :param apply: ``apply(model, plan) -> model`` in each process.
+    :param plan: ``plan(request) -> ParallelPlan`` (``modelloop.parallel.plan``): cheap,
+        no weights loaded; the launcher and ``modelloop plan`` call it before any worker
+        starts. It raises ValueError for ``strategy_options`` it cannot take or a model
+        it cannot spread.
+    :param apply: ``apply(model, plan) -> model`` in every worker, after the tuner has
+        prepared the model and before the trainer wraps it, for strategies that wrap the
+        model themselves; None when the plan's trainer arguments say it all.
     :param min_world_size: the fewest processes it makes sense on.
+    :param requires: import names it needs (``deepspeed``), checked before anything starts.
+    :param needs_cuda: whether it runs on CUDA GPUs only (NCCL-only engines, megatron-core).
     """
 
     plan: Callable[..., Any]
-    apply: Callable[..., Any]
+    apply: Callable[..., Any] | None = None
     min_world_size: int = 1
+    requires: tuple[str, ...] = ()
+    needs_cuda: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require_callable(self, "plan")
-        _require_callable(self, "apply")
+        _require_callable(self, "apply", optional=True)
 
 
 @dataclass(frozen=True, kw_only=True)

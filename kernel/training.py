@@ -138,14 +138,30 @@ def build_optimizer(
                 split.append({**extra, "params": members, "weight_decay": group.get("weight_decay", decay)})
     if not split:
         raise ValueError(f"the {tuner.name} tuner left no parameter to train")
+    split = by_device_mesh(split)
     if tuner.optimizer is not None:
         return tuner.optimizer(split, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8)
     return torch.optim.AdamW(split, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, foreach=True)
 
 
+def by_device_mesh(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group split so that its parameters share one device mesh: a foreach kernel
+    cannot span plain tensors and DTensors, and tensor parallelism leaves some of each."""
+    split = []
+    for group in groups:
+        meshes: dict[Any, list[torch.Tensor]] = {}
+        for parameter in group["params"]:
+            meshes.setdefault(getattr(parameter, "device_mesh", None), []).append(parameter)
+        split.extend({**group, "params": members} for members in meshes.values())
+    return split
+
+
 class AtomicCheckpoints:
     """A Trainer mixin: each checkpoint is written under ``.partial/`` and renamed into place,
-    so a killed run never leaves a half-written checkpoint for ``--resume`` to pick up."""
+    so a killed run never leaves a half-written checkpoint for ``--resume`` to pick up.
+
+    With several processes every rank writes its part (its RNG state, its optimizer
+    shard) first; the rename waits for all of them."""
 
     _staging_dir: str | None = None
 
@@ -161,21 +177,39 @@ class AtomicCheckpoints:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_dir = None
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             target = os.path.join(final_root, name)
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(final_root, STAGING, name), target)
             rotate_checkpoints(final_root, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
 
 
-def with_atomic_checkpoints(trainer_class: type) -> type:
-    """``trainer_class`` (one of TRL's) with modelloop's atomic checkpoints mixed in."""
-    return type(trainer_class.__name__, (AtomicCheckpoints, trainer_class), {})
+class TunerOptimizer:
+    """A Trainer mixin: the optimizer is ``optimizer_factory(model)`` (the tuner's parameter
+    groups, ``build_optimizer``), built when the trainer asks for it — after FSDP or
+    DeepSpeed has wrapped and sharded the model, whose parameters an optimizer built
+    beforehand would not hold."""
+
+    def __init__(self, *args: Any, optimizer_factory: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.optimizer_factory = optimizer_factory
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None and self.optimizer_factory is not None:
+            self.optimizer = self.optimizer_factory(self.model if model is None else model)
+        return super().create_optimizer(model)
 
 
-class ModelloopTrainer(AtomicCheckpoints, Trainer):
-    """Trainer with registry samplers and atomically appearing checkpoints."""
+def modelloop_trainer_class(trainer_class: type) -> type:
+    """``trainer_class`` (one of TRL's) with modelloop's checkpoints and optimizer mixed in."""
+    return type(trainer_class.__name__, (AtomicCheckpoints, TunerOptimizer, trainer_class), {})
+
+
+class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
+    """Trainer with registry samplers, the tuner's optimizer and atomically appearing checkpoints."""
 
     def __init__(self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

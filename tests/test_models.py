@@ -105,7 +105,7 @@ def test_new_model_trains_the_tokenizer_on_a_corpus_too(tmp_path):
 
 
 def test_new_model_refuses_unknown_presets_and_existing_folders(tmp_path):
-    with pytest.raises(ModelloopError, match="no preset 'huge'; presets: tiny, qwen2.5-0.5b"):
+    with pytest.raises(ModelloopError, match="no preset 'huge'; presets: tiny, small, qwen2.5-0.5b"):
         new_model("qwen2", "huge", tmp_path / "m")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")

@@ -109,8 +109,13 @@ def check_tuner(tuner, tmp_path):
 
 
 def check_parallel_strategy(strategy, tmp_path):
-    model = object()
-    assert strategy.apply(model, strategy.plan({}, 1, {})) is model
+    from modelloop.parallel.plan import PlanRequest
+    from modelloop.parallel.world import World
+
+    request = PlanRequest(World(nproc=4), None, None, "full", {}, batch_size=1, max_length=8, gradient_checkpointing=False, cuda=False)
+    plan = strategy.plan(request)
+    assert plan.mesh == {"dp": 4}
+    assert plan.trainer_arguments["ddp_bucket_cap_mb"] == 100
 
 
 def check_reward(reward, tmp_path):

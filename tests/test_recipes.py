@@ -136,7 +136,7 @@ def test_every_example_recipe_is_valid(monkeypatch):
     from modelloop.recipes import _check_names
 
     recipes = sorted((REPO / "examples").glob("*.yaml"))
-    assert {path.stem for path in recipes} >= {"quickstart", "lora-sft", "dpo", "grpo-custom-reward", "qlora-consumer-gpu", "export-vllm"}
+    assert {path.stem for path in recipes} >= {"quickstart", "lora-sft", "dpo", "grpo-custom-reward", "qlora-consumer-gpu", "export-vllm", "scale-out"}
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())  # qlora's bitsandbytes, vllm: present or not
     for path in recipes:
         recipe = load_recipe(path)

@@ -36,7 +36,29 @@ FLAGS: dict[str, Any] = {
     "--truncation": click.Choice(["truncate", "drop", "error"]),
     "--report-to": click.Choice(["none", "tensorboard", "wandb"]),
     "--output-dir": click.Path(file_okay=False, path_type=Path),
+    "--nproc": int,
+    "--nnodes": int,
+    "--strategy": str,
 }
+
+#: How the nodes of a multi-node job meet: per launch, not part of a run's config (each
+#: node has its own rank). Left out, they come from SLURM's or torchrun's environment.
+RENDEZVOUS = {"--node-rank": ("NODE_RANK", int), "--master-addr": ("MASTER_ADDR", str), "--master-port": ("MASTER_PORT", int)}
+
+
+def rendezvous_options(command: Any) -> Any:
+    """Add ``--node-rank``, ``--master-addr`` and ``--master-port`` to a click command."""
+    for flag, (variable, kind) in RENDEZVOUS.items():
+        command = click.option(flag, type=kind, default=None, expose_value=False, callback=_export, help=f"Multi-node rendezvous (default: ${variable}).")(command)
+    return command
+
+
+def _export(context: click.Context, parameter: click.Parameter, value: Any) -> None:
+    """Put a rendezvous flag where the launcher (and torchrun's conventions) read it."""
+    import os
+
+    if value is not None:
+        os.environ[RENDEZVOUS["--" + parameter.name.replace("_", "-")][0]] = str(value)
 
 
 #: rlhf's own flags: the method and the knobs most runs set (the rest through --set).
@@ -112,6 +134,7 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
         decorated = click.option(
             "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function."
         )(decorated)
+    decorated = rendezvous_options(decorated)
     decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (sft and pt: default on; rlhf does not pack).")(decorated)
     decorated = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(decorated)
     decorated = click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation.")(decorated)

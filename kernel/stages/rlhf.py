@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.config import ConfigError, RLHFConfig, build_config
+from modelloop.parallel.memory import PeakMemory
+from modelloop.parallel.world import is_main_process
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, run_stage, trainer_arguments
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, run_stage, trainer_arguments, tuner_optimizer
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
     return run_stage(
-        "rlhf", config, checked.source, lambda run_dir, context, continuing: _run(config, method, checked, (records, eval_records), rewards, run_dir, context, continuing)
+        "rlhf", config, checked, lambda run_dir, context, continuing: _run(config, method, checked, (records, eval_records), rewards, run_dir, context, continuing)
     )
 
 
@@ -96,12 +98,12 @@ def check_method(config: RLHFConfig) -> None:
 CHECK_DIR = Path("modelloop-config-check")
 
 
-def trl_arguments(config: RLHFConfig, run_dir: Path, *, evaluating: bool) -> Any:
+def trl_arguments(config: RLHFConfig, run_dir: Path, *, evaluating: bool, plan: Any = None) -> Any:
     """TRL's config for the method: the arguments every stage shares, the method's knobs,
     then ``method_options``. Building it runs TRL's own checks (GRPO's batch size must be a
     multiple of num_generations, ...), so it is done once before the model loads."""
     method = METHODS[config.method]
-    shared = {**trainer_arguments(config, run_dir, evaluating=evaluating), "activation_checkpointing": False}  # the stage set it up
+    shared = {**trainer_arguments(config, run_dir, evaluating=evaluating, plan=plan), "activation_checkpointing": False}  # the stage set it up
     clash = sorted(set(config.method_options) & set(shared))
     if clash:
         raise ConfigError(f"method_options.{clash[0]}: modelloop sets it from its own keys (lr, max_steps, batch_size, ...)")
@@ -193,7 +195,7 @@ def _run(
 
     from modelloop.chat import resolve_chat_format
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import ReportCallback, build_optimizer, latest_checkpoint, plot_metrics, with_atomic_checkpoints
+    from modelloop.training import ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
 
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
@@ -206,13 +208,12 @@ def _run(
     if config.eval_split:
         split = dataset.train_test_split(test_size=config.eval_split, seed=config.seed)
         dataset, eval_dataset = split["train"], split["test"]
-    print(f"modelloop: data: {len(dataset)} {method.kind} examples")
+    if is_main_process():
+        print(f"modelloop: data: {len(dataset)} {method.kind} examples")
 
+    memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
-    optimizer = build_optimizer(
-        model, checked.tuner, checked.options, checked.family, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2)
-    )
-    arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None)
+    arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}
     rollouts = None
@@ -220,13 +221,13 @@ def _run(
         extra = {"reward_funcs": [reward.score for reward in rewards]}
         if config.rollout_engine != TRL_GENERATE:
             rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir)
-    trainer = with_atomic_checkpoints(_trl_class(method, method.trainer))(
+    trainer = modelloop_trainer_class(_trl_class(method, method.trainer))(
         model=model,
         args=arguments,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        optimizers=(optimizer, None),
+        optimizer_factory=tuner_optimizer(config, checked),
         callbacks=[report],
         **extra,
     )
@@ -240,10 +241,11 @@ def _run(
             rollouts.close()
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
     metrics["train_seconds"] = time.perf_counter() - started
+    metrics.update(memory.measured())
     if config.method == "grpo":
         metrics.update(reward_summary(run_dir / "metrics.jsonl"))
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
-    return finish_run(run_dir, "rlhf", config, checked, model, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
+    return finish_run(run_dir, "rlhf", config, checked, trainer, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
 
 
 def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:

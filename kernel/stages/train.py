@@ -12,6 +12,7 @@ chat template it was trained with), ``config.json`` (resolved), ``metrics.jsonl`
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,11 +33,15 @@ from modelloop.artifacts import (
 )
 from modelloop.config import ConfigError, TrainConfig, build_config
 from modelloop.data.sources import DataSource
-from modelloop.lifecycle import stage_lifecycle
+from modelloop.lifecycle import StageContext, stage_lifecycle
 from modelloop.models.loading import read_config, resolve_family, resolve_model_source
+from modelloop.parallel.launch import launch
+from modelloop.parallel.memory import PeakMemory
+from modelloop.parallel.plan import ParallelPlan, PlanRequest, make_plan
+from modelloop.parallel.world import World, in_worker, is_main_process, join_process_group, torchrun_world
 from modelloop.plugins import get_plugin_manager
 from modelloop.registry import ACCELERATORS, DATASET_FORMATS, SAMPLERS, TEMPLATES, TUNERS, get_registry
-from modelloop.specs import Accelerator, Tuner
+from modelloop.specs import Accelerator, ParallelStrategy, Tuner
 
 Stage = Literal["sft", "pt"]
 KIND = {"sft": "conversation", "pt": "text"}
@@ -127,13 +132,13 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, An
     if not isinstance(config, TrainConfig):
         config = build_config(TrainConfig, config)
     checked = check_training(config)
-    return run_stage(stage, config, checked.source, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
+    return run_stage(stage, config, checked, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
 
 
 @dataclass(frozen=True)
 class Checked:
     """What the checks before loading found: the tuner and its options, the model's source,
-    family and config, the accelerators."""
+    family and config, the accelerators, and the parallel strategy with its plan."""
 
     tuner: Tuner
     options: dict[str, Any]
@@ -141,6 +146,8 @@ class Checked:
     family: Any
     model_config: Any
     accelerators: list[Accelerator]
+    strategy: ParallelStrategy
+    plan: ParallelPlan
 
 
 def check_training(config: TrainConfig) -> Checked:
@@ -152,12 +159,55 @@ def check_training(config: TrainConfig) -> Checked:
     check_context(model_config, config)
     family = resolve_family(model_config.model_type)
     accelerators = check_accelerators(config, model_config.model_type)
-    return Checked(tuner, options, source, family, model_config, accelerators)
+    strategy, plan = plan_training(config, model_config, family)
+    return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
 
 
-def run_stage(stage: str, config: TrainConfig, source: Any, body: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, Any]:
+def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: bool | None = None) -> tuple[ParallelStrategy, ParallelPlan]:
+    """The parallel strategy and its plan for this config on the world it runs on: the
+    one torchrun described to this worker, or the one ``nproc``/``nnodes`` ask for.
+    ``cuda`` plans for GPUs (or not) whatever this machine has (``modelloop plan``)."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+
+    world = torchrun_world() if in_worker() else World.resolve(config.nproc, config.nnodes)
+    request = PlanRequest(
+        world=world,
+        model_config=model_config,
+        family=family,
+        tuner=config.tuner,
+        options=config.strategy_options,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        gradient_checkpointing=config.gradient_checkpointing,
+        cuda=cuda,
+    )
+    return make_plan(config.strategy, request)
+
+
+def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, Any]:
     """Open (or reopen, to resume) the run folder, run ``body`` inside the stage's lifecycle
-    hooks, and record a failure in the manifest."""
+    hooks, and record a failure in the manifest.
+
+    A plan for several processes is handed to the launcher, which starts the workers;
+    each worker comes back here. Rank 0 owns the run folder (manifest, config, hooks);
+    the other ranks only train, in the folder the launcher named.
+    """
+    plan = checked.plan
+    world = plan.world
+    for variable, value in plan.environment.items():  # the workers inherit them; a user's own setting wins
+        os.environ.setdefault(variable, value)
+    if world.size > 1 and config.output_dir is None and (in_worker() or world.node_rank > 0):
+        raise ConfigError("every rank must write to one run folder: give --output-dir (on a filesystem every node shares)")
+    if in_worker():
+        join_process_group(plan.backend, config.hang_timeout)
+    if not is_main_process():
+        continuing = run_to_resume(stage, config.resume, config.output_dir) if in_worker() else None
+        if not in_worker():  # the launcher of another node: node 0 keeps the manifest
+            return launch(stage, config, plan, config.output_dir)
+        return body(config.output_dir, StageContext(stage, config.model_dump(mode="json"), config.output_dir, get_plugin_manager()), continuing)
     continuing = run_to_resume(stage, config.resume, config.output_dir)
     run_dir = continuing[0] if continuing else new_run_dir(stage, config.output_dir)
     resolved = config.model_dump(mode="json")
@@ -167,13 +217,18 @@ def run_stage(stage: str, config: TrainConfig, source: Any, body: Callable[[Path
         id=run_id(run_dir),
         stage=stage,
         status="running",
-        parent=source.parent,
-        base_model=source.base,
+        parent=checked.source.parent,
+        base_model=checked.source.base,
         config=resolved,
+        parallel=plan.to_dict(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S"),
         **environment({name: info.version for name, info in manager.info.items()}),
     )
     write_json_atomic(run_dir / "config.json", resolved)
+    if world.size > 1 and not in_worker():
+        print("\n".join(f"modelloop: plan: {line}" for line in plan.lines()))
+        resume: Any = (continuing[1] or run_dir) if continuing else False
+        return launch(stage, config.model_copy(update={"output_dir": run_dir, "resume": resume}), plan, run_dir)
     with stage_lifecycle(stage, resolved, run_dir, manager) as context:
         try:
             result = body(run_dir, context, continuing)
@@ -195,8 +250,8 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
 
     from modelloop.models.loading import load_model
 
-    tuner, options = checked.tuner, checked.options
-    extra = dict(tuner.load_options(options)) if tuner.load_options else {}
+    tuner, options, plan = checked.tuner, checked.options, checked.plan
+    extra = {**(tuner.load_options(options) if tuner.load_options else {}), **plan.load_options}
     loaded = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_impl, trust_remote_code=config.trust_remote_code, **extra)
     model = loaded.model
     if hasattr(model, "merge_and_unload"):
@@ -206,11 +261,13 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
             update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()))
     for accelerator in checked.accelerators:
         model = accelerator.apply(model, checked.family)
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing and not plan.activation_checkpointing:
         _checkpoint_activations(model)
     torch.manual_seed(config.seed)
     model = tuner.prepare(model, options, checked.family)
     model.config.use_cache = False
+    if checked.strategy.apply is not None:
+        model = checked.strategy.apply(model, plan)
     return model
 
 
@@ -219,11 +276,12 @@ def merged_base(run_dir: Path) -> Path:
     return run_dir / "base"
 
 
-def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool) -> dict[str, Any]:
-    """The transformers ``TrainingArguments`` every stage shares (TRL's configs extend them)."""
+def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool, plan: ParallelPlan | None = None) -> dict[str, Any]:
+    """The transformers ``TrainingArguments`` every stage shares (TRL's configs extend
+    them), with the parallel plan's on top."""
     import torch
 
-    return {
+    shared = {
         "output_dir": str(run_dir / "checkpoints"),
         "per_device_train_batch_size": config.batch_size,
         "per_device_eval_batch_size": config.batch_size,
@@ -248,18 +306,37 @@ def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool) -
         "disable_tqdm": True,
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        "ddp_timeout": config.hang_timeout,
     }
+    return {**shared, **(plan.trainer_arguments if plan is not None else {})}
 
 
 def finish_run(
-    run_dir: Path, stage: str, config: TrainConfig, checked: Checked, model: Any, tokenizer: Any, chat: Any, *, stats: Mapping[str, Any], metrics: dict[str, Any]
+    run_dir: Path,
+    stage: str,
+    config: TrainConfig,
+    checked: Checked,
+    trainer: Any,
+    tokenizer: Any,
+    chat: Any,
+    *,
+    stats: Mapping[str, Any],
+    metrics: dict[str, Any],
 ) -> dict[str, Any]:
     """Save the weights (or adapter) with the tokenizer and chat template, draw the plots,
-    and complete the manifest."""
+    and complete the manifest. Every rank calls it: when the plan split the weights
+    (ZeRO-3, FSDP, tensor parallel) the trainer gathers them from all ranks into one
+    ordinary folder; rank 0 writes."""
     from modelloop.training import plot_losses
 
     model_dir = run_dir / "model"
-    (checked.tuner.save or _save_pretrained)(model, model_dir)
+    plan = checked.plan
+    if plan.shard >= 3 or plan.mesh.get("tp", 1) > 1:
+        trainer.save_model(str(model_dir))
+    if not is_main_process():
+        return {"run_dir": str(run_dir), "metrics": metrics}
+    if not model_dir.is_dir():
+        (checked.tuner.save or _save_pretrained)(trainer.accelerator.unwrap_model(trainer.model), model_dir)
     if chat is not None:
         tokenizer.chat_template = chat.source
     tokenizer.save_pretrained(model_dir)
@@ -277,6 +354,7 @@ def finish_run(
         },
         metrics=metrics,
         files=hashed_files(model_dir),
+        parallel={**plan.to_dict(), "wrapped_as": type(trainer.model_wrapped).__name__},
     )
     print(f"modelloop: {stage} finished: {run_dir} (train loss {metrics.get('train_loss', float('nan')):.4f})")
     return {"run_dir": str(run_dir), "metrics": metrics}
@@ -288,7 +366,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import Collator, ModelloopTrainer, RegistrySampler, ReportCallback, TrainingData, build_optimizer, latest_checkpoint
+    from modelloop.training import Collator, ModelloopTrainer, RegistrySampler, ReportCallback, TrainingData, latest_checkpoint
 
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -296,8 +374,10 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     data_options = {"kind": kind, "format": config.format, "truncation": config.truncation, "skip_bad_records": config.skip_bad_records, "seed": config.seed}
     data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
     evaluation = prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options) if config.eval_data else None
-    print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
+    if is_main_process():
+        print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
 
+    memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
     train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
@@ -305,10 +385,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
     collator = Collator(tokenizer.pad_token_id, config.packing)
     sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
-    optimizer = build_optimizer(
-        model, checked.tuner, checked.options, checked.family, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, config.adam_beta2)
-    )
-    arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None))
+    arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
     trainer = ModelloopTrainer(
         model=model,
@@ -316,7 +393,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
-        optimizers=(optimizer, None),
+        optimizer_factory=tuner_optimizer(config, checked),
         train_sampler=sampler,
         callbacks=[report],
     )
@@ -329,8 +406,27 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     if eval_set is not None:
         metrics.update(trainer.evaluate())
         report.on_log(arguments, trainer.state, trainer.control, logs={key: v for key, v in metrics.items() if key.startswith("eval_")})
-    metrics["train_tokens_per_second"] = collator.tokens / train_seconds if train_seconds else 0.0
-    return finish_run(run_dir, stage, config, checked, model, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics)
+    metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp / train_seconds if train_seconds else 0.0  # each dp rank reads its own batches
+    metrics.update(memory.measured())
+    return finish_run(run_dir, stage, config, checked, trainer, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics)
+
+
+def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], Any]:
+    """``model -> optimizer`` from the tuner's parameter groups, for the trainer to call
+    once the strategy has wrapped the model."""
+    from functools import partial
+
+    from modelloop.training import build_optimizer
+
+    return partial(
+        build_optimizer,
+        tuner=checked.tuner,
+        options=checked.options,
+        family=checked.family,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        betas=(0.9, config.adam_beta2),
+    )
 
 
 def _checkpoint_activations(model: Any) -> None:

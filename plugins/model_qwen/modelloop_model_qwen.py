@@ -8,7 +8,7 @@ imported: everything registered is data, or a function that imports when called.
 from __future__ import annotations
 
 import modelloop
-from modelloop.models.presets import TINY
+from modelloop.models.presets import SMALL, TINY
 from modelloop.builtin.templates import IM_END, chatml_source
 from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe
 
@@ -64,6 +64,7 @@ FAMILIES = (
         module_groups=LANGUAGE_MODEL,
         presets={
             "tiny": {"model_type": "qwen2", **TINY, "max_window_layers": 4},
+            "small": {"model_type": "qwen2", **SMALL, "max_window_layers": 8},
             "qwen2.5-0.5b": {
                 "model_type": "qwen2",
                 "hidden_size": 896,

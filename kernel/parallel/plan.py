@@ -1,0 +1,179 @@
+"""The parallel plan: what a strategy decides for one model on one world.
+
+A plan is data — the mesh, how much is sharded and offloaded, what is wrapped, and the
+arguments the trainer, the model loader and the workers' environment need to carry it
+out — so it can be printed by ``modelloop plan``, checked before any worker starts, and
+stored in the run's manifest next to the config it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelloop.errors import ModelloopError
+from modelloop.parallel.world import World
+
+#: mesh dimensions, in the order they are printed: data, tensor, pipeline, expert, context parallel.
+MESH_DIMENSIONS = ("dp", "tp", "pp", "ep", "cp")
+
+#: what each sharding level spreads over the data-parallel ranks (ZeRO's stages; FSDP's
+#: full shard is 3, its shard-grad-op is 2).
+SHARD_LEVELS = {0: "nothing (every rank holds everything)", 1: "optimizer states", 2: "optimizer states and gradients", 3: "optimizer states, gradients and weights"}
+
+
+class PlanError(ModelloopError):
+    """A plan that cannot work on this world: too few processes, a mesh that does not
+    multiply out, a strategy that does not support the model."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a strategy plans for: the world, the model (its transformers config and
+    family), the tuner, the strategy's options and the shape of a training step."""
+
+    world: World
+    model_config: Any
+    family: Any
+    tuner: str
+    options: Mapping[str, Any]
+    batch_size: int
+    max_length: int
+    gradient_checkpointing: bool
+    cuda: bool
+
+    @property
+    def backend(self) -> str:
+        """The collective backend: NCCL between GPUs, gloo on CPUs."""
+        return "nccl" if self.cuda else "gloo"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelPlan:
+    """A strategy's decision, complete enough to run and to print.
+
+    :param mesh: dimension -> size, from ``MESH_DIMENSIONS``; their product is the world size.
+    :param shard: what is spread over the ``dp`` ranks, a key of ``SHARD_LEVELS``.
+    :param offload: what lives in host memory between uses: ``optimizer``, ``parameters``.
+    :param activation_checkpointing: whether the strategy recomputes activations itself
+        (the stage then leaves its own checkpointing off).
+    :param master_weights: whether the optimizer keeps an fp32 copy of the trainable
+        weights next to its states (DeepSpeed does).
+    :param wrap: the module classes sharded or wrapped as one unit.
+    :param trainer_arguments: fields of transformers' ``TrainingArguments``.
+    :param load_options: extra ``from_pretrained`` arguments (``tp_plan``).
+    :param environment: variables every worker starts with.
+    """
+
+    strategy: str
+    world: World
+    mesh: Mapping[str, int]
+    shard: int = 0
+    offload: tuple[str, ...] = ()
+    mixed_precision: str | None = None
+    activation_checkpointing: bool = False
+    master_weights: bool = False
+    wrap: tuple[str, ...] = ()
+    backend: str = "gloo"
+    trainer_arguments: Mapping[str, Any] = field(default_factory=dict)
+    load_options: Mapping[str, Any] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mesh) - set(MESH_DIMENSIONS)
+        if unknown:
+            raise PlanError(f"{self.strategy}: unknown mesh dimension {sorted(unknown)[0]!r} (known: {', '.join(MESH_DIMENSIONS)})")
+        product = 1
+        for size in self.mesh.values():
+            product *= size
+        if product != self.world.size:
+            raise PlanError(f"{self.strategy}: the mesh {self.mesh_text()} needs {product} processes, the world has {self.world.size}")
+        if self.shard not in SHARD_LEVELS:
+            raise PlanError(f"{self.strategy}: shard level {self.shard} is not one of {sorted(SHARD_LEVELS)}")
+
+    @property
+    def dp(self) -> int:
+        return self.mesh.get("dp", 1)
+
+    def mesh_text(self) -> str:
+        return " x ".join(f"{name}={self.mesh.get(name, 1)}" for name in MESH_DIMENSIONS if name in self.mesh) or "dp=1"
+
+    def launcher_arguments(self) -> list[str]:
+        """torchrun's arguments for this world (what a user would type to start it by hand)."""
+        world = self.world
+        return [
+            f"--nproc-per-node={world.nproc}",
+            f"--nnodes={world.nnodes}",
+            f"--node-rank={world.node_rank}",
+            f"--master-addr={world.master_addr}",
+            f"--master-port={world.master_port}",
+        ]
+
+    def lines(self) -> list[str]:
+        """The plan as a person reads it (``modelloop plan``, the start of a run)."""
+        world = self.world
+        rows = [
+            ("strategy", self.strategy),
+            ("world", f"{world.size} process{'es' if world.size > 1 else ''} ({world.nproc} per node x {world.nnodes} node{'s' if world.nnodes > 1 else ''}), {self.backend}"),
+            ("mesh", self.mesh_text()),
+            ("sharded", SHARD_LEVELS[self.shard] + (f" over {self.dp} ranks" if self.shard else "")),
+            ("offload", ", ".join(self.offload) or "none"),
+            ("precision", self.mixed_precision or "as loaded"),
+            ("checkpointing", "by the strategy" if self.activation_checkpointing else "by the stage's setting"),
+        ]
+        if self.wrap:
+            rows.append(("wrapped", ", ".join(self.wrap)))
+        if world.size > 1:
+            rows.append(("launch", "torchrun " + " ".join(self.launcher_arguments())))
+        rows.extend(("note", note) for note in self.notes)
+        width = max(len(label) for label, _ in rows)
+        return [f"{label.ljust(width)}  {value}" for label, value in rows]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as the manifest stores it."""
+        return {
+            "strategy": self.strategy,
+            "world": self.world.to_dict(),
+            "mesh": dict(self.mesh),
+            "shard": self.shard,
+            "offload": list(self.offload),
+            "mixed_precision": self.mixed_precision,
+            "activation_checkpointing": self.activation_checkpointing,
+            "master_weights": self.master_weights,
+            "wrap": list(self.wrap),
+            "backend": self.backend,
+            "trainer_arguments": dict(self.trainer_arguments),
+            "load_options": dict(self.load_options),
+            "environment": dict(self.environment),
+            "notes": list(self.notes),
+        }
+
+
+def default_strategy(world: World) -> str:
+    """``single`` for one process, ``ddp`` for more: what a user who names none expects."""
+    return "single" if world.size == 1 else "ddp"
+
+
+def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan]:
+    """The named strategy (or the default for the world) and the plan it makes."""
+    import importlib.util
+
+    from modelloop.registry import PARALLEL_STRATEGIES, get_registry
+
+    strategy = get_registry(PARALLEL_STRATEGIES).get(name or default_strategy(request.world))
+    for module in strategy.requires:
+        if importlib.util.find_spec(module) is None:
+            raise PlanError(f"the {strategy.name} strategy needs {module}: pip install {module}")
+    if request.world.size < strategy.min_world_size:
+        raise PlanError(f"the {strategy.name} strategy needs at least {strategy.min_world_size} processes (--nproc), the world has {request.world.size}")
+    if strategy.needs_cuda and not request.cuda:
+        raise PlanError(f"the {strategy.name} strategy runs on CUDA GPUs only, and this machine has none")
+    try:
+        plan = strategy.plan(request)
+    except (ValueError, TypeError) as error:
+        raise PlanError(f"strategy_options for {strategy.name}: {error}") from None
+    if not isinstance(plan, ParallelPlan):
+        raise PlanError(f"the {strategy.name} strategy returned {type(plan).__name__}, not a ParallelPlan")
+    return strategy, plan

@@ -1,0 +1,48 @@
+"""What every process of a multi-process stage runs: ``python -m modelloop.parallel.worker
+LAUNCH_JSON``.
+
+It runs the stage the launcher ordered, with the launcher's resolved config; torch's
+elastic agent has set ``RANK``, ``WORLD_SIZE`` and the rendezvous variables, which the
+trainer reads. ``record`` writes an uncaught exception where the launcher finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def run(stage: str, config: dict) -> None:
+    import torch.distributed
+
+    if stage == "rlhf":
+        from modelloop.stages.rlhf import rlhf
+
+        rlhf(config)
+    else:
+        from modelloop.stages.train import train
+
+        train(stage, config)
+    if torch.distributed.is_initialized():  # leave together: a rank exiting alone can abort the others mid-write
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from modelloop.errors import ModelloopError
+    from modelloop.log import quiet_library_notices
+
+    quiet_library_notices()
+    order = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        record(run)(order["stage"], order["config"])
+    except ModelloopError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
