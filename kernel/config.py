@@ -63,6 +63,7 @@ class TrainConfig(BaseModel):
     nnodes: int | None = Field(None, gt=0, description="nodes taking part, each running the same command with its --node-rank (default: SLURM's count, else 1)")
     strategy: str | None = Field(None, description="parallel strategy: single, ddp, fsdp, deepspeed, tp, ... (default: single, or ddp for several processes)")
     strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options (ZeRO stage, offload, ...)")
+    sequence_parallel: int = Field(1, gt=0, description="split each row's tokens over this many ranks (fsdp: ring attention; deepspeed: Ulysses)")
     hang_timeout: int = Field(600, gt=0, description="seconds a rank waits for the others in a collective before the job is stopped")
     output_dir: Path | None = None
     resume: bool | Path = False

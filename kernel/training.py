@@ -70,18 +70,19 @@ class TrainingData(torch.utils.data.Dataset):
 class Collator:
     """Batches items and counts the real (non-padding) training tokens it has handed out."""
 
-    def __init__(self, pad_token_id: int, packing: bool) -> None:
+    def __init__(self, pad_token_id: int, packing: bool, multiple: int = 1) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism)
         self.tokens = 0
         self.counting = True  # off while the Trainer evaluates
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         if self.packing:
             self.tokens += self.counting * sum(len(row.input_ids) for row in items)
-            return collate_packed(items, self.pad_token_id)
+            return collate_packed(items, self.pad_token_id, self.multiple)
         self.tokens += self.counting * sum(len(ids) for ids, _ in items)
-        return collate_padded([ids for ids, _ in items], [labels for _, labels in items], self.pad_token_id)
+        return collate_padded([ids for ids, _ in items], [labels for _, labels in items], self.pad_token_id, self.multiple)
 
 
 class RegistrySampler(torch.utils.data.Sampler[int]):
@@ -273,6 +274,16 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     shutil.rmtree(checkpoints / STAGING, ignore_errors=True)
     found = [p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.rsplit("-", 1)[1].isdigit()]
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+class MeasureFromFirstStep(TrainerCallback):
+    """Restart a ``PeakMemory`` when training begins, after the model is wrapped."""
+
+    def __init__(self, memory: Any) -> None:
+        self.memory = memory
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.memory.restart()
 
 
 class ReportCallback(TrainerCallback):

@@ -161,6 +161,51 @@ def test_sharded_strategies_match_one_process(tiny_models, subprocess_env, one_p
     assert_same_weights(out / "model", one_process / "model")
 
 
+def test_ulysses_sequence_parallel_matches_one_process(tiny_models, subprocess_env, tmp_path):
+    """Two ranks split each row's tokens (DeepSpeed's Ulysses): both see the same 2 rows,
+    so one process with those 2 rows is the baseline."""
+    single = sft(tiny_models("qwen2"), tmp_path / "single", subprocess_env, "--batch-size", "2")
+    split = sft(tiny_models("qwen2"), tmp_path / "split", subprocess_env, "--batch-size", "2", "--nproc", "2", "--strategy", "deepspeed", "--sequence-parallel", "2")
+    assert single.returncode == 0 and split.returncode == 0, split.stderr[-3000:]
+    assert losses(tmp_path / "split") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert json.loads((tmp_path / "split" / "manifest.json").read_text())["parallel"]["mesh"] == {"dp": 1, "cp": 2}
+
+
+def test_sequence_parallel_is_refused_where_it_cannot_run(tiny_models):
+    from modelloop.models.loading import read_config
+
+    config = read_config(tiny_models("qwen2"))
+    split = PlanRequest(World(nproc=2), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False, sequence_parallel=2)
+    with pytest.raises(PlanError, match="the ddp strategy does not split sequences"):
+        make_plan("ddp", split)
+    with pytest.raises(PlanError, match="ring attention.*CUDA GPUs only"):
+        make_plan("fsdp", split)
+    on_gpus = PlanRequest(World(nproc=4), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=2)
+    _, plan = make_plan("fsdp", on_gpus)
+    assert plan.mesh == {"dp": 2, "cp": 2} and plan.environment["PARALLELISM_CONFIG_CP_SIZE"] == "2"
+    with pytest.raises(PlanError, match="does not divide the 4 processes"):
+        make_plan("fsdp", PlanRequest(World(nproc=4), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=3))
+
+
+def gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpus() < 2, reason="needs 2 CUDA GPUs (NCCL, torch's ring attention)")
+@pytest.mark.parametrize(
+    ("strategy", "extra"), [("ddp", []), ("fsdp", []), ("fsdp", ["--sequence-parallel", "2", "--max-length", "64"])], ids=["ddp", "fsdp", "fsdp-context-parallel"]
+)
+def test_on_gpus_with_nccl(tiny_models, subprocess_env, tmp_path, strategy, extra):
+    out = tmp_path / "run"
+    done = sft(tiny_models("qwen2"), out, subprocess_env, "--batch-size", "2", "--nproc", "2", "--strategy", strategy, *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parallel = json.loads((out / "manifest.json").read_text())["parallel"]
+    assert parallel["backend"] == "nccl" and losses(out)[-1] < losses(out)[0]
+
+
 def test_two_nodes_on_loopback_train_together(tiny_models, subprocess_env, one_process, tmp_path):
     out, port = tmp_path / "nodes", str(free_port())
     nodes = [
@@ -283,19 +328,21 @@ def long_texts(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("checkpointing", ["--no-gradient-checkpointing", "--gradient-checkpointing"])
-def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(tiny_models, long_texts, subprocess_env, tmp_path, checkpointing):
+@pytest.mark.parametrize(
+    ("nproc", "checkpointing"), [(1, False), (1, True), (2, False)], ids=["one-process", "one-process-checkpointing", "ddp"]
+)
+def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(tiny_models, long_texts, subprocess_env, tmp_path, nproc, checkpointing):
     from modelloop.config import TrainConfig, build_config
     from modelloop.parallel.memory import MIB
     from modelloop.parallel.planner import plan_memory
 
     model, text = tiny_models("qwen2", "small"), long_texts  # 24 M parameters: tensors, not libraries, fill the memory
-    shape = {"model": str(model), "data": [str(text)], "tuner": "full", "batch_size": 4, "max_length": 256, "max_steps": 3}
-    argv = [sys.executable, "-m", "modelloop", "pt", "--output-dir", str(tmp_path / "run"), checkpointing]
+    shape = {"model": str(model), "data": [str(text)], "tuner": "full", "batch_size": 4 // nproc, "max_length": 256, "max_steps": 3, "nproc": nproc}
+    argv = [sys.executable, "-m", "modelloop", "pt", "--output-dir", str(tmp_path / "run"), "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"]
     argv += [f"--{key.replace('_', '-')}={value}" for key, value in shape.items() if key != "data"] + ["--data", str(text)]
     done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    measured = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["peak_memory_mib"]
-    config = build_config(TrainConfig, {**shape, "gradient_checkpointing": checkpointing == "--gradient-checkpointing"})
+    measured = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["peak_memory_mib"]  # rank 0's
+    config = build_config(TrainConfig, {**shape, "gradient_checkpointing": checkpointing})
     estimated = plan_memory(config, cuda=False).estimate.total / MIB
     assert 0.75 <= estimated / measured <= 1.25, f"estimated {estimated:.0f} MiB, measured {measured:.0f} MiB"

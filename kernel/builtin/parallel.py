@@ -13,7 +13,7 @@ from typing import Any
 from modelloop import hookimpl
 from modelloop.options import complete
 from modelloop.parallel.cpu import allow_fsdp_on_cpu, allow_tp_on_cpu
-from modelloop.parallel.plan import ParallelPlan, PlanRequest
+from modelloop.parallel.plan import ParallelPlan, PlanRequest, parallelism_environment, sequence_parallel_mesh
 from modelloop.specs import ParallelStrategy
 
 
@@ -51,6 +51,12 @@ def plan_fsdp(request: PlanRequest) -> ParallelPlan:
     if options["activation_checkpointing"] and request.tuner != "full":
         # FSDP's checkpoint wrapper renames modules, and PEFT then saves an empty adapter
         raise ValueError("FSDP's own activation checkpointing works with the full tuner only; use --gradient-checkpointing for adapters")
+    mesh = sequence_parallel_mesh(request)
+    environment = {}
+    if request.sequence_parallel > 1:
+        if not request.cuda:
+            raise ValueError("context parallelism (torch's ring attention) runs on CUDA GPUs only; on CPUs use deepspeed's Ulysses")
+        environment = parallelism_environment(dp_shard_size=mesh["dp"], cp_size=mesh["cp"], cp_backend="torch")
     layers = decoder_layers(request.model_config)
     arguments: dict[str, Any] = {
         "fsdp": "full_shard auto_wrap" + (" offload" if options["offload"] else ""),
@@ -68,7 +74,7 @@ def plan_fsdp(request: PlanRequest) -> ParallelPlan:
     return ParallelPlan(
         strategy="fsdp",
         world=request.world,
-        mesh={"dp": request.world.size},
+        mesh=mesh,
         shard=3,
         offload=("optimizer", "parameters") if options["offload"] else (),
         mixed_precision=options["mixed_precision"],
@@ -76,6 +82,7 @@ def plan_fsdp(request: PlanRequest) -> ParallelPlan:
         wrap=layers,
         backend=request.backend,
         trainer_arguments=arguments,
+        environment=environment,
     )
 
 

@@ -39,6 +39,7 @@ FLAGS: dict[str, Any] = {
     "--nproc": int,
     "--nnodes": int,
     "--strategy": str,
+    "--sequence-parallel": int,
 }
 
 #: How the nodes of a multi-node job meet: per launch, not part of a run's config (each

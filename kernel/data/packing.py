@@ -86,8 +86,14 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> float:
     return 1 - real / padded if padded else 0.0
 
 
-def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, Any]:
-    """A batch of packed rows as tensors, padded to the longest row.
+def padded_width(longest: int, multiple: int) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (the ranks a row is split over)."""
+    return -(-longest // multiple) * multiple
+
+
+def collate_packed(rows: Sequence[PackedRow], pad_token_id: int, multiple: int = 1) -> dict[str, Any]:
+    """A batch of packed rows as tensors, padded to the longest row (to a multiple of
+    ``multiple`` tokens, when sequence parallelism splits each row).
 
     No attention mask is returned: the position ids carry the example boundaries, which
     transformers honours only without a KV cache (hence ``use_cache=False``). The padding
@@ -96,7 +102,7 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, An
     import numpy
     import torch
 
-    width = max(len(row.input_ids) for row in rows)
+    width = padded_width(max(len(row.input_ids) for row in rows), multiple)
     input_ids = numpy.full((len(rows), width), pad_token_id, dtype=numpy.int64)
     labels = numpy.full((len(rows), width), IGNORE, dtype=numpy.int64)
     positions = numpy.tile(numpy.arange(width), (len(rows), 1))
@@ -114,12 +120,14 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> dict[str, An
     }
 
 
-def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Any]:
-    """A batch of unpacked examples, right-padded, with an attention mask."""
+def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1) -> dict[str, Any]:
+    """A batch of unpacked examples, right-padded (to a multiple of ``multiple`` tokens),
+    with an attention mask and the position ids (which sequence parallelism needs once
+    a row is split)."""
     import numpy
     import torch
 
-    width = max(len(ids) for ids in input_ids)
+    width = padded_width(max(len(ids) for ids in input_ids), multiple)
     batch_ids = numpy.full((len(input_ids), width), pad_token_id, dtype=numpy.int64)
     batch_labels = numpy.full((len(input_ids), width), IGNORE, dtype=numpy.int64)
     mask = numpy.zeros((len(input_ids), width), dtype=numpy.int64)
@@ -131,4 +139,5 @@ def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence
         "input_ids": torch.from_numpy(batch_ids),
         "labels": torch.from_numpy(batch_labels),
         "attention_mask": torch.from_numpy(mask),
+        "position_ids": torch.arange(width).expand(len(input_ids), width),
     }

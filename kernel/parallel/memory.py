@@ -169,25 +169,39 @@ def _quantized_bits(tuner: Any, options: Mapping[str, Any]) -> int:
 
 
 class PeakMemory:
-    """The peak memory a stage's training took: on a GPU the allocator's peak, on the CPU
-    the peak resident size above what the process held when this was created (before
-    the model loaded), so that imports and data are not counted."""
+    """The peak memory of a stage's training steps.
+
+    On a GPU it is the allocator's peak since training began. On the CPU it is the
+    process's peak resident size since training began (Linux resets the high-water mark
+    on request), less what the process held before the model loaded, so that neither the
+    libraries nor the one-off copies made while a strategy wraps the model count. Memory
+    the C allocator keeps after a free would look like use, so it is handed back first.
+    """
 
     def __init__(self) -> None:
         import torch
 
         self.cuda = torch.cuda.is_available()
+        self.baseline = resident_bytes()
+
+    def restart(self) -> None:
+        """Start measuring now: when the trainer has wrapped the model, before the first step."""
+        import torch
+
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.baseline = resident_bytes()
+            return
+        _trim_allocator()
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset VmHWM, the peak resident size
+        except OSError:
+            pass
 
     def measured(self) -> dict[str, float]:
         import torch
 
-        if self.cuda:
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.baseline
+        peak = torch.cuda.max_memory_allocated() if self.cuda else peak_resident_bytes() - self.baseline
         return {"peak_memory_mib": max(peak, 0) / MIB}
 
 
@@ -198,3 +212,28 @@ def resident_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_resident_bytes() -> int:
+    """The peak resident size since the last reset (``VmHWM``), else since the start."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _trim_allocator() -> None:
+    """Ask glibc to return freed memory to the system (nothing elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

@@ -42,6 +42,7 @@ class PlanRequest:
     max_length: int
     gradient_checkpointing: bool
     cuda: bool
+    sequence_parallel: int = 1
 
     @property
     def backend(self) -> str:
@@ -151,6 +152,22 @@ class ParallelPlan:
         }
 
 
+def sequence_parallel_mesh(request: PlanRequest) -> dict[str, int]:
+    """``dp`` x ``cp`` for a request that splits each row over ``sequence_parallel`` ranks."""
+    size, split = request.world.size, request.sequence_parallel
+    if size % split:
+        raise ValueError(f"--sequence-parallel {split} does not divide the {size} processes")
+    if request.max_length % split:
+        raise ValueError(f"max_length {request.max_length} does not split into {split} equal parts")
+    return {"dp": size // split, "cp": split} if split > 1 else {"dp": size}
+
+
+def parallelism_environment(**sizes: Any) -> dict[str, str]:
+    """accelerate's ``ParallelismConfig`` as the variables it reads (``PARALLELISM_CONFIG_*``):
+    the plan stays plain data, and the Trainer builds the config in every worker."""
+    return {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", **{f"PARALLELISM_CONFIG_{key.upper()}": str(value) for key, value in sizes.items()}}
+
+
 def default_strategy(world: World) -> str:
     """``single`` for one process, ``ddp`` for more: what a user who names none expects."""
     return "single" if world.size == 1 else "ddp"
@@ -176,4 +193,6 @@ def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan
         raise PlanError(f"strategy_options for {strategy.name}: {error}") from None
     if not isinstance(plan, ParallelPlan):
         raise PlanError(f"the {strategy.name} strategy returned {type(plan).__name__}, not a ParallelPlan")
+    if plan.mesh.get("cp", 1) != request.sequence_parallel:
+        raise PlanError(f"the {strategy.name} strategy does not split sequences (--sequence-parallel): fsdp and deepspeed do")
     return strategy, plan

@@ -195,7 +195,7 @@ def _run(
 
     from modelloop.chat import resolve_chat_format
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
+    from modelloop.training import MeasureFromFirstStep, ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
 
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
@@ -228,7 +228,7 @@ def _run(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         optimizer_factory=tuner_optimizer(config, checked),
-        callbacks=[report],
+        callbacks=[report, MeasureFromFirstStep(memory)],
         **extra,
     )
     trainer.remove_callback(PrinterCallback)

@@ -183,6 +183,7 @@ def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: 
         max_length=config.max_length,
         gradient_checkpointing=config.gradient_checkpointing,
         cuda=cuda,
+        sequence_parallel=config.sequence_parallel,
     )
     return make_plan(config.strategy, request)
 
@@ -366,7 +367,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import Collator, ModelloopTrainer, RegistrySampler, ReportCallback, TrainingData, latest_checkpoint
+    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, RegistrySampler, ReportCallback, TrainingData, latest_checkpoint
 
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -383,7 +384,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
     if config.eval_split:
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
-    collator = Collator(tokenizer.pad_token_id, config.packing)
+    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=checked.plan.mesh.get("cp", 1))
     sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
     arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
@@ -395,7 +396,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         data_collator=collator,
         optimizer_factory=tuner_optimizer(config, checked),
         train_sampler=sampler,
-        callbacks=[report],
+        callbacks=[report, MeasureFromFirstStep(memory)],
     )
     trainer.remove_callback(PrinterCallback)
     checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None

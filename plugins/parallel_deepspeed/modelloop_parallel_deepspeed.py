@@ -21,7 +21,7 @@ from typing import Any
 from modelloop import hookimpl
 from modelloop.config import merge
 from modelloop.options import complete
-from modelloop.parallel.plan import ParallelPlan, PlanRequest
+from modelloop.parallel.plan import ParallelPlan, PlanRequest, parallelism_environment, sequence_parallel_mesh
 from modelloop.paths import cache_home
 from modelloop.specs import ParallelStrategy
 
@@ -74,17 +74,20 @@ def plan(request: PlanRequest) -> ParallelPlan:
         raise ValueError(f"stage must be 1, 2 or 3, not {options['stage']!r}")
     if options["offload_parameters"] and options["stage"] != 3:
         raise ValueError("offload_parameters needs stage 3 (only ZeRO-3 partitions the weights)")
+    mesh = sequence_parallel_mesh(request)
     config = deepspeed_config(options, cuda=request.cuda)
     zero = config["zero_optimization"]
     stage = zero["stage"]
     offload = tuple(name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if key in zero)
     environment = {"TORCH_EXTENSIONS_DIR": str(cache_home() / "torch_extensions")}
+    if request.sequence_parallel > 1:  # Ulysses: heads exchanged all-to-all, through accelerate's ParallelismConfig
+        environment.update(parallelism_environment(sp_size=mesh["cp"], sp_backend="deepspeed", sp_attn_implementation="sdpa"))
     if not request.cuda:
         environment["DS_ACCELERATOR"] = "cpu"
     return ParallelPlan(
         strategy="deepspeed",
         world=request.world,
-        mesh={"dp": request.world.size},
+        mesh=mesh,
         shard=stage,
         offload=offload,
         master_weights=True,
@@ -95,6 +98,15 @@ def plan(request: PlanRequest) -> ParallelPlan:
     )
 
 
+def join_deepspeed(model: Any, plan: ParallelPlan) -> Any:
+    """Set up DeepSpeed's own communication layer on the process group the stage joined
+    (accelerate leaves it out when the group exists; Ulysses and ZeRO-3 need it)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=plan.backend)
+    return model
+
+
 @hookimpl
 def register_parallel_strategies(register):
     register(
@@ -102,6 +114,7 @@ def register_parallel_strategies(register):
             name="deepspeed",
             description="DeepSpeed ZeRO-1/2/3: optimizer states, gradients and weights sharded, optional CPU offload",
             plan=plan,
+            apply=join_deepspeed,
             requires=("deepspeed",),
         )
     )

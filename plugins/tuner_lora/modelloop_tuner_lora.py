@@ -1,4 +1,4 @@
-"""LoRA, DoRA and QLoRA through PEFT.
+"""LoRA, DoRA, QLoRA and LongLoRA through PEFT.
 
 Nothing heavy at import: PEFT (which imports bitsandbytes when it is installed) is
 imported when a model is prepared.
@@ -160,6 +160,34 @@ def prepare_dora(model: Any, options: Mapping[str, Any], family: Any) -> Any:
     return prepare(model, options, family, dora=True)
 
 
+#: model types whose attention LongLoRA's shifted sparse attention replaces.
+LONGLORA_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+#: LongLoRA trains the embeddings and every norm next to the adapters (its "LoRA+" in the paper).
+LONGLORA_DEFAULTS = {"group_ratio": 0.25, "modules_to_save": ["embed_tokens", "norm"]}
+
+
+def check_longlora(options: Mapping[str, Any]) -> dict[str, Any]:
+    lora = {key: value for key, value in options.items() if key != "group_ratio"}
+    checked = check({"modules_to_save": LONGLORA_DEFAULTS["modules_to_save"], **lora})
+    ratio = options.get("group_ratio", LONGLORA_DEFAULTS["group_ratio"])
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"group_ratio must be between 0 and 1 (a group's share of the row), got {ratio!r}")
+    return {**checked, "group_ratio": float(ratio)}
+
+
+def prepare_longlora(model: Any, options: Mapping[str, Any], family: Any) -> Any:
+    """LoRA with trainable embeddings and norms, and shifted sparse attention in training
+    (``modelloop_tuner_lora_s2attn``) over groups of ``group_ratio`` of each row."""
+    import modelloop_tuner_lora_s2attn as s2attn
+
+    if model.config.model_type not in LONGLORA_MODEL_TYPES:
+        raise ValueError(f"LongLoRA's attention is for {', '.join(LONGLORA_MODEL_TYPES)} models, not {model.config.model_type!r}")
+    s2attn.register()
+    model.config.longlora_group_ratio = options["group_ratio"]
+    model.set_attn_implementation(s2attn.NAME)
+    return prepare(model, {key: value for key, value in options.items() if key != "group_ratio"}, family)
+
+
 def prepare_quantized(model: Any, options: Mapping[str, Any], family: Any) -> Any:
     from peft import prepare_model_for_kbit_training
 
@@ -187,6 +215,14 @@ COMMON = {"parameter_groups": parameter_groups, "merge": merge, "adapter": True}
 TUNERS = (
     Tuner(name="lora", description="LoRA adapters (PEFT)", prepare=prepare, check=check, requires=("peft",), **COMMON),
     Tuner(name="dora", description="weight-decomposed LoRA (PEFT)", prepare=prepare_dora, check=check, requires=("peft",), **COMMON),
+    Tuner(
+        name="longlora",
+        description="LongLoRA: LoRA with trainable embeddings and norms, shifted sparse attention in training",
+        prepare=prepare_longlora,
+        check=check_longlora,
+        requires=("peft",),
+        **COMMON,
+    ),
     Tuner(
         name="qlora",
         description="LoRA on a 4-bit (NF4) or 8-bit base (bitsandbytes)",

@@ -1,0 +1,84 @@
+"""LongLoRA's shifted sparse attention (S²-Attn), as a transformers attention function.
+
+In training, each row's tokens are split into groups and attention stays inside a group:
+half of the heads use groups ``[0, G), [G, 2G), ...``, the other half groups shifted by
+``G/2`` (``[0, G/2), [G/2, 3G/2), ...``), so that information still flows between
+neighbouring groups. Attention costs ``L * G`` instead of ``L * L``, which is what lets a
+short-context model be tuned on long rows. In evaluation and generation the model
+attends to everything, as LongLoRA prescribes.
+
+LongLoRA's reference code shifts by rolling the sequence, which wraps the last tokens
+around into the first group, where earlier tokens see them; here the shifted half is
+padded instead, so no token ever attends to a later one. Within a row, groups ignore
+packing boundaries, as LongLoRA's own training on concatenated text does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the name the function is registered under with transformers.
+NAME = "longlora_s2"
+
+
+def register() -> None:
+    """Make ``attn_implementation="longlora_s2"`` known to transformers (with sdpa's masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, shifted_sparse_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def shifted_sparse_attention(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
+) -> tuple[Any, None]:
+    """transformers' attention-function protocol: ``query`` ``[batch, heads, length, dim]``,
+    ``key``/``value`` per key/value head; returns ``[batch, length, heads, dim]``.
+
+    Falls back to full attention outside training and for rows that do not split into
+    whole groups (``group_ratio`` of the row's length, an even number of tokens)."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    length = query.shape[2]
+    group = round(length * getattr(module.config, "longlora_group_ratio", 0.25))
+    if not module.training or group < 2 or group % 2 or length % group or group == length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    repeats = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
+    half = query.shape[1] // 2
+    options = {"group": group, "scale": scaling, "dropout": dropout}
+    plain = grouped_attention(query[:, :half], key[:, :half], value[:, :half], shift=0, **options)
+    shifted = grouped_attention(query[:, half:], key[:, half:], value[:, half:], shift=group // 2, **options)
+    return torch.cat([plain, shifted], dim=1).transpose(1, 2).contiguous(), None
+
+
+def grouped_attention(query: Any, key: Any, value: Any, *, group: int, shift: int, scale: float | None, dropout: float) -> Any:
+    """Causal attention within groups of ``group`` tokens whose boundaries are moved
+    ``shift`` tokens later; ``[batch, heads, length, dim]`` in and out."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, length, dim = query.shape
+    if shift:  # pad so that the shifted boundaries fall on whole groups; mask the padding
+        pad = (0, 0, group - shift, shift)
+        query, key, value = (F.pad(tensor, pad) for tensor in (query, key, value))
+    padded = query.shape[2]
+    groups = padded // group
+
+    def split(tensor: Any) -> Any:  # [b, h, n*g, d] -> [b*n, h, g, d]
+        return tensor.reshape(batch, heads, groups, group, dim).transpose(1, 2).reshape(batch * groups, heads, group, dim)
+
+    mask = None
+    if shift:
+        real = torch.zeros(padded, dtype=torch.bool, device=query.device)
+        real[group - shift : group - shift + length] = True
+        real = real.view(groups, group)
+        causal = torch.ones(group, group, dtype=torch.bool, device=query.device).tril()
+        # a real query sees real keys before it; a padding query sees padding (its output is dropped)
+        mask = causal & (real[:, None, :] | ~real[:, :, None])
+        mask = mask[None, :, None].expand(batch, groups, 1, group, group).reshape(batch * groups, 1, group, group)
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale)
+    out = out.reshape(batch, groups, heads, group, dim).transpose(1, 2).reshape(batch, heads, padded, dim)
+    return out[:, :, group - shift : group - shift + length] if shift else out
