@@ -103,7 +103,11 @@ def test_fsdp_and_tp_plans_follow_the_model(tiny_models):
     with pytest.raises(PlanError, match="on CPUs they are there already"):
         make_plan("fsdp", request(World(nproc=2), config, family, offload=True))
     _, tp = make_plan("tp", request(World(nproc=2), config, family))
-    assert tp.mesh == {"tp": 2} and tp.load_options["tp_plan"]
+    assert tp.mesh == {"tp": 2} and tp.load_options["distributed_config"] == {"tp_plan": "auto", "tp_size": 2, "fsdp_size": 1}
+    _, grid = make_plan("tp", request(World(nproc=8), config, family, size=2))
+    assert (grid.mesh, grid.shard, grid.load_options["distributed_config"]["fsdp_size"]) == ({"dp": 4, "tp": 2}, 3, 4)
+    with pytest.raises(PlanError, match="size must be at least 2 and divide the 8 processes"):
+        make_plan("tp", request(World(nproc=8), config, family, size=3))
     with pytest.raises(PlanError, match="2 key/value heads cannot be split over 4 ranks"):
         make_plan("tp", request(World(nproc=4), config, family))
 
@@ -161,6 +165,19 @@ def test_sharded_strategies_match_one_process(tiny_models, subprocess_env, one_p
     assert_same_weights(out / "model", one_process / "model")
 
 
+def test_fsdp_with_tp_on_a_2d_mesh_matches_one_process(tiny_models, subprocess_env, one_process, tmp_path):
+    """4 ranks: layers split over 2 (tp), the model sharded over the other 2 (dp), each
+    dp rank reading 2 of the 4 rows of a step."""
+    out = tmp_path / "2d"
+    done = sft(tiny_models("qwen2"), out, subprocess_env, "--batch-size", "2", "--nproc", "4", "--strategy", "tp", "--set", "strategy_options.size=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(one_process), rel=1e-5)
+    parallel = json.loads((out / "manifest.json").read_text())["parallel"]
+    assert (parallel["mesh"], parallel["shard"], parallel["wrapped_as"]) == ({"dp": 2, "tp": 2}, 3, "FSDPQwen2ForCausalLM")
+    assert sorted(path.name for path in (out / "model").iterdir() if path.suffix in (".safetensors", ".bin")) == ["model.safetensors"]
+    assert_same_weights(out / "model", one_process / "model")
+
+
 def test_ulysses_sequence_parallel_matches_one_process(tiny_models, subprocess_env, tmp_path):
     """Two ranks split each row's tokens (DeepSpeed's Ulysses): both see the same 2 rows,
     so one process with those 2 rows is the baseline."""
@@ -204,6 +221,17 @@ def test_on_gpus_with_nccl(tiny_models, subprocess_env, tmp_path, strategy, extr
     assert done.returncode == 0, done.stderr[-3000:]
     parallel = json.loads((out / "manifest.json").read_text())["parallel"]
     assert parallel["backend"] == "nccl" and losses(out)[-1] < losses(out)[0]
+
+
+def test_alignment_runs_on_two_processes_too(tiny_models, subprocess_env, tmp_path):
+    out = tmp_path / "dpo"
+    argv = [sys.executable, "-m", "modelloop", "rlhf", "--method", "dpo", "--model", str(tiny_models("qwen2")), "--data", str(REPO / "examples" / "data" / "preference.jsonl")]
+    argv += ["--tuner", "lora", "--max-steps", "2", "--batch-size", "2", "--max-length", "64", "--nproc", "2", "--output-dir", str(out)]
+    done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["parallel"]["wrapped_as"] == "DistributedDataParallel"
+    assert (out / "model" / "adapter_model.safetensors").is_file()
 
 
 def test_two_nodes_on_loopback_train_together(tiny_models, subprocess_env, one_process, tmp_path):

@@ -87,25 +87,33 @@ def plan_fsdp(request: PlanRequest) -> ParallelPlan:
 
 
 def plan_tp(request: PlanRequest) -> ParallelPlan:
-    """Tensor parallel: every linear layer of attention and MLP split over the ranks
-    along the family's TP plan (``base_model_tp_plan`` of the transformers config)."""
-    complete(request.options, {})
+    """Tensor parallel: every linear layer of attention and MLP split over ``size`` ranks
+    (default: all) along the family's TP plan; with fewer than all, FSDP2 shards the rest
+    of the world (a 2-D ``dp`` x ``tp`` mesh). transformers splits and shards the model as
+    it loads it."""
+    options = complete(request.options, {"size": request.world.size})
     if request.tuner != "full":
         raise ValueError(f"tp trains the full model; adapters ({request.tuner}) on split layers are not supported")
+    size, world = options["size"], request.world.size
+    if not isinstance(size, int) or size < 2 or world % size:
+        raise ValueError(f"size must be at least 2 and divide the {world} processes, got {size!r}")
     tp_plan = request.family.tp_plan if request.family is not None and request.family.tp_plan else getattr(request.model_config, "base_model_tp_plan", None)
     if not tp_plan:
         raise ValueError(f"model type {request.model_config.model_type!r} has no tensor-parallel plan (its family sets none, nor does its transformers config)")
     heads = getattr(request.model_config, "num_key_value_heads", None) or request.model_config.num_attention_heads
-    if heads % request.world.size:
-        raise ValueError(f"{heads} key/value heads cannot be split over {request.world.size} ranks")
+    if heads % size:
+        raise ValueError(f"{heads} key/value heads cannot be split over {size} ranks")
+    dp = world // size
+    distributed = {"tp_plan": dict(tp_plan) if request.family is not None and request.family.tp_plan else "auto", "tp_size": size, "fsdp_size": dp}
     return ParallelPlan(
         strategy="tp",
         world=request.world,
-        mesh={"tp": request.world.size},
+        mesh={"dp": dp, "tp": size} if dp > 1 else {"tp": size},
+        shard=3 if dp > 1 else 0,
         backend=request.backend,
         wrap=tuple(sorted(tp_plan)),
-        load_options={"tp_plan": dict(tp_plan) if request.family is not None and request.family.tp_plan else "auto"},
-        notes=("every rank reads the same batch; weights are split, not replicated",),
+        load_options={"distributed_config": distributed},
+        notes=("the ranks of a tp group read the same batch; weights are split, not replicated",),
     )
 
 

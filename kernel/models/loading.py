@@ -187,9 +187,14 @@ def load_model(
     :param device_map: passed to transformers (``auto`` spreads over the GPUs).
     :param attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``_3``.
     :param trust_remote_code: run code shipped with the checkpoint (off unless asked).
-    :param model_options: more ``from_pretrained`` arguments (a tuner's quantization config).
+    :param model_options: more ``from_pretrained`` arguments (a tuner's quantization config,
+        a parallel plan's ``distributed_config``, given as a plain mapping).
     """
     check_attention(attn_implementation)
+    if isinstance(model_options.get("distributed_config"), dict):
+        from transformers.distributed import DistributedConfig
+
+        model_options["distributed_config"] = DistributedConfig(**model_options["distributed_config"])
     torch_dtype = _torch_dtype(dtype)
     source = resolve_model_source(name_or_path)
     config = read_config(source.base, trust_remote_code=trust_remote_code)

@@ -116,7 +116,8 @@ def estimate(
     gradients = counts.trainable * element // ((dp if plan.shard >= 2 else 1) * tp)
     optimizer = 2 * counts.trainable * element + (counts.trainable * 4 if plan.master_weights else 0)
     optimizer = 0 if "optimizer" in plan.offload else optimizer // ((dp if plan.shard >= 1 else 1) * tp)
-    activations = activation_bytes(model_config, batch_size, max_length, element, gradient_checkpointing or plan.activation_checkpointing, tp)
+    recompute = gradient_checkpointing or plan.activation_checkpointing
+    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, tp) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
     buffers = counts.trainable * element // ((dp if plan.shard >= 1 else 1) * tp)  # the optimizer step's temporaries
     if plan.strategy == "ddp" and dp > 1:
         buffers += counts.trainable * element  # DDP's gradient buckets

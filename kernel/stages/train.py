@@ -328,6 +328,8 @@ def finish_run(
     and complete the manifest. Every rank calls it: when the plan split the weights
     (ZeRO-3, FSDP, tensor parallel) the trainer gathers them from all ranks into one
     ordinary folder; rank 0 writes."""
+    from transformers.trainer import TRAINING_ARGS_NAME
+
     from modelloop.training import plot_losses
 
     model_dir = run_dir / "model"
@@ -336,6 +338,7 @@ def finish_run(
         trainer.save_model(str(model_dir))
     if not is_main_process():
         return {"run_dir": str(run_dir), "metrics": metrics}
+    (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the trainer's, not the model's (config.json holds ours)
     if not model_dir.is_dir():
         (checked.tuner.save or _save_pretrained)(trainer.accelerator.unwrap_model(trainer.model), model_dir)
     if chat is not None:
