@@ -131,6 +131,8 @@ class RLHFConfig(TrainConfig):
                 raise ValueError(f"{name} is for {', '.join(methods)}, not {self.method}")
         if self.packing:
             raise ValueError("rlhf does not pack examples: leave packing off")
+        if self.sequence_parallel > 1:
+            raise ValueError("rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1")
         if self.beta == 0 and self.method != "grpo":
             raise ValueError(f"beta must be above 0 for {self.method}")
         return self

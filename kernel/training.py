@@ -190,9 +190,9 @@ class AtomicCheckpoints:
 
 class TunerOptimizer:
     """A Trainer mixin: the optimizer is ``optimizer_factory(model)`` (the tuner's parameter
-    groups, ``build_optimizer``), built when the trainer asks for it — after FSDP or
-    DeepSpeed has wrapped and sharded the model, whose parameters an optimizer built
-    beforehand would not hold."""
+    groups, ``build_optimizer``), built when the trainer asks for it. transformers refuses
+    an optimizer passed in with FSDP or DeepSpeed: its integrations create it at their
+    own moment and map it onto the sharded parameters."""
 
     def __init__(self, *args: Any, optimizer_factory: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -71,6 +71,10 @@ def test_world_fills_from_slurm_then_flags_win():
     world = World.resolve(8, environ=slurm)
     assert (world.size, world.node_rank, world.master_addr, world.master_port) == (32, 2, "gpu07", 29511)
     assert World.resolve(8, 2, node_rank=1, master_addr="10.0.0.1", environ=slurm).to_dict()["size"] == 16
+    assert World.resolve(8, environ={**slurm, "NODE_RANK": "0"}).node_rank == 0  # --node-rank 0 (exported) beats SLURM's
+    assert World.resolve(1, environ={"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "rack[1-2]-n[01-04]-ib"}).master_addr == "rack1-n01-ib"
+    with pytest.raises(ValueError, match="give --master-addr"):
+        World.resolve(1, 2, environ={})
     with pytest.raises(ValueError, match="node rank 5"):
         World(nproc=1, nnodes=2, node_rank=5)
 
@@ -150,9 +154,10 @@ def test_ddp_matches_one_process_and_saves_a_plain_model(tiny_models, subprocess
         ("fsdp", [], 2, "FSDPQwen2ForCausalLM"),
         ("deepspeed", ["--set", "strategy_options.stage=2"], 2, "DeepSpeedEngine"),
         ("deepspeed", ["--set", "strategy_options.stage=3"], 2, "DeepSpeedEngine"),
+        ("deepspeed", ["--set", "strategy_options.offload_optimizer=true"], 2, "DeepSpeedEngine"),
         ("tp", [], 4, "Qwen2ForCausalLM"),  # every rank reads the whole batch and holds half of each layer
     ],
-    ids=["fsdp", "zero2", "zero3", "tp"],
+    ids=["fsdp", "zero2", "zero3", "zero2-offload", "tp"],
 )
 def test_sharded_strategies_match_one_process(tiny_models, subprocess_env, one_process, tmp_path, strategy, options, batch, wrapped_as):
     out = tmp_path / strategy

@@ -1,7 +1,7 @@
 """Starting a stage on many processes and watching them.
 
 The launcher is the ``modelloop`` process the user started. It has already checked the
-config and made the plan; it writes the order every worker reads (``launch.json``: the
+config and made the plan; it writes the order this node's workers read (``launch-node<K>.json``: the
 stage and its resolved config, pointed at this run folder), starts this node's workers
 through torch's elastic agent (what ``torchrun`` runs) and waits. Each rank's output is
 kept under ``logs/``; rank 0's is shown as it comes. When a rank dies, the agent stops
@@ -26,6 +26,8 @@ from modelloop.parallel.plan import ParallelPlan
 
 #: lines of a failed rank's log shown in the error.
 TAIL_LINES = 12
+#: set for the workers the launcher starts: the run folder they train into.
+LAUNCHED = "MODELLOOP_LAUNCHED_RUN"
 
 
 class RankFailedError(ModelloopError):
@@ -39,10 +41,11 @@ def launch(stage: str, config: Any, plan: ParallelPlan, run_dir: Path) -> dict[s
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     world = plan.world
-    order = run_dir / "launch.json"
-    write_json_atomic(order, {"stage": stage, "config": config.model_dump(mode="json")})
     logs = run_dir / "logs" / f"node{world.node_rank}"
     logs.mkdir(parents=True, exist_ok=True)
+    order = run_dir / f"launch-node{world.node_rank}.json"  # each node's own: paths and resume may differ
+    write_json_atomic(order, {"stage": stage, "config": config.model_dump(mode="json")})
+    os.environ[LAUNCHED] = str(run_dir)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world.nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     launch_config = LaunchConfig(
@@ -66,11 +69,26 @@ def launch(stage: str, config: Any, plan: ParallelPlan, run_dir: Path) -> dict[s
             # every rank got past saving (it is collective): a worker died on its way out
             print(f"modelloop: warning: the run completed, then {message.splitlines()[0]}", file=sys.stderr)
             return {"run_dir": str(run_dir), "metrics": read_manifest(run_dir).get("metrics", {})}
-        if world.node_rank == 0:
-            update_manifest(run_dir, status="failed", error=message.splitlines()[0])
+        _record_failure(run_dir, world.node_rank, message.splitlines()[0])
         raise RankFailedError(message) from None
+    except BaseException as error:  # the rendezvous failed, the job was cancelled (scancel, Ctrl-C), ...
+        _record_failure(run_dir, world.node_rank, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        os.environ.pop(LAUNCHED, None)
     manifest = read_manifest(run_dir)
     return {"run_dir": str(run_dir), "metrics": manifest.get("metrics", {})}
+
+
+def launched_worker() -> bool:
+    """Whether this process is a worker modelloop's launcher started (which recorded the
+    config as the user gave it), rather than one of a user's own torchrun."""
+    return LAUNCHED in os.environ
+
+
+def _record_failure(run_dir: Path, node_rank: int, reason: str) -> None:
+    if node_rank == 0 and read_manifest(run_dir).get("status") != "completed":
+        update_manifest(run_dir, status="failed", error=reason)
 
 
 def failure_message(error: Any, node_ranks: Any) -> str:

@@ -65,14 +65,14 @@ class ModelCounts:
     quantized_bits: int = 16
 
 
-def count_parameters(model_config: Any, tuner: Any, tuner_options: Mapping[str, Any], family: Any) -> ModelCounts:
+def count_parameters(model_config: Any, tuner: Any, tuner_options: Mapping[str, Any], family: Any, *, trust_remote_code: bool = False) -> ModelCounts:
     """Build the model on the meta device (no memory, no weights read), let the tuner
     prepare it, and count."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         model = tuner.prepare(model, tuner_options, family)
     parameters = list(model.parameters())
     bits = _quantized_bits(tuner, tuner_options)
@@ -83,7 +83,8 @@ def count_parameters(model_config: Any, tuner: Any, tuner_options: Mapping[str, 
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and "lm_head" not in name
         )
-    layers = [module for name, module in model.named_modules() if type(module).__name__ in getattr(model, "_no_split_modules", ()) or ()]
+    layer_classes = getattr(model, "_no_split_modules", None) or ()
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
     largest = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     return ModelCounts(
         total=sum(p.numel() for p in parameters),
@@ -106,23 +107,24 @@ def estimate(
 ) -> MemoryEstimate:
     """Per-device bytes for one training step of ``batch_size`` rows of ``max_length`` tokens."""
     element = element_bytes(dtype, model_config)
-    dp, tp = plan.dp, plan.mesh.get("tp", 1)
-    weight_share = dp * tp if plan.shard >= 3 else tp
+    tp, shard_group = plan.mesh.get("tp", 1), plan.dp * plan.mesh.get("cp", 1)  # sharding spans the sequence-parallel ranks too
     plain = counts.total - counts.quantized
     weights = plain * element + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)  # plus a scale per 64-value block
-    if "parameters" in plan.offload:
-        weights = counts.largest_layer * element * 2  # only the layers being used are on the device
-    weights //= weight_share
-    gradients = counts.trainable * element // ((dp if plan.shard >= 2 else 1) * tp)
-    optimizer = 2 * counts.trainable * element + (counts.trainable * 4 if plan.master_weights else 0)
-    optimizer = 0 if "optimizer" in plan.offload else optimizer // ((dp if plan.shard >= 1 else 1) * tp)
+    weights /= tp * (shard_group if plan.shard >= 3 else 1)
+    gradients = counts.trainable * element / (tp * (shard_group if plan.shard >= 2 else 1))
+    if "parameters" in plan.offload:  # weights and their gradients live in host memory; the gathered layers are buffers
+        weights = gradients = 0
+    # torch's AdamW keeps two states in the weights' dtype; DeepSpeed keeps an fp32 master
+    # copy of its partition (a clone even when the weights are fp32) and two fp32 states
+    per_parameter = 12 if plan.master_weights else 2 * element
+    optimizer = 0 if "optimizer" in plan.offload else counts.trainable * per_parameter / (tp * (shard_group if plan.shard >= 1 else 1))
     recompute = gradient_checkpointing or plan.activation_checkpointing
     activations = activation_bytes(model_config, batch_size, max_length, element, recompute, tp) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
-    buffers = counts.trainable * element // ((dp if plan.shard >= 1 else 1) * tp)  # the optimizer step's temporaries
-    if plan.strategy == "ddp" and dp > 1:
+    buffers = counts.trainable * element / (tp * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
+    if plan.strategy == "ddp" and plan.dp > 1:
         buffers += counts.trainable * element  # DDP's gradient buckets
-    if plan.shard >= 3 and dp > 1:
-        buffers += counts.largest_layer * element * 2  # one layer gathered, the next prefetched
+    if plan.shard >= 3 and shard_group > 1:
+        buffers += counts.largest_layer * element * 2 / tp  # one layer gathered, the next prefetched
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(buffers))
 
 

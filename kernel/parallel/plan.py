@@ -8,7 +8,9 @@ stored in the run's manifest next to the config it came from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +121,7 @@ class ParallelPlan:
             ("strategy", self.strategy),
             ("world", f"{world.size} process{'es' if world.size > 1 else ''} ({world.nproc} per node x {world.nnodes} node{'s' if world.nnodes > 1 else ''}), {self.backend}"),
             ("mesh", self.mesh_text()),
-            ("sharded", SHARD_LEVELS[self.shard] + (f" over {self.dp} ranks" if self.shard else "")),
+            ("sharded", SHARD_LEVELS[self.shard] + (f" over {self.dp * self.mesh.get('cp', 1)} ranks" if self.shard else "")),
             ("offload", ", ".join(self.offload) or "none"),
             ("precision", self.mixed_precision or "as loaded"),
             ("checkpointing", "by the strategy" if self.activation_checkpointing else "by the stage's setting"),
@@ -168,6 +170,19 @@ def parallelism_environment(**sizes: Any) -> dict[str, str]:
     return {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", **{f"PARALLELISM_CONFIG_{key.upper()}": str(value) for key, value in sizes.items()}}
 
 
+@contextmanager
+def plan_environment(plan: ParallelPlan) -> Iterator[None]:
+    """The plan's environment variables while a stage runs (its workers inherit them),
+    the process's own afterwards. A variable the user set keeps the user's value."""
+    added = {name: value for name, value in plan.environment.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def default_strategy(world: World) -> str:
     """``single`` for one process, ``ddp`` for more: what a user who names none expects."""
     return "single" if world.size == 1 else "ddp"
@@ -190,7 +205,7 @@ def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan
     try:
         plan = strategy.plan(request)
     except (ValueError, TypeError) as error:
-        raise PlanError(f"strategy_options for {strategy.name}: {error}") from None
+        raise PlanError(f"the {strategy.name} strategy: {error}") from None
     if not isinstance(plan, ParallelPlan):
         raise PlanError(f"the {strategy.name} strategy returned {type(plan).__name__}, not a ParallelPlan")
     if plan.mesh.get("cp", 1) != request.sequence_parallel:

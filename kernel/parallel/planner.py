@@ -44,7 +44,7 @@ def plan_memory(config: TrainConfig, *, cuda: bool | None = None) -> MemoryPlan:
     model_config = read_config(resolve_model_source(config.model).base, trust_remote_code=config.trust_remote_code)
     family = resolve_family(model_config.model_type)
     _, plan = plan_training(config, model_config, family, cuda=cuda)
-    counts = count_parameters(model_config, tuner, options, family)
+    counts = count_parameters(model_config, tuner, options, family, trust_remote_code=config.trust_remote_code)
     needed = estimate(
         plan,
         counts,

@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+from modelloop.parallel.world import leave_process_group
+
 
 def run(stage: str, config: dict) -> None:
-    import torch.distributed
-
     if stage == "rlhf":
         from modelloop.stages.rlhf import rlhf
 
@@ -24,9 +24,7 @@ def run(stage: str, config: dict) -> None:
         from modelloop.stages.train import train
 
         train(stage, config)
-    if torch.distributed.is_initialized():  # leave together: a rank exiting alone can abort the others mid-write
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def main() -> None:

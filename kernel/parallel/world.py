@@ -52,14 +52,18 @@ class World:
         master_port: int | None = None,
         environ: Mapping[str, str] = os.environ,
     ) -> World:
-        """The world from the flags, with what they leave out taken from SLURM or torchrun
-        variables; a single node with no port given gets a free one."""
-        nnodes = nnodes or _int(environ, "SLURM_NNODES") or _int(environ, "NNODES") or 1
-        if node_rank is None:
-            node_rank = _int(environ, "SLURM_NODEID") or _int(environ, "NODE_RANK") or _int(environ, "GROUP_RANK") or 0
-        master_addr = master_addr or environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", "")) or "127.0.0.1"
+        """The world from the arguments; what they leave out comes from ``NODE_RANK`` /
+        ``MASTER_ADDR`` / ``MASTER_PORT`` (where the command line's rendezvous flags put
+        them), then SLURM's variables. A single node with no port gets a free one."""
+        nnodes = _first(nnodes, _int(environ, "NNODES"), _int(environ, "SLURM_NNODES"), 1)
+        node_rank = _first(node_rank, _int(environ, "NODE_RANK"), _int(environ, "SLURM_NODEID"), _int(environ, "GROUP_RANK"), 0)
+        master_addr = master_addr or environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", ""))
+        if master_addr is None:
+            if nnodes > 1:
+                raise ValueError("several nodes need the address of node 0: give --master-addr (or run under SLURM)")
+            master_addr = "127.0.0.1"
         if master_port is None:
-            master_port = _int(environ, "MASTER_PORT") or (DEFAULT_PORT if nnodes > 1 else free_port())
+            master_port = _first(_int(environ, "MASTER_PORT"), DEFAULT_PORT if nnodes > 1 else free_port())
         return cls(nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
 
 
@@ -91,6 +95,13 @@ def in_worker() -> bool:
     return "LOCAL_RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ
 
 
+#: How long ranks wait for each other at the very end, while rank 0 saves, hashes and
+#: reports: far longer than a collective may hang, since saving a large model takes time.
+FAREWELL_TIMEOUT_S = 6 * 3600
+
+_farewell: Any = None  # the gloo group the ranks leave through (see ``leave_process_group``)
+
+
 def join_process_group(backend: str, timeout: float) -> None:
     """Join the job's process group with ``timeout`` on every collective, before
     transformers does: for CPU processes it leaves torch's 30-minute default in place
@@ -99,8 +110,21 @@ def join_process_group(backend: str, timeout: float) -> None:
 
     import torch.distributed
 
+    global _farewell
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    if _farewell is None:
+        _farewell = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=FAREWELL_TIMEOUT_S))
+
+
+def leave_process_group() -> None:
+    """Leave together: a rank that exits while rank 0 still writes can take the job (and
+    the half-written run) down with it, as DeepSpeed's workers sometimes do at exit."""
+    import torch.distributed
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier(group=_farewell)
+        torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
@@ -114,9 +138,15 @@ def _int(environ: Mapping[str, str], name: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 counts)."""
+    return next(value for value in values if value is not None)
+
+
 def _first_host(nodelist: str) -> str | None:
-    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist.strip())
-    if not match:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``,
+    ``rack[1-2]-n[01-04]-ib`` -> ``rack1-n01-ib``."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if not first:
         return None
-    return match.group(1) + (match.group(2) or "")
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first.group(0))

@@ -21,7 +21,7 @@ from typing import Any
 
 from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
-from modelloop.parallel.world import is_main_process
+from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
 from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, run_stage, trainer_arguments, tuner_optimizer
 
@@ -244,7 +244,8 @@ def _run(
     metrics.update(memory.measured())
     if config.method == "grpo":
         metrics.update(reward_summary(run_dir / "metrics.jsonl"))
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
+    if is_main_process():
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
     return finish_run(run_dir, "rlhf", config, checked, trainer, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
 
 
@@ -280,7 +281,7 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         sampling=sampling,
         base_model=str(merged_base(run_dir)) if merged_base(run_dir).is_dir() else checked.source.base,
         adapter=checked.tuner.adapter,
-        sync_dir=run_dir / "rollout-weights",
+        sync_dir=run_dir / "rollout-weights" / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
         sync_steps=config.sync_steps,
         options=config.rollout_options,
     )

@@ -12,7 +12,7 @@ chat template it was trained with), ``config.json`` (resolved), ``metrics.jsonl`
 from __future__ import annotations
 
 import importlib.util
-import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,10 +35,10 @@ from modelloop.config import ConfigError, TrainConfig, build_config
 from modelloop.data.sources import DataSource
 from modelloop.lifecycle import StageContext, stage_lifecycle
 from modelloop.models.loading import read_config, resolve_family, resolve_model_source
-from modelloop.parallel.launch import launch
+from modelloop.parallel.launch import launch, launched_worker
 from modelloop.parallel.memory import PeakMemory
-from modelloop.parallel.plan import ParallelPlan, PlanRequest, make_plan
-from modelloop.parallel.world import World, in_worker, is_main_process, join_process_group, torchrun_world
+from modelloop.parallel.plan import ParallelPlan, PlanError, PlanRequest, make_plan, plan_environment
+from modelloop.parallel.world import World, in_worker, is_main_process, join_process_group, rank, torchrun_world
 from modelloop.plugins import get_plugin_manager
 from modelloop.registry import ACCELERATORS, DATASET_FORMATS, SAMPLERS, TEMPLATES, TUNERS, get_registry
 from modelloop.specs import Accelerator, ParallelStrategy, Tuner
@@ -167,12 +167,16 @@ def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: 
     """The parallel strategy and its plan for this config on the world it runs on: the
     one torchrun described to this worker, or the one ``nproc``/``nnodes`` ask for.
     ``cuda`` plans for GPUs (or not) whatever this machine has (``modelloop plan``)."""
+    if in_worker():  # first, so that every collective after it (TRL's checks too) has the timeout
+        join_process_group("nccl" if _cuda_available() else "gloo", config.hang_timeout)
     if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-
-    world = torchrun_world() if in_worker() else World.resolve(config.nproc, config.nnodes)
+        cuda = _cuda_available()
+        if cuda and not in_worker() and config.nproc > _cuda_devices():
+            raise PlanError(f"--nproc {config.nproc}: this machine has {_cuda_devices()} GPU(s), one per process")
+    try:
+        world = torchrun_world() if in_worker() else World.resolve(config.nproc, config.nnodes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     request = PlanRequest(
         world=world,
         model_config=model_config,
@@ -188,56 +192,68 @@ def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: 
     return make_plan(config.strategy, request)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, Any]:
     """Open (or reopen, to resume) the run folder, run ``body`` inside the stage's lifecycle
     hooks, and record a failure in the manifest.
 
     A plan for several processes is handed to the launcher, which starts the workers;
-    each worker comes back here. Rank 0 owns the run folder (manifest, config, hooks);
-    the other ranks only train, in the folder the launcher named.
+    each worker comes back here. Rank 0 of node 0 owns the run folder (manifest, config,
+    hooks); every other process trains, in the folder the launcher named. The plan's
+    environment holds for the stage only (a recipe's next stage starts clean).
     """
     plan = checked.plan
     world = plan.world
-    for variable, value in plan.environment.items():  # the workers inherit them; a user's own setting wins
-        os.environ.setdefault(variable, value)
+    launching = world.size > 1 and not in_worker()
     if world.size > 1 and config.output_dir is None and (in_worker() or world.node_rank > 0):
         raise ConfigError("every rank must write to one run folder: give --output-dir (on a filesystem every node shares)")
-    if in_worker():
-        join_process_group(plan.backend, config.hang_timeout)
-    if not is_main_process():
-        continuing = run_to_resume(stage, config.resume, config.output_dir) if in_worker() else None
-        if not in_worker():  # the launcher of another node: node 0 keeps the manifest
+    with plan_environment(plan):
+        if launching and world.node_rank > 0:  # another node's launcher: node 0 keeps the run folder
             return launch(stage, config, plan, config.output_dir)
-        return body(config.output_dir, StageContext(stage, config.model_dump(mode="json"), config.output_dir, get_plugin_manager()), continuing)
-    continuing = run_to_resume(stage, config.resume, config.output_dir)
-    run_dir = continuing[0] if continuing else new_run_dir(stage, config.output_dir)
-    resolved = config.model_dump(mode="json")
-    manager = get_plugin_manager()
-    update_manifest(
-        run_dir,
-        id=run_id(run_dir),
-        stage=stage,
-        status="running",
-        parent=checked.source.parent,
-        base_model=checked.source.base,
-        config=resolved,
-        parallel=plan.to_dict(),
-        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **environment({name: info.version for name, info in manager.info.items()}),
-    )
-    write_json_atomic(run_dir / "config.json", resolved)
-    if world.size > 1 and not in_worker():
-        print("\n".join(f"modelloop: plan: {line}" for line in plan.lines()))
-        resume: Any = (continuing[1] or run_dir) if continuing else False
-        return launch(stage, config.model_copy(update={"output_dir": run_dir, "resume": resume}), plan, run_dir)
-    with stage_lifecycle(stage, resolved, run_dir, manager) as context:
-        try:
-            result = body(run_dir, context, continuing)
-        except BaseException as error:
-            update_manifest(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
-            raise
-        context.result.update(result)
-    return context.result
+        continuing = run_to_resume(stage, config.resume, config.output_dir)
+        if in_worker() and rank() > 0:
+            return body(config.output_dir, StageContext(stage, config.model_dump(mode="json"), config.output_dir, get_plugin_manager()), continuing)
+        run_dir = continuing[0] if continuing else new_run_dir(stage, config.output_dir)
+        resolved = config.model_dump(mode="json")
+        manager = get_plugin_manager()
+        recorded = {} if launched_worker() else {"config": resolved}  # the launcher recorded the config as the user gave it
+        update_manifest(
+            run_dir,
+            id=run_id(run_dir),
+            stage=stage,
+            status="running",
+            parent=checked.source.parent,
+            base_model=checked.source.base,
+            parallel=plan.to_dict(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **recorded,
+            **environment({name: info.version for name, info in manager.info.items()}),
+        )
+        if recorded:
+            write_json_atomic(run_dir / "config.json", resolved)
+        if launching:
+            print("\n".join(f"modelloop: plan: {line}" for line in plan.lines()))
+            resume: Any = (continuing[1] or run_dir) if continuing else False
+            return launch(stage, config.model_copy(update={"output_dir": run_dir, "resume": resume}), plan, run_dir)
+        with stage_lifecycle(stage, resolved, run_dir, manager) as context:
+            try:
+                result = body(run_dir, context, continuing)
+            except BaseException as error:
+                update_manifest(run_dir, status="failed", error=f"{type(error).__name__}: {error}")
+                raise
+            context.result.update(result)
+        return context.result
 
 
 def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
@@ -258,8 +274,11 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
         if tuner.adapter:
-            model.save_pretrained(merged_base(run_dir), safe_serialization=True)
-            update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()))
+            if is_main_process():
+                model.save_pretrained(merged_base(run_dir), safe_serialization=True)
+                update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()))
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # rollouts read base/ on every rank
     for accelerator in checked.accelerators:
         model = accelerator.apply(model, checked.family)
     if config.gradient_checkpointing and not plan.activation_checkpointing:
@@ -334,12 +353,16 @@ def finish_run(
 
     model_dir = run_dir / "model"
     plan = checked.plan
-    if plan.shard >= 3 or plan.mesh.get("tp", 1) > 1:
+    gathered = plan.shard >= 3 or plan.mesh.get("tp", 1) > 1
+    if is_main_process():
+        shutil.rmtree(model_dir, ignore_errors=True)  # an earlier attempt's weights are not this run's
+    if gathered:  # every rank takes part; rank 0 writes
         trainer.save_model(str(model_dir))
     if not is_main_process():
         return {"run_dir": str(run_dir), "metrics": metrics}
-    (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the trainer's, not the model's (config.json holds ours)
-    if not model_dir.is_dir():
+    if gathered:
+        (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the trainer's, not the model's (config.json holds ours)
+    else:
         (checked.tuner.save or _save_pretrained)(trainer.accelerator.unwrap_model(trainer.model), model_dir)
     if chat is not None:
         tokenizer.chat_template = chat.source

@@ -33,16 +33,12 @@ def deepspeed_config(options: Mapping[str, Any], *, cuda: bool) -> dict[str, Any
     stage = options["stage"]
     zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
     if stage == 3:
-        zero.update(
-            stage3_gather_16bit_weights_on_model_save=True,
-            stage3_prefetch_bucket_size="auto",
-            stage3_param_persistence_threshold="auto",
-        )
+        zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
     if options["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
     if options["offload_parameters"]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
-    config = {
+    config: dict[str, Any] = {
         "train_batch_size": "auto",
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -51,9 +47,24 @@ def deepspeed_config(options: Mapping[str, Any], *, cuda: bool) -> dict[str, Any
         "fp16": {"enabled": "auto"},
         "zero_optimization": zero,
     }
+    if options["offload_optimizer"]:
+        # the optimizer is the tuner's (its parameter groups and rates), run on the host
+        # copies; DeepSpeed would otherwise insist on its own CPU Adam
+        config["zero_force_ds_cpu_optimizer"] = False
     if options["config"]:
         config = merge(config, read_user_config(Path(options["config"])))
+    zero = config["zero_optimization"]
+    if zero.get("stage") not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, not {zero.get('stage')!r}")
+    if zero["stage"] == 3:  # also when the user's JSON chose stage 3: model/ must be an ordinary folder
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    if offloaded(zero, "offload_param") and zero["stage"] != 3:
+        raise ValueError("offload_parameters needs stage 3 (only ZeRO-3 partitions the weights)")
     return config
+
+
+def offloaded(zero: Mapping[str, Any], key: str) -> bool:
+    return zero.get(key, {}).get("device", "none") != "none"
 
 
 def read_user_config(path: Path) -> dict[str, Any]:
@@ -70,15 +81,11 @@ def read_user_config(path: Path) -> dict[str, Any]:
 
 def plan(request: PlanRequest) -> ParallelPlan:
     options = complete(request.options, DEFAULTS)
-    if options["stage"] not in (1, 2, 3):
-        raise ValueError(f"stage must be 1, 2 or 3, not {options['stage']!r}")
-    if options["offload_parameters"] and options["stage"] != 3:
-        raise ValueError("offload_parameters needs stage 3 (only ZeRO-3 partitions the weights)")
     mesh = sequence_parallel_mesh(request)
-    config = deepspeed_config(options, cuda=request.cuda)
+    config = deepspeed_config(options, cuda=request.cuda)  # checked after the user's JSON is merged in
     zero = config["zero_optimization"]
     stage = zero["stage"]
-    offload = tuple(name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if key in zero)
+    offload = tuple(name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if offloaded(zero, key))
     environment = {"TORCH_EXTENSIONS_DIR": str(cache_home() / "torch_extensions")}
     if request.sequence_parallel > 1:  # Ulysses: heads exchanged all-to-all, through accelerate's ParallelismConfig
         environment.update(parallelism_environment(sp_size=mesh["cp"], sp_backend="deepspeed", sp_attn_implementation="sdpa"))

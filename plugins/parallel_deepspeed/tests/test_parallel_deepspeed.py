@@ -34,6 +34,15 @@ def test_offload_and_a_users_json_merged_over_modelloops(tmp_path):
     assert zero["reduce_bucket_size"] == 5e7 and zero["stage"] == 3  # the user's key replaced, the rest kept
     assert plan.trainer_arguments["deepspeed"]["steps_per_print"] == 1
     assert plan.offload == ("optimizer", "parameters")
+    assert plan.trainer_arguments["deepspeed"]["zero_force_ds_cpu_optimizer"] is False  # the tuner's optimizer on the host copies
+
+
+def test_a_users_json_choosing_stage_3_still_saves_an_ordinary_folder(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
+    _, plan = make_plan("deepspeed", request(config=str(user)))
+    zero = plan.trainer_arguments["deepspeed"]["zero_optimization"]
+    assert zero["stage3_gather_16bit_weights_on_model_save"] and plan.shard == 3 and plan.offload == ()
 
 
 @pytest.mark.parametrize(

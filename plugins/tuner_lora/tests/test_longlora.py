@@ -99,3 +99,21 @@ def test_the_prepared_model_uses_shifted_attention_in_training_only(tiny_models)
     # groups of 16 (a quarter of the row); the shifted heads' first group is [0, 8)
     assert torch.allclose(sparse[:, :8], full[:, :8], atol=1e-5)  # every head of these tokens sees them all either way
     assert not torch.allclose(sparse[:, 8:], full[:, 8:], atol=1e-3)
+
+
+def test_the_mask_transformers_builds_still_applies_in_each_group():
+    """Two packed examples ([0, 6) and [6, 16)) with the boundary inside a group: no token
+    of the second sees the first, which full attention with the same mask also ensures."""
+    q, k, v = qkv()
+    example = torch.arange(LENGTH) >= 6
+    keep = (example[:, None] == example[None, :]) & torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
+    keep = keep.expand(2, 1, LENGTH, LENGTH)
+    module = types.SimpleNamespace(training=True, config=types.SimpleNamespace(longlora_group_ratio=0.5), num_key_value_groups=2, is_causal=True)
+    before = shifted_sparse_attention(module, q, k, v, keep)[0]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 2] += 1
+    v2[:, :, 2] += 1
+    after = shifted_sparse_attention(module, q, k2, v2, keep)[0]
+    moved = (after - before).abs().amax(dim=(0, 3)) > 0
+    assert moved[2:6].any() and not moved[6:].any()
+    assert torch.isfinite(before).all()
