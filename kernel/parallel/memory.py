@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from modelloop.parallel.plan import ParallelPlan
@@ -49,9 +49,6 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
-
-    def to_dict(self) -> dict[str, float]:
-        return {f"{name}_mib": value / MIB for name, value in {**asdict(self), "total": self.total}.items()}
 
 
 @dataclass(frozen=True)
