@@ -289,6 +289,11 @@ class ParallelStrategy(Spec):
     :param apply: ``apply(model, plan) -> model`` in every worker, after the tuner has
         prepared the model and before the trainer wraps it, for strategies that wrap the
         model themselves; None when the plan's trainer arguments say it all.
+    :param train: ``train(job) -> metrics`` for strategies that bring their own training
+        loop instead of transformers' Trainer (megatron-core): it gets a
+        ``modelloop.training.TrainingJob`` (the data, the plan, the base weights' folder)
+        in every worker, and writes the trained weights to ``job.run_dir / "model"`` as a
+        transformers folder. ``sft`` and ``pt`` only.
     :param min_world_size: the fewest processes it makes sense on.
     :param requires: import names it needs (``deepspeed``), checked before anything starts.
     :param needs_cuda: whether it runs on CUDA GPUs only (NCCL-only engines, megatron-core).
@@ -296,6 +301,7 @@ class ParallelStrategy(Spec):
 
     plan: Callable[..., Any]
     apply: Callable[..., Any] | None = None
+    train: Callable[..., Any] | None = None
     min_world_size: int = 1
     requires: tuple[str, ...] = ()
     needs_cuda: bool = False
@@ -304,6 +310,7 @@ class ParallelStrategy(Spec):
         super().__post_init__()
         _require_callable(self, "plan")
         _require_callable(self, "apply", optional=True)
+        _require_callable(self, "train", optional=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -379,3 +380,29 @@ def plot_metrics(metrics_path: Path, out: Path, series: Mapping[str, str], *, yl
     figure.tight_layout()
     figure.savefig(out, dpi=100)
     pyplot.close(figure)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a parallel strategy with its own training loop (``ParallelStrategy.train``)
+    gets from the stage: everything checked, tokenised and planned, no weights loaded.
+
+    :param model_path: the transformers folder of the weights to start from.
+    :param data: the training rows; ``sampler`` orders them per epoch, ``collator``
+        counts the tokens handed out (tokens/s), ``pad_token_id`` pads.
+    :param report: the progress bar, ``metrics.jsonl`` and ``on_log`` hook, driven with
+        a state that has ``global_step``, ``max_steps`` and ``is_world_process_zero``.
+    :param memory: restarted before the first step; ``measured()`` gives the peak.
+    """
+
+    config: Any
+    plan: Any
+    model_path: Path
+    model_config: Any
+    data: TrainingData
+    sampler: RegistrySampler
+    collator: Collator
+    pad_token_id: int
+    report: ReportCallback
+    memory: Any
+    run_dir: Path

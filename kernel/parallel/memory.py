@@ -104,24 +104,27 @@ def estimate(
 ) -> MemoryEstimate:
     """Per-device bytes for one training step of ``batch_size`` rows of ``max_length`` tokens."""
     element = element_bytes(dtype, model_config)
-    tp, shard_group = plan.mesh.get("tp", 1), plan.dp * plan.mesh.get("cp", 1)  # sharding spans the sequence-parallel ranks too
+    # a pipeline stage holds 1/pp of the layers; 1F1B keeps up to pp micro-batches in
+    # flight on the first stage, each through 1/pp of them, so activations stay as they are
+    split = plan.mesh.get("tp", 1) * plan.mesh.get("pp", 1)  # ranks a weight matrix or its layers are spread over
+    shard_group = plan.dp * plan.mesh.get("cp", 1)  # sharding spans the sequence-parallel ranks too
     plain = counts.total - counts.quantized
     weights = plain * element + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)  # plus a scale per 64-value block
-    weights /= tp * (shard_group if plan.shard >= 3 else 1)
-    gradients = counts.trainable * element / (tp * (shard_group if plan.shard >= 2 else 1))
+    weights /= split * (shard_group if plan.shard >= 3 else 1)
+    gradients = counts.trainable * element / (split * (shard_group if plan.shard >= 2 else 1))
     if "parameters" in plan.offload:  # weights and their gradients live in host memory; the gathered layers are buffers
         weights = gradients = 0
     # torch's AdamW keeps two states in the weights' dtype; DeepSpeed keeps an fp32 master
     # copy of its partition (a clone even when the weights are fp32) and two fp32 states
     per_parameter = 12 if plan.master_weights else 2 * element
-    optimizer = 0 if "optimizer" in plan.offload else counts.trainable * per_parameter / (tp * (shard_group if plan.shard >= 1 else 1))
+    optimizer = 0 if "optimizer" in plan.offload else counts.trainable * per_parameter / (split * (shard_group if plan.shard >= 1 else 1))
     recompute = gradient_checkpointing or plan.activation_checkpointing
-    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, tp) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
-    buffers = counts.trainable * element / (tp * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
+    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, plan.mesh.get("tp", 1)) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
+    buffers = counts.trainable * element / (split * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
     if plan.strategy == "ddp" and plan.dp > 1:
         buffers += counts.trainable * element  # DDP's gradient buckets
     if plan.shard >= 3 and shard_group > 1:
-        buffers += counts.largest_layer * element * 2 / tp  # one layer gathered, the next prefetched
+        buffers += counts.largest_layer * element * 2 / plan.mesh.get("tp", 1)  # one layer gathered, the next prefetched
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(buffers))
 
 

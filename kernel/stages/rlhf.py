@@ -65,6 +65,8 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     method = METHODS[config.method]
     check_method(config)
     checked = check_training(config)
+    if checked.strategy.train is not None:
+        raise ConfigError(f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)")
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None

@@ -160,6 +160,8 @@ def check_training(config: TrainConfig) -> Checked:
     family = resolve_family(model_config.model_type)
     accelerators = check_accelerators(config, model_config.model_type)
     strategy, plan = plan_training(config, model_config, family)
+    if strategy.train is not None and source.adapter:
+        raise ConfigError(f"the {strategy.name} strategy starts from full weights, and {config.model} is an adapter run: merge it first (modelloop export)")
     return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
 
 
@@ -349,8 +351,6 @@ def finish_run(
     ordinary folder; rank 0 writes."""
     from transformers.trainer import TRAINING_ARGS_NAME
 
-    from modelloop.training import plot_losses
-
     model_dir = run_dir / "model"
     plan = checked.plan
     gathered = plan.shard >= 3 or plan.mesh.get("tp", 1) > 1
@@ -364,6 +364,27 @@ def finish_run(
         (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the trainer's, not the model's (config.json holds ours)
     else:
         (checked.tuner.save or _save_pretrained)(trainer.accelerator.unwrap_model(trainer.model), model_dir)
+    return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=stats, metrics=metrics, wrapped_as=type(trainer.model_wrapped).__name__)
+
+
+def complete_run(
+    run_dir: Path,
+    stage: str,
+    config: TrainConfig,
+    checked: Checked,
+    tokenizer: Any,
+    chat: Any,
+    *,
+    stats: Mapping[str, Any],
+    metrics: dict[str, Any],
+    wrapped_as: str,
+) -> dict[str, Any]:
+    """Rank 0, once ``model/`` holds the weights: the tokenizer and chat template beside
+    them, the loss plot, and the manifest completed (``wrapped_as``: what trained the model)."""
+    from modelloop.training import plot_losses
+
+    model_dir = run_dir / "model"
+    plan = checked.plan
     if chat is not None:
         tokenizer.chat_template = chat.source
     tokenizer.save_pretrained(model_dir)
@@ -381,7 +402,7 @@ def finish_run(
         },
         metrics=metrics,
         files=hashed_files(model_dir),
-        parallel={**plan.to_dict(), "wrapped_as": type(trainer.model_wrapped).__name__},
+        parallel={**plan.to_dict(), "wrapped_as": wrapped_as},
     )
     print(f"modelloop: {stage} finished: {run_dir} (train loss {metrics.get('train_loss', float('nan')):.4f})")
     return {"run_dir": str(run_dir), "metrics": metrics}
@@ -405,6 +426,8 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
 
     memory = PeakMemory()
+    if checked.strategy.train is not None:
+        return _run_strategy_loop(stage, config, checked, run_dir, context, tokenizer, chat, data, memory)
     model = load_trainable(config, checked, run_dir)
     train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
@@ -436,6 +459,36 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp / train_seconds if train_seconds else 0.0  # each dp rank reads its own batches
     metrics.update(memory.measured())
     return finish_run(run_dir, stage, config, checked, trainer, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics)
+
+
+def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, context: Any, tokenizer: Any, chat: Any, data: Any, memory: PeakMemory) -> dict[str, Any]:
+    """Train with the strategy's own loop (``ParallelStrategy.train``), which writes ``model/``."""
+    from modelloop.training import Collator, RegistrySampler, ReportCallback, TrainingData, TrainingJob
+
+    if is_main_process():
+        shutil.rmtree(run_dir / "model", ignore_errors=True)  # an earlier attempt's weights are not this run's
+    train_set = TrainingData.build(data, max_length=config.max_length, packing=False)
+    collator = Collator(tokenizer.pad_token_id, packing=False)
+    job = TrainingJob(
+        config=config,
+        plan=checked.plan,
+        model_path=Path(checked.source.base),
+        model_config=checked.model_config,
+        data=train_set,
+        sampler=RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed),
+        collator=collator,
+        pad_token_id=tokenizer.pad_token_id,
+        report=ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens),
+        memory=memory,
+        run_dir=run_dir,
+    )
+    started = time.perf_counter()
+    metrics = dict(checked.strategy.train(job))
+    seconds = time.perf_counter() - started
+    metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp * checked.plan.mesh.get("ep", 1) / seconds if seconds else 0.0
+    if not is_main_process():
+        return {"run_dir": str(run_dir), "metrics": metrics}
+    return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics, wrapped_as=checked.strategy.name)
 
 
 def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], Any]:
