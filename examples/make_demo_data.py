@@ -7,6 +7,9 @@
   prompts.jsonl      prompt-only records with a `solution` column, for GRPO rewards
   sums.jsonl         messages: the 100 single-digit additions (the quickstart's task)
   sum_prompts.jsonl  the same 100 questions as prompts with a `solution`, for GRPO and eval
+  images/            16 pictures: a red, green, blue or yellow square or circle, 64 or 96 px
+  shapes.jsonl       messages with image parts (what color, which shape), mixed with text sums
+  shapes_sharegpt.jsonl  the same pictures as sharegpt records with <image> and an images column
 
 A tiny model fresh from ``new-model`` learns the single-digit sums in a few hundred
 steps at a constant learning rate (its loss sits at the uniform prior over the digits for
@@ -38,6 +41,37 @@ def write(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+
+
+def shapes(out: Path, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """Draw the pictures; return the image-and-text conversations (messages, with text-only
+    sums mixed in a third of the time) and their sharegpt form."""
+    from PIL import Image, ImageDraw
+
+    (out / "images").mkdir(exist_ok=True)
+    messages, sharegpt = [], []
+    for color, rgb in COLORS.items():
+        for shape in ("square", "circle"):
+            for size in (64, 96):
+                name = f"images/{color}-{shape}-{size}.png"
+                picture = Image.new("RGB", (size, size), (245, 245, 245))
+                margin = size // 6
+                draw = ImageDraw.Draw(picture)
+                (draw.rectangle if shape == "square" else draw.ellipse)([margin, margin, size - margin, size - margin], fill=rgb)
+                picture.save(out / name)
+                for question, answer in (("What color is the shape?", color), ("Which shape is this?", f"a {color} {shape}")):
+                    parts = [{"type": "image", "image": name}, {"type": "text", "text": question}]
+                    messages.append({"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]})
+                    turns = [{"from": "human", "value": f"<image>{question}"}, {"from": "gpt", "value": answer}]
+                    sharegpt.append({"conversations": turns, "images": [name]})
+    for _ in range(len(messages) // 2):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        messages.append({"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]})
+    rng.shuffle(messages)
+    return messages, sharegpt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write the demo data sets.")
     parser.add_argument("out", nargs="?", default="runs/data", type=Path)
@@ -66,7 +100,13 @@ def main() -> None:
     sums = [(f"What is {a}+{b}?", str(a + b)) for a in range(10) for b in range(10)]
     write(arguments.out / "sums.jsonl", [conversation(q, a) for q, a in sums])
     write(arguments.out / "sum_prompts.jsonl", [{"prompt": q, "solution": a} for q, a in sums])
-    print(f"{arguments.out}: {len(train)} train, {len(held_out)} held-out examples, {len(sums)} single-digit sums in 7 files")
+    pictured, pictured_sharegpt = shapes(arguments.out, rng)
+    write(arguments.out / "shapes.jsonl", pictured)
+    write(arguments.out / "shapes_sharegpt.jsonl", pictured_sharegpt)
+    print(
+        f"{arguments.out}: {len(train)} train, {len(held_out)} held-out examples, {len(sums)} single-digit sums, "
+        f"{len(pictured)} picture questions in 9 files"
+    )
 
 
 if __name__ == "__main__":

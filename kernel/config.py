@@ -43,6 +43,8 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0)
     adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
+    freeze: list[str] = Field(default_factory=list, description="module groups of the family left untrained (vision, aligner, llm, ...)")
+    group_lr: dict[str, float] = Field(default_factory=dict, description="learning rate per module group (vision, aligner, llm); other groups train at lr")
     max_length: int = Field(1024, gt=0)
     packing: bool = True
     sampler: str = "random"
@@ -73,6 +75,15 @@ class TrainConfig(BaseModel):
     def _one_eval_source(self) -> TrainConfig:
         if self.eval_split and self.eval_data:
             raise ValueError("give eval_data or eval_split, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _group_rates(self) -> TrainConfig:
+        for group, rate in self.group_lr.items():
+            if rate <= 0:
+                raise ValueError(f"group_lr.{group} must be positive, got {rate}")
+            if group in self.freeze:
+                raise ValueError(f"group {group!r} is frozen and has a learning rate: choose one")
         return self
 
 

@@ -113,6 +113,40 @@ class TokenizerRecipe:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionSpec:
+    """What a vision-language family adds to a text family: how an image enters the
+    text and the model.
+
+    Data and chat requests mark an image's place with ``IMAGE_MARK`` (``<image>``); the
+    family's ``placeholder`` replaces it in the rendered chat, and its ``image_token``
+    there is repeated once per image feature, as the model's processor would.
+
+    :param placeholder: the chat text for one image (``<|vision_start|><|image_pad|><|vision_end|>``).
+    :param image_token: the token repeated per image feature (``<|image_pad|>``).
+    :param image_inputs: ``image_inputs(image_processor, images, model_config) ->
+        (model inputs, tokens per image)``: the pixel tensors for a list of PIL images and
+        how many image tokens each one takes.
+    :param token_types: the model input that marks image tokens with 1 (Qwen-VL's
+        ``mm_token_type_ids``), or None.
+    :param config_tokens: config field -> token, filled with the token's id by
+        ``new-model`` (``image_token_id``: ``<|image_pad|>``).
+    :param image_processor: ``image_processor(**options) -> image processor``, for
+        ``new-model`` presets (their ``image_processor`` field holds the options).
+    :param rope_index: ``rope_index(model, input_ids, token_types, image_inputs) ->
+        position ids`` for models whose positions are not 0..n-1 (Qwen-VL's multimodal
+        rotary positions), so that packed examples can each start at 0; None otherwise.
+    """
+
+    placeholder: str
+    image_token: str
+    image_inputs: Callable[..., tuple[Mapping[str, Any], list[int]]]
+    token_types: str | None = None
+    config_tokens: Mapping[str, str] = field(default_factory=dict)
+    image_processor: Callable[..., Any] | None = None
+    rope_index: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelFamily(Spec):
     """A model family: which checkpoints it claims and what the stages need to know.
 
@@ -134,6 +168,8 @@ class ModelFamily(Spec):
     :param tokenizer: how ``new-model`` trains this family's tokenizer.
     :param load: ``load(path, **options) -> (model, tokenizer)`` for families that need
         more than the Auto classes; None means the kernel's default loader.
+    :param vision: what a vision-language family adds (``VisionSpec``); None for text
+        families. Its models load as image-text-to-text models.
     """
 
     model_types: tuple[str, ...]
@@ -146,6 +182,7 @@ class ModelFamily(Spec):
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     tokenizer: TokenizerRecipe | None = None
     load: Callable[..., tuple[Any, Any]] | None = None
+    vision: VisionSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -30,6 +30,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from modelloop.data.images import ImageTokens
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
 from modelloop.data.tokenize import IGNORE, TokenizedData
 from modelloop.specs import Sampler, Tuner
@@ -46,9 +47,13 @@ class TrainingData(torch.utils.data.Dataset):
 
     @classmethod
     def build(cls, data: TokenizedData, *, max_length: int, packing: bool) -> TrainingData:
+        """Packed rows, or single examples: ``(input_ids, labels)``, with their images
+        as a third member when the data has any."""
         if packing:
-            rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length)
+            rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length, data.images)
             return cls(rows, [len(row.input_ids) for row in rows])
+        if data.images is not None:
+            return cls(list(zip(data.input_ids, data.labels, data.images)), data.lengths)
         return cls(list(zip(data.input_ids, data.labels)), data.lengths)
 
     def split(self, share: float, seed: int) -> tuple[TrainingData, TrainingData]:
@@ -69,21 +74,62 @@ class TrainingData(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Batches items and counts the real (non-padding) training tokens it has handed out."""
+    """Batches items and counts the real (non-padding) training tokens it has handed out.
 
-    def __init__(self, pad_token_id: int, packing: bool, multiple: int = 1) -> None:
+    With ``images`` (a vision-language model's ``ImageTokens``) a batch also carries its
+    images' pixel inputs and, where the family has one, the input marking image tokens;
+    ``rope_index`` (the family's, bound to the model) gives packed rows their
+    multimodal positions, each example's from 0.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool, multiple: int = 1, images: ImageTokens | None = None, rope_index: Callable[..., Any] | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism)
+        self.images = images
+        self.rope_index = rope_index
         self.tokens = 0
         self.counting = True  # off while the Trainer evaluates
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         if self.packing:
             self.tokens += self.counting * sum(len(row.input_ids) for row in items)
-            return collate_packed(items, self.pad_token_id, self.multiple)
-        self.tokens += self.counting * sum(len(ids) for ids, _ in items)
-        return collate_padded([ids for ids, _ in items], [labels for _, labels in items], self.pad_token_id, self.multiple)
+            batch = collate_packed(items, self.pad_token_id, self.multiple)
+            references = [reference for row in items for example in row.images for reference in example]
+            return self._with_images(batch, references, items)
+        self.tokens += self.counting * sum(len(item[0]) for item in items)
+        batch = collate_padded([item[0] for item in items], [item[1] for item in items], self.pad_token_id, self.multiple)
+        return self._with_images(batch, [reference for item in items if len(item) > 2 for reference in item[2]])
+
+    def _with_images(self, batch: dict[str, Any], references: list[str], rows: Sequence[PackedRow] = ()) -> dict[str, Any]:
+        if self.images is None:
+            return batch
+        spec = self.images.spec
+        if references:
+            batch.update(self.images.inputs(references))
+            if spec.token_types:
+                batch[spec.token_types] = (batch["input_ids"] == self.images.image_token_id).long()
+        if rows and self.rope_index is not None:
+            batch["position_ids"] = self._packed_positions(batch, rows)
+        elif not rows and spec.rope_index is not None:
+            batch.pop("position_ids", None)  # plain positions would misplace the images: the model places them itself
+        return batch
+
+    def _packed_positions(self, batch: dict[str, Any], rows: Sequence[PackedRow]) -> torch.Tensor:
+        """(4, rows, width): the plain positions (which tell transformers where each packed
+        example starts), then each example's multimodal rotary positions from 0."""
+        text = batch["position_ids"]
+        positions = text[None].repeat(4, 1, 1)
+        token_types = (batch["input_ids"] == self.images.image_token_id).long()
+        for number, row in enumerate(rows):
+            start = 0
+            for length, references in zip(row.lengths, row.images):
+                end = start + length
+                inputs = self.images.inputs(list(references))
+                ids = batch["input_ids"][number : number + 1, start:end]
+                positions[1:, number, start:end] = self.rope_index(ids, token_types[number : number + 1, start:end], inputs)[:, 0]
+                start = end
+        return positions
 
 
 class RegistrySampler(torch.utils.data.Sampler[int]):
@@ -118,26 +164,45 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
+    group_lr: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """The tuner's parameter groups (each keeping its own ``lr`` and extra keys), split so
-    that biases and norm weights get no weight decay, given to the tuner's optimizer."""
+    that biases and norm weights get no weight decay, given to the tuner's optimizer.
+
+    ``group_lr`` sets the rate of the family's module groups (``vision``, ``aligner``,
+    ``llm``): a tuner group spanning several is split along them, and a tuner's relative
+    rate (``lr_scale``, LoRA+) applies to the module group's rate.
+    """
+    from modelloop.models.groups import group_of
+
     if tuner.parameter_groups is not None:
         groups = tuner.parameter_groups(model, options, family)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    names = {id(parameter): name.lower() for name, parameter in model.named_parameters()}
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    module_groups = family.module_groups if family is not None else {}
+    rates = group_lr or {}
     split = []
     for group in groups:
-        parameters = [p for p in group["params"] if p.requires_grad]
-        decayed = [p for p in parameters if not any(word in names.get(id(p), "") for word in NO_DECAY)]
-        decayed_ids = {id(p) for p in decayed}
-        plain = [p for p in parameters if id(p) not in decayed_ids]
         extra = {key: value for key, value in group.items() if key != "params"}
-        if "lr_scale" in extra:  # relative to the configured learning rate (LoRA+)
-            extra["lr"] = lr * extra.pop("lr_scale")
-        for members, decay in ((decayed, weight_decay), (plain, 0.0)):
-            if members:
-                split.append({**extra, "params": members, "weight_decay": group.get("weight_decay", decay)})
+        scale = extra.pop("lr_scale", None)
+        by_module: dict[str | None, list[torch.Tensor]] = {}
+        for parameter in group["params"]:
+            if parameter.requires_grad:
+                by_module.setdefault(group_of(names.get(id(parameter), ""), module_groups) if rates else None, []).append(parameter)
+        for module_group, parameters in by_module.items():
+            rate = dict(extra)
+            base = rates.get(module_group) if module_group is not None else None
+            if scale is not None:  # relative to the configured learning rate (LoRA+)
+                rate["lr"] = (base or lr) * scale
+            elif base is not None:
+                rate["lr"] = base
+            decayed = [p for p in parameters if not any(word in names.get(id(p), "").lower() for word in NO_DECAY)]
+            decayed_ids = {id(p) for p in decayed}
+            plain = [p for p in parameters if id(p) not in decayed_ids]
+            for members, decay in ((decayed, weight_decay), (plain, 0.0)):
+                if members:
+                    split.append({**rate, "params": members, "weight_decay": group.get("weight_decay", decay)})
     if not split:
         raise ValueError(f"the {tuner.name} tuner left no parameter to train")
     split = by_device_mesh(split)

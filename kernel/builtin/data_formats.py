@@ -2,7 +2,8 @@
 
 Each turns one record into modelloop's canonical record for its kind:
 
-- conversation: ``{"messages": [...], "tools": [...]?}``
+- conversation: ``{"messages": [...], "tools": [...]?, "images": [...]?}`` (each image's
+  place marked ``<image>`` in the text: ``modelloop.data.images``)
 - preference: ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` (TRL's conversational form)
 - kto: ``{"prompt": [...], "completion": [...], "label": bool}``
 - prompt: ``{"prompt": [...], **other columns}`` (extra columns reach the rewards)
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelloop import hookimpl
+from modelloop.data.images import take_image_parts
 from modelloop.data.messages import as_messages, check_messages, message
 from modelloop.specs import DatasetFormat
 
@@ -57,8 +59,21 @@ def _prompt(record: Record) -> list[dict[str, Any]]:
     return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt")
 
 
+def _images(record: Record, from_parts: list[str]) -> dict[str, Any]:
+    """The record's images: from its content parts, or its ``images`` column (a path or
+    a list), whose ``<image>`` placeholders in the text say where each goes."""
+    column = _decoded(record.get("images")) or []
+    if isinstance(column, str):
+        column = [column]
+    if from_parts and column:
+        raise ValueError("give images as content parts or in the images column, not both")
+    images = from_parts or column
+    return {"images": list(images)} if images else {}
+
+
 def convert_messages(record: Record) -> dict[str, Any]:
-    converted: dict[str, Any] = {"messages": check_messages(_decoded(record.get("messages")))}
+    raw, images = take_image_parts(_decoded(record.get("messages")))
+    converted: dict[str, Any] = {"messages": check_messages(raw), **_images(record, images)}
     if record.get("tools"):
         converted["tools"] = _decoded(record["tools"])
     return converted
@@ -98,7 +113,7 @@ def convert_sharegpt(record: Record) -> dict[str, Any]:
             messages.append({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]})
         else:
             messages.append(message(role, turn["value"]))
-    converted: dict[str, Any] = {"messages": check_messages(_with_system(record, messages), field_name="conversations")}
+    converted: dict[str, Any] = {"messages": check_messages(_with_system(record, messages), field_name="conversations"), **_images(record, [])}
     if record.get("tools"):
         converted["tools"] = _decoded(record["tools"])
     return converted
@@ -114,7 +129,7 @@ def convert_alpaca(record: Record) -> dict[str, Any]:
     extra = _text(record, "input", required=False)
     messages.append(message("user", f"{instruction}\n{extra}" if extra else instruction))
     messages.append(message("assistant", _text(record, "output")))
-    return {"messages": check_messages(_with_system(record, messages))}
+    return {"messages": check_messages(_with_system(record, messages)), **_images(record, [])}
 
 
 def _answer(record: Record, field_name: str, prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -42,6 +42,9 @@ FLAGS: dict[str, Any] = {
     "--sequence-parallel": int,
 }
 
+#: flag -> module group whose learning rate it sets (``group_lr``).
+GROUP_LR_FLAGS = {"--vision-lr": "vision", "--aligner-lr": "aligner", "--llm-lr": "llm"}
+
 #: How the nodes of a multi-node job meet: per launch, not part of a run's config (each
 #: node has its own rank). Left out, they come from SLURM's or torchrun's environment.
 RENDEZVOUS = {"--node-rank": ("NODE_RANK", int), "--master-addr": ("MASTER_ADDR", str), "--master-port": ("MASTER_PORT", int)}
@@ -81,6 +84,7 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
         data: tuple[str, ...],
         eval_data: tuple[str, ...],
         accelerators: tuple[str, ...],
+        freeze: tuple[str, ...],
         resume: str | None,
         rewards: tuple[str, ...] = (),
         reward_weights: str | None = None,
@@ -99,7 +103,12 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
         if config is not None:
             layers.append(read_yaml(config))
         layers.append(parse_assignments(assignments))
+        rates = {group: flags.pop(flag.lstrip("-").replace("-", "_")) for flag, group in GROUP_LR_FLAGS.items()}
         given = {name: value for name, value in flags.items() if value is not None}
+        if any(rate is not None for rate in rates.values()):
+            given["group_lr"] = {group: rate for group, rate in rates.items() if rate is not None}
+        if freeze:
+            given["freeze"] = list(freeze)
         if data:
             given["data"] = list(data)
         if eval_data:
@@ -148,6 +157,9 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
     )(decorated)
     decorated = click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable).")(decorated)
     decorated = click.option("--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable).")(decorated)
+    decorated = click.option("--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable).")(decorated)
+    for flag, group in reversed(GROUP_LR_FLAGS.items()):
+        decorated = click.option(flag, type=float, default=None, help=f"Learning rate of the {group} module group (default: --lr).")(decorated)
     decorated = click.option("--data", multiple=True, help="Data file (repeatable; file#0.5 samples half).")(decorated)
     decorated = click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16.")(decorated)
     decorated = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")(decorated)

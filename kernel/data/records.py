@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelloop.data.images import check_record_images, record_texts
 from modelloop.data.sources import DataError, DataSource, Problem, RawRecord, open_source
 from modelloop.registry import DATASET_FORMATS, get_registry
 from modelloop.specs import DatasetFormat, DatasetKind
@@ -78,7 +79,7 @@ def _convert_file(source: DataSource, format_name: str | None, records: Records,
                 )
             records.formats[source.path] = chosen.name
             settled = True
-        example = _convert(chosen, item)
+        example = _convert(chosen, item, source.path.parent)
         if isinstance(example, Problem):
             records.problems.append(example)
         else:
@@ -86,14 +87,16 @@ def _convert_file(source: DataSource, format_name: str | None, records: Records,
     return examples
 
 
-def _convert(chosen: DatasetFormat, item: RawRecord) -> Example | Problem:
+def _convert(chosen: DatasetFormat, item: RawRecord, base: Path) -> Example | Problem:
+    """The canonical record, its images (if any) resolved against ``base`` and opened."""
     if not isinstance(item.data, Mapping):
         return Problem(item.location, f"record is a {type(item.data).__name__}, not an object")
     missing = [column for column in chosen.columns if column not in item.data]
     if missing:
         return Problem(item.location, f"missing field {missing[0]!r} (format {chosen.name})")
     try:
-        return Example(item.location, chosen.kind, chosen.convert(item.data))
+        record = chosen.convert(item.data)
+        return Example(item.location, chosen.kind, check_record_images(record, record_texts(record), base))
     except (ValueError, TypeError, KeyError) as error:
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         return Problem(item.location, reason)

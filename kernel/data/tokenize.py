@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from modelloop.artifacts import sha256_path
 from modelloop.chat import ChatFormat, TemplateError
+from modelloop.data.images import IMAGE_MARK, ImageTokens
 from modelloop.data.records import Example, Records, read_records
 from modelloop.data.sources import DataError, DataSource, Problem
 from modelloop.paths import cache_home
@@ -39,17 +40,21 @@ Truncation = Literal["truncate", "drop", "error"]
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    images: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 class Encoder:
-    """Renders and tokenises canonical records of every kind."""
+    """Renders and tokenises canonical records of every kind; with ``images`` (a vision
+    model's ``ImageTokens``) each image mark becomes the family's placeholder and its image
+    token is repeated once per image feature."""
 
-    def __init__(self, tokenizer: Any, chat: ChatFormat | None) -> None:
+    def __init__(self, tokenizer: Any, chat: ChatFormat | None, images: ImageTokens | None = None) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
+        self.images = images
 
     def _chat(self) -> ChatFormat:
         if self.chat is None:
@@ -64,12 +69,21 @@ class Encoder:
             return [[(record["text"] + (self.tokenizer.eos_token or ""), True)]]
         chat = self._chat()
         if example.kind == "conversation":
-            return [chat.segments(record["messages"], record.get("tools"))]
+            return [self._placed(chat.segments(record["messages"], record.get("tools")), record)]
         if example.kind == "prompt":
             return [[(chat.render(record["prompt"], add_generation_prompt=True), False)]]
         if example.kind == "preference":
             return [chat.segments([*record["prompt"], *record[side]]) for side in ("chosen", "rejected")]
         return [chat.segments([*record["prompt"], *record["completion"]])]
+
+    def _placed(self, pieces: list[tuple[str, bool]], record: Any) -> list[tuple[str, bool]]:
+        """Image marks replaced by the model's placeholder (a model without images refuses them)."""
+        if not record.get("images"):
+            return pieces
+        if self.images is None:
+            raise TemplateError("the record has images, and this model takes none (choose a vision-language model)")
+        placeholder = self.images.spec.placeholder
+        return [(text.replace(IMAGE_MARK, placeholder), trained) for text, trained in pieces]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added: through the Rust tokenizer
@@ -93,7 +107,7 @@ class Encoder:
         texts = [text for sequences in pieces if not isinstance(sequences, Problem) for sequence in sequences for text, _ in sequence]
         ids = iter(self.token_ids(texts))
         encoded: list[list[Encoded] | Problem] = []
-        for sequences in pieces:
+        for example, sequences in zip(examples, pieces):
             if isinstance(sequences, Problem):
                 encoded.append(sequences)
                 continue
@@ -106,8 +120,18 @@ class Encoder:
                     input_ids += piece
                     labels += piece if trained else [IGNORE] * len(piece)
                 example_sequences.append(Encoded(input_ids, labels))
-            encoded.append(example_sequences)
+            encoded.append(self._with_images(example, example_sequences))
         return encoded
+
+    def _with_images(self, example: Example, sequences: list[Encoded]) -> list[Encoded] | Problem:
+        images = tuple(example.record.get("images") or ())
+        if not images or self.images is None:
+            return sequences
+        try:
+            counts = self.images.counts(images)
+            return [Encoded(*self.images.expand(sequence.input_ids, sequence.labels, counts), images=images) for sequence in sequences]
+        except ValueError as error:
+            return Problem(example.location, str(error))
 
 
 @dataclass
@@ -121,10 +145,13 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     longest: int = 0
+    images: int = 0
     formats: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
+        if self.images:
+            parts.append(f"{self.images} images")
         for label, count in (("truncated", self.truncated), ("dropped", self.dropped), ("bad records skipped", self.skipped_bad)):
             if count:
                 parts.append(f"{count} {label}")
@@ -156,7 +183,8 @@ class TokenizedData:
     """Training-ready sequences: ids, labels, and where each came from.
 
     Tokens are kept in flat int32 arrays with offsets (a tenth of the memory of Python
-    lists); ``input_ids[i]`` and ``labels[i]`` are numpy views of one sequence.
+    lists); ``input_ids[i]`` and ``labels[i]`` are numpy views of one sequence, and
+    ``images[i]`` its images (read when batched).
     """
 
     flat_ids: Any
@@ -165,6 +193,7 @@ class TokenizedData:
     locations: list[str]
     stats: DataStats
     from_cache: bool = False
+    images: list[tuple[str, ...]] | None = None  # each sequence's images, when any has one
 
     @property
     def input_ids(self) -> Ragged:
@@ -191,7 +220,7 @@ def problems_error(problems: Sequence[Problem], hint: str) -> DataError:
 def fit(encoded: Encoded, max_length: int, truncation: Truncation) -> Encoded | None:
     """The sequence within ``max_length``: cut, or None when dropped (or nothing trained is left)."""
     if len(encoded) > max_length:
-        if truncation != "truncate":
+        if truncation != "truncate" or encoded.images:  # a cut through an image's tokens would not match its features
             return None
         encoded = Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
     if all(label == IGNORE for label in encoded.labels):
@@ -211,6 +240,7 @@ def tokenize_records(
     stats = DataStats()
     flat_ids, flat_labels, offsets = array("i"), array("i"), array("q", [0])
     locations: list[str] = []
+    images: list[tuple[str, ...]] = []
     too_long: list[Problem] = []
     unrendered: list[Problem] = []
     for start in range(0, len(examples), BATCH):
@@ -232,6 +262,7 @@ def tokenize_records(
             flat_labels.extend(kept.labels)
             offsets.append(len(flat_ids))
             locations.append(example.location)
+            images.append(encoded.images)
             stats.longest = max(stats.longest, len(kept))
     if too_long:
         raise problems_error(too_long, "Raise --max-length, or choose --truncation truncate or drop.")
@@ -239,8 +270,14 @@ def tokenize_records(
     stats.examples = len(locations)
     stats.tokens = len(flat_ids)
     stats.trained_tokens = int(numpy.count_nonzero(labels != IGNORE))
+    stats.images = sum(len(example_images) for example_images in images)
     data = TokenizedData(
-        numpy.frombuffer(flat_ids, dtype=numpy.int32), labels, numpy.frombuffer(offsets, dtype=numpy.int64), locations, stats
+        numpy.frombuffer(flat_ids, dtype=numpy.int32),
+        labels,
+        numpy.frombuffer(offsets, dtype=numpy.int64),
+        locations,
+        stats,
+        images=images if stats.images else None,
     )
     return data, unrendered
 
@@ -322,11 +359,14 @@ def prepare_data(
     skip_bad_records: bool = False,
     seed: int = 0,
     use_cache: bool = True,
+    images: ImageTokens | None = None,
 ) -> TokenizedData:
     """Read, validate, render, tokenise and (once) cache training data.
 
     Every record is validated first: any bad one stops here with ``file:line: reason``
-    for each, unless ``skip_bad_records`` (then they are counted in ``stats``).
+    for each, unless ``skip_bad_records`` (then they are counted in ``stats``). For a
+    vision-language model (``images``) nothing is cached: the image files are not part
+    of the cache key.
     """
     if max_length < 1:
         raise DataError(f"max_length must be positive, got {max_length}")
@@ -334,7 +374,8 @@ def prepare_data(
     for source in parsed:
         if not source.path.exists():
             raise DataError(f"{source.path}: no such file or folder")
-    encoder = Encoder(tokenizer, chat if kind == "conversation" else None)
+    encoder = Encoder(tokenizer, chat if kind == "conversation" else None, images)
+    use_cache = use_cache and images is None
     settings = {"max_length": max_length, "kind": kind, "format": format, "truncation": truncation, "skip_bad": skip_bad_records, "seed": seed}
     cached = cache_home() / "tokenized" / f"{cache_key(parsed, encoder, settings)}.npz" if use_cache else None
     if cached is not None and cached.exists():

@@ -139,6 +139,25 @@ def resolve_family(model_type: str) -> ModelFamily:
     return fallback
 
 
+def model_class(family: ModelFamily | None) -> Any:
+    """transformers' Auto class for the family's models: image-text-to-text for vision
+    families, causal LM otherwise."""
+    import transformers
+
+    return transformers.AutoModelForImageTextToText if family is not None and family.vision is not None else transformers.AutoModelForCausalLM
+
+
+def load_image_processor(name_or_path: str | Path) -> Any:
+    """The image processor saved beside a vision-language model."""
+    from transformers import AutoImageProcessor
+
+    location = locate(name_or_path, needs_config=False)
+    try:
+        return AutoImageProcessor.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{location}: cannot load the image processor ({error})") from None
+
+
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
@@ -210,10 +229,8 @@ def load_model(
     if family.load is not None:
         model, tokenizer = family.load(source.base, config=config, **options)
     else:
-        from transformers import AutoModelForCausalLM
-
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.base, config=config, **options)
+            model = model_class(family).from_pretrained(source.base, config=config, **options)
         except OSError as error:
             raise ModelLoadError(f"{source.base}: cannot load the weights ({error})") from None
         tokenizer = None

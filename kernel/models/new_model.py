@@ -161,26 +161,30 @@ def new_model(
     fields = dict(family.presets[preset])
     model_type = fields.pop("model_type")
     tokenizer_vocab = fields.pop("tokenizer_vocab", 2000)
-    released_vocab = fields.pop("vocab_size", 0)
+    image_processor_options = fields.pop("image_processor", None)
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
+
+    from modelloop.models.loading import model_class
 
     corpus = [*generated_corpus(seed=seed), *corpus_from_files(corpus_files)]
     tokenizer = train_tokenizer(family.tokenizer, corpus, tokenizer_vocab)
     chat = resolve_chat_format(tokenizer, family)
     tokenizer.chat_template = chat.source
     eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in dict.fromkeys((*chat.end_of_turn, tokenizer.eos_token))]
-    config = AutoConfig.for_model(
-        model_type,
-        **fields,
-        vocab_size=max(released_vocab, len(tokenizer)),
+    text = fields.setdefault("text_config", {}) if family.vision else fields  # a vision family's language model has the vocabulary
+    text.update(
+        vocab_size=max(text.get("vocab_size", 0), len(tokenizer)),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos_ids[0],
         pad_token_id=tokenizer.pad_token_id,
     )
+    if family.vision:
+        fields.update({field: tokenizer.convert_tokens_to_ids(token) for field, token in family.vision.config_tokens.items()})
+    config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class(family).from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
@@ -189,6 +193,8 @@ def new_model(
     try:
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
+        if family.vision is not None and family.vision.image_processor is not None:
+            family.vision.image_processor(**(image_processor_options or {})).save_pretrained(building)
         sample = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
         _check_tokenizer_round_trip(building, [*corpus[:200], chat.render(sample, add_generation_prompt=False)])
         if out.exists():

@@ -66,10 +66,11 @@ def count_parameters(model_config: Any, tuner: Any, tuner_options: Mapping[str, 
     """Build the model on the meta device (no memory, no weights read), let the tuner
     prepare it, and count."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from modelloop.models.loading import model_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        model = model_class(family).from_config(model_config, trust_remote_code=trust_remote_code)
         model = tuner.prepare(model, tuner_options, family)
     parameters = list(model.parameters())
     bits = _quantized_bits(tuner, tuner_options)

@@ -23,7 +23,7 @@ from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, run_stage, trainer_arguments, tuner_optimizer
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, record_module_groups, run_stage, trainer_arguments, tuner_optimizer
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,7 @@ def _run(
 
     memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
+    record_module_groups(model, config, checked, run_dir)
     arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}

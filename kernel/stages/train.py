@@ -11,6 +11,7 @@ chat template it was trained with), ``config.json`` (resolved), ``metrics.jsonl`
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import time
@@ -92,6 +93,16 @@ def check_accelerators(config: TrainConfig, model_type: str) -> list[Accelerator
     return found
 
 
+def check_module_groups(config: TrainConfig, family: Any) -> None:
+    """``--freeze`` and the per-group rates name groups the family has."""
+    from modelloop.models.groups import check_groups
+
+    try:
+        check_groups([*config.freeze, *config.group_lr], family.module_groups, family.name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def check_context(model_config: Any, config: TrainConfig) -> None:
     context = getattr(model_config, "max_position_embeddings", None)
     if context and config.max_length > context:
@@ -158,6 +169,7 @@ def check_training(config: TrainConfig) -> Checked:
     model_config = read_config(source.base, trust_remote_code=config.trust_remote_code)
     check_context(model_config, config)
     family = resolve_family(model_config.model_type)
+    check_module_groups(config, family)
     accelerators = check_accelerators(config, model_config.model_type)
     strategy, plan = plan_training(config, model_config, family)
     if strategy.train is not None and source.adapter:
@@ -287,10 +299,28 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
         _checkpoint_activations(model)
     torch.manual_seed(config.seed)
     model = tuner.prepare(model, options, checked.family)
+    if config.freeze:
+        from modelloop.models.groups import freeze
+
+        freeze(model, checked.family.module_groups, config.freeze)
     model.config.use_cache = False
     if checked.strategy.apply is not None:
         model = checked.strategy.apply(model, plan)
     return model
+
+
+def record_module_groups(model: Any, config: TrainConfig, checked: Checked, run_dir: Path) -> None:
+    """Print what each module group trains, and at what rate, and keep it in the manifest."""
+    from modelloop.models.groups import describe
+
+    groups = checked.family.module_groups
+    if not groups or not is_main_process():
+        return
+    summary = describe(model, groups, config.group_lr, config.lr)
+    for name, numbers in summary.items():
+        state = f"trained at lr {numbers['lr']:g}" if numbers["trainable"] else "frozen"
+        print(f"modelloop: group {name}: {numbers['parameters']:,} parameters, {numbers['trainable']:,} trainable, {state}")
+    update_manifest(run_dir, module_groups=summary)
 
 
 def merged_base(run_dir: Path) -> Path:
@@ -388,6 +418,10 @@ def complete_run(
     if chat is not None:
         tokenizer.chat_template = chat.source
     tokenizer.save_pretrained(model_dir)
+    if checked.family.vision is not None:  # the next stage reads images as this one did
+        from modelloop.models.loading import load_image_processor
+
+        load_image_processor(checked.source.tokenizer).save_pretrained(model_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     sources = [DataSource.parse(f).path for f in [*config.data, *config.eval_data]]
     update_manifest(
@@ -419,7 +453,8 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options) if kind == "conversation" else None
-    data_options = {"kind": kind, "format": config.format, "truncation": config.truncation, "skip_bad_records": config.skip_bad_records, "seed": config.seed}
+    images = image_tokens(checked, tokenizer, config)
+    data_options = {"kind": kind, "format": config.format, "truncation": config.truncation, "skip_bad_records": config.skip_bad_records, "seed": config.seed, "images": images}
     data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
     evaluation = prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options) if config.eval_data else None
     if is_main_process():
@@ -429,11 +464,15 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     if checked.strategy.train is not None:
         return _run_strategy_loop(stage, config, checked, run_dir, context, tokenizer, chat, data, memory)
     model = load_trainable(config, checked, run_dir)
+    record_module_groups(model, config, checked, run_dir)
     train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
     if config.eval_split:
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
-    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=checked.plan.mesh.get("cp", 1))
+    rope_index = None
+    if images is not None and config.packing and images.spec.rope_index is not None:
+        rope_index = functools.partial(images.spec.rope_index, model)
+    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=checked.plan.mesh.get("cp", 1), images=images, rope_index=rope_index)
     sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
     arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
@@ -491,6 +530,17 @@ def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_
     return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics, wrapped_as=checked.strategy.name)
 
 
+def image_tokens(checked: Checked, tokenizer: Any, config: TrainConfig) -> Any:
+    """A vision-language model's image handling (its family's and its image processor's), or None."""
+    from modelloop.data.images import ImageTokens
+    from modelloop.models.loading import load_image_processor
+
+    vision = checked.family.vision
+    if vision is None:
+        return None
+    return ImageTokens(vision, load_image_processor(checked.source.tokenizer), checked.model_config, tokenizer)
+
+
 def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], Any]:
     """``model -> optimizer`` from the tuner's parameter groups, for the trainer to call
     once the strategy has wrapped the model."""
@@ -506,6 +556,7 @@ def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], An
         lr=config.lr,
         weight_decay=config.weight_decay,
         betas=(0.9, config.adam_beta2),
+        group_lr=config.group_lr,
     )
 
 

@@ -1,4 +1,5 @@
-"""Qwen model families: Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE and Qwen3-MoE.
+"""Qwen model families: Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, and the
+vision-language Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 Facts used here (layer names, released shapes, tokenizer pre-tokenizer, chat format)
 are those of the released models and of transformers' Qwen classes. Nothing heavy is
@@ -10,7 +11,7 @@ from __future__ import annotations
 import modelloop
 from modelloop.models.presets import SMALL, TINY
 from modelloop.builtin.templates import IM_END, chatml_source
-from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe
+from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec
 
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
@@ -33,9 +34,77 @@ QWEN3_TOKENIZER = TokenizerRecipe(
     pad_token="<|endoftext|>",
 )
 
+QWEN_VL_TOKENIZER = TokenizerRecipe(
+    split_regex=QWEN_SPLIT,
+    nfc=True,
+    special_tokens=("<|endoftext|>", "<|im_start|>", IM_END, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+    eos_token=IM_END,
+    pad_token="<|endoftext|>",
+)
+
 DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 LANGUAGE_MODEL = {"embeddings": ("model.embed_tokens",), "language_model": ("model.layers", "model.norm"), "lm_head": ("lm_head",)}
+
+#: The vision families' parts: the ViT, the merger that maps its patches into the
+#: language model's width (Qwen3-VL's deepstack mergers too), and the language model.
+VL_GROUPS = {
+    "vision": ("model.visual",),
+    "aligner": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+    "llm": ("model.language_model", "lm_head"),
+}
+
+
+def qwen_image_processor(**options):
+    """Qwen-VL's image processor: resize to multiples of patch x merge within a pixel budget
+    (``size``: ``shortest_edge`` = min pixels, ``longest_edge`` = max pixels), then patches."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(**options)
+
+
+def qwen_image_inputs(image_processor, images, model_config):
+    """Patches of every image, concatenated, with each image's (t, h, w) grid; an image
+    takes one token per ``merge_size`` x ``merge_size`` patches."""
+    inputs = image_processor(images=images, return_tensors="pt")
+    counts = (inputs["image_grid_thw"].prod(-1) // image_processor.merge_size**2).tolist()
+    return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}, counts
+
+
+def qwen_rope_index(model, input_ids, token_types, image_inputs):
+    """Qwen-VL's multimodal rotary positions (temporal, height, width) of one example."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions, _ = base.model.get_rope_index(input_ids, token_types, image_grid_thw=image_inputs.get("image_grid_thw"))
+    return positions
+
+
+QWEN_VISION = VisionSpec(
+    placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    image_token="<|image_pad|>",
+    image_inputs=qwen_image_inputs,
+    token_types="mm_token_type_ids",
+    config_tokens={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+    image_processor=qwen_image_processor,
+    rope_index=qwen_rope_index,
+)
+
+_VL_TEXT = {key: value for key, value in TINY.items() if key != "tokenizer_vocab"}
+#: images of 56x56 to 112x112 pixels: 4 to 16 image tokens each.
+_VL_PIXELS = {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, "merge_size": 2, "temporal_patch_size": 2}
+
+
+def vl_preset(model_type: str, text: dict, vision: dict, patch_size: int) -> dict:
+    return {
+        "model_type": model_type,
+        "text_config": {**_VL_TEXT, **text},
+        "vision_config": {"depth": 2, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
+        "tie_word_embeddings": True,
+        "image_processor": {**_VL_PIXELS, "patch_size": patch_size},
+        "tokenizer_vocab": TINY["tokenizer_vocab"],
+    }
+
+
+_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}  # halves of head_dim 64, as 16/24/24 of 128
 
 TINY_MOE = {**TINY, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}
 
@@ -146,6 +215,54 @@ FAMILIES = (
         moe_experts=("mlp.experts",),
         presets={"tiny": {"model_type": "qwen3_moe", **TINY_MOE, "head_dim": 64}},
         tokenizer=QWEN3_TOKENIZER,
+    ),
+    ModelFamily(
+        name="qwen2_vl",
+        description="Qwen2-VL (vision-language)",
+        model_types=("qwen2_vl",),
+        template="qwen2",
+        lora_targets=DENSE_TARGETS,
+        module_groups=VL_GROUPS,
+        vision=QWEN_VISION,
+        presets={"tiny": vl_preset("qwen2_vl", {"rope_parameters": _MROPE}, {"embed_dim": 64, "hidden_size": 256, "mlp_ratio": 2}, 14)},
+        tokenizer=QWEN_VL_TOKENIZER,
+    ),
+    ModelFamily(
+        name="qwen2_5_vl",
+        description="Qwen2.5-VL (vision-language)",
+        model_types=("qwen2_5_vl",),
+        aliases=("qwen2.5-vl",),
+        template="qwen2",
+        lora_targets=DENSE_TARGETS,
+        module_groups=VL_GROUPS,
+        vision=QWEN_VISION,
+        presets={
+            "tiny": vl_preset(
+                "qwen2_5_vl",
+                {"rope_parameters": _MROPE},
+                {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "window_size": 56, "fullatt_block_indexes": [1]},
+                14,
+            )
+        },
+        tokenizer=QWEN_VL_TOKENIZER,
+    ),
+    ModelFamily(
+        name="qwen3_vl",
+        description="Qwen3-VL (vision-language, dense)",
+        model_types=("qwen3_vl",),
+        template="qwen3",
+        lora_targets=DENSE_TARGETS,
+        module_groups=VL_GROUPS,
+        vision=QWEN_VISION,
+        presets={
+            "tiny": vl_preset(
+                "qwen3_vl",
+                {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
+                {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+                16,
+            )
+        },
+        tokenizer=QWEN_VL_TOKENIZER,
     ),
 )
 

@@ -21,6 +21,7 @@ DEFAULTS = {
     "targets": "default",
     "modules_to_save": [],
     "loraplus_lr_ratio": None,
+    "vision_lora": False,
 }
 
 
@@ -58,12 +59,35 @@ def quantization(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
+def vision_family_targets(model: Any, family: Any, *, vision: bool) -> list[str]:
+    """A vision-language model's LoRA targets by full name: the family's projections in
+    the language model (its vision tower may reuse their names, as Qwen2.5-VL's MLP does),
+    and with ``vision`` every linear layer of the vision tower too (never the aligner)."""
+    import torch
+
+    from modelloop.models.groups import group_of
+
+    suffixes = tuple("." + target for target in family.lora_targets)
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        group = group_of(name, family.module_groups)
+        if (group == "llm" and (not suffixes or name.endswith(suffixes))) or (vision and group == "vision"):
+            targets.append(name)
+    return targets
+
+
+def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool, model: Any = None) -> Any:
     from peft import LoraConfig
 
     targets: Any = options["targets"]
     parameters: list[str] = []
-    if targets == "default":
+    if options["vision_lora"] and (family is None or family.vision is None):
+        raise ValueError("vision_lora puts adapters on a vision tower, and this model has none")
+    if targets == "default" and family is not None and family.vision is not None and model is not None:
+        targets = vision_family_targets(model, family, vision=options["vision_lora"])
+    elif targets == "default":
         targets = list(family.lora_targets) if family is not None and family.lora_targets else "all-linear"
         parameters = list(family.lora_target_parameters) if family is not None else []
         if parameters and options["dropout"] > 0:
@@ -86,7 +110,7 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool) -> Any:
 def prepare(model: Any, options: Mapping[str, Any], family: Any, *, dora: bool = False) -> Any:
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(options, family, dora=dora))
+    model = get_peft_model(model, lora_config(options, family, dora=dora, model=model))
     if options["dropout"] > 0 and not _on_gpu(model):
         _use_fast_dropout(model)
     return model

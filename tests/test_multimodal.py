@@ -1,0 +1,190 @@
+"""Vision-language models: image data, its validation, per-module training and packing."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+import modelloop
+from modelloop.config import ConfigError
+from modelloop.data.records import read_records
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = REPO / "examples" / "data" / "shapes.jsonl"
+PICTURE = REPO / "examples" / "data" / "images" / "red-square-64.png"
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def turn(content, answer: str = "red") -> dict:
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_image_parts_placeholders_and_data_urls_become_one_canonical_form(tmp_path):
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "red.png").write_bytes(PICTURE.read_bytes())
+    data_url = "data:image/png;base64," + base64.b64encode(PICTURE.read_bytes()).decode()
+    write_jsonl(tmp_path / "parts.jsonl", [
+        turn([{"type": "text", "text": "Color? "}, {"type": "image_url", "image_url": {"url": "pictures/red.png"}}]),
+        turn([{"type": "image", "image": data_url}, {"type": "text", "text": "Color?"}]),
+    ])  # fmt: skip
+    write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "<image>Color?"}, {"from": "gpt", "value": "red"}], "images": ["pictures/red.png"]}])
+    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "<image>Color?", "output": "red", "images": "pictures/red.png"}])
+    records = read_records([tmp_path / "parts.jsonl", tmp_path / "sharegpt.jsonl", tmp_path / "alpaca.jsonl"])
+    assert records.problems == []
+    first, second, shared, alpaca = (example.record for example in records.examples)
+    picture = str((tmp_path / "pictures" / "red.png").resolve())  # relative to the data file, wherever the run starts
+    assert first["messages"][0]["content"] == "Color? <image>" and first["images"] == [picture]
+    assert second["messages"][0]["content"] == "<image>Color?" and second["images"] == [data_url]
+    assert shared["images"] == alpaca["images"] == [picture]
+
+
+def test_bad_images_are_named_by_file_and_line(tmp_path):
+    (tmp_path / "broken.png").write_text("not a picture")
+    data = write_jsonl(tmp_path / "bad.jsonl", [
+        turn([{"type": "image", "image": "missing.png"}, {"type": "text", "text": "?"}]),
+        turn([{"type": "image", "image": "broken.png"}, {"type": "text", "text": "?"}]),
+        {**turn("<image><image>?"), "images": [str(PICTURE)]},
+        turn([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]),
+        turn([{"type": "video", "video": "a.mp4"}]),
+        {"messages": turn([{"type": "image", "image": str(PICTURE)}])["messages"], "images": [str(PICTURE)]},
+    ])  # fmt: skip
+    problems = [str(problem) for problem in read_records([data], format=None).problems]
+    assert problems[0] == f"{data}:1: image missing.png: no such file"
+    assert problems[1].startswith(f"{data}:2: cannot read image {(tmp_path / 'broken.png').resolve()}")
+    assert problems[2] == f"{data}:3: 2 <image> placeholder(s) but 1 image(s)"
+    assert problems[3].startswith(f"{data}:4: image https://example.com/a.png: remote URLs are not fetched")
+    assert problems[4] == f"{data}:5: messages[1].content[1]: unknown content part type 'video' (expected text, image_url or image)"
+    assert problems[5] == f"{data}:6: give images as content parts or in the images column, not both"
+
+
+def test_image_tokens_are_expanded_to_each_pictures_features(tiny_models):
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import IGNORE, prepare_data
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+
+    model = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(model), resolve_family("qwen2_vl")
+    images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
+    data = prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images)
+    assert data.stats.images == 32 and "32 images" in data.stats.summary()
+    for ids, labels, pictures in zip(data.input_ids, data.labels, data.images):
+        image_positions = ids == images.image_token_id
+        # a 64 px picture becomes a 56 x 56 grid of 14 px patches, 2 x 2 of them per token: 4; 96 px (84 x 84): 9
+        assert image_positions.sum() == sum(4 if picture.endswith("-64.png") else 9 for picture in pictures)
+        assert (labels[image_positions] == IGNORE).all()
+
+
+def test_a_text_model_refuses_image_records(tiny_models, tmp_path):
+    with pytest.raises(modelloop.errors.ModelloopError, match=r"shapes.jsonl:\d+: the record has images, and this model takes none"):
+        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(SHAPES)], "max_steps": 1, "output_dir": str(tmp_path / "run")})
+
+
+# --------------------------------------------------------------------------- per-module training
+
+
+def weights(folder: Path) -> dict:
+    """The parameters as the loaded model names them (files keep the checkpoint's names)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+def data_loss(model_folder: Path, data: Path) -> float:
+    """The model's mean loss over every example of ``data`` (one fixed set of batches)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.training import Collator, TrainingData
+
+    config, tokenizer = read_config(model_folder), load_tokenizer(model_folder)
+    family = resolve_family(config.model_type)
+    images = ImageTokens(family.vision, load_image_processor(model_folder), config, tokenizer)
+    tokenized = prepare_data([data], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images)
+    items = TrainingData.build(tokenized, max_length=256, packing=False)
+    collate = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
+    with torch.no_grad():
+        losses = [model(**collate([items[i] for i in range(start, min(start + 8, len(items)))])).loss.item() for start in range(0, len(items), 8)]
+    return sum(losses) / len(losses)
+
+
+def test_vision_frozen_aligner_and_llm_at_their_own_rates_move_only_what_they_should(tiny_models, tmp_path):
+    base = tiny_models("qwen2_vl")
+    settings = {"model": str(base), "data": [str(SHAPES)], "tuner": "full", "max_steps": 12, "batch_size": 8, "max_length": 256, "packing": False}
+    result = modelloop.sft({**settings, "freeze": ["vision"], "group_lr": {"aligner": 1e-5, "llm": 2e-5}, "scheduler": "constant", "output_dir": str(tmp_path / "run")})
+    run = Path(result["run_dir"])
+    groups = json.loads((run / "manifest.json").read_text())["module_groups"]
+    assert groups["vision"]["trainable"] == 0 and groups["aligner"]["lr"] == 1e-5 and groups["llm"]["lr"] == 2e-5
+    assert groups["aligner"]["trainable"] == groups["aligner"]["parameters"] > 0
+    before, after = weights(base), weights(run / "model")
+    changed = {name for name in before if not before[name].equal(after[name])}
+    assert changed and all(name.startswith(("model.visual.merger.", "model.language_model.", "lm_head.")) for name in changed)
+    assert any(name.startswith("model.visual.merger.") for name in changed)
+    assert not any(name.startswith("model.visual.blocks.") or name.startswith("model.visual.patch_embed.") for name in changed)
+    assert data_loss(run / "model", SHAPES) < data_loss(base, SHAPES)
+    assert (run / "model" / "preprocessor_config.json").is_file()  # the next stage reads pictures the same way
+
+
+def test_unknown_groups_are_refused_before_loading(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="the qwen2_vl family has no module group 'vison'; groups: vision, aligner, llm"):
+        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "freeze": ["vison"], "output_dir": str(tmp_path / "run")})
+
+
+@pytest.mark.parametrize("vision_lora", [False, True], ids=["llm-only", "llm-and-vision"])
+def test_lora_goes_on_the_language_model_and_on_request_on_the_vision_tower(tiny_models, tmp_path, vision_lora):
+    settings = {"model": str(tiny_models("qwen2_5_vl")), "data": [str(SHAPES)], "tuner": "lora", "max_steps": 1, "batch_size": 4, "max_length": 256}
+    result = modelloop.sft({**settings, "tuner_options": {"vision_lora": vision_lora}, "output_dir": str(tmp_path / "run")})
+    groups = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["module_groups"]
+    assert groups["llm"]["trainable"] > 0 and groups["aligner"]["trainable"] == 0
+    assert (groups["vision"]["trainable"] > 0) == vision_lora  # Qwen2.5-VL's vision MLP shares the LLM's layer names
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_models, family):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.training import Collator, TrainingData
+
+    folder = tiny_models(family)
+    config, tokenizer = read_config(folder), load_tokenizer(folder)
+    spec = resolve_family(family).vision
+    images = ImageTokens(spec, load_image_processor(folder), config, tokenizer)
+    tokenized = prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, resolve_family(family)), max_length=256, images=images)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    packed_rows = TrainingData.build(tokenized, max_length=120, packing=True)
+    row = max(packed_rows.items, key=lambda row: sum(bool(pictures) for pictures in row.images))
+    assert sum(bool(pictures) for pictures in row.images) >= 2  # several pictured examples share the row
+    packed = Collator(tokenizer.pad_token_id, packing=True, images=images, rope_index=lambda *args: spec.rope_index(model, *args))([row])
+    assert packed["position_ids"].shape[0] == 4  # the plain positions first, then the multimodal ones
+    alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    with torch.no_grad():
+        logits = model(**packed).logits[0]
+        start = 0
+        for length, pictures in zip(row.lengths, row.images):
+            ids = row.input_ids[start : start + length]
+            single = alone([(ids, row.labels[start : start + length], pictures)])
+            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
+            start += length
