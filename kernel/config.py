@@ -48,6 +48,7 @@ class TrainConfig(BaseModel):
     max_length: int = Field(1024, gt=0)
     packing: bool = True
     sampler: str = "random"
+    sampler_options: dict[str, Any] = Field(default_factory=dict, description="the sampler's options (image_share of modality_balanced)")
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     skip_bad_records: bool = False
     gradient_checkpointing: bool = False

@@ -239,7 +239,10 @@ class Sampler(Spec):
     """The order in which examples are drawn.
 
     :param order: ``order(lengths, *, batch_size, seed) -> iterator of indices`` over one
-        epoch; ``lengths`` are token counts, so a sampler can group by length.
+        epoch (which may visit some examples more than once); ``lengths`` are token
+        counts, so a sampler can group by length. An ``order`` that takes ``modalities``
+        also gets each example's (``image`` or ``text``). Its other keyword-only
+        parameters with defaults are its options (``sampler_options``).
     """
 
     order: Callable[..., Iterator[int]]
@@ -247,6 +250,19 @@ class Sampler(Spec):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require_callable(self, "order")
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        parameters = inspect.signature(self.order).parameters.values()
+        return tuple(
+            parameter.name
+            for parameter in parameters
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty and parameter.name not in ("batch_size", "seed")
+        )
+
+    @property
+    def reads_modalities(self) -> bool:
+        return "modalities" in inspect.signature(self.order).parameters
 
 
 # --------------------------------------------------------------------------- training

@@ -56,6 +56,15 @@ class TrainingData(torch.utils.data.Dataset):
             return cls(list(zip(data.input_ids, data.labels, data.images)), data.lengths)
         return cls(list(zip(data.input_ids, data.labels)), data.lengths)
 
+    @property
+    def modalities(self) -> list[str]:
+        """``image`` for each item with a picture (a packed row with any), else ``text``."""
+        found = []
+        for item in self.items:
+            pictures = item.images if isinstance(item, PackedRow) else (item[2] if len(item) > 2 else ())
+            found.append("image" if any(pictures) else "text")
+        return found
+
     def split(self, share: float, seed: int) -> tuple[TrainingData, TrainingData]:
         """A seeded ``share`` of the items held out: ``(held out, the rest)``."""
         count = max(1, round(len(self) * share))
@@ -133,23 +142,43 @@ class Collator:
 
 
 class RegistrySampler(torch.utils.data.Sampler[int]):
-    """A registered sampler as a torch sampler: a new seeded order each epoch."""
+    """A registered sampler as a torch sampler: a new seeded order each epoch (whose
+    length is the sampler's: a balancing sampler may repeat examples)."""
 
-    def __init__(self, sampler: Sampler, lengths: Sequence[int], *, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        lengths: Sequence[int],
+        *,
+        batch_size: int,
+        seed: int,
+        options: Mapping[str, Any] | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> None:
         self.sampler = sampler
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
+        self.options = dict(options or {})
+        if sampler.reads_modalities:
+            self.options["modalities"] = list(modalities) if modalities is not None else ["text"] * len(self.lengths)
         self.epoch = 0
+        self._order: tuple[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _epoch_order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            order = self.sampler.order(self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch, **self.options)
+            self._order = (self.epoch, list(order))
+        return self._order[1]
+
     def __iter__(self):
-        return iter(self.sampler.order(self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch))
+        return iter(self._epoch_order())
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self._epoch_order())
 
 
 NO_DECAY = ("bias", "norm")

@@ -188,3 +188,61 @@ def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_mo
             single = alone([(ids, row.labels[start : start + length], pictures)])
             assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
             start += length
+
+
+# --------------------------------------------------------------------------- modality-balanced sampling
+
+
+def batches_of(modalities: list[str], batch_size: int, **options) -> list[list[int]]:
+    from modelloop.builtin.samplers import modality_balanced_order
+
+    order = list(modality_balanced_order([1] * len(modalities), batch_size=batch_size, seed=3, modalities=modalities, **options))
+    assert len(order) % batch_size == 0
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@pytest.mark.parametrize(("share", "images_per_batch"), [(0.5, 2), (0.25, 1)])
+def test_every_batch_holds_its_share_of_pictures_even_when_the_data_is_skewed(share, images_per_batch):
+    modalities = ["image"] * 6 + ["text"] * 42  # one example in eight has a picture
+    batches = batches_of(modalities, 4, image_share=share)
+    assert all(sum(modalities[i] == "image" for i in batch) == images_per_batch for batch in batches)
+    texts = [i for batch in batches for i in batch if modalities[i] == "text"]
+    assert sorted(set(texts)) == list(range(6, 48)) and len(texts) - len(set(texts)) < 4 - images_per_batch  # each text once (the last batch may top up)
+    images = [i for batch in batches for i in batch if modalities[i] == "image"]
+    assert set(images) == set(range(6)) and max(images.count(i) for i in range(6)) - min(images.count(i) for i in range(6)) <= 1  # drawn in rounds
+
+
+def test_a_share_a_batch_cannot_hold_exactly_is_kept_on_average():
+    modalities = ["image"] * 20 + ["text"] * 20
+    batches = batches_of(modalities, 1, image_share=0.3)
+    pictured = sum(modalities[batch[0]] == "image" for batch in batches)
+    assert abs(pictured / len(batches) - 0.3) < 0.02
+
+
+def test_the_training_set_tells_the_sampler_which_rows_have_pictures(tiny_models):
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import prepare_data
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.registry import SAMPLERS, get_registry
+    from modelloop.training import RegistrySampler, TrainingData
+
+    folder = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
+    images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
+    data = TrainingData.build(prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images), max_length=256, packing=False)
+    assert data.modalities.count("image") == 32 and data.modalities.count("text") == 16
+    sampler = RegistrySampler(get_registry(SAMPLERS).get("modality_balanced"), data.lengths, batch_size=4, seed=0, options={"image_share": 0.75}, modalities=data.modalities)
+    order = list(sampler)
+    assert len(sampler) == len(order) == 64  # the 16 texts, one to a batch, last longest: 16 batches
+    assert all(sum(data.modalities[i] == "image" for i in order[start : start + 4]) == 3 for start in range(0, 64, 4))
+
+
+def test_the_sampler_checks_its_options_before_loading(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="sampler_options.share: the modality_balanced sampler takes image_share"):
+        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "sampler": "modality_balanced", "sampler_options": {"share": 0.5}})
+    with pytest.raises(ConfigError, match="image_share must be between 0 and 1"):
+        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "sampler": "modality_balanced", "sampler_options": {"image_share": 1.5}})
+    settings = {"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "tuner": "lora", "max_steps": 2, "batch_size": 4, "max_length": 256, "packing": False}
+    result = modelloop.sft({**settings, "sampler": "modality_balanced", "sampler_options": {"image_share": 0.75}, "output_dir": str(tmp_path / "run")})
+    assert json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["status"] == "completed"

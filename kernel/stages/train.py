@@ -64,11 +64,25 @@ def check_tuner(config: TrainConfig) -> tuple[Tuner, dict[str, Any]]:
 def check_names(config: TrainConfig) -> None:
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
         raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package: pip install {config.report_to}")
-    get_registry(SAMPLERS).get(config.sampler)
+    check_sampler(config)
     if config.format:
         get_registry(DATASET_FORMATS).get(config.format)
     if config.template:
         get_registry(TEMPLATES).get(config.template)
+
+
+def check_sampler(config: TrainConfig) -> None:
+    """The sampler exists, takes the options given, and accepts their values (on a
+    two-example set of each modality, before any data is read)."""
+    sampler = get_registry(SAMPLERS).get(config.sampler)
+    unknown = sorted(set(config.sampler_options) - set(sampler.option_names))
+    if unknown:
+        raise ConfigError(f"sampler_options.{unknown[0]}: the {sampler.name} sampler takes {', '.join(sampler.option_names) or 'no options'}")
+    probe = {"modalities": ["image", "text"]} if sampler.reads_modalities else {}
+    try:
+        list(sampler.order([1, 1], batch_size=2, seed=0, **config.sampler_options, **probe))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"sampler_options for {sampler.name}: {error}") from None
 
 
 def check_accelerators(config: TrainConfig, model_type: str) -> list[Accelerator]:
@@ -448,7 +462,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, RegistrySampler, ReportCallback, TrainingData, latest_checkpoint
+    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, ReportCallback, TrainingData, latest_checkpoint
 
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -473,7 +487,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     if images is not None and config.packing and images.spec.rope_index is not None:
         rope_index = functools.partial(images.spec.rope_index, model)
     collator = Collator(tokenizer.pad_token_id, config.packing, multiple=checked.plan.mesh.get("cp", 1), images=images, rope_index=rope_index)
-    sampler = RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed)
+    sampler = registry_sampler(config, train_set)
     arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
     trainer = ModelloopTrainer(
@@ -502,7 +516,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
 
 def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, context: Any, tokenizer: Any, chat: Any, data: Any, memory: PeakMemory) -> dict[str, Any]:
     """Train with the strategy's own loop (``ParallelStrategy.train``), which writes ``model/``."""
-    from modelloop.training import Collator, RegistrySampler, ReportCallback, TrainingData, TrainingJob
+    from modelloop.training import Collator, ReportCallback, TrainingData, TrainingJob
 
     if is_main_process():
         shutil.rmtree(run_dir / "model", ignore_errors=True)  # an earlier attempt's weights are not this run's
@@ -514,7 +528,7 @@ def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_
         model_path=Path(checked.source.base),
         model_config=checked.model_config,
         data=train_set,
-        sampler=RegistrySampler(get_registry(SAMPLERS).get(config.sampler), train_set.lengths, batch_size=config.batch_size, seed=config.seed),
+        sampler=registry_sampler(config, train_set),
         collator=collator,
         pad_token_id=tokenizer.pad_token_id,
         report=ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens),
@@ -528,6 +542,14 @@ def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_
     if not is_main_process():
         return {"run_dir": str(run_dir), "metrics": metrics}
     return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics, wrapped_as=checked.strategy.name)
+
+
+def registry_sampler(config: TrainConfig, train_set: Any) -> Any:
+    from modelloop.training import RegistrySampler
+
+    sampler = get_registry(SAMPLERS).get(config.sampler)
+    modalities = train_set.modalities if sampler.reads_modalities else None
+    return RegistrySampler(sampler, train_set.lengths, batch_size=config.batch_size, seed=config.seed, options=config.sampler_options, modalities=modalities)
 
 
 def image_tokens(checked: Checked, tokenizer: Any, config: TrainConfig) -> Any:
