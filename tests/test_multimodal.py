@@ -246,3 +246,59 @@ def test_the_sampler_checks_its_options_before_loading(tiny_models, tmp_path):
     settings = {"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "tuner": "lora", "max_steps": 2, "batch_size": 4, "max_length": 256, "packing": False}
     result = modelloop.sft({**settings, "sampler": "modality_balanced", "sampler_options": {"image_share": 0.75}, "output_dir": str(tmp_path / "run")})
     assert json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["status"] == "completed"
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def picture_question(path: Path | str) -> list[dict]:
+    url = path if isinstance(path, str) else data_url(path)
+    return [{"role": "user", "content": [{"type": "text", "text": "What color is the shape?"}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_the_openai_client_sends_a_picture_to_modelloop_serve(tiny_models, subprocess_env):
+    import openai
+    from test_serve import free_port, start_server
+
+    port = free_port()
+    process = start_server(tiny_models("qwen2_vl"), port, subprocess_env, "--served-name", "vl")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        small = client.chat.completions.create(model="vl", messages=picture_question(PICTURE), max_tokens=4, temperature=0)
+        large = client.chat.completions.create(model="vl", messages=picture_question(PICTURE.with_name("red-square-96.png")), max_tokens=4, temperature=0)
+        assert small.choices[0].message.content is not None and small.usage.completion_tokens > 0
+        assert large.usage.prompt_tokens - small.usage.prompt_tokens == 9 - 4  # the 96 px picture's tokens against the 64 px one's
+        with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
+            client.chat.completions.create(model="vl", messages=picture_question("https://example.com/a.png"), max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="images are sent as base64 data URLs"):
+            client.chat.completions.create(model="vl", messages=picture_question(str(PICTURE)), max_tokens=2)
+        assert client.chat.completions.create(model="vl", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices  # text still works
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_engine_batches_pictures_with_text_and_refuses_them_for_a_text_model(tiny_models):
+    from modelloop.errors import EngineError
+    from modelloop.inference.hf import HFSession
+    from modelloop.inference.types import GenerationRequest, SamplingParams
+
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    session = HFSession.load(tiny_models("qwen2_vl"), options={"inline": True})
+    try:
+        requests = [GenerationRequest(messages=picture_question(PICTURE), params=greedy), GenerationRequest(messages=[{"role": "user", "content": "Hi"}], params=greedy)]
+        together = session.generate(requests)
+        alone = [session.generate([request])[0] for request in requests]
+        assert [g.choices[0].token_ids for g in together] == [g.choices[0].token_ids for g in alone]  # left padding moves no picture
+    finally:
+        session.close()
+    text = HFSession.load(tiny_models("qwen2"), options={"inline": True})
+    try:
+        with pytest.raises(EngineError, match="takes no images"):
+            text.generate([GenerationRequest(messages=picture_question(PICTURE), params=greedy)])
+    finally:
+        text.close()

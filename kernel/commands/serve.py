@@ -25,6 +25,7 @@ def _adapter(text: str) -> tuple[str, str]:
 @click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--engine-python", type=click.Path(dir_okay=False, exists=True), help="Python of the engine's own environment (vllm, sglang).")
 @click.option("--engine-option", "engine_options", multiple=True, help="An engine option: KEY=VALUE, e.g. tensor_parallel_size=2 (repeatable).")
+@click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs in chat requests (default: base64 data URLs only).")
 def serve_command(
     model: str,
     engine: str,
@@ -36,6 +37,7 @@ def serve_command(
     max_batch_size: int,
     engine_python: str | None,
     engine_options: tuple[str, ...],
+    allow_remote_images: bool,
 ) -> None:
     """Serve MODEL (a model folder, hub id or run folder) over the OpenAI API.
 
@@ -55,6 +57,8 @@ def serve_command(
     options = {"served_name": served_name, "max_batch_size": max_batch_size, **parse_assignments(engine_options)}
     if engine_python:
         options["python"] = engine_python
+    if allow_remote_images:
+        options["allow_remote_images"] = True
     session = chosen.start(model, adapters=named, options=options)
     click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
     uvicorn.run(create_app(session, api_key=api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

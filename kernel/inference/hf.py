@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
+from modelloop.data.tokenize import IGNORE
 from modelloop.errors import EngineError
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
 
@@ -30,6 +32,7 @@ class _Job:
 
     request: GenerationRequest
     prompt_ids: list[int]
+    images: tuple[str, ...] = ()  # the prompt's pictures, in the order of their tokens
     streamed: bool = False  # someone reads the deltas as they come (else only the result)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
     deltas: queue.Queue = field(default_factory=queue.Queue)
@@ -60,6 +63,8 @@ class HFSession:
         generating meanwhile runs about a third slower.
         """
         options = dict(options or {})
+        self.images = options.get("images")  # a vision-language model's ImageTokens
+        self.allow_remote_images = bool(options.get("allow_remote_images", False))
         self.max_batch_size = int(options.get("max_batch_size", 32))
         self.batch_window = float(options.get("batch_window", 0.0))
         self.inline = bool(options.get("inline", False))
@@ -94,6 +99,12 @@ class HFSession:
         options = dict(options or {})
         loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
         chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
+        if loaded.family.vision is not None:
+            from modelloop.data.images import ImageTokens
+            from modelloop.models.loading import load_image_processor, resolve_model_source
+
+            processor = load_image_processor(resolve_model_source(model_path).tokenizer)
+            options["images"] = ImageTokens(loaded.family.vision, processor, loaded.model.config, loaded.tokenizer)
         served_name = str(options.get("served_name") or Path(str(model_path)).name)
         return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options)
 
@@ -132,10 +143,24 @@ class HFSession:
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
+        return self.prompt(request)[0]
+
+    def prompt(self, request: GenerationRequest) -> tuple[list[int], tuple[str, ...]]:
+        """The prompt's token ids and its pictures (OpenAI image parts in the messages)."""
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
+        images: tuple[str, ...] = ()
         if request.messages is not None:
-            ids = self.tokenizer(self.chat.render(request.messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            messages, images = self._take_images(request.messages)
+            text = self.chat.render(messages, add_generation_prompt=True)
+            if images:
+                text = text.replace(IMAGE_MARK, self.images.spec.placeholder)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if images:
+                try:
+                    ids, _ = self.images.expand(ids, [IGNORE] * len(ids), self.images.counts(images))
+                except ValueError as error:
+                    raise EngineError(str(error)) from None
         elif isinstance(request.prompt, str):
             ids = self.tokenizer(request.prompt)["input_ids"]
         elif request.prompt is not None:
@@ -151,7 +176,25 @@ class HFSession:
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
                 f"exceeds the context length ({self.context_length})"
             )
-        return ids
+        return ids, images
+
+    def _take_images(self, messages: Any) -> tuple[list[Any], tuple[str, ...]]:
+        """Messages with image parts as text with image marks, and the pictures, checked:
+        base64 data URLs always, remote URLs where the session allows, local paths never
+        (a request must not read the server's files)."""
+        try:
+            flattened, references = take_image_parts(messages)
+            if references and self.images is None:
+                raise ValueError(f"the model {self.base_name!r} takes no images")
+            for reference in references:
+                if not reference.startswith(("data:", *REMOTE)):
+                    raise ValueError("images are sent as base64 data URLs (local paths are not read)")
+            resolved = tuple(resolve_image(reference, None, allow_remote=self.allow_remote_images) for reference in references)
+            for reference in resolved:
+                open_image(reference)
+        except ValueError as error:
+            raise EngineError(str(error)) from None
+        return flattened, resolved
 
     def check(self, request: GenerationRequest) -> int:
         """The request's prompt length in tokens; EngineError if it cannot be served."""
@@ -206,7 +249,7 @@ class HFSession:
         """Queue the requests together, so that the worker never starts on part of them."""
         if self._closed:
             raise EngineError("the engine was closed")
-        jobs = [_Job(request, self.prompt_ids(request), streamed=streamed) for request in requests]
+        jobs = [_Job(request, *self.prompt(request), streamed=streamed) for request in requests]
         if self.inline:  # generate now, in this thread, up to max_batch_size rows at a time
             batch: list[_Job] = []
             for job in jobs:
@@ -259,6 +302,7 @@ class HFSession:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(job.prompt_ids)) + job.prompt_ids for job, _ in rows])
         attention_mask = torch.tensor([[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows])
+        pictures = self._image_inputs(input_ids, [job.images for job, _ in rows])
         streamer = _BatchStreamer(self, rows)
         options: dict[str, Any] = {
             "stopping_criteria": [_rows_closed(streamer)],
@@ -283,7 +327,11 @@ class HFSession:
             self.model.eval()
             with torch.no_grad(), self._adapter(jobs[0].request.model):
                 output = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=True, **options
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    use_cache=True,
+                    **{key: value.to(device) for key, value in pictures.items()},
+                    **options,
                 )
         finally:
             self.model.train(training)
@@ -298,6 +346,16 @@ class HFSession:
         for job in jobs:
             if not job.done.is_set():  # answered early by the streamer unless it needed logprobs
                 streamer.answer(job, finished[id(job)])
+
+    def _image_inputs(self, input_ids: Any, pictures: list[tuple[str, ...]]) -> dict[str, Any]:
+        """The pixel inputs of every row's pictures, in row order (a row per choice)."""
+        references = [reference for row in pictures for reference in row]
+        if not references:
+            return {}
+        inputs = self.images.inputs(references)
+        if self.images.spec.token_types:
+            inputs[self.images.spec.token_types] = (input_ids == self.images.image_token_id).long()
+        return inputs
 
     def _complete(self, generated: list[int], params: SamplingParams, logprobs: list[float] | None) -> Completion:
         """Cut one generated row at its end of turn, its stop strings or its max_tokens."""

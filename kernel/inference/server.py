@@ -73,7 +73,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
+    content: str | list[dict[str, Any]] | None = None  # text, or OpenAI content parts (text, image_url)
 
 
 class ChatRequest(Sampling):
