@@ -302,3 +302,24 @@ def test_the_engine_batches_pictures_with_text_and_refuses_them_for_a_text_model
             text.generate([GenerationRequest(messages=picture_question(PICTURE), params=greedy)])
     finally:
         text.close()
+
+
+# --------------------------------------------------------------------------- infer and eval
+
+
+def test_eval_asks_about_each_picture_and_keeps_the_paths_in_its_results(tiny_models, tmp_path):
+    from modelloop.stages.evaluate import evaluate
+
+    summary = evaluate(str(tiny_models("qwen2_vl")), SHAPES, metrics=["exact"], max_tokens=3, output_dir=tmp_path / "eval")
+    rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 48
+    pictured = [row for row in rows if isinstance(row["prompt"][-1]["content"], list)]
+    assert len(pictured) == 32
+    part = next(part for part in pictured[0]["prompt"][-1]["content"] if part["type"] == "image_url")
+    assert Path(part["image_url"]["url"]).is_file()  # the results name the picture; the engine got it inline
+
+
+def test_rlhf_says_it_does_not_take_pictures_yet(tiny_models, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}], "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(ConfigError, match=r"pairs.jsonl:1: rlhf does not take pictures yet"):
+        modelloop.rlhf({"method": "dpo", "model": str(tiny_models("qwen2_vl")), "data": [str(pairs)], "output_dir": str(tmp_path / "dpo")})

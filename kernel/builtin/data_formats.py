@@ -4,9 +4,9 @@ Each turns one record into modelloop's canonical record for its kind:
 
 - conversation: ``{"messages": [...], "tools": [...]?, "images": [...]?}`` (each image's
   place marked ``<image>`` in the text: ``modelloop.data.images``)
-- preference: ``{"prompt": [...], "chosen": [...], "rejected": [...]}`` (TRL's conversational form)
+- preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "images": [...]?}`` (TRL's conversational form)
 - kto: ``{"prompt": [...], "completion": [...], "label": bool}``
-- prompt: ``{"prompt": [...], **other columns}`` (extra columns reach the rewards)
+- prompt: ``{"prompt": [...], "images": [...]?, **other columns}`` (extra columns reach the rewards)
 - text: ``{"text": str}``
 
 Registration order is detection order: the more specific formats come first.
@@ -55,8 +55,13 @@ def _with_system(record: Record, messages: list[dict[str, Any]]) -> list[dict[st
 
 
 def _prompt(record: Record) -> list[dict[str, Any]]:
-    prompt = as_messages(_decoded(record.get("prompt")), "user", "prompt")
-    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt")
+    return _prompt_with_images(record)[0]
+
+
+def _prompt_with_images(record: Record) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The prompt's messages, and its pictures (``{"images": [...]}`` or nothing)."""
+    prompt, images = take_image_parts(as_messages(_decoded(record.get("prompt")), "user", "prompt"))
+    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt"), _images(record, images)
 
 
 def _images(record: Record, from_parts: list[str]) -> dict[str, Any]:
@@ -157,12 +162,12 @@ def _implicit_prompt(record: Record) -> list[dict[str, Any]]:
 
 
 def convert_preference(record: Record) -> dict[str, Any]:
-    prompt = _prompt(record) if record.get("prompt") is not None else _implicit_prompt(record)
+    prompt, images = _prompt_with_images(record) if record.get("prompt") is not None else (_implicit_prompt(record), _images(record, []))
     chosen = _answer(record, "chosen", prompt)
     rejected = _answer(record, "rejected", prompt)
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **images}
 
 
 KTO_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # True == 1, False == 0
@@ -179,8 +184,9 @@ def convert_kto(record: Record) -> dict[str, Any]:
 
 
 def convert_prompt(record: Record) -> dict[str, Any]:
-    extra = {key: value for key, value in record.items() if key not in ("prompt", "system")}
-    return {"prompt": _prompt(record), **extra}
+    extra = {key: value for key, value in record.items() if key not in ("prompt", "system", "images")}
+    prompt, images = _prompt_with_images(record)
+    return {"prompt": prompt, **extra, **images}
 
 
 def convert_text(record: Record) -> dict[str, Any]:

@@ -178,3 +178,45 @@ class ImageTokens:
                 ids.append(token)
                 kept.append(label)
         return ids, kept
+
+
+def as_content_parts(messages: Sequence[Mapping[str, Any]], images: Sequence[str]) -> list[dict[str, Any]]:
+    """Messages whose image marks become OpenAI parts holding the record's pictures (in
+    order): the form an engine request takes. Messages without marks are left as text."""
+    pictures = iter(images)
+    converted = []
+    for item in messages:
+        content = item.get("content")
+        if not isinstance(content, str) or IMAGE_MARK not in content:
+            converted.append(dict(item))
+            continue
+        parts: list[dict[str, Any]] = []
+        for number, text in enumerate(content.split(IMAGE_MARK)):
+            if number:
+                parts.append({"type": "image_url", "image_url": {"url": next(pictures)}})
+            if text:
+                parts.append({"type": "text", "text": text})
+        converted.append({**item, "content": parts})
+    return converted
+
+
+def inline_images(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every local picture sent as a base64 data URL, which any engine
+    (this one, or vLLM and SGLang over HTTP) reads."""
+    inlined = []
+    for item in messages:
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [_inlined(part) for part in content]
+        inlined.append({**item, "content": content})
+    return inlined
+
+
+def _inlined(part: Mapping[str, Any]) -> Mapping[str, Any]:
+    url = (part.get("image_url") or {}).get("url", "") if part.get("type") == "image_url" else ""
+    if not url or url.startswith(("data:", *REMOTE)):
+        return part
+    import mimetypes
+
+    kind = mimetypes.guess_type(url)[0] or "image/png"
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64," + base64.b64encode(Path(url).read_bytes()).decode()}}

@@ -17,6 +17,7 @@ from typing import Any
 
 from modelloop.data.records import Example
 from modelloop.data.sources import DataError
+from modelloop.data.images import as_content_parts, inline_images
 from modelloop.inference.types import GenerationRequest, SamplingParams
 
 
@@ -31,20 +32,22 @@ class Prompt:
 
 
 def prompts_from(examples: Sequence[Example]) -> list[Prompt]:
-    """What to ask the model for each record, and the answer it should give if known."""
+    """What to ask the model for each record, and the answer it should give if known
+    (a record's pictures as image parts of the messages)."""
     prompts = []
     for index, example in enumerate(examples):
         record = example.record
         if example.kind == "conversation":
-            messages = record["messages"]
+            messages = as_content_parts(record["messages"], record["images"]) if record.get("images") else record["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = Prompt(index, example.location, messages[:last], None, messages[last]["content"], {})
         elif example.kind == "text":
             prompt = Prompt(index, example.location, None, record["text"], None, {})
         else:
-            columns = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion", "label")}
+            columns = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion", "label", "images")}
             reference = columns.get("solution")
-            prompt = Prompt(index, example.location, record["prompt"], None, None if reference is None else str(reference), columns)
+            messages = as_content_parts(record["prompt"], record["images"]) if record.get("images") else record["prompt"]
+            prompt = Prompt(index, example.location, messages, None, None if reference is None else str(reference), columns)
         prompts.append(prompt)
     return prompts
 
@@ -89,7 +92,10 @@ def run_inference(
     with output.open("a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            requests = [GenerationRequest(messages=p.messages, prompt=p.text, model=model, params=params) for p in batch]
+            requests = [
+                GenerationRequest(messages=inline_images(p.messages) if p.messages is not None else None, prompt=p.text, model=model, params=params)
+                for p in batch
+            ]
             for prompt, generation in zip(batch, session.generate(requests)):
                 choice = generation.choices[0]
                 row = {

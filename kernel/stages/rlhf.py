@@ -159,6 +159,9 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
         raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
     if not records.examples:
         raise ConfigError("no usable examples in the data")
+    pictured = next((example for example in records.examples if example.record.get("images")), None)
+    if pictured is not None:
+        raise ConfigError(f"{pictured.location}: rlhf does not take pictures yet (sft, serve, infer and eval do)")
     keys = {key: None for example in records.examples for key in example.record}  # every column in every row
     return [{**keys, **example.record} for example in records.examples]
 
