@@ -135,6 +135,9 @@ class VisionSpec:
     :param rope_index: ``rope_index(model, input_ids, token_types, image_inputs) ->
         position ids`` for models whose positions are not 0..n-1 (Qwen-VL's multimodal
         rotary positions), so that packed examples can each start at 0; None otherwise.
+    :param processor: ``processor(tokenizer, image_processor, model_config) -> transformers
+        processor`` (its chat template the tokenizer's), for trainers that take one (TRL's
+        DPO on pictures); None when the family has none.
     """
 
     placeholder: str
@@ -144,6 +147,7 @@ class VisionSpec:
     config_tokens: Mapping[str, str] = field(default_factory=dict)
     image_processor: Callable[..., Any] | None = None
     rope_index: Callable[..., Any] | None = None
+    processor: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

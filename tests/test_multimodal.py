@@ -85,6 +85,20 @@ def test_image_tokens_are_expanded_to_each_pictures_features(tiny_models):
         assert (labels[image_positions] == IGNORE).all()
 
 
+def test_data_preview_shows_where_each_pictures_tokens_go(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+
+    data = write_jsonl(tmp_path / "one.jsonl", [turn([{"type": "text", "text": "Color? "}, {"type": "image", "image": str(PICTURE)}])])
+    result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", str(tiny_models("qwen2_vl"))])
+    assert result.exit_code == 0, result.output
+    assert "Color? <|vision_start|><|image_pad|>×4 [red-square-64.png]<|vision_end|>" in result.output
+    assert ", 4 image tokens" in result.output
+    checked = CliRunner().invoke(build_cli(), ["data", "check", str(data), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"])
+    assert checked.exit_code == 0, checked.output
+
+
 def test_a_text_model_refuses_image_records(tiny_models, tmp_path):
     with pytest.raises(modelloop.errors.ModelloopError, match=r"shapes.jsonl:\d+: the record has images, and this model takes none"):
         modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(SHAPES)], "max_steps": 1, "output_dir": str(tmp_path / "run")})
@@ -319,7 +333,84 @@ def test_eval_asks_about_each_picture_and_keeps_the_paths_in_its_results(tiny_mo
     assert Path(part["image_url"]["url"]).is_file()  # the results name the picture; the engine got it inline
 
 
-def test_rlhf_says_it_does_not_take_pictures_yet(tiny_models, tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}], "chosen": "red", "rejected": "blue"}])
-    with pytest.raises(ConfigError, match=r"pairs.jsonl:1: rlhf does not take pictures yet"):
-        modelloop.rlhf({"method": "dpo", "model": str(tiny_models("qwen2_vl")), "data": [str(pairs)], "output_dir": str(tmp_path / "dpo")})
+def test_alignment_other_than_dpo_and_grpo_and_text_models_refuse_pictures(tiny_models, tmp_path):
+    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}]
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": question, "completion": "red", "label": True}])
+    with pytest.raises(ConfigError, match=r"kto.jsonl:1: kto does not take pictures yet"):
+        modelloop.rlhf({"method": "kto", "model": str(tiny_models("qwen2_vl")), "data": [str(kto)], "output_dir": str(tmp_path / "kto")})
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": question, "chosen": "red", "rejected": "blue"}])
+    with pytest.raises(ConfigError, match=r"the data has pictures, and .* \(family qwen2\) takes none"):
+        modelloop.rlhf({"method": "dpo", "model": str(tiny_models("qwen2")), "data": [str(pairs)], "output_dir": str(tmp_path / "dpo")})
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_dpo_on_pictures_trains_a_vision_language_model(tiny_models, tmp_path, family):
+    color = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}]}]
+    rows = [{"prompt": color, "chosen": "red", "rejected": "blue"}, {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}] * 4
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    settings = {"method": "dpo", "model": str(tiny_models(family)), "data": [str(pairs)], "tuner": "lora", "max_steps": 2, "batch_size": 2, "max_length": 128}
+    result = modelloop.rlhf({**settings, "output_dir": str(tmp_path / "dpo")})
+    manifest = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and (Path(result["run_dir"]) / "model" / "adapter_model.safetensors").is_file()
+    logged = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/margins" in record or "loss" in record for record in logged)
+
+
+def test_dpo_batches_carry_the_pictures_as_the_model_counts_them(tiny_models):
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.stages.rlhf import with_pictures
+
+    folder = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
+    tokenizer.chat_template = resolve_chat_format(tokenizer, family).source
+    processor = family.vision.processor(tokenizer, load_image_processor(folder), read_config(folder))
+    pictured = {"prompt": [{"role": "user", "content": "What color? <image>"}], "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}], "images": [str(PICTURE)]}
+    plain = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    batch = DataCollatorForVisionPreference(processor)([with_pictures(pictured), with_pictures(plain)])
+    image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (batch["input_ids"] == image_token).sum(-1).tolist() == [4, 0, 4, 0]  # chosen and rejected rows of each pair
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+
+
+def test_grpo_rolls_out_on_pictures_through_the_engine_and_trains(tiny_models, tmp_path):
+    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}]}]
+    rows = [{"prompt": question, "solution": "red"}, {"prompt": "What is 2+2?", "solution": "4"}] * 2
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    settings = {"method": "grpo", "model": str(tiny_models("qwen2_vl")), "data": [str(prompts)], "rewards": ["exact"], "tuner": "lora"}
+    settings.update(max_steps=2, batch_size=4, num_generations=2, max_completion_length=4, max_length=128)
+    result = modelloop.rlhf({**settings, "output_dir": str(tmp_path / "grpo")})
+    run = Path(result["run_dir"])
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    assert (run / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
+    from PIL import Image
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.inference.hf import HFSession
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.registry import ENGINES, get_registry
+    from modelloop.stages.rollouts import EngineRollouts
+    from modelloop.inference.types import SamplingParams
+
+    folder = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
+    chat = resolve_chat_format(tokenizer, family)
+    images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
+    rollouts = EngineRollouts(get_registry(ENGINES).get("hf"), tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=2), base_model=str(folder), adapter=False, sync_dir=Path("unused"), images=images)
+    with Image.open(PICTURE) as opened:
+        prompt = [{"role": "user", "content": [{"type": "image", "image": opened.convert("RGB")}, {"type": "text", "text": "Color?"}]}]
+    ids = rollouts.prompt_ids(prompt)
+    assert ids.count(images.image_token_id) == 4
+    session = HFSession.load(folder, options={"inline": True})
+    try:
+        request = rollouts._request(prompt, ids, 2)
+        assert request.prompt is None and request.messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert session.prompt_ids(request) == ids  # what the engine renders is what the policy is scored on
+    finally:
+        session.close()

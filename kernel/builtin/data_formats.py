@@ -5,7 +5,7 @@ Each turns one record into modelloop's canonical record for its kind:
 - conversation: ``{"messages": [...], "tools": [...]?, "images": [...]?}`` (each image's
   place marked ``<image>`` in the text: ``modelloop.data.images``)
 - preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "images": [...]?}`` (TRL's conversational form)
-- kto: ``{"prompt": [...], "completion": [...], "label": bool}``
+- kto: ``{"prompt": [...], "completion": [...], "label": bool, "images": [...]?}``
 - prompt: ``{"prompt": [...], "images": [...]?, **other columns}`` (extra columns reach the rewards)
 - text: ``{"text": str}``
 
@@ -52,10 +52,6 @@ def _with_system(record: Record, messages: list[dict[str, Any]]) -> list[dict[st
     if system and (not messages or messages[0].get("role") != "system"):
         return [message("system", str(system)), *messages]
     return messages
-
-
-def _prompt(record: Record) -> list[dict[str, Any]]:
-    return _prompt_with_images(record)[0]
 
 
 def _prompt_with_images(record: Record) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -174,13 +170,13 @@ KTO_LABELS = {True: True, False: False, "true": True, "false": False, "1": True,
 
 
 def convert_kto(record: Record) -> dict[str, Any]:
-    prompt = _prompt(record)
+    prompt, images = _prompt_with_images(record)
     label = record.get("label")
     if isinstance(label, str):
         label = label.strip().lower()
     if label not in KTO_LABELS:
         raise ValueError(f"label must be true or false, got {record.get('label')!r}")
-    return {"prompt": prompt, "completion": _answer(record, "completion", prompt), "label": KTO_LABELS[label]}
+    return {"prompt": prompt, "completion": _answer(record, "completion", prompt), "label": KTO_LABELS[label], **images}
 
 
 def convert_prompt(record: Record) -> dict[str, Any]:

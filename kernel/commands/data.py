@@ -14,13 +14,18 @@ FORMAT = click.option("--format", "format_name", help="Force a data format (defa
 TEMPLATE = click.option("--template", help="Use this registered chat template instead of the model's.")
 
 
-def _chat_setup(model: str, template: str | None):
+def _encoder(model: str, template: str | None):
+    """The model's encoder: its tokenizer, chat template and (vision models) pictures."""
     from modelloop.chat import resolve_chat_format
-    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import Encoder
+    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
 
     tokenizer = load_tokenizer(model)
-    family = resolve_family(read_config(model).model_type)
-    return tokenizer, resolve_chat_format(tokenizer, family, template)
+    config = read_config(model)
+    family = resolve_family(config.model_type)
+    images = ImageTokens(family.vision, load_image_processor(model), config, tokenizer) if family.vision is not None else None
+    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), images)
 
 
 @click.group("data")
@@ -48,7 +53,6 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     """
     from modelloop.data.records import read_records
     from modelloop.data.sources import Problem
-    from modelloop.data.tokenize import Encoder
 
     if max_length and not model:
         raise click.UsageError("--max-length needs --model (lengths are counted in the model's tokens)")
@@ -57,8 +61,7 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     good = list(records.examples)
     longer: list[tuple[str, int]] = []
     if model:
-        tokenizer, chat = _chat_setup(model, template)
-        encoded = Encoder(tokenizer, chat).encode(good)
+        encoded = _encoder(model, template).encode(good)
         unrendered = [sequences for sequences in encoded if isinstance(sequences, Problem)]
         problems += unrendered
         for example, sequences in zip(list(good), encoded):
@@ -91,19 +94,19 @@ def check_command(files, model, max_length, truncation, format_name, template) -
 def preview_command(file, model, count, format_name, template) -> None:
     """Show the first records of FILE rendered as the model sees them, trained text highlighted.
 
-    On a terminal the trained text is green; piped, it is marked with «».
+    On a terminal the trained text is green; piped, it is marked with «». A picture's
+    image tokens show as TOKEN×N [file], where they go in the text.
     """
     from rich.console import Console
     from rich.text import Text
 
     from modelloop.data.records import read_records
     from modelloop.data.sources import Problem
-    from modelloop.data.tokenize import IGNORE, Encoder
+    from modelloop.data.tokenize import IGNORE
 
     if not model:
         raise click.UsageError("preview needs --model (the template and tokenizer are the model's)")
-    tokenizer, chat = _chat_setup(model, template)
-    encoder = Encoder(tokenizer, chat)
+    encoder = _encoder(model, template)
     records = read_records([Path(file)], format=format_name)
     console = Console(highlight=False)
     for problem in records.problems[:count]:
@@ -114,13 +117,20 @@ def preview_command(file, model, count, format_name, template) -> None:
         if isinstance(sequences, Problem):
             console.print(str(sequences), style="red", markup=False)
             continue
+        pictures = list(zip(example.record.get("images") or [], encoder.images.counts(example.record["images"]))) if example.record.get("images") else []
         for sequence, encoded in zip(encoder.pieces(example), sequences):
             text = Text()
+            shown = iter(pictures)
             for piece, trained in sequence:
-                if trained and not console.is_terminal:
-                    text.append(f"«{piece}»")
-                else:
-                    text.append(piece, style="bold green" if trained else "dim")
-            console.print(text)
+                for number, part in enumerate(piece.split(encoder.images.spec.image_token) if pictures else [piece]):
+                    if number:
+                        picture, count = next(shown)
+                        text.append(f"{encoder.images.spec.image_token}×{count} [{Path(picture).name if not picture.startswith('data:') else 'data URL'}]", style="magenta")
+                    if trained and not console.is_terminal:
+                        text.append(f"«{part}»")
+                    else:
+                        text.append(part, style="bold green" if trained else "dim")
+            console.print(text, soft_wrap=True)  # a line as the model sees it, not folded at the terminal width
             trained_tokens = sum(label != IGNORE for label in encoded.labels)
-            console.print(f"{len(encoded)} tokens, {trained_tokens} trained", style="cyan")
+            image_tokens = sum(count for _, count in pictures)
+            console.print(f"{len(encoded)} tokens, {trained_tokens} trained" + (f", {image_tokens} image tokens" if image_tokens else ""), style="cyan")

@@ -111,6 +111,17 @@ def _fetch(url: str) -> bytes:
     return response.content
 
 
+def _opened(picture: Any) -> Any:
+    return open_image(picture) if isinstance(picture, str) else picture
+
+
+def data_url(image: Any) -> str:
+    """An opened image as a base64 PNG data URL (how it travels to an engine)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def check_record_images(record: dict[str, Any], texts: Sequence[str], base: Path | None) -> dict[str, Any]:
     """The record with its images resolved and each one opened once; ValueError when an
     image is missing or unreadable, or the marks and the images do not pair up."""
@@ -148,8 +159,9 @@ class ImageTokens:
         self.model_config = model_config
         self.image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token)
 
-    def counts(self, references: Sequence[str]) -> list[int]:
-        _, counts = self.spec.image_inputs(self.image_processor, [open_image(reference) for reference in references], self.model_config)
+    def counts(self, pictures: Sequence[Any]) -> list[int]:
+        """Image tokens per picture (a path, a data URL, or an opened image)."""
+        _, counts = self.spec.image_inputs(self.image_processor, [_opened(picture) for picture in pictures], self.model_config)
         return list(counts)
 
     def inputs(self, references: Sequence[str]) -> dict[str, Any]:

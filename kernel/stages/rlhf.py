@@ -70,6 +70,8 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
+    if checked.family.vision is None and any(record.get("images") for record in records):
+        raise ConfigError(f"the data has pictures, and {config.model} (family {checked.family.name}) takes none")
     rewards = []
     if config.method == "grpo":
         rewards = check_rewards(config, records)
@@ -160,8 +162,8 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
     if not records.examples:
         raise ConfigError("no usable examples in the data")
     pictured = next((example for example in records.examples if example.record.get("images")), None)
-    if pictured is not None:
-        raise ConfigError(f"{pictured.location}: rlhf does not take pictures yet (sft, serve, infer and eval do)")
+    if pictured is not None and config.method not in ("dpo", "grpo"):
+        raise ConfigError(f"{pictured.location}: {config.method} does not take pictures yet (dpo, grpo, sft, serve, infer and eval do)")
     keys = {key: None for example in records.examples for key in example.record}  # every column in every row
     return [{**keys, **example.record} for example in records.examples]
 
@@ -208,6 +210,14 @@ def _run(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     records, eval_records = data
+    processing_class: Any = tokenizer
+    if any(record.get("images") for record in records):  # TRL's vision trainers take the family's processor
+        from modelloop.models.loading import load_image_processor
+
+        processing_class = checked.family.vision.processor(tokenizer, load_image_processor(checked.source.tokenizer), checked.model_config)
+        processing_class.tokenizer.padding_side = "left"  # GRPO lines the processor's prompts up with the rollouts' left-padded ids
+        records = [with_pictures(record) for record in records]
+        eval_records = [with_pictures(record) for record in eval_records] if eval_records else None
     dataset = Dataset.from_list(records)
     eval_dataset = Dataset.from_list(eval_records) if eval_records else None
     if config.eval_split:
@@ -232,7 +242,7 @@ def _run(
         args=arguments,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        processing_class=processing_class,
         optimizer_factory=tuner_optimizer(config, checked),
         callbacks=[report, MeasureFromFirstStep(memory)],
         **extra,
@@ -253,6 +263,21 @@ def _run(
     if is_main_process():
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
     return finish_run(run_dir, "rlhf", config, checked, trainer, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
+
+
+def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as TRL's vision trainers take it: the prompt's content as parts, each image
+    mark an image part, and the pictures themselves (``[]`` for a record without; every
+    row has the same columns)."""
+    from modelloop.data.images import as_content_parts, open_image
+
+    images = record.get("images") or []
+    prompt = []
+    for message in as_content_parts(record["prompt"], images):
+        content = message["content"]
+        parts = [{"type": "image"} if part["type"] == "image_url" else part for part in content] if isinstance(content, list) else [{"type": "text", "text": content}]
+        prompt.append({**message, "content": parts})
+    return {**record, "prompt": prompt, "images": [open_image(image) for image in images]}
 
 
 def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
@@ -278,6 +303,7 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
 def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, run_dir: Path) -> Any:
     from modelloop.inference.types import SamplingParams
     from modelloop.stages.rollouts import EngineRollouts
+    from modelloop.stages.train import image_tokens
 
     sampling = SamplingParams(max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p)
     return EngineRollouts(
@@ -290,4 +316,5 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         sync_dir=run_dir / "rollout-weights" / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
         sync_steps=config.sync_steps,
         options=config.rollout_options,
+        images=image_tokens(checked, tokenizer, config),
     )

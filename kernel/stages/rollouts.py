@@ -12,7 +12,10 @@ the prompts to an engine session instead of calling ``generate`` itself:
 
 Prompts are rendered with the chat format the model is trained with and sent as token
 ids, so the policy scores exactly the tokens the engine saw; identical prompts (GRPO
-repeats each ``num_generations`` times) become one request with ``n`` choices.
+repeats each ``num_generations`` times) become one request with ``n`` choices. A prompt
+with pictures (a vision-language policy) goes as messages with the pictures as data
+URLs, and its ids are the ones the engine renders: the same template, each picture's
+image token repeated as its image processor counts.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ class EngineRollouts:
         sync_dir: Path,
         sync_steps: int = 1,
         options: Mapping[str, Any] | None = None,
+        images: Any = None,
     ) -> None:
         self.engine = engine
+        self.images = images  # a vision-language policy's ImageTokens
         self.tokenizer = tokenizer
         self.chat = chat
         self.sampling = sampling
@@ -65,7 +70,7 @@ class EngineRollouts:
                 groups[-1] = (prompt, groups[-1][1], groups[-1][2] + 1)
             else:
                 groups.append((prompt, self.prompt_ids(prompt), 1))
-        requests = [GenerationRequest(prompt=ids, model=self.served, params=replace(self.sampling, n=count)) for _, ids, count in groups]
+        requests = [self._request(prompt, ids, count) for prompt, ids, count in groups]
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         for (_, ids, _), generation in zip(groups, session.generate(requests)):
@@ -77,7 +82,17 @@ class EngineRollouts:
     def prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        return self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        pictures = _pictures(prompt)
+        if pictures:
+            ids, _ = self.images.expand(ids, [0] * len(ids), self.images.counts(pictures))
+        return ids
+
+    def _request(self, prompt: Any, ids: list[int], count: int) -> GenerationRequest:
+        params = replace(self.sampling, n=count)
+        if isinstance(prompt, str) or not _pictures(prompt):
+            return GenerationRequest(prompt=ids, model=self.served, params=params)
+        return GenerationRequest(messages=_with_data_urls(prompt), model=self.served, params=params)
 
     def completion_ids(self, choice: Completion) -> list[int]:
         """The generated ids with the end-of-turn token that ended them; from the text when an
@@ -98,7 +113,8 @@ class EngineRollouts:
         if self.engine.attach is not None:
             if self.session is None:
                 policy = trainer.accelerator.unwrap_model(trainer.model)
-                self.session = self.engine.attach(policy, self.tokenizer, self.chat, options=self.options)
+                options = {**self.options, **({"images": self.images} if self.images is not None else {})}  # in this process only
+                self.session = self.engine.attach(policy, self.tokenizer, self.chat, options=options)
             return self.session
         step = trainer.state.global_step
         if self.session is None or step - (self.synced_step or 0) >= self.sync_steps:
@@ -128,6 +144,20 @@ class EngineRollouts:
         if previous is not None and previous[1] != folder:
             shutil.rmtree(previous[1], ignore_errors=True)
         self.synced_step = step
+
+
+def _pictures(prompt: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The opened images of a prompt's image parts (TRL puts them there), in order."""
+    return [part["image"] for message in prompt if isinstance(message.get("content"), list) for part in message["content"] if part.get("type") == "image"]
+
+
+def _with_data_urls(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    from modelloop.data.images import data_url
+
+    def part(item: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"type": "image_url", "image_url": {"url": data_url(item["image"])}} if item.get("type") == "image" else item
+
+    return [{**message, "content": [part(item) for item in message["content"]]} if isinstance(message.get("content"), list) else dict(message) for message in prompt]
 
 
 def _end_of_turn_id(tokenizer: Any, chat: Any) -> int:

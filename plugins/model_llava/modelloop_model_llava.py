@@ -9,6 +9,7 @@ the images in the order their tokens come. Nothing heavy is imported here.
 from __future__ import annotations
 
 import modelloop
+from modelloop.builtin.templates import content_text_macro
 from modelloop.models.presets import TINY
 from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec
 from modelloop_model_llama import LLAMA3_SPLIT, TARGETS
@@ -20,10 +21,11 @@ LLAVA_TEMPLATE = ChatTemplate(
     description="LLaVA-1.5: USER: ... ASSISTANT: ...</s>, the system prompt first",
     source=(
         "{{ bos_token }}"
-        "{%- for message in messages %}"
-        "{%- if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
-        "{%- elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
-        "{%- elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+        + content_text_macro(IMAGE)
+        + "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}{{ text(message['content']) + ' ' }}"
+        "{%- elif message['role'] == 'user' %}{{ 'USER: ' + text(message['content']) + ' ' }}"
+        "{%- elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + text(message['content']) + eos_token }}"
         "{%- else %}{{ raise_exception('the llava template has no ' + message['role'] + ' turns') }}"
         "{%- endif %}"
         "{%- endfor %}"
@@ -49,6 +51,20 @@ def clip_image_processor(**options):
     return CLIPImageProcessorPil(**options)
 
 
+def llava_processor(tokenizer, image_processor, model_config):
+    """transformers' LlavaProcessor, counting a picture's tokens as the model does."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=model_config.vision_config.patch_size,
+        vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's class token
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def llava_image_inputs(image_processor, images, model_config):
     """One ``pixel_values`` tensor for the images; each takes ``image_seq_length`` tokens."""
     pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -61,6 +77,7 @@ LLAVA_VISION = VisionSpec(
     image_inputs=llava_image_inputs,
     config_tokens={"image_token_index": IMAGE},
     image_processor=clip_image_processor,
+    processor=llava_processor,
 )
 
 #: 32 x 32 pictures in 8 x 8 patches: 16 image tokens each.

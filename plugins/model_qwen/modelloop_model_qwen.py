@@ -8,6 +8,8 @@ imported: everything registered is data, or a function that imports when called.
 
 from __future__ import annotations
 
+import functools
+
 import modelloop
 from modelloop.models.presets import SMALL, TINY
 from modelloop.builtin.templates import IM_END, chatml_source
@@ -33,6 +35,9 @@ QWEN3_TOKENIZER = TokenizerRecipe(
     eos_token=IM_END,
     pad_token="<|endoftext|>",
 )
+
+#: What one picture is in Qwen-VL's chat text (its image token repeated per feature).
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 QWEN_VL_TOKENIZER = TokenizerRecipe(
     split_regex=QWEN_SPLIT,
@@ -71,6 +76,23 @@ def qwen_image_inputs(image_processor, images, model_config):
     return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}, counts
 
 
+def qwen_processor(tokenizer, image_processor, model_config):
+    """Qwen-VL's processor for pictures (the same expansion of its image token in all three
+    versions), without the video processor, which needs torchvision."""
+    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+@functools.cache
+def _image_only_processor_class():
+    from transformers import Qwen2VLProcessor
+
+    class QwenImageProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **options):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **options)
+
+    return QwenImageProcessor
+
+
 def qwen_rope_index(model, input_ids, token_types, image_inputs):
     """Qwen-VL's multimodal rotary positions (temporal, height, width) of one example."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -79,13 +101,14 @@ def qwen_rope_index(model, input_ids, token_types, image_inputs):
 
 
 QWEN_VISION = VisionSpec(
-    placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    placeholder=QWEN_IMAGE,
     image_token="<|image_pad|>",
     image_inputs=qwen_image_inputs,
     token_types="mm_token_type_ids",
     config_tokens={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
     image_processor=qwen_image_processor,
     rope_index=qwen_rope_index,
+    processor=qwen_processor,
 )
 
 _VL_TEXT = {key: value for key, value in TINY.items() if key != "tokenizer_vocab"}
@@ -111,13 +134,13 @@ TINY_MOE = {**TINY, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_t
 QWEN2_TEMPLATE = ChatTemplate(
     name="qwen2",
     description="Qwen2/Qwen2.5 ChatML, default system prompt, tool calls",
-    source=chatml_source(default_system="You are a helpful assistant."),
+    source=chatml_source(default_system="You are a helpful assistant.", image=QWEN_IMAGE),
     end_of_turn=(IM_END,),
 )
 QWEN3_TEMPLATE = ChatTemplate(
     name="qwen3",
     description="Qwen3 ChatML; enable_thinking=false strips <think> blocks",
-    source=chatml_source(thinking=True),
+    source=chatml_source(thinking=True, image=QWEN_IMAGE),
     end_of_turn=(IM_END,),
     options={"enable_thinking": True},
 )
