@@ -288,7 +288,7 @@ def test_the_openai_client_sends_a_picture_to_modelloop_serve(tiny_models, subpr
         assert large.usage.prompt_tokens - small.usage.prompt_tokens == 9 - 4  # the 96 px picture's tokens against the 64 px one's
         with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
             client.chat.completions.create(model="vl", messages=picture_question("https://example.com/a.png"), max_tokens=2)
-        with pytest.raises(openai.BadRequestError, match="images are sent as base64 data URLs"):
+        with pytest.raises(openai.BadRequestError, match="send pictures as base64 data URLs"):
             client.chat.completions.create(model="vl", messages=picture_question(str(PICTURE)), max_tokens=2)
         assert client.chat.completions.create(model="vl", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices  # text still works
     finally:
@@ -414,3 +414,51 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
         assert session.prompt_ids(request) == ids  # what the engine renders is what the policy is scored on
     finally:
         session.close()
+
+
+def test_two_processes_train_a_vision_model_when_some_batches_have_no_picture(tiny_models, subprocess_env, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    argv = [sys.executable, "-m", "modelloop", "sft", "--model", str(tiny_models("qwen2_vl")), "--data", str(SHAPES), "--tuner", "full"]
+    argv += ["--no-packing", "--batch-size", "1", "--max-steps", "4", "--max-length", "256", "--nproc", "2", "--output-dir", str(out)]
+    done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # a text-only batch leaves the vision tower without gradients
+    parallel = json.loads((out / "manifest.json").read_text())["parallel"]
+    assert parallel["wrapped_as"] == "DistributedDataParallel" and parallel["trainer_arguments"]["ddp_find_unused_parameters"] is True
+
+
+def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_refused(tiny_models, tmp_path):
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.images import ImageTokens
+    from modelloop.data.tokenize import Encoder
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+
+    data = write_jsonl(tmp_path / "text.jsonl", [turn("Render <image> in HTML?", "use <img>"), turn("Say <|image_pad|>", "no")])
+    records = read_records([data])
+    assert records.problems == [] and records.examples[0].record["messages"][0]["content"] == "Render <image> in HTML?"
+    folder = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
+    encoder = Encoder(tokenizer, resolve_chat_format(tokenizer, family), ImageTokens.for_model(family, folder, read_config(folder), tokenizer))
+    literal, stray = encoder.encode(records.examples)
+    assert isinstance(literal, list) and len(literal) == 1  # encoded: "<image>" in text is text
+    assert str(stray) == f"{data}:2: the rendered text holds 1 image token(s) for 0 image(s)"  # it would have no pixels
+
+
+def test_pictures_belong_in_the_prompt_and_data_check_counts_them_there(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+
+    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": question, "chosen": "red", "rejected": "blue"}])
+    checked = CliRunner().invoke(build_cli(), ["data", "check", str(pairs), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"])
+    assert checked.exit_code == 0, checked.output
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Which?", "chosen": "this <image>", "rejected": "no", "images": [str(PICTURE)]}])
+    assert [problem.reason for problem in read_records([answers]).problems] == ["pictures go in the prompt, not in the answers"]
+
+
+def test_the_full_tuner_points_an_old_freeze_option_at_the_stage_setting(tiny_models, tmp_path):
+    with pytest.raises(ConfigError, match="freeze is a stage setting now: --freeze GROUP"):
+        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "tuner": "full", "tuner_options": {"freeze": ["vision"]}})

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from modelloop import hookimpl
+from modelloop.options import complete
 from modelloop.specs import Tuner
+
+
+def check(options: Any) -> dict[str, Any]:
+    if "freeze" in options:
+        raise ValueError("freeze is a stage setting now: --freeze GROUP (freeze: [...] in a config), with any tuner")
+    return complete(options, {})
 
 
 def prepare(model: Any, options: Any, family: Any) -> Any:
@@ -14,7 +21,7 @@ def prepare(model: Any, options: Any, family: Any) -> Any:
     return model
 
 
-FULL = Tuner(name="full", description="train every parameter", prepare=prepare)
+FULL = Tuner(name="full", description="train every parameter", prepare=prepare, check=check)
 
 
 @hookimpl

@@ -19,13 +19,12 @@ def _encoder(model: str, template: str | None):
     from modelloop.chat import resolve_chat_format
     from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
 
     tokenizer = load_tokenizer(model)
     config = read_config(model)
     family = resolve_family(config.model_type)
-    images = ImageTokens(family.vision, load_image_processor(model), config, tokenizer) if family.vision is not None else None
-    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), images)
+    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), ImageTokens.for_model(family, model, config, tokenizer))
 
 
 @click.group("data")

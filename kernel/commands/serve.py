@@ -57,8 +57,8 @@ def serve_command(
     options = {"served_name": served_name, "max_batch_size": max_batch_size, **parse_assignments(engine_options)}
     if engine_python:
         options["python"] = engine_python
-    if allow_remote_images:
+    if allow_remote_images and chosen.name == "hf":  # the built-in engine fetches them itself; the API lets them through
         options["allow_remote_images"] = True
     session = chosen.start(model, adapters=named, options=options)
     click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
-    uvicorn.run(create_app(session, api_key=api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.run(create_app(session, api_key=api_key, allow_remote_images=allow_remote_images), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -124,29 +124,37 @@ def data_url(image: Any) -> str:
 
 def check_record_images(record: dict[str, Any], texts: Sequence[str], base: Path | None) -> dict[str, Any]:
     """The record with its images resolved and each one opened once; ValueError when an
-    image is missing or unreadable, or the marks and the images do not pair up."""
+    image is missing or unreadable, or the marks and the images do not pair up. A record
+    without pictures is left as it is (a literal ``<image>`` in text stays text)."""
     images = record.get("images") or []
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError("images must be a list of paths or data URLs")
+    if not images:
+        return record
     marks = count_marks(texts)
     if marks != len(images):
         raise ValueError(f"{marks} {IMAGE_MARK} placeholder(s) but {len(images)} image(s)")
-    if not images:
-        return record
+    if count_marks(answer_texts(record)):
+        raise ValueError("pictures go in the prompt, not in the answers")
     resolved = [resolve_image(image, base) for image in images]
     for image in resolved:
         open_image(image)
     return {**record, "images": resolved}
 
 
-def record_texts(record: Mapping[str, Any]) -> list[str]:
+def record_texts(record: Mapping[str, Any], keys: Sequence[str] = ("messages", "prompt", "chosen", "rejected", "completion")) -> list[str]:
     """Every message text of a canonical record (where its image marks are)."""
     texts = []
-    for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+    for key in keys:
         value = record.get(key)
         if isinstance(value, list):
             texts += [item.get("content") or "" for item in value if isinstance(item, Mapping)]
     return texts
+
+
+def answer_texts(record: Mapping[str, Any]) -> list[str]:
+    """The texts of a preference or KTO record's answers (which hold no pictures)."""
+    return record_texts(record, ("chosen", "rejected", "completion"))
 
 
 class ImageTokens:
@@ -159,16 +167,29 @@ class ImageTokens:
         self.model_config = model_config
         self.image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token)
 
+    @classmethod
+    def for_model(cls, family: Any, folder: str | Path, model_config: Any, tokenizer: Any) -> ImageTokens | None:
+        """A vision family's image handling with the image processor saved in ``folder``
+        (beside the tokenizer); None for a text family."""
+        from modelloop.models.loading import load_image_processor
+
+        if family.vision is None:
+            return None
+        return cls(family.vision, load_image_processor(folder), model_config, tokenizer)
+
     def counts(self, pictures: Sequence[Any]) -> list[int]:
         """Image tokens per picture (a path, a data URL, or an opened image)."""
+        if not pictures:
+            return []
         _, counts = self.spec.image_inputs(self.image_processor, [_opened(picture) for picture in pictures], self.model_config)
         return list(counts)
 
-    def inputs(self, references: Sequence[str]) -> dict[str, Any]:
-        """Model inputs for these images, in order (none for none)."""
-        if not references:
+    def inputs(self, pictures: Sequence[Any]) -> dict[str, Any]:
+        """Model inputs for these pictures (paths, data URLs or opened images), in order
+        (none for none)."""
+        if not pictures:
             return {}
-        inputs, _ = self.spec.image_inputs(self.image_processor, [open_image(reference) for reference in references], self.model_config)
+        inputs, _ = self.spec.image_inputs(self.image_processor, [_opened(picture) for picture in pictures], self.model_config)
         return dict(inputs)
 
     def expand(self, input_ids: list[int], labels: list[int], counts: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -71,10 +71,10 @@ class Encoder:
         if example.kind == "conversation":
             return [self._placed(chat.segments(record["messages"], record.get("tools")), record)]
         if example.kind == "prompt":
-            return [[(chat.render(record["prompt"], add_generation_prompt=True), False)]]
+            return [self._placed([(chat.render(record["prompt"], add_generation_prompt=True), False)], record)]
         if example.kind == "preference":
-            return [chat.segments([*record["prompt"], *record[side]]) for side in ("chosen", "rejected")]
-        return [chat.segments([*record["prompt"], *record["completion"]])]
+            return [self._placed(chat.segments([*record["prompt"], *record[side]]), record) for side in ("chosen", "rejected")]
+        return [self._placed(chat.segments([*record["prompt"], *record["completion"]]), record)]
 
     def _placed(self, pieces: list[tuple[str, bool]], record: Any) -> list[tuple[str, bool]]:
         """Image marks replaced by the model's placeholder (a model without images refuses them)."""
@@ -124,8 +124,10 @@ class Encoder:
         return encoded
 
     def _with_images(self, example: Example, sequences: list[Encoded]) -> list[Encoded] | Problem:
+        """Each picture's tokens expanded; for a vision model also checks that a record
+        without pictures holds no image token (typed into its text, it would have no pixels)."""
         images = tuple(example.record.get("images") or ())
-        if not images or self.images is None:
+        if self.images is None:
             return sequences
         try:
             counts = self.images.counts(images)

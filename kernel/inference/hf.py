@@ -32,7 +32,7 @@ class _Job:
 
     request: GenerationRequest
     prompt_ids: list[int]
-    images: tuple[str, ...] = ()  # the prompt's pictures, in the order of their tokens
+    images: tuple[Any, ...] = ()  # the prompt's pictures (opened), in the order of their tokens
     streamed: bool = False  # someone reads the deltas as they come (else only the result)
     cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
     deltas: queue.Queue = field(default_factory=queue.Queue)
@@ -101,10 +101,10 @@ class HFSession:
         chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
         if loaded.family.vision is not None:
             from modelloop.data.images import ImageTokens
-            from modelloop.models.loading import load_image_processor, resolve_model_source
+            from modelloop.models.loading import resolve_model_source
 
-            processor = load_image_processor(resolve_model_source(model_path).tokenizer)
-            options["images"] = ImageTokens(loaded.family.vision, processor, loaded.model.config, loaded.tokenizer)
+            folder = resolve_model_source(model_path).tokenizer
+            options["images"] = ImageTokens.for_model(loaded.family, folder, loaded.model.config, loaded.tokenizer)
         served_name = str(options.get("served_name") or Path(str(model_path)).name)
         return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options)
 
@@ -145,18 +145,21 @@ class HFSession:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
         return self.prompt(request)[0]
 
-    def prompt(self, request: GenerationRequest) -> tuple[list[int], tuple[str, ...]]:
-        """The prompt's token ids and its pictures (OpenAI image parts in the messages)."""
+    def prompt(self, request: GenerationRequest) -> tuple[list[int], tuple[Any, ...]]:
+        """The prompt's token ids and its pictures, opened (OpenAI image parts in the messages).
+
+        For a vision model the image tokens are checked against the pictures even when
+        there are none: an image token typed into the text would have no pixels."""
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
-        images: tuple[str, ...] = ()
+        images: tuple[Any, ...] = ()
         if request.messages is not None:
             messages, images = self._take_images(request.messages)
             text = self.chat.render(messages, add_generation_prompt=True)
             if images:
                 text = text.replace(IMAGE_MARK, self.images.spec.placeholder)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if images:
+            if self.images is not None:
                 try:
                     ids, _ = self.images.expand(ids, [IGNORE] * len(ids), self.images.counts(images))
                 except ValueError as error:
@@ -178,10 +181,10 @@ class HFSession:
             )
         return ids, images
 
-    def _take_images(self, messages: Any) -> tuple[list[Any], tuple[str, ...]]:
-        """Messages with image parts as text with image marks, and the pictures, checked:
-        base64 data URLs always, remote URLs where the session allows, local paths never
-        (a request must not read the server's files)."""
+    def _take_images(self, messages: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        """Messages with image parts as text with image marks, and the pictures, each read
+        once: base64 data URLs always, remote URLs where the session allows, local paths
+        never (a request must not read the server's files)."""
         try:
             flattened, references = take_image_parts(messages)
             if references and self.images is None:
@@ -189,12 +192,10 @@ class HFSession:
             for reference in references:
                 if not reference.startswith(("data:", *REMOTE)):
                     raise ValueError("images are sent as base64 data URLs (local paths are not read)")
-            resolved = tuple(resolve_image(reference, None, allow_remote=self.allow_remote_images) for reference in references)
-            for reference in resolved:
-                open_image(reference)
+            opened = tuple(open_image(resolve_image(reference, None, allow_remote=self.allow_remote_images)) for reference in references)
         except ValueError as error:
             raise EngineError(str(error)) from None
-        return flattened, resolved
+        return flattened, opened
 
     def check(self, request: GenerationRequest) -> int:
         """The request's prompt length in tokens; EngineError if it cannot be served."""
@@ -347,7 +348,7 @@ class HFSession:
             if not job.done.is_set():  # answered early by the streamer unless it needed logprobs
                 streamer.answer(job, finished[id(job)])
 
-    def _image_inputs(self, input_ids: Any, pictures: list[tuple[str, ...]]) -> dict[str, Any]:
+    def _image_inputs(self, input_ids: Any, pictures: list[tuple[Any, ...]]) -> dict[str, Any]:
         """The pixel inputs of every row's pictures, in row order (a row per choice)."""
         references = [reference for row in pictures for reference in row]
         if not references:

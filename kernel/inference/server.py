@@ -93,8 +93,12 @@ class AdapterRequest(BaseModel):
     lora_path: str = Field(min_length=1)
 
 
-def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
-    """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route."""
+def create_app(session: Any, *, api_key: str | None = None, allow_remote_images: bool = False) -> FastAPI:
+    """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route.
+
+    Pictures in chat requests are base64 data URLs, or http(s) URLs with
+    ``allow_remote_images``, whatever the engine (vLLM would otherwise fetch any URL, and
+    read server paths where allowed)."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
@@ -141,12 +145,12 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
         created = int(time.time())
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "modelloop"} for name in session.models]}
 
-    def engine_request(body: Sampling, **content: Any) -> GenerationRequest:
+    async def engine_request(body: Sampling, **content: Any) -> GenerationRequest:
         if body.model not in session.models:
             raise OpenAIError(404, f"the model {body.model!r} does not exist; served: {', '.join(session.models)}", param="model", code="model_not_found")
         request = GenerationRequest(model=body.model, params=body.params(), **content)
         try:
-            session.check(request)
+            await asyncio.to_thread(session.check, request)  # it may read pictures: off the event loop
         except ModelloopError as error:
             code = "context_length_exceeded" if "context length" in str(error) else None
             raise OpenAIError(400, str(error), param="max_tokens" if code else None, code=code) from None
@@ -190,7 +194,8 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
         for message in messages:
             message.setdefault("content", "")
-        return await respond(body, engine_request(body, messages=messages), "chat")
+        _check_picture_urls(messages, allow_remote_images)
+        return await respond(body, await engine_request(body, messages=messages), "chat")
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(raw: Request) -> Any:
@@ -215,9 +220,19 @@ def create_app(session: Any, *, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(raw: Request) -> Any:
         body = await parse(raw, CompletionRequest)
-        return await respond(body, engine_request(body, prompt=body.prompt), "text")
+        return await respond(body, await engine_request(body, prompt=body.prompt), "text")
 
     return app
+
+
+def _check_picture_urls(messages: list[dict[str, Any]], allow_remote: bool) -> None:
+    for number, message in enumerate(messages):
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            url = (part.get("image_url") or {}).get("url", "") if isinstance(part, dict) and part.get("type") == "image_url" else ""
+            if not url or url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://"))):
+                continue
+            reason = "remote URLs are not fetched (serve with --allow-remote-images)" if url.startswith(("http://", "https://")) else "send pictures as base64 data URLs"
+            raise OpenAIError(400, f"messages[{number}]: image {url[:80]}: {reason}", param=f"messages[{number}].content")
 
 
 def _logprobs(choice: Any, kind: str) -> Any:

@@ -173,7 +173,10 @@ def new_model(
     chat = resolve_chat_format(tokenizer, family)
     tokenizer.chat_template = chat.source
     eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in dict.fromkeys((*chat.end_of_turn, tokenizer.eos_token))]
-    text = fields.setdefault("text_config", {}) if family.vision else fields  # a vision family's language model has the vocabulary
+    if family.vision:  # a vision family's language model has the vocabulary (a copy: the preset stays as registered)
+        text = fields["text_config"] = dict(fields.get("text_config", {}))
+    else:
+        text = fields
     text.update(
         vocab_size=max(text.get("vocab_size", 0), len(tokenizer)),
         bos_token_id=tokenizer.bos_token_id,

@@ -70,8 +70,11 @@ def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
-    if checked.family.vision is None and any(record.get("images") for record in records):
-        raise ConfigError(f"the data has pictures, and {config.model} (family {checked.family.name}) takes none")
+    if any(record.get("images") for record in [*records, *(eval_records or [])]):
+        if checked.family.vision is None:
+            raise ConfigError(f"the data has pictures, and {config.model} (family {checked.family.name}) takes none")
+        if checked.family.vision.processor is None:
+            raise ConfigError(f"the {checked.family.name} family gives TRL no processor, which its trainers need for pictures")
     rewards = []
     if config.method == "grpo":
         rewards = check_rewards(config, records)
@@ -211,11 +214,12 @@ def _run(
         tokenizer.pad_token = tokenizer.eos_token
     records, eval_records = data
     processing_class: Any = tokenizer
-    if any(record.get("images") for record in records):  # TRL's vision trainers take the family's processor
+    padding_side = tokenizer.padding_side
+    if any(record.get("images") for record in [*records, *(eval_records or [])]):  # TRL's vision trainers take the family's processor
         from modelloop.models.loading import load_image_processor
 
         processing_class = checked.family.vision.processor(tokenizer, load_image_processor(checked.source.tokenizer), checked.model_config)
-        processing_class.tokenizer.padding_side = "left"  # GRPO lines the processor's prompts up with the rollouts' left-padded ids
+        tokenizer.padding_side = "left"  # GRPO lines the processor's prompts up with the rollouts' left-padded ids
         records = [with_pictures(record) for record in records]
         eval_records = [with_pictures(record) for record in eval_records] if eval_records else None
     dataset = Dataset.from_list(records)
@@ -255,6 +259,7 @@ def _run(
     finally:
         if rollouts is not None:
             rollouts.close()
+        tokenizer.padding_side = padding_side  # model/ keeps the tokenizer as it came
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
     metrics["train_seconds"] = time.perf_counter() - started
     metrics.update(memory.measured())

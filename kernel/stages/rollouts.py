@@ -14,8 +14,8 @@ Prompts are rendered with the chat format the model is trained with and sent as 
 ids, so the policy scores exactly the tokens the engine saw; identical prompts (GRPO
 repeats each ``num_generations`` times) become one request with ``n`` choices. A prompt
 with pictures (a vision-language policy) goes as messages with the pictures as data
-URLs, and its ids are the ones the engine renders: the same template, each picture's
-image token repeated as its image processor counts.
+URLs; its ids are rendered here with the template and image processor the engine uses
+too (held equal to the built-in engine's by a test).
 """
 
 from __future__ import annotations

@@ -188,6 +188,8 @@ def check_training(config: TrainConfig) -> Checked:
     strategy, plan = plan_training(config, model_config, family)
     if strategy.train is not None and source.adapter:
         raise ConfigError(f"the {strategy.name} strategy starts from full weights, and {config.model} is an adapter run: merge it first (modelloop export)")
+    if strategy.train is not None and (config.freeze or config.group_lr):
+        raise ConfigError(f"the {strategy.name} strategy trains with its own optimizer: --freeze and per-group rates are not applied there")
     return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
 
 
@@ -555,12 +557,8 @@ def registry_sampler(config: TrainConfig, train_set: Any) -> Any:
 def image_tokens(checked: Checked, tokenizer: Any, config: TrainConfig) -> Any:
     """A vision-language model's image handling (its family's and its image processor's), or None."""
     from modelloop.data.images import ImageTokens
-    from modelloop.models.loading import load_image_processor
 
-    vision = checked.family.vision
-    if vision is None:
-        return None
-    return ImageTokens(vision, load_image_processor(checked.source.tokenizer), checked.model_config, tokenizer)
+    return ImageTokens.for_model(checked.family, checked.source.tokenizer, checked.model_config, tokenizer)
 
 
 def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], Any]:

@@ -85,6 +85,8 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool, model: A
     parameters: list[str] = []
     if options["vision_lora"] and (family is None or family.vision is None):
         raise ValueError("vision_lora puts adapters on a vision tower, and this model has none")
+    if options["vision_lora"] and targets != "default":
+        raise ValueError("vision_lora chooses the targets itself: leave targets at default, or list the vision layers in targets")
     if targets == "default" and family is not None and family.vision is not None and model is not None:
         targets = vision_family_targets(model, family, vision=options["vision_lora"])
     elif targets == "default":
