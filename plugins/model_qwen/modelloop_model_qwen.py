@@ -116,8 +116,10 @@ _VL_TEXT = {key: value for key, value in TINY.items() if key != "tokenizer_vocab
 _VL_PIXELS = {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, "merge_size": 2, "temporal_patch_size": 2}
 
 
-def vl_preset(model_type: str, text: dict, vision: dict, patch_size: int) -> dict:
-    return {
+def vl_family(model_type: str, title: str, template: str, text: dict, vision: dict, patch_size: int, aliases: tuple[str, ...] = ()) -> ModelFamily:
+    """A Qwen vision-language family, named after its model type; ``text`` and ``vision``
+    shape its tiny preset (over TINY's language model and a two-block ViT)."""
+    tiny = {
         "model_type": model_type,
         "text_config": {**_VL_TEXT, **text},
         "vision_config": {"depth": 2, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
@@ -125,6 +127,18 @@ def vl_preset(model_type: str, text: dict, vision: dict, patch_size: int) -> dic
         "image_processor": {**_VL_PIXELS, "patch_size": patch_size},
         "tokenizer_vocab": TINY["tokenizer_vocab"],
     }
+    return ModelFamily(
+        name=model_type,
+        description=f"{title} (vision-language)",
+        model_types=(model_type,),
+        aliases=aliases,
+        template=template,
+        lora_targets=DENSE_TARGETS,
+        module_groups=VL_GROUPS,
+        vision=QWEN_VISION,
+        presets={"tiny": tiny},
+        tokenizer=QWEN_VL_TOKENIZER,
+    )
 
 
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}  # halves of head_dim 64, as 16/24/24 of 128
@@ -239,53 +253,23 @@ FAMILIES = (
         presets={"tiny": {"model_type": "qwen3_moe", **TINY_MOE, "head_dim": 64}},
         tokenizer=QWEN3_TOKENIZER,
     ),
-    ModelFamily(
-        name="qwen2_vl",
-        description="Qwen2-VL (vision-language)",
-        model_types=("qwen2_vl",),
-        template="qwen2",
-        lora_targets=DENSE_TARGETS,
-        module_groups=VL_GROUPS,
-        vision=QWEN_VISION,
-        presets={"tiny": vl_preset("qwen2_vl", {"rope_parameters": _MROPE}, {"embed_dim": 64, "hidden_size": 256, "mlp_ratio": 2}, 14)},
-        tokenizer=QWEN_VL_TOKENIZER,
-    ),
-    ModelFamily(
-        name="qwen2_5_vl",
-        description="Qwen2.5-VL (vision-language)",
-        model_types=("qwen2_5_vl",),
+    vl_family("qwen2_vl", "Qwen2-VL", "qwen2", {"rope_parameters": _MROPE}, {"embed_dim": 64, "hidden_size": 256, "mlp_ratio": 2}, 14),
+    vl_family(
+        "qwen2_5_vl",
+        "Qwen2.5-VL",
+        "qwen2",
+        {"rope_parameters": _MROPE},
+        {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "window_size": 56, "fullatt_block_indexes": [1]},
+        14,
         aliases=("qwen2.5-vl",),
-        template="qwen2",
-        lora_targets=DENSE_TARGETS,
-        module_groups=VL_GROUPS,
-        vision=QWEN_VISION,
-        presets={
-            "tiny": vl_preset(
-                "qwen2_5_vl",
-                {"rope_parameters": _MROPE},
-                {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "window_size": 56, "fullatt_block_indexes": [1]},
-                14,
-            )
-        },
-        tokenizer=QWEN_VL_TOKENIZER,
     ),
-    ModelFamily(
-        name="qwen3_vl",
-        description="Qwen3-VL (vision-language, dense)",
-        model_types=("qwen3_vl",),
-        template="qwen3",
-        lora_targets=DENSE_TARGETS,
-        module_groups=VL_GROUPS,
-        vision=QWEN_VISION,
-        presets={
-            "tiny": vl_preset(
-                "qwen3_vl",
-                {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
-                {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
-                16,
-            )
-        },
-        tokenizer=QWEN_VL_TOKENIZER,
+    vl_family(
+        "qwen3_vl",
+        "Qwen3-VL (dense)",
+        "qwen3",
+        {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
+        {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        16,
     ),
 )
 

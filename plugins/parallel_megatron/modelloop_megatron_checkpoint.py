@@ -119,57 +119,50 @@ class _Prefixed:
         return self.state[self.prefix + key]
 
 
-def _layer_to_megatron(hf: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
+#: per layer, transformers name -> megatron-core name of the tensors that only move.
+_MOVED = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+}
+_QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight", "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
+_ROUTER = {"mlp.gate.weight": "mlp.router.weight"}
+
+
+def _moved(layout: Layout) -> dict[str, str]:
+    return {**_MOVED, **(_QK_NORMS if layout.qk_norm else {}), **(_ROUTER if layout.num_experts else {})}
+
+
+def _mlps(layout: Layout) -> list[tuple[str, str]]:
+    """(transformers prefix, megatron-core prefix) of each SwiGLU MLP in a layer: the
+    dense one, or every expert (one by one, as the checkpoint holds them)."""
+    if layout.num_experts:
+        return [(f"mlp.experts.{expert}.", f"mlp.experts.local_experts.{expert}.") for expert in range(layout.num_experts)]
+    return [("mlp.", "mlp.")]
+
+
+def _layer_to_megatron(hf: Any, layout: Layout) -> dict[str, Any]:
     import torch
 
-    out = {
-        "input_layernorm.weight": hf["input_layernorm.weight"],
-        "self_attention.linear_qkv.weight": _interleave_qkv(hf["self_attn.q_proj.weight"], hf["self_attn.k_proj.weight"], hf["self_attn.v_proj.weight"], layout),
-        "self_attention.linear_proj.weight": hf["self_attn.o_proj.weight"],
-        "pre_mlp_layernorm.weight": hf["post_attention_layernorm.weight"],
-    }
+    out = {megatron: hf[name] for name, megatron in _moved(layout).items()}
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    out["self_attention.linear_qkv.weight"] = _interleave_qkv(*(hf[f"{name}.weight"] for name in projections), layout)
     if layout.qkv_bias:
-        out["self_attention.linear_qkv.bias"] = _interleave_qkv(hf["self_attn.q_proj.bias"], hf["self_attn.k_proj.bias"], hf["self_attn.v_proj.bias"], layout)
-    if layout.qk_norm:
-        out["self_attention.q_layernorm.weight"] = hf["self_attn.q_norm.weight"]
-        out["self_attention.k_layernorm.weight"] = hf["self_attn.k_norm.weight"]
-    if layout.num_experts:
-        out["mlp.router.weight"] = hf["mlp.gate.weight"]
-        for expert in range(layout.num_experts):
-            gate, up = hf[f"mlp.experts.{expert}.gate_proj.weight"], hf[f"mlp.experts.{expert}.up_proj.weight"]
-            out[f"mlp.experts.local_experts.{expert}.linear_fc1.weight"] = torch.cat([gate, up])
-            out[f"mlp.experts.local_experts.{expert}.linear_fc2.weight"] = hf[f"mlp.experts.{expert}.down_proj.weight"]
-    else:
-        out["mlp.linear_fc1.weight"] = torch.cat([hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]])
-        out["mlp.linear_fc2.weight"] = hf["mlp.down_proj.weight"]
+        out["self_attention.linear_qkv.bias"] = _interleave_qkv(*(hf[f"{name}.bias"] for name in projections), layout)
+    for name, megatron in _mlps(layout):
+        out[f"{megatron}linear_fc1.weight"] = torch.cat([hf[f"{name}gate_proj.weight"], hf[f"{name}up_proj.weight"]])
+        out[f"{megatron}linear_fc2.weight"] = hf[f"{name}down_proj.weight"]
     return out
 
 
 def _layer_to_hf(megatron: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
-    q, k, v = _split_qkv(megatron["self_attention.linear_qkv.weight"], layout)
-    out = {
-        "input_layernorm.weight": megatron["input_layernorm.weight"],
-        "self_attn.q_proj.weight": q,
-        "self_attn.k_proj.weight": k,
-        "self_attn.v_proj.weight": v,
-        "self_attn.o_proj.weight": megatron["self_attention.linear_proj.weight"],
-        "post_attention_layernorm.weight": megatron["pre_mlp_layernorm.weight"],
-    }
-    if layout.qkv_bias:
-        q, k, v = _split_qkv(megatron["self_attention.linear_qkv.bias"], layout)
-        out.update({"self_attn.q_proj.bias": q, "self_attn.k_proj.bias": k, "self_attn.v_proj.bias": v})
-    if layout.qk_norm:
-        out["self_attn.q_norm.weight"] = megatron["self_attention.q_layernorm.weight"]
-        out["self_attn.k_norm.weight"] = megatron["self_attention.k_layernorm.weight"]
-    if layout.num_experts:
-        out["mlp.gate.weight"] = megatron["mlp.router.weight"]
-        for expert in range(layout.num_experts):
-            gate, up = megatron[f"mlp.experts.local_experts.{expert}.linear_fc1.weight"].chunk(2)
-            out[f"mlp.experts.{expert}.gate_proj.weight"], out[f"mlp.experts.{expert}.up_proj.weight"] = gate, up
-            out[f"mlp.experts.{expert}.down_proj.weight"] = megatron[f"mlp.experts.local_experts.{expert}.linear_fc2.weight"]
-    else:
-        out["mlp.gate_proj.weight"], out["mlp.up_proj.weight"] = megatron["mlp.linear_fc1.weight"].chunk(2)
-        out["mlp.down_proj.weight"] = megatron["mlp.linear_fc2.weight"]
+    out = {name: megatron[moved] for name, moved in _moved(layout).items()}
+    for suffix in ("weight", "bias") if layout.qkv_bias else ("weight",):
+        q, k, v = _split_qkv(megatron[f"self_attention.linear_qkv.{suffix}"], layout)
+        out.update({f"self_attn.q_proj.{suffix}": q, f"self_attn.k_proj.{suffix}": k, f"self_attn.v_proj.{suffix}": v})
+    for name, moved in _mlps(layout):
+        out[f"{name}gate_proj.weight"], out[f"{name}up_proj.weight"] = megatron[f"{moved}linear_fc1.weight"].chunk(2)
+        out[f"{name}down_proj.weight"] = megatron[f"{moved}linear_fc2.weight"]
     return out
 
 
