@@ -114,27 +114,31 @@ class Collator:
         if self.images is None:
             return batch
         spec = self.images.spec
-        if references:
-            batch.update(self.images.inputs(references))
-            if spec.token_types:
-                batch[spec.token_types] = (batch["input_ids"] == self.images.image_token_id).long()
+        inputs = self.images.inputs(references)
+        batch.update(inputs)
+        if references and spec.token_types:
+            batch[spec.token_types] = (batch["input_ids"] == self.images.image_token_id).long()
         if rows and self.rope_index is not None:
-            batch["position_ids"] = self._packed_positions(batch, rows)
+            per_image = {key: value for key, value in inputs.items() if value.shape[:1] == (len(references),)}  # e.g. each picture's grid
+            batch["position_ids"] = self._packed_positions(batch, rows, per_image)
         elif not rows and spec.rope_index is not None:
             batch.pop("position_ids", None)  # plain positions would misplace the images: the model places them itself
         return batch
 
-    def _packed_positions(self, batch: dict[str, Any], rows: Sequence[PackedRow]) -> torch.Tensor:
+    def _packed_positions(self, batch: dict[str, Any], rows: Sequence[PackedRow], per_image: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(4, rows, width): the plain positions (which tell transformers where each packed
-        example starts), then each example's multimodal rotary positions from 0."""
+        example starts), then each example's multimodal rotary positions from 0, from the
+        batch's per-picture inputs (its pictures are not processed again)."""
         text = batch["position_ids"]
         positions = text[None].repeat(4, 1, 1)
         token_types = (batch["input_ids"] == self.images.image_token_id).long()
+        taken = 0
         for number, row in enumerate(rows):
             start = 0
             for length, references in zip(row.lengths, row.images):
                 end = start + length
-                inputs = self.images.inputs(list(references))
+                inputs = {key: value[taken : taken + len(references)] for key, value in per_image.items()} if references else {}
+                taken += len(references)
                 ids = batch["input_ids"][number : number + 1, start:end]
                 positions[1:, number, start:end] = self.rope_index(ids, token_types[number : number + 1, start:end], inputs)[:, 0]
                 start = end
