@@ -122,7 +122,7 @@ def data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def check_record_images(record: dict[str, Any], texts: Sequence[str], base: Path | None) -> dict[str, Any]:
+def check_record_images(record: dict[str, Any], base: Path | None) -> dict[str, Any]:
     """The record with its images resolved and each one opened once; ValueError when an
     image is missing or unreadable, or the marks and the images do not pair up. A record
     without pictures is left as it is (a literal ``<image>`` in text stays text)."""
@@ -131,7 +131,7 @@ def check_record_images(record: dict[str, Any], texts: Sequence[str], base: Path
         raise ValueError("images must be a list of paths or data URLs")
     if not images:
         return record
-    marks = count_marks(texts)
+    marks = count_marks(record_texts(record))
     if marks != len(images):
         raise ValueError(f"{marks} {IMAGE_MARK} placeholder(s) but {len(images)} image(s)")
     if count_marks(answer_texts(record)):
@@ -211,6 +211,10 @@ class ImageTokens:
                 ids.append(token)
                 kept.append(label)
         return ids, kept
+
+    def expand_ids(self, input_ids: list[int], counts: Sequence[int]) -> list[int]:
+        """``expand`` for a prompt, whose labels nobody needs."""
+        return self.expand(input_ids, input_ids, counts)[0]
 
 
 def as_content_parts(messages: Sequence[Mapping[str, Any]], images: Sequence[str]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelloop.data.images import check_record_images, record_texts
+from modelloop.data.images import check_record_images
 from modelloop.data.sources import DataError, DataSource, Problem, RawRecord, open_source
 from modelloop.registry import DATASET_FORMATS, get_registry
 from modelloop.specs import DatasetFormat, DatasetKind
@@ -96,7 +96,7 @@ def _convert(chosen: DatasetFormat, item: RawRecord, base: Path) -> Example | Pr
         return Problem(item.location, f"missing field {missing[0]!r} (format {chosen.name})")
     try:
         record = chosen.convert(item.data)
-        return Example(item.location, chosen.kind, check_record_images(record, record_texts(record), base))
+        return Example(item.location, chosen.kind, check_record_images(record, base))
     except (ValueError, TypeError, KeyError) as error:
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         return Problem(item.location, reason)

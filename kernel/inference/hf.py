@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
-from modelloop.data.tokenize import IGNORE
 from modelloop.errors import EngineError
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
 
@@ -161,7 +160,7 @@ class HFSession:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if self.images is not None:
                 try:
-                    ids, _ = self.images.expand(ids, [IGNORE] * len(ids), self.images.counts(images))
+                    ids = self.images.expand_ids(ids, self.images.counts(images))
                 except ValueError as error:
                     raise EngineError(str(error)) from None
         elif isinstance(request.prompt, str):

@@ -85,7 +85,7 @@ class EngineRollouts:
         ids = self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         pictures = _pictures(prompt)
         if pictures:
-            ids, _ = self.images.expand(ids, [0] * len(ids), self.images.counts(pictures))
+            ids = self.images.expand_ids(ids, self.images.counts(pictures))
         return ids
 
     def _request(self, prompt: Any, ids: list[int], count: int) -> GenerationRequest:
