@@ -28,6 +28,7 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/plugins_startup.py
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/cpu_matmul.py
 
 install: $(STAMP)
 

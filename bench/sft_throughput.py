@@ -9,6 +9,7 @@ adam beta2 0.95, fp32, one epoch, seed 42. Each variant runs in its own process 
 
   swift            ms-swift 4.6, its defaults (gradient checkpointing on, no packing)
   same settings    modelloop, gradient checkpointing on, packing off
+  + BLAS           the same with torch's own BLAS products (--set cpu_matmul=blas), not oneDNN
   + packing        modelloop, gradient checkpointing on, packing on
   defaults         modelloop's own defaults: packing on, gradient checkpointing off
 
@@ -112,6 +113,9 @@ def main() -> None:
     if venv.exists() and not arguments.skip_swift:
         variants["ms-swift 4.6 (GC on, no packing)"] = lambda out: swift_command(venv, model, data, out)
     variants["modelloop, same settings (GC on, no packing)"] = lambda out: modelloop_command(model, data, out, "--gradient-checkpointing", "--no-packing")
+    variants["modelloop, same settings, BLAS not oneDNN"] = lambda out: modelloop_command(
+        model, data, out, "--gradient-checkpointing", "--no-packing", "--set", "cpu_matmul=blas"
+    )
     variants["modelloop, GC on, packing on"] = lambda out: modelloop_command(model, data, out, "--gradient-checkpointing", "--packing")
     variants["modelloop defaults (packing on, GC off)"] = lambda out: modelloop_command(model, data, out)
 

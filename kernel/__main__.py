@@ -1,5 +1,5 @@
 """``python -m modelloop``: the same as the ``modelloop`` command."""
 
-from modelloop.cli import main
+from modelloop.cli import console
 
-main()
+console()

@@ -108,6 +108,19 @@ def build_cli() -> click.Group:
     return cli
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
-    build_cli().main(args=argv, prog_name="modelloop")
+def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> None:
+    """Run one command line; ``owns_process``: nothing else runs in this interpreter after
+    it (``modelloop.process``), which lets a training command leave unused libraries out."""
+    build_cli().main(args=argv, prog_name="modelloop", obj={"owns_process": owns_process})
+
+
+def console() -> None:
+    """The ``modelloop`` console script and ``python -m modelloop``: run the command, then
+    end the process without tearing the interpreter down."""
+    from modelloop.process import end
+
+    try:
+        main(owns_process=True)
+    except SystemExit as exit:  # click always ends this way, errors included
+        end(exit.code)
+    end(0)

@@ -55,6 +55,7 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     attn_impl: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
+    cpu_matmul: Literal["onednn", "blas"] = Field("onednn", description="on a CPU, fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS")
     template: str | None = None
     template_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 42

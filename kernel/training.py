@@ -94,7 +94,7 @@ class Collator:
     def __init__(self, pad_token_id: int, packing: bool, multiple: int = 1, images: ImageTokens | None = None, rope_index: Callable[..., Any] | None = None) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
-        self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism)
+        self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism, oneDNN)
         self.images = images
         self.rope_index = rope_index
         self.tokens = 0

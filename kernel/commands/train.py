@@ -126,14 +126,15 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
                 raise ConfigError(f"--reward-weights {reward_weights!r}: expected numbers separated by commas") from None
         layers.append(given)
         source = str(config) if config is not None else "options"
+        owns_process = bool((click.get_current_context().obj or {}).get("owns_process"))
         if stage == "rlhf":
             from modelloop.stages.rlhf import rlhf
 
-            rlhf(build_config(RLHFConfig, *layers, source=source))
+            rlhf(build_config(RLHFConfig, *layers, source=source), owns_process=owns_process)
         else:
             from modelloop.stages.train import train
 
-            train(stage, build_config(TrainConfig, *layers, source=source))
+            train(stage, build_config(TrainConfig, *layers, source=source), owns_process=owns_process)
 
     command.__doc__ = summary
     decorated: Any = command

@@ -94,7 +94,9 @@ def _record_failure(run_dir: Path, node_rank: int, reason: str) -> None:
 def failure_message(error: Any, node_ranks: Any) -> str:
     """Which rank failed first, how, which ranks were still running (when one hangs, the
     others are the ones that time out), and the last lines the failed rank wrote."""
-    rank, failure = error.get_first_failure()
+    # elastic stamps failures to the second and stops the other workers with SIGTERM: in
+    # a tie, the worker it stopped did not fail first
+    rank, failure = min(error.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM))
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
     else:

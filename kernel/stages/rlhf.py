@@ -23,7 +23,7 @@ from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, record_module_groups, run_stage, trainer_arguments, tuner_optimizer
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, multiplies_with_onednn, record_module_groups, run_stage, settle_owned_process, trainer_arguments, tuner_optimizer
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,16 @@ METHODS: dict[str, Method] = {
 TRL_GENERATE = "trl"
 
 
-def rlhf(config: RLHFConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Run an alignment stage; returns the run's final metrics and folder."""
+def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) -> dict[str, Any]:
+    """Run an alignment stage; returns the run's final metrics and folder. ``owns_process``:
+    nothing runs in this process after the stage (``settle_owned_process``)."""
     if not isinstance(config, RLHFConfig):
         config = build_config(RLHFConfig, config)
     method = METHODS[config.method]
     check_method(config)
     checked = check_training(config)
+    if owns_process:
+        settle_owned_process(checked)
     if checked.strategy.train is not None:
         raise ConfigError(f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)")
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
@@ -204,6 +207,7 @@ def _run(
     from transformers import PrinterCallback
 
     from modelloop.chat import resolve_chat_format
+    from modelloop.models.cpu_linear import multiply_with_onednn
     from modelloop.models.loading import load_tokenizer
     from modelloop.training import MeasureFromFirstStep, ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
 
@@ -252,6 +256,9 @@ def _run(
         **extra,
     )
     trainer.remove_callback(PrinterCallback)
+    reference = getattr(trainer, "ref_model", None)  # TRL's own copy (full tuning): the policy's products, or a KL of rounding
+    if reference is not None and multiplies_with_onednn(config, checked.plan):
+        multiply_with_onednn(trainer.accelerator.unwrap_model(reference))
     checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
     started = time.perf_counter()
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -152,11 +153,14 @@ def run_to_resume(stage: str, resume: bool | str | Path, output_dir: Path | None
     return unfinished[-1], None
 
 
-def train(stage: Stage, config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Run a training stage; returns the run's final metrics and folder."""
+def train(stage: Stage, config: TrainConfig | Mapping[str, Any], *, owns_process: bool = False) -> dict[str, Any]:
+    """Run a training stage; returns the run's final metrics and folder. ``owns_process``:
+    nothing runs in this process after the stage (``settle_owned_process``)."""
     if not isinstance(config, TrainConfig):
         config = build_config(TrainConfig, config)
     checked = check_training(config)
+    if owns_process:
+        settle_owned_process(checked)
     return run_stage(stage, config, checked, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
 
 
@@ -191,6 +195,28 @@ def check_training(config: TrainConfig) -> Checked:
     if strategy.train is not None and (config.freeze or config.group_lr):
         raise ConfigError(f"the {strategy.name} strategy trains with its own optimizer: --freeze and per-group rates are not applied there")
     return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
+
+
+def settle_owned_process(checked: Checked) -> None:
+    """Before the heavy imports of a process that runs one stage (``modelloop.process``):
+    leave out the libraries it does not use, and keep freed memory for the next step."""
+    from modelloop.process import keep_freed_memory
+
+    leave_out_unused_libraries(checked)
+    keep_freed_memory()
+
+
+def leave_out_unused_libraries(checked: Checked) -> list[str]:
+    """Keep the libraries that transformers, accelerate and peft import only because they
+    are installed out of this process, unless the tuner, strategy or accelerators require
+    them (``modelloop.process``). Weights stored quantized keep them all: their loader may
+    need any. Called before any of those three is imported."""
+    from modelloop.process import EAGERLY_IMPORTED, leave_out
+
+    if getattr(checked.model_config, "quantization_config", None) is not None:
+        return []
+    needed = {module.split(".")[0] for spec in (checked.tuner, checked.strategy, *checked.accelerators) for module in spec.requires}
+    return leave_out(name for name in EAGERLY_IMPORTED if name not in needed)
 
 
 def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: bool | None = None) -> tuple[ParallelStrategy, ParallelPlan]:
@@ -295,6 +321,8 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
     """
     import torch
 
+    from modelloop.models.checkpointing import checkpoint_layers
+    from modelloop.models.cpu_linear import multiply_with_onednn
     from modelloop.models.loading import load_model
 
     tuner, options, plan = checked.tuner, checked.options, checked.plan
@@ -311,8 +339,10 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
                 torch.distributed.barrier()  # rollouts read base/ on every rank
     for accelerator in checked.accelerators:
         model = accelerator.apply(model, checked.family)
+    if multiplies_with_onednn(config, plan):
+        multiply_with_onednn(model)
     if config.gradient_checkpointing and not plan.activation_checkpointing:
-        _checkpoint_activations(model)
+        checkpoint_layers(model)
     torch.manual_seed(config.seed)
     model = tuner.prepare(model, options, checked.family)
     if config.freeze:
@@ -323,6 +353,17 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
     if checked.strategy.apply is not None:
         model = checked.strategy.apply(model, plan)
     return model
+
+
+def multiplies_with_onednn(config: TrainConfig, plan: ParallelPlan) -> bool:
+    """Whether the linear layers go to oneDNN (``modelloop.models.cpu_linear``): on a CPU,
+    unless asked not to, and with whole weights and gradients on every rank (a strategy
+    that splits them keeps torch's own layers)."""
+    import torch
+
+    from modelloop.models.cpu_linear import onednn_available
+
+    return config.cpu_matmul == "onednn" and not torch.cuda.is_available() and plan.shard == 0 and plan.mesh.get("tp", 1) == 1 and onednn_available()
 
 
 def record_module_groups(model: Any, config: TrainConfig, checked: Checked, run_dir: Path) -> None:
@@ -463,6 +504,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
 
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
+    from modelloop.models.cpu_linear import ROW_MULTIPLE
     from modelloop.models.loading import load_tokenizer
     from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, ReportCallback, TrainingData, latest_checkpoint
 
@@ -488,7 +530,8 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     rope_index = None
     if images is not None and config.packing and images.spec.rope_index is not None:
         rope_index = functools.partial(images.spec.rope_index, model)
-    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=checked.plan.mesh.get("cp", 1), images=images, rope_index=rope_index)
+    multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if multiplies_with_onednn(config, checked.plan) else 1)
+    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, images=images, rope_index=rope_index)
     sampler = registry_sampler(config, train_set)
     arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
@@ -578,20 +621,6 @@ def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], An
         betas=(0.9, config.adam_beta2),
         group_lr=config.group_lr,
     )
-
-
-def _checkpoint_activations(model: Any) -> None:
-    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
-
-    Reentrant checkpointing: on a CPU it makes a LoRA step about a tenth faster than the
-    non-reentrant kind (no saved-tensor hooks per operation), and its first pass runs under
-    ``no_grad``, which lets a tuner keep what it drew then (the LoRA plugin's dropout mask)
-    for the recompute. Enabled before the tuner prepares the model so that the tuner sees
-    it; the embeddings' output requires grad so that frozen-base layers still reach the
-    adapters.
-    """
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
 
 
 def _save_pretrained(model: Any, directory: Path) -> None:

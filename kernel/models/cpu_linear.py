@@ -1,0 +1,88 @@
+"""Linear layers multiplied by oneDNN on a CPU.
+
+torch multiplies fp32 matrices on a CPU with its BLAS, which in the x86 wheels is MKL, and
+MKL runs its AVX-512 code on Intel processors only. oneDNN ships in the same torch, picks
+its code by the processor's features, and on this project's AMD EPYC machines multiplies
+a small model's linear-layer shapes 2.2x as fast, in fp32 all the same
+(``bench/cpu_matmul.py``). It has no autograd formula in torch, so the layers here carry
+their own: the input's gradient is the same kind of product, and so is the weight's.
+
+oneDNN compiles code for each matrix shape it meets and keeps it, about 0.4 MiB a shape
+(measured). The output layer stays with torch: its rows are a batch's labelled positions,
+a different count every step. Batches of unpacked rows are padded to a multiple of
+``ROW_MULTIPLE`` tokens, so that a few row lengths come up instead of one per length: on
+the peer-baseline run that keeps 45 MiB of compiled code out of the peak, at no cost in
+speed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+#: unpacked rows are padded to a multiple of this many tokens where oneDNN multiplies.
+ROW_MULTIPLE = 8
+
+
+def onednn_available() -> bool:
+    import torch
+
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def multiply_with_onednn(model: Any) -> int:
+    """Make every fp32 ``torch.nn.Linear`` of ``model`` on the CPU but the output layer
+    multiply with oneDNN; returns how many. Subclasses (quantized layers) are left alone;
+    the weights, their names and the saved files do not change."""
+    import torch
+
+    onednn_linear = onednn_linear_class()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    count = 0
+    for module in model.modules():
+        if module is output:
+            continue
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+            module.__class__ = onednn_linear
+            count += 1
+    return count
+
+
+@functools.cache
+def onednn_linear_class() -> type:
+    """The layer class, built on first use so that importing this module imports no torch."""
+    import torch
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` by oneDNN (strided views are read as they are)."""
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    class LinearProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            ctx.save_for_backward(x if weight.requires_grad else None, weight)
+            ctx.has_bias = bias is not None
+            return product(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            x, weight = ctx.saved_tensors
+            grad_x = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = product(grad, weight.t())
+            rows = grad.reshape(-1, grad.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_weight = product(rows.t(), x.reshape(-1, x.shape[-1]).t())
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = rows.sum(0)
+            return grad_x, grad_weight, grad_bias
+
+    class OneDNNLinear(torch.nn.Linear):
+        """A ``torch.nn.Linear`` whose fp32 CPU products, forward and backward, run through oneDNN."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or type(self.weight.data) is not torch.Tensor:
+                return super().forward(x)  # anything else (a sharded DTensor weight too) as torch does it
+            return LinearProduct.apply(x, self.weight, self.bias)
+
+    return OneDNNLinear

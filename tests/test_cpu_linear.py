@@ -1,0 +1,77 @@
+"""Linear layers multiplied by oneDNN: torch's results and gradients, within fp32 rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modelloop.models.cpu_linear import multiply_with_onednn, onednn_available, onednn_linear_class
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("trained", [True, False])
+def test_products_and_gradients_match_torch(bias, trained):
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(48, 40, bias=bias)
+    reference.weight.requires_grad_(trained)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    layer.load_state_dict(reference.state_dict())
+    layer.weight.requires_grad_(trained)
+    multiply_with_onednn(torch.nn.Sequential(layer))
+    assert type(layer) is onednn_linear_class()
+    x = torch.randn(3, 48, 7).transpose(1, 2)  # rows read through a strided view
+    expected_x, got_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad = torch.randn(3, 7, 40)
+    expected = reference(expected_x)
+    got = layer(got_x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(got_x.grad, expected_x.grad, rtol=1e-5, atol=1e-5)
+    for name, parameter in reference.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(dict(layer.named_parameters())[name].grad, parameter.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_other_inputs_go_through_torch():
+    layer = torch.nn.Linear(8, 4)
+    multiply_with_onednn(torch.nn.Sequential(layer))
+    assert layer(torch.randn(0, 8)).shape == (0, 4)
+    layer.double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_a_model_keeps_its_weights_and_its_output_layer(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"), dtype=torch.float32)
+    keys = list(model.state_dict())
+    linears = sum(type(module) is torch.nn.Linear for module in model.modules())
+    assert multiply_with_onednn(model) == linears - 1
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # a different row count every batch
+    assert list(model.state_dict()) == keys
+
+
+def test_training_with_onednn_reaches_the_weights_of_blas(tiny_models, tmp_path):
+    """The same run with either kind of product: equal weights within rounding, and the
+    products are really different code (the last bits differ)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import modelloop
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]} for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    weights = {}
+    for matmul in ("blas", "onednn"):
+        out = tmp_path / matmul
+        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "tuner": "lora", "max_steps": 6, "batch_size": 4, "lr": 2e-3, "packing": False, "gradient_checkpointing": True, "cpu_matmul": matmul, "output_dir": str(out)})
+        weights[matmul] = load_file(out / "model" / "adapter_model.safetensors")
+    assert any(not torch.equal(weights["onednn"][name], tensor) for name, tensor in weights["blas"].items())
+    for name, tensor in weights["blas"].items():
+        torch.testing.assert_close(weights["onednn"][name], tensor, rtol=1e-3, atol=1e-4)  # Adam steps of 2e-3 each
