@@ -55,7 +55,9 @@ class TrainConfig(BaseModel):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     attn_impl: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
-    cpu_matmul: Literal["onednn", "blas"] = Field("onednn", description="on a CPU, fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS")
+    cpu_matmul: Literal["auto", "onednn", "blas"] = Field(
+        "auto", description="sft/pt on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes"
+    )
     template: str | None = None
     template_options: dict[str, Any] = Field(default_factory=dict)
     seed: int = 42

@@ -68,23 +68,24 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in KEPT.items())
 
 
-def end(code: int | str | None = 0) -> NoReturn:
+def end(code: object = 0) -> NoReturn:
     """Exit as ``sys.exit(code)`` would, without the interpreter's teardown.
 
-    What a normal exit does that matters is done here: other non-daemon threads are
-    joined, ``atexit`` handlers run (logging, multiprocessing, tracker uploads), and the
-    standard streams are flushed. Only the clearing of modules and objects is skipped.
+    What a normal exit does before its teardown is done here, in its order: threads are
+    shut down as the interpreter does it (pools told to stop, non-daemon threads joined),
+    ``atexit`` handlers run (logging, multiprocessing, tracker uploads), and the standard
+    streams are flushed. Only the clearing of modules and objects is skipped.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    if isinstance(code, str):  # sys.exit's convention: a message means failure
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit's convention: anything else is a message, and failure
         print(code, file=sys.stderr)
         code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx calls first
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # closed or broken pipe: nothing left to save
             pass
-    os._exit(int(code or 0))
+    os._exit(code)

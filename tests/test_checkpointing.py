@@ -27,7 +27,7 @@ def load(tiny_models, *, trained=("q_proj",)):
 
 def gradients(model, **inputs):
     model(**inputs).loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
 @pytest.fixture
@@ -81,3 +81,14 @@ def test_layers_with_nothing_to_train_run_once_and_stay_out_of_the_backward_pass
         layer.register_forward_pre_hook(lambda module, args: runs.append(module))
     got = gradients(model, **batch)
     assert set(got) == {"model.norm.weight"} and len(runs) == len(model.model.layers)
+
+
+def test_a_layer_whose_trained_parameters_take_no_part_still_runs_backward(tiny_models, batch):
+    """An adapter on an expert no token was routed to: the layer trains, and this batch does not reach it."""
+    model = load(tiny_models, trained=())
+    model.model.norm.weight.requires_grad_(True)
+    model.model.layers[0].unreached = torch.nn.Parameter(torch.zeros(1))
+    checkpoint_layers(model)
+    model.get_input_embeddings()._forward_hooks.clear()
+    got = gradients(model, **batch)
+    assert set(got) == {"model.norm.weight"}

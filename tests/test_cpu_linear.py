@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelloop.models.cpu_linear import multiply_with_onednn, onednn_available, onednn_linear_class
+from modelloop.models.cpu_linear import OneDNNLinear, multiply_with_onednn, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 
@@ -20,7 +20,7 @@ def test_products_and_gradients_match_torch(bias, trained):
     layer.load_state_dict(reference.state_dict())
     layer.weight.requires_grad_(trained)
     multiply_with_onednn(torch.nn.Sequential(layer))
-    assert type(layer) is onednn_linear_class()
+    assert type(layer) is OneDNNLinear
     x = torch.randn(3, 48, 7).transpose(1, 2)  # rows read through a strided view
     expected_x, got_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     grad = torch.randn(3, 7, 40)
@@ -42,6 +42,23 @@ def test_other_inputs_go_through_torch():
     layer.double()
     x = torch.randn(2, 8, dtype=torch.float64)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_torch_compile_traces_torch_s_own_product():
+    """Inductor's oneDNN lowering takes frozen weights only: a compiled graph keeps torch's op."""
+    layer = torch.nn.Linear(16, 8)
+    multiply_with_onednn(torch.nn.Sequential(layer))
+    x = torch.randn(4, 16)
+    compiled = torch.compile(layer)
+    torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_a_layer_pickles_with_its_class():
+    import pickle
+
+    layer = torch.nn.Linear(4, 2)
+    multiply_with_onednn(torch.nn.Sequential(layer))
+    assert type(pickle.loads(pickle.dumps(layer))) is OneDNNLinear
 
 
 def test_a_model_keeps_its_weights_and_its_output_layer(tiny_models):

@@ -49,6 +49,20 @@ def test_end_joins_threads_runs_exit_handlers_and_keeps_the_exit_code(subprocess
     assert completed.returncode == 1 and completed.stderr.strip() == "why it failed"
 
 
+def test_end_stops_idle_thread_pools_as_an_interpreter_exit_does(subprocess_env):
+    """A pool used once and never shut down (torch.compile leaves one): its workers wait
+    for the interpreter's shutdown signal, which end() gives."""
+    completed = run_python(
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from modelloop.process import end\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "print(pool.submit(sum, [1, 2]).result())\n"
+        "end(0)\n",
+        subprocess_env,
+    )
+    assert completed.returncode == 0 and completed.stdout.split() == ["3"]
+
+
 def checked_leave_out(monkeypatch, tiny_models, tmp_path, **config):
     """What the stage would leave out for ``config`` (recorded, not done)."""
     data = tmp_path / "data.jsonl"
@@ -61,6 +75,7 @@ def test_only_libraries_the_run_does_not_need_are_left_out(monkeypatch, tiny_mod
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="lora") == ["bitsandbytes", "deepspeed"]
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="qlora") == ["deepspeed"]
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="lora", strategy="deepspeed") == ["bitsandbytes"]
+    assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="galore") == ["deepspeed"]
 
 
 def test_weights_stored_quantized_keep_every_library(monkeypatch, tiny_models, tmp_path):
@@ -73,13 +88,14 @@ def test_weights_stored_quantized_keep_every_library(monkeypatch, tiny_models, t
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, model=str(model), tuner="lora") == []
 
 
-@pytest.mark.parametrize("command", ["sft", "pt"])
-def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(command, tiny_models, tmp_path, subprocess_env):
+@pytest.mark.parametrize("command, tuner, left_out", [("sft", "lora", True), ("pt", "lora", True), ("sft", "galore", False)])
+def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(command, tuner, left_out, tiny_models, tmp_path, subprocess_env):
+    """galore_torch imports bitsandbytes: the galore tuner requires it, and keeps it."""
     data = tmp_path / "data.jsonl"
     row = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]} if command == "sft" else {"text": "two and two make four"}
     data.write_text(json.dumps(row) * 1 + "\n")
     out = tmp_path / "run"
-    argv = [command, "--model", str(tiny_models("qwen2")), "--data", str(data), "--tuner", "lora", "--max-steps", "2", "--batch-size", "1", "--output-dir", str(out)]
+    argv = [command, "--model", str(tiny_models("qwen2")), "--data", str(data), "--tuner", tuner, "--max-steps", "2", "--batch-size", "1", "--output-dir", str(out)]
     completed = run_python(
         "import atexit, sys\n"
         "atexit.register(lambda: print(sorted(m for m in ('bitsandbytes', 'deepspeed') if sys.modules.get(m) is not None)))\n"
@@ -89,10 +105,10 @@ def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(co
         subprocess_env,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.strip().splitlines()[-1] == "[]"
+    assert completed.stdout.strip().splitlines()[-1] == ("[]" if left_out else "['bitsandbytes']")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert {"adapter_model.safetensors", "tokenizer.json"} <= set(manifest["files"])
+    assert {"adapter_model.safetensors" if tuner == "lora" else "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
 
 

@@ -12,7 +12,9 @@ that output, which nothing reads: the first layer's input-side matrix products, 
 step. Here the layer's own trainable parameters decide instead. A layer whose input is a
 leaf (a tensor no trained parameter produced) is fed a detached copy plus a stand-in that
 requires grad when it has something to train, and runs without a checkpoint when it has
-nothing to train (nothing would flow back into it).
+nothing to train (nothing would flow back into it). A leaf that requires grad is taken for
+the embeddings' output: a caller's own ``inputs_embeds`` that wants a gradient gets none
+under this checkpointing (no modelloop tuner asks for one).
 """
 
 from __future__ import annotations
@@ -44,12 +46,26 @@ def _checkpoint_layer(layer: Any, forward: Any, *args: Any) -> Any:
 
 @functools.cache
 def _stand_in() -> Any:
-    """A scalar that requires grad, so that the checkpoint joins the backward pass; it is
-    never used, and so never receives a gradient."""
+    """A scalar that requires grad, so that the checkpoint joins the backward pass; nothing
+    reads its gradient (none, or zero when an output was tied to it)."""
     import torch
 
     return torch.ones((), requires_grad=True)
 
 
 def _without_stand_in(forward: Any) -> Any:
-    return lambda stand_in, *args: forward(*args)
+    """``forward`` without the stand-in. When none of the layer's trained parameters took
+    part (an adapter on an expert no token was routed to), the output is tied to the
+    stand-in, so that the recompute still has something to differentiate."""
+
+    def run(stand_in: Any, *args: Any) -> Any:
+        import torch
+
+        output = forward(*args)
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad or not torch.is_grad_enabled():
+            return output
+        tied = hidden + 0 * stand_in
+        return (tied, *output[1:]) if isinstance(output, tuple) else tied
+
+    return run

@@ -12,21 +12,26 @@ oneDNN compiles code for each matrix shape it meets and keeps it, about 0.4 MiB 
 a different count every step. Batches of unpacked rows are padded to a multiple of
 ``ROW_MULTIPLE`` tokens, so that a few row lengths come up instead of one per length: on
 the peer-baseline run that keeps 45 MiB of compiled code out of the peak, at no cost in
-speed.
+speed. Rows of many lengths still meet many shapes, and the heap fragments around the
+compiled code: a review measured 1.9 GiB more for 128 row counts of Qwen2.5-0.5B's layers
+(0.1 GiB with BLAS). So ``cpu_matmul: auto`` takes oneDNN for packed rows (all of one
+length) and for unpacked ones up to ``AUTO_UNPACKED_LENGTH`` tokens only.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+import torch  # this module is imported only where a model is trained
 
 #: unpacked rows are padded to a multiple of this many tokens where oneDNN multiplies.
 ROW_MULTIPLE = 8
+#: ``cpu_matmul: auto`` picks oneDNN for unpacked rows up to this long (64 row widths at
+#: most); longer ones come in too many shapes, and BLAS is used.
+AUTO_UNPACKED_LENGTH = 512
 
 
 def onednn_available() -> bool:
-    import torch
-
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -34,55 +39,62 @@ def multiply_with_onednn(model: Any) -> int:
     """Make every fp32 ``torch.nn.Linear`` of ``model`` on the CPU but the output layer
     multiply with oneDNN; returns how many. Subclasses (quantized layers) are left alone;
     the weights, their names and the saved files do not change."""
-    import torch
-
-    onednn_linear = onednn_linear_class()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
     for module in model.modules():
         if module is output:
             continue
         if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
-            module.__class__ = onednn_linear
+            module.__class__ = OneDNNLinear
             count += 1
     return count
 
 
-@functools.cache
-def onednn_linear_class() -> type:
-    """The layer class, built on first use so that importing this module imports no torch."""
-    import torch
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN (strided views are read as they are)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
-    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ weight.T + bias`` by oneDNN (strided views are read as they are)."""
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
-    class LinearProduct(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            ctx.save_for_backward(x if weight.requires_grad else None, weight)
-            ctx.has_bias = bias is not None
-            return product(x, weight, bias)
+class LinearProduct(torch.autograd.Function):
+    """A linear layer's product with its own backward pass: oneDNN's op has none in torch."""
 
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            x, weight = ctx.saved_tensors
-            grad_x = grad_weight = grad_bias = None
-            if ctx.needs_input_grad[0]:
-                grad_x = product(grad, weight.t())
-            rows = grad.reshape(-1, grad.shape[-1])
-            if ctx.needs_input_grad[1]:
-                grad_weight = product(rows.t(), x.reshape(-1, x.shape[-1]).t())
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = rows.sum(0)
-            return grad_x, grad_weight, grad_bias
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.has_bias = bias is not None
+        return product(x, weight, bias)
 
-    class OneDNNLinear(torch.nn.Linear):
-        """A ``torch.nn.Linear`` whose fp32 CPU products, forward and backward, run through oneDNN."""
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = product(grad, weight.t())
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = product(rows.t(), x.reshape(-1, x.shape[-1]).t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or type(self.weight.data) is not torch.Tensor:
-                return super().forward(x)  # anything else (a sharded DTensor weight too) as torch does it
-            return LinearProduct.apply(x, self.weight, self.bias)
 
-    return OneDNNLinear
+class OneDNNLinear(torch.nn.Linear):
+    """A ``torch.nn.Linear`` whose fp32 CPU products, forward and backward, run through oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._multiplies(x):
+            return super().forward(x)
+        return LinearProduct.apply(x, self.weight, self.bias)
+
+    def _multiplies(self, x: torch.Tensor) -> bool:
+        """Anything else goes as torch does it: other dtypes and devices, empty inputs,
+        sharded (DTensor) weights, CPU autocast (which would cast to bf16), and graphs
+        torch.compile traces (its oneDNN lowering takes frozen weights only)."""
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and x.numel() > 0
+            and type(self.weight.data) is torch.Tensor
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        )

@@ -23,7 +23,7 @@ from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, multiplies_with_onednn, record_module_groups, run_stage, settle_owned_process, trainer_arguments, tuner_optimizer
+from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, record_module_groups, run_stage, settle_owned_process, trainer_arguments, tuner_optimizer
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,6 @@ def _run(
     from transformers import PrinterCallback
 
     from modelloop.chat import resolve_chat_format
-    from modelloop.models.cpu_linear import multiply_with_onednn
     from modelloop.models.loading import load_tokenizer
     from modelloop.training import MeasureFromFirstStep, ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
 
@@ -256,9 +255,6 @@ def _run(
         **extra,
     )
     trainer.remove_callback(PrinterCallback)
-    reference = getattr(trainer, "ref_model", None)  # TRL's own copy (full tuning): the policy's products, or a KL of rounding
-    if reference is not None and multiplies_with_onednn(config, checked.plan):
-        multiply_with_onednn(trainer.accelerator.unwrap_model(reference))
     checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
     started = time.perf_counter()
     try:

@@ -312,8 +312,9 @@ def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[
         return context.result
 
 
-def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
-    """The model loaded, accelerated and prepared by the tuner, ready to train.
+def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, onednn: bool = False) -> Any:
+    """The model loaded, accelerated and prepared by the tuner, ready to train; ``onednn``:
+    its linear layers multiply with oneDNN (``multiplies_with_onednn``).
 
     An adapter run as the starting point is folded into its base first. When the new
     tuner trains an adapter too, that merged base is saved in the run (``base/``) and is
@@ -339,7 +340,7 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
                 torch.distributed.barrier()  # rollouts read base/ on every rank
     for accelerator in checked.accelerators:
         model = accelerator.apply(model, checked.family)
-    if multiplies_with_onednn(config, plan):
+    if onednn:
         multiply_with_onednn(model)
     if config.gradient_checkpointing and not plan.activation_checkpointing:
         checkpoint_layers(model)
@@ -356,14 +357,18 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path) -> Any:
 
 
 def multiplies_with_onednn(config: TrainConfig, plan: ParallelPlan) -> bool:
-    """Whether the linear layers go to oneDNN (``modelloop.models.cpu_linear``): on a CPU,
-    unless asked not to, and with whole weights and gradients on every rank (a strategy
-    that splits them keeps torch's own layers)."""
+    """Whether sft and pt multiply the linear layers with oneDNN (``modelloop.models.cpu_linear``):
+    on a CPU, as asked (``auto``: where batches come in few shapes), and with whole weights
+    and gradients on every rank (a strategy that splits them keeps torch's own layers). Not
+    rlhf: TRL's collators pad each batch to its own length, and oneDNN keeps compiled code
+    for every shape it meets."""
     import torch
 
-    from modelloop.models.cpu_linear import onednn_available
+    from modelloop.models.cpu_linear import AUTO_UNPACKED_LENGTH, onednn_available
 
-    return config.cpu_matmul == "onednn" and not torch.cuda.is_available() and plan.shard == 0 and plan.mesh.get("tp", 1) == 1 and onednn_available()
+    if config.cpu_matmul == "blas" or (config.cpu_matmul == "auto" and not config.packing and config.max_length > AUTO_UNPACKED_LENGTH):
+        return False
+    return not torch.cuda.is_available() and plan.shard == 0 and plan.mesh.get("tp", 1) == 1 and onednn_available()
 
 
 def record_module_groups(model: Any, config: TrainConfig, checked: Checked, run_dir: Path) -> None:
@@ -521,7 +526,8 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     memory = PeakMemory()
     if checked.strategy.train is not None:
         return _run_strategy_loop(stage, config, checked, run_dir, context, tokenizer, chat, data, memory)
-    model = load_trainable(config, checked, run_dir)
+    onednn = multiplies_with_onednn(config, checked.plan)
+    model = load_trainable(config, checked, run_dir, onednn=onednn)
     record_module_groups(model, config, checked, run_dir)
     train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
@@ -530,7 +536,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     rope_index = None
     if images is not None and config.packing and images.spec.rope_index is not None:
         rope_index = functools.partial(images.spec.rope_index, model)
-    multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if multiplies_with_onednn(config, checked.plan) else 1)
+    multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if onednn else 1)
     collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, images=images, rope_index=rope_index)
     sampler = registry_sampler(config, train_set)
     arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))

@@ -60,7 +60,7 @@ GALORE = Tuner(
     check=check,
     parameter_groups=parameter_groups,
     optimizer=optimizer,
-    requires=("galore_torch",),
+    requires=("galore_torch", "bitsandbytes"),  # galore_torch imports its 8-bit AdamW from bitsandbytes
 )
 
 
