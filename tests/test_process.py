@@ -68,7 +68,8 @@ def checked_leave_out(monkeypatch, tiny_models, tmp_path, **config):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}) + "\n")
     monkeypatch.setattr(modelloop.process, "leave_out", lambda names: list(names))
-    return leave_out_unused_libraries(check_training(build_config(TrainConfig, {"model": str(tiny_models("qwen2")), "data": [str(data)], **config})))
+    config = build_config(TrainConfig, {"model": str(tiny_models("qwen2")), "data": [str(data)], **config})
+    return leave_out_unused_libraries(config, check_training(config))
 
 
 def test_only_libraries_the_run_does_not_need_are_left_out(monkeypatch, tiny_models, tmp_path):
@@ -86,6 +87,10 @@ def test_weights_stored_quantized_keep_every_library(monkeypatch, tiny_models, t
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, model=str(model), tuner="lora") == []
+
+
+def test_a_model_s_own_code_keeps_every_library(monkeypatch, tiny_models, tmp_path):
+    assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="lora", trust_remote_code=True) == []
 
 
 @pytest.mark.parametrize("command, tuner, left_out", [("sft", "lora", True), ("pt", "lora", True), ("sft", "galore", False)])

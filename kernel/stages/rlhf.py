@@ -67,7 +67,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
     check_method(config)
     checked = check_training(config)
     if owns_process:
-        settle_owned_process(checked)
+        settle_owned_process(config, checked)
     if checked.strategy.train is not None:
         raise ConfigError(f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)")
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading

@@ -160,7 +160,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any], *, owns_process
         config = build_config(TrainConfig, config)
     checked = check_training(config)
     if owns_process:
-        settle_owned_process(checked)
+        settle_owned_process(config, checked)
     return run_stage(stage, config, checked, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
 
 
@@ -197,23 +197,24 @@ def check_training(config: TrainConfig) -> Checked:
     return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
 
 
-def settle_owned_process(checked: Checked) -> None:
+def settle_owned_process(config: TrainConfig, checked: Checked) -> None:
     """Before the heavy imports of a process that runs one stage (``modelloop.process``):
     leave out the libraries it does not use, and keep freed memory for the next step."""
     from modelloop.process import keep_freed_memory
 
-    leave_out_unused_libraries(checked)
+    leave_out_unused_libraries(config, checked)
     keep_freed_memory()
 
 
-def leave_out_unused_libraries(checked: Checked) -> list[str]:
+def leave_out_unused_libraries(config: TrainConfig, checked: Checked) -> list[str]:
     """Keep the libraries that transformers, accelerate and peft import only because they
     are installed out of this process, unless the tuner, strategy or accelerators require
-    them (``modelloop.process``). Weights stored quantized keep them all: their loader may
-    need any. Called before any of those three is imported."""
+    them (``modelloop.process``). Weights stored quantized keep them all (their loader may
+    need any), and so does a model's own code (``trust_remote_code``: it may import any).
+    Called before any of those three is imported."""
     from modelloop.process import EAGERLY_IMPORTED, leave_out
 
-    if getattr(checked.model_config, "quantization_config", None) is not None:
+    if config.trust_remote_code or getattr(checked.model_config, "quantization_config", None) is not None:
         return []
     needed = {module.split(".")[0] for spec in (checked.tuner, checked.strategy, *checked.accelerators) for module in spec.requires}
     return leave_out(name for name in EAGERLY_IMPORTED if name not in needed)
