@@ -5,7 +5,8 @@ model (hidden 256, intermediate 688, 4 layers, 4 heads, 2 KV heads, ~1.6k BPE vo
 2000 generated chat examples (~85k tokens), LoRA rank 8 / alpha 32 / dropout 0.05 on all
 linear layers but lm_head, max length 128, batch 8, lr 1e-3 cosine, weight decay 0.1,
 adam beta2 0.95, fp32, one epoch, seed 42. Each variant runs in its own process under
-``/usr/bin/time -v`` (wall seconds, peak RSS) after the CPUs go idle:
+``/usr/bin/time -v`` (wall seconds, peak RSS) after the CPUs go idle, and the peak of its
+process tree's anonymous memory is sampled beside it (``timed``):
 
   swift            ms-swift 4.6, its defaults (gradient checkpointing on, no packing)
   same settings    modelloop, gradient checkpointing on, packing off
@@ -50,13 +51,50 @@ def wait_for_idle_cpus(limit: float = 120.0) -> None:
             return
 
 
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    members, frontier = {root}, {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - members
+        members |= frontier
+    return members
+
+
+def anonymous_kib(pids: set[int]) -> int:
+    """The processes' resident anonymous memory (``RssAnon``), in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
 def timed(command: list[str], env: dict[str, str], log: Path, out: Path) -> dict[str, float]:
+    """Wall seconds and peak RSS (``/usr/bin/time``), the trainer's own runtime, and the peak
+    of the process tree's anonymous memory (sampled every 50 ms): unlike RSS, which also
+    counts the mapped pages of the libraries' files and so grows with how much of them the
+    page cache holds (more right after an install), it is what the run itself allocates."""
     wait_for_idle_cpus()
+    peak_anonymous, samples = 0, 0
     with log.open("w") as output:
-        completed = subprocess.run(["/usr/bin/time", "-v", *command], env=env, stdout=output, stderr=subprocess.STDOUT)
+        running = subprocess.Popen(["/usr/bin/time", "-v", *command], env=env, stdout=output, stderr=subprocess.STDOUT)
+        while running.poll() is None:
+            if samples % 20 == 0:  # the tree is walked once a second, the memory read every 50 ms
+                members = process_tree(running.pid)
+            peak_anonymous = max(peak_anonymous, anonymous_kib(members))
+            samples += 1
+            time.sleep(0.05)
     text = log.read_text()
-    if completed.returncode != 0:
-        raise SystemExit(f"failed ({completed.returncode}): {' '.join(command)}\n{text[-3000:]}")
+    if running.returncode != 0:
+        raise SystemExit(f"failed ({running.returncode}): {' '.join(command)}\n{text[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", text)
     hours, minutes, seconds = (float(g) if g else 0.0 for g in wall.groups())
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
@@ -64,7 +102,7 @@ def timed(command: list[str], env: dict[str, str], log: Path, out: Path) -> dict
         runtime = json.loads((out / "manifest.json").read_text())["metrics"]["train_runtime"]
     else:  # ms-swift prints its trainer's final metrics
         runtime = float(re.findall(r"""['"]train_runtime['"]:\s*'?([\d.]+)""", text)[-1])
-    return {"wall": hours * 3600 + minutes * 60 + seconds, "rss": rss / 1024, "runtime": runtime}
+    return {"wall": hours * 3600 + minutes * 60 + seconds, "rss": rss / 1024, "anonymous": peak_anonymous / 1024, "runtime": runtime}
 
 
 def prepare(work: Path, shared: Path) -> tuple[Path, Path]:
@@ -126,16 +164,21 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             measured = timed(command(out), env, work / "bench-out" / f"{out.name}.log", out)
             results.setdefault(label, []).append(measured)
-            print(f"[{repeat + 1}/{arguments.repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, {measured['rss']:.0f} MiB", flush=True)
+            print(
+                f"[{repeat + 1}/{arguments.repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, "
+                f"{measured['rss']:.0f} MiB peak RSS, {measured['anonymous']:.0f} MiB peak anonymous",
+                flush=True,
+            )
 
     baseline = statistics.median(r["wall"] for r in next(iter(results.values()))) if "ms-swift" in next(iter(results)) else None
-    print(f"\n{'variant':48} {'wall s (median)':>15} {'train s':>8} {'tokens/s':>9} {'peak MiB':>9} {'vs swift':>9}")
+    print(f"\n{'variant':48} {'wall s (median)':>15} {'train s':>8} {'tokens/s':>9} {'peak MiB':>9} {'anon MiB':>9} {'vs swift':>9}")
     for label, runs in results.items():
         wall = statistics.median(r["wall"] for r in runs)
         runtime = statistics.median(r["runtime"] for r in runs)
         rss = statistics.median(r["rss"] for r in runs)
+        anonymous = statistics.median(r["anonymous"] for r in runs)
         ratio = f"{baseline / wall:.2f}x" if baseline else "-"
-        print(f"{label:48} {wall:15.1f} {runtime:8.1f} {TOKENS_IN_EPOCH / runtime:9.0f} {rss:9.0f} {ratio:>9}")
+        print(f"{label:48} {wall:15.1f} {runtime:8.1f} {TOKENS_IN_EPOCH / runtime:9.0f} {rss:9.0f} {anonymous:9.0f} {ratio:>9}")
     (work / "bench-out" / "results.json").write_text(json.dumps(results, indent=2))
 
 

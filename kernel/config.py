@@ -51,9 +51,13 @@ class TrainConfig(BaseModel):
     sampler_options: dict[str, Any] = Field(default_factory=dict, description="the sampler's options (image_share of modality_balanced)")
     truncation: Literal["truncate", "drop", "error"] = "truncate"
     skip_bad_records: bool = False
-    gradient_checkpointing: bool = False
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    attn_impl: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass; unset: on a GPU when the memory plan needs it, else off")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision on a GPU (fp16 where it has no bf16), as saved on a CPU; bf16/fp16: mixed precision (trainable weights fp32)"
+    )
+    attn_impl: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto", description="auto: flash attention if installed, else flex attention for packed rows, on a GPU; sdpa on a CPU"
+    )
     accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
     cpu_matmul: Literal["auto", "onednn", "blas"] = Field(
         "auto", description="sft/pt on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes"

@@ -323,12 +323,17 @@ class Accelerator(Spec):
     :param model_types: the ``config.model_type`` values it supports.
     :param requires: import names it needs, checked before anything loads.
     :param needs_cuda: refuse to run, with a clear message, on a machine without a GPU.
+    :param linear_cross_entropy: a fused output projection and cross-entropy,
+        ``(hidden (rows, hidden size), weight (vocabulary, hidden size), bias or None,
+        labels (rows)) -> the summed loss`` (differentiable), used by sft and pt in place
+        of the built-in chunked one (``modelloop.models.output_loss``); None if it has none.
     """
 
     apply: Callable[..., Any]
     model_types: tuple[str, ...]
     requires: tuple[str, ...] = ()
     needs_cuda: bool = False
+    linear_cross_entropy: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

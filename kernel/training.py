@@ -6,7 +6,9 @@ resume (optimizer, scheduler, RNG, data position) and the report_to integrations
 - datasets and collators over modelloop's tokenised data, packed or padded;
 - the registry's samplers as a seeded, epoch-aware torch sampler;
 - the optimizer from the tuner's parameter groups (per-group learning rates kept);
-- logits computed only where a label is (on chat data, a tenth of the positions);
+- the loss computed by the output layer a chunk of labelled positions at a time, never
+  holding the full logits (``modelloop.models.output_loss``); where it cannot be,
+  logits computed only where a label is (on chat data, a tenth of the positions);
 - checkpoints written to a staging folder and renamed into place, so a killed run
   never leaves a half-written checkpoint for ``--resume`` to pick up (TRL's trainers
   get the same through ``with_atomic_checkpoints``);
@@ -33,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from modelloop.data.images import ImageTokens
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
 from modelloop.data.tokenize import IGNORE, TokenizedData
+from modelloop.models.output_loss import OutputLayerLoss
 from modelloop.specs import Sampler, Tuner
 
 STAGING = ".partial"
@@ -309,11 +312,17 @@ def modelloop_trainer_class(trainer_class: type) -> type:
 
 
 class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
-    """Trainer with registry samplers, the tuner's optimizer and atomically appearing checkpoints."""
+    """Trainer with registry samplers, the tuner's optimizer, atomically appearing
+    checkpoints, and the loss computed in the output layer (``output_loss``, see
+    ``modelloop.models.output_loss``) or, without one, from the logits at labelled
+    positions only."""
 
-    def __init__(self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, output_loss: OutputLayerLoss | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._train_sampler = train_sampler
+        self.output_loss = output_loss
         self._logits_at_labels_only = slices_logits_by_mask(self.model)
         self._parameter_count: int | None = None
 
@@ -328,10 +337,31 @@ class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
         return 6 * inputs[main_input].numel() * self._parameter_count
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-        """The model's own loss, with the vocabulary projection skipped where no label is."""
-        if self._logits_at_labels_only and not return_outputs and "labels" in inputs and "shift_labels" not in inputs:
-            inputs = logits_at_labels(inputs)
+        """The loss from the output layer, without the full logits; else the model's own,
+        with the vocabulary projection skipped where no label is."""
+        if "labels" in inputs and "shift_labels" not in inputs:
+            if self.output_loss is not None and (not return_outputs or self.args.prediction_loss_only):
+                return self._loss_in_output_layer(model, inputs, return_outputs, num_items_in_batch)
+            if self._logits_at_labels_only and not return_outputs:
+                inputs = logits_at_labels(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _loss_in_output_layer(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+        """The same loss the model would return, and the same scaling as the Trainer gives
+        it (per labelled token of the accumulated batch, across processes), but computed
+        by the output layer."""
+        assert self.output_loss is not None
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        divisor = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        with self.output_loss.computing(shifted_labels(labels), divisor):
+            outputs = model(**inputs)
+        loss = outputs.logits
+        if getattr(outputs, "aux_loss", None) is not None:  # a mixture of experts' router balancing
+            loss = loss + self.model.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # the gradients are averaged over the processes
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """Evaluate without counting evaluation batches as training tokens."""
@@ -355,17 +385,24 @@ def logits_at_labels(inputs: Mapping[str, Any]) -> dict[str, Any]:
     transformers takes a boolean ``logits_to_keep`` mask and ``shift_labels`` already
     shifted; the loss is the same as over every position, where ignored labels add nothing.
     """
-    shifted = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE)
+    shifted = shifted_labels(inputs["labels"])
     keep = shifted != IGNORE
     return {**inputs, "logits_to_keep": keep, "shift_labels": shifted[keep]}
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: the next one (the last position predicts none)."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
 def slices_logits_by_mask(model: torch.nn.Module) -> bool:
-    """Whether the model is one of transformers' own, taking ``logits_to_keep`` (which
-    there also accepts a boolean mask); remote-code models may only take an int."""
+    """Whether the model's forward is one of transformers' own, taking ``logits_to_keep``
+    (which there also accepts a boolean mask). Remote-code models may take only an int,
+    and so may a forward an accelerator put on the instance (Liger's slices the hidden
+    states with it, and a mask there raises IndexError)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    forward = type(base).forward
-    return type(base).__module__.startswith("transformers.models.") and "logits_to_keep" in inspect.signature(forward).parameters
+    forward = getattr(base.forward, "__func__", base.forward)
+    return forward.__module__.startswith("transformers.models.") and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -398,6 +435,7 @@ class ReportCallback(TrainerCallback):
         self.task: Any = None
         self.started = 0.0
         self.tokens_at_start = 0
+        self.last_log = (0.0, 0)  # when the last training log was written, and the tokens by then
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -413,6 +451,7 @@ class ReportCallback(TrainerCallback):
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
         self.started = time.perf_counter()
         self.tokens_at_start = self.tokens() if self.tokens else 0
+        self.last_log = (self.started, self.tokens_at_start)
 
     def _forget_after(self, step: int) -> None:
         """Drop what an earlier attempt logged after ``step`` (where a resumed run starts
@@ -435,6 +474,11 @@ class ReportCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         numbers = {key: float(value) for key, value in logs.items() if isinstance(value, (int, float))}
+        if self.tokens is not None and "loss" in numbers:  # the speed since the last training log
+            now, tokens = time.perf_counter(), self.tokens()
+            if now > self.last_log[0]:
+                numbers["tokens_per_second"] = (tokens - self.last_log[1]) / (now - self.last_log[0])
+            self.last_log = (now, tokens)
         with self.metrics_path.open("a") as out:
             out.write(json.dumps({"step": state.global_step, **numbers}) + "\n")
         if self.progress is not None and "loss" in numbers:
@@ -453,9 +497,16 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
 
 
 def plot_metrics(metrics_path: Path, out: Path, series: Mapping[str, str], *, ylabel: str) -> None:
-    """A line per metric of ``series`` (metric -> label) found in ``metrics.jsonl``, against step."""
-    import matplotlib
+    """A line per metric of ``series`` (metric -> label) found in ``metrics.jsonl``, against
+    step. Without matplotlib (a trimmed environment, such as a GPU image) the run still
+    completes, with a warning: the numbers are all in ``metrics.jsonl``."""
+    try:
+        import matplotlib
+    except ImportError:
+        from modelloop.log import warn_once
 
+        warn_once(f"{out.name} not drawn: matplotlib is not installed (the figures are in {metrics_path.name})")
+        return
     matplotlib.use("Agg")
     from matplotlib import pyplot
 

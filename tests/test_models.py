@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -148,3 +149,35 @@ def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch
     (tmp_path / "runs").mkdir()
     with pytest.raises(ModelLoadError, match="runs/tiny-qwen: no such model folder"):
         load_model("runs/tiny-qwen")
+
+
+def test_attention_auto_takes_the_fastest_kernel_installed_for_the_device(tiny_models, monkeypatch):
+    from modelloop.models import loading
+    from modelloop.models.loading import choose_attention, read_config, resolve_family
+
+    text, vision = read_config(tiny_models("qwen2")), read_config(tiny_models("qwen2_vl"))
+    family, vision_family = resolve_family("qwen2"), resolve_family("qwen2_vl")
+    hopper = (9, 0)
+    assert choose_attention("auto", text, family, gpu=None, packing=True) == "sdpa"  # a CPU
+    if importlib.util.find_spec("flash_attn") is None:
+        assert choose_attention("auto", text, family, gpu=hopper, packing=True) == "flex_attention"  # packed rows, no quadratic mask
+        assert choose_attention("auto", text, family, gpu=hopper, packing=False) == "sdpa"
+        assert choose_attention("auto", vision, vision_family, gpu=hopper, packing=True) == "sdpa"  # Qwen2-VL has no flex attention
+        assert choose_attention("auto", text, family, gpu=hopper, packing=True, half=False) == "sdpa"  # fp32: no flex kernel compiled
+    installed = {"flash_attn_interface", "flash_attn"}
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert choose_attention("auto", text, family, gpu=hopper, packing=True) == "flash_attention_3"
+    assert choose_attention("auto", text, family, gpu=(8, 0), packing=False) == "flash_attention_2"
+
+
+def test_attention_asked_for_is_checked_before_loading(tiny_models):
+    from modelloop.models.loading import choose_attention, read_config, resolve_family
+
+    text, vision = read_config(tiny_models("qwen2")), read_config(tiny_models("qwen2_vl"))
+    with pytest.raises(ModelLoadError, match="flex_attention trains on CUDA GPUs only"):
+        choose_attention("flex_attention", text, resolve_family("qwen2"), gpu=None, packing=True)
+    with pytest.raises(ModelLoadError, match="qwen2_vl models do not support attn_impl flex_attention"):
+        choose_attention("flex_attention", vision, resolve_family("qwen2_vl"), gpu=(9, 0), packing=True)
+    with pytest.raises(ModelLoadError, match="flex_attention computes in bf16 or fp16, and this run computes in fp32"):
+        choose_attention("flex_attention", text, resolve_family("qwen2"), gpu=(9, 0), packing=True, half=False)
+    assert choose_attention("eager", text, resolve_family("qwen2"), gpu=None, packing=False) == "eager"

@@ -143,3 +143,75 @@ def test_logits_only_at_labels_give_the_same_loss_and_gradients(packed, tmp_path
     loss, grad = loss_and_grad(trimmed)
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
+def owns_its_memory(tensor: torch.Tensor) -> bool:
+    """No two elements share storage: what ``pin_memory`` (and any in-place write) needs."""
+    return tensor.is_contiguous() and all(stride > 0 for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_collated_batches_own_their_memory_and_survive_pinning(packing):
+    """A GPU trainer pins every batch; an expanded row of positions (one storage for all
+    rows) made the first unpacked batch fail there."""
+    from modelloop.training import Collator
+
+    examples = [([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]), ([5, 6, 7], [IGNORE, 6, 7]), ([4] * 11, [IGNORE] * 5 + [4] * 6)]
+    items = pack([ids for ids, _ in examples], [labels for _, labels in examples], max_length=16) if packing else examples
+    batch = Collator(pad_token_id=0, packing=packing, multiple=8)(items)
+    tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+    assert {"input_ids", "labels", "position_ids"} <= set(tensors)
+    for key, tensor in tensors.items():
+        assert owns_its_memory(tensor), f"{key} shares memory between its elements (strides {tensor.stride()})"
+    if torch.cuda.is_available():
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor.pin_memory(), tensor)
+
+
+def chat_tokens(tmp_path, tokenizer, family):
+    rows = [
+        {"messages": [{"role": "user", "content": f"Spell {word}"}, {"role": "assistant", "content": " ".join(word)}]}
+        for word in ["abc", "river", "tiger", "xy", "banana", "q", "violet"]
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return prepare_data([tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, family), max_length=96, use_cache=False)
+
+
+def test_flex_attention_keeps_packed_examples_apart_without_a_mask(tmp_path, tiny_models):
+    """Packed rows under flex attention (a block mask from the position ids, no quadratic
+    mask): the loss of the examples side by side equals their loss one by one. Forward
+    only: torch's flex attention has no backward pass on a CPU (the GPU test trains)."""
+    from modelloop.data.packing import collate_padded
+
+    sdpa = load_model(tiny_models("qwen2"), dtype="fp32").model.eval()
+    flex = load_model(tiny_models("qwen2"), dtype="fp32", attn_implementation="flex_attention").model.eval()
+    tokenizer = load_model(tiny_models("qwen2")).tokenizer
+    data = chat_tokens(tmp_path, tokenizer, load_model(tiny_models("qwen2")).family)
+    packed = collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(data.input_ids)
+    with torch.no_grad():
+        alone = sdpa(**collate_padded(data.input_ids, data.labels, tokenizer.pad_token_id)).loss
+        together = flex(**packed).loss
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's flex attention trains on CUDA GPUs only")
+def test_flex_attention_trains_packed_rows_as_sdpa_trains_them_alone(tmp_path, tiny_models):
+    """Under bf16 autocast, as training runs on a GPU (flex attention compiled no fp32
+    kernel on the H200): the same loss and nearly the same gradient, packed or alone."""
+    from modelloop.data.packing import collate_padded
+
+    def loss_and_grad(implementation, batch):
+        model = load_model(tiny_models("qwen2"), dtype="fp32", attn_implementation=implementation, device_map="cuda").model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**{key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}).loss
+        loss.backward()
+        return loss.detach().float(), model.model.embed_tokens.weight.grad.flatten()
+
+    tokenizer = load_model(tiny_models("qwen2")).tokenizer
+    data = chat_tokens(tmp_path, tokenizer, load_model(tiny_models("qwen2")).family)
+    alone = loss_and_grad("sdpa", collate_padded(data.input_ids, data.labels, tokenizer.pad_token_id))
+    together = loss_and_grad("flex_attention", collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id))
+    torch.testing.assert_close(together[0], alone[0], rtol=2e-2, atol=2e-2)
+    assert torch.nn.functional.cosine_similarity(together[1], alone[1], dim=0) > 0.99

@@ -351,17 +351,43 @@ def test_plan_says_what_does_not_fit_and_the_cheapest_change(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN_7B))
     plan = ["plan", "--model", str(tmp_path), "--tuner", "full", "--max-length", "4096", "--batch-size", "4", "--gpu-memory", "80GiB"]
-    result = CliRunner().invoke(build_cli(), [*plan, "--nproc", "8"])
+    result = CliRunner().invoke(build_cli(), [*plan, "--nproc", "8", "--no-gradient-checkpointing"])
     assert result.exit_code == 0, result.output
     assert "7,615.6M parameters" in result.output and "nccl" in result.output
-    assert "weights         14,525.6 MiB" in result.output  # 7.6 B bf16 weights, whole on every GPU under ddp
+    assert "compute        bf16 mixed (trainable weights fp32)" in result.output
+    assert "weights         29,051.3 MiB" in result.output  # 7.6 B fp32 master weights, whole on every GPU under ddp
     assert "does not fit" in result.output
     advice = result.output.split("cheapest change that fits")[1]
     assert "--strategy fsdp" in advice and "--gradient-checkpointing" in advice
     sharded = CliRunner().invoke(build_cli(), [*plan, "--nproc", "8", "--strategy", "fsdp", "--gradient-checkpointing"])
-    assert "weights          1,815.7 MiB" in sharded.output and sharded.output.rstrip().endswith("fits")
-    lora = CliRunner().invoke(build_cli(), [*plan, "--tuner", "lora", "--gpu-memory", "24GB"])
-    assert "M trained (lora)" in lora.output and "--batch-size 1 --grad-accum 4" in lora.output.split("cheapest change")[1]
+    assert "weights          3,631.4 MiB" in sharded.output and sharded.output.rstrip().endswith("fits")
+    lora = CliRunner().invoke(build_cli(), [*plan, "--tuner", "lora", "--gpu-memory", "20GB", "--no-gradient-checkpointing"])
+    assert "M trained (lora)" in lora.output and "--batch-size 2 --grad-accum 2" in lora.output.split("cheapest change")[1]
+
+
+def test_plan_chooses_the_unset_memory_settings_as_the_stage_does(tmp_path):
+    """Unset, gradient checkpointing and the micro-batch come from the plan on a GPU: off
+    and as configured when they fit, on and halved (accumulation doubled) when not; a
+    setting the user gave is kept."""
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+    from modelloop.config import TrainConfig, build_config
+    from modelloop.parallel.memory import GIB
+    from modelloop.parallel.planner import choose_unset
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_7B))
+    shape = {"model": str(tmp_path), "data": ["(none)"], "tuner": "lora", "max_length": 4096}
+    roomy, said = choose_unset(build_config(TrainConfig, {**shape, "max_length": 1024}), 200 * GIB)
+    assert (roomy.gradient_checkpointing, roomy.batch_size, roomy.grad_accum, said) == (False, 8, 1, ["gradient checkpointing off"])
+    tight, said = choose_unset(build_config(TrainConfig, shape), 24 * GIB)
+    assert tight.gradient_checkpointing and tight.batch_size * tight.grad_accum == 8 and tight.batch_size < 8
+    assert said == ["gradient checkpointing on", f"batch {tight.batch_size} x {tight.grad_accum} accumulated"]
+    kept, said = choose_unset(build_config(TrainConfig, {**shape, "batch_size": 8}), 24 * GIB)
+    assert kept.batch_size == 8 and kept.gradient_checkpointing and said == ["gradient checkpointing on"]
+    printed = CliRunner().invoke(build_cli(), ["plan", "--model", str(tmp_path), "--tuner", "lora", "--max-length", "4096", "--gpu-memory", "24GiB"])
+    assert printed.output.startswith(f"chosen     gradient checkpointing on, batch {tight.batch_size} x {tight.grad_accum} accumulated")
+    assert printed.output.rstrip().endswith("fits")
 
 
 @pytest.fixture(scope="module")

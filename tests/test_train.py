@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -62,6 +63,41 @@ def test_loss_falls_with_every_tuner(tuner, options, lr, tiny_models, demo, tmp_
     assert len(logged) == 6
     assert logged[-1] < logged[0] * 0.9, logged
     assert result["metrics"]["train_loss"] > 0
+
+
+def test_logs_carry_the_speed_of_each_window(tiny_models, demo, tmp_path):
+    modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10))
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    speeds = [record["tokens_per_second"] for record in logged if "loss" in record]
+    assert len(speeds) == 2 and all(speed > 0 for speed in speeds)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tuner", ["lora", "full"])
+@pytest.mark.parametrize("packing", [True, False])
+def test_sft_trains_on_a_gpu_in_mixed_precision(tuner, packing, tiny_models, demo, tmp_path):
+    """The GPU path: batches pinned (unpacked ones crashed there), bf16 mixed precision,
+    the loss in the output layer, packed rows without a quadratic mask."""
+    result = modelloop.sft(settings(tiny_models, demo, tmp_path, tuner=tuner, packing=packing, lr=1e-3 if tuner == "full" else 2e-3))
+    logged = losses(tmp_path / "run")
+    assert logged[-1] < logged[0] * 0.9, logged
+    compute = json.loads((tmp_path / "run" / "manifest.json").read_text())["compute"]
+    assert compute["precision"] == {"compute": "bf16", "mixed": True, "trainable": "fp32"}
+    assert compute["loss"] == "in the output layer, chunked linear cross-entropy"
+    assert compute["attention"] in (("flash_attention_3", "flash_attention_2", "flex_attention") if packing else ("flash_attention_3", "flash_attention_2", "sdpa"))
+    assert result["metrics"]["peak_memory_mib"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None, reason="needs a CUDA GPU and liger-kernel")
+@pytest.mark.parametrize("packing", [True, False])
+def test_sft_with_liger_trains_through_its_fused_loss(packing, tiny_models, demo, tmp_path):
+    modelloop.sft(settings(tiny_models, demo, tmp_path, accelerators=["liger"], packing=packing))
+    logged = losses(tmp_path / "run")
+    assert logged[-1] < logged[0] * 0.9, logged
+    compute = json.loads((tmp_path / "run" / "manifest.json").read_text())["compute"]
+    assert compute["loss"] == "in the output layer, liger's fused linear cross-entropy"
 
 
 @pytest.mark.parametrize("tuner", ["lora", "full"])

@@ -39,7 +39,7 @@ def plan_command_body(config: Path | None, assignments: tuple[str, ...], gpu_mem
 
     from modelloop.config import TrainConfig, build_config, parse_assignments, read_yaml
     from modelloop.parallel.memory import parse_size
-    from modelloop.parallel.planner import describe, plan_memory
+    from modelloop.parallel.planner import choose_unset, describe, plan_memory
 
     layers: list[dict[str, Any]] = [NO_DATA]
     if config is not None:
@@ -60,6 +60,10 @@ def plan_command_body(config: Path | None, assignments: tuple[str, ...], gpu_mem
         capacity = torch.cuda.get_device_properties(0).total_memory
     else:
         capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // settings.nproc
+    if cuda:  # the settings left unset, chosen as the stage will choose them on such a GPU
+        settings, chosen = choose_unset(settings, capacity)
+        if chosen:
+            click.echo(f"chosen     {', '.join(chosen)} (unset; the stage chooses the same)")
     for line in describe(plan_memory(settings, cuda=cuda), capacity, cuda=cuda):
         click.echo(line)
 

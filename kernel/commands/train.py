@@ -23,7 +23,7 @@ FLAGS: dict[str, Any] = {
     "--lr": float,
     "--max-length": int,
     "--dtype": click.Choice(["auto", "bf16", "fp16", "fp32"]),
-    "--attn-impl": click.Choice(["sdpa", "eager", "flash_attention_2", "flash_attention_3"]),
+    "--attn-impl": click.Choice(["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]),
     "--seed": int,
     "--logging-steps": int,
     "--save-steps": int,

@@ -132,7 +132,10 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int, multiple: int =
 def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1) -> dict[str, Any]:
     """A batch of unpacked examples, right-padded (to a multiple of ``multiple`` tokens),
     with an attention mask and the position ids (which sequence parallelism needs once
-    a row is split)."""
+    a row is split).
+
+    Every tensor owns its memory: a GPU trainer pins batches, and ``pin_memory`` refuses
+    a tensor whose elements share storage (an ``expand``-ed row of positions)."""
     import numpy
     import torch
 
@@ -148,5 +151,5 @@ def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence
         "input_ids": torch.from_numpy(batch_ids),
         "labels": torch.from_numpy(batch_labels),
         "attention_mask": torch.from_numpy(mask),
-        "position_ids": torch.arange(width).expand(len(input_ids), width),
+        "position_ids": torch.from_numpy(numpy.tile(numpy.arange(width), (len(input_ids), 1))),
     }

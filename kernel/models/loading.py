@@ -30,8 +30,11 @@ DTYPES = {
     "float32": "float32",
 }
 
-#: attention implementation -> the package it needs, if any.
-ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+#: attention implementation -> the package it needs, if any (flex attention is torch's own).
+ATTENTION = {"sdpa": None, "eager": None, "flex_attention": None, "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+#: attention implementation -> the model class's flag saying it supports it.
+SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn"}
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -183,10 +186,57 @@ def _torch_dtype(dtype: str) -> Any:
 
 def check_attention(attn_implementation: str) -> None:
     if attn_implementation not in ATTENTION:
-        raise ModelLoadError(f"unknown attention implementation {attn_implementation!r}; use one of: {', '.join(ATTENTION)}")
+        raise ModelLoadError(f"unknown attention implementation {attn_implementation!r}; use one of: auto, {', '.join(ATTENTION)}")
     package = ATTENTION[attn_implementation]
     if package and importlib.util.find_spec(package) is None:
         raise ModelLoadError(f"{attn_implementation} needs the {package} package (CUDA only); use sdpa on this machine")
+
+
+def choose_attention(requested: str, model_config: Any, family: ModelFamily | None, *, gpu: tuple[int, int] | None, packing: bool, half: bool = True) -> str:
+    """The attention implementation a training stage loads the model with (``gpu``: the
+    CUDA device's compute capability, None on a CPU; ``half``: the products are bf16 or
+    fp16, as under mixed precision).
+
+    ``auto`` takes the fastest kernel that is installed, runs on this device and the model
+    supports. On a GPU computing in 16 bits: flash attention 3 (Hopper) or 2, which read
+    packed rows as variable-length sequences; else, for packed rows, torch's flex attention
+    with a document mask (block-sparse: no quadratic mask, no extra package); else sdpa.
+    On a CPU, or in fp32, sdpa: torch's flex attention has no backward pass on a CPU and
+    compiled no fp32 kernel on an H200, and flash attention computes in 16 bits only. A
+    name given is checked the same way, and against what the model supports.
+    """
+    if requested != "auto":
+        check_attention(requested)
+        if requested == "flex_attention" and gpu is None:
+            raise ModelLoadError("flex_attention trains on CUDA GPUs only (torch has no backward pass for it on a CPU); use sdpa")
+        if requested in ("flex_attention", "flash_attention_2", "flash_attention_3") and not half:
+            raise ModelLoadError(f"{requested} computes in bf16 or fp16, and this run computes in fp32: use sdpa, or dtype bf16")
+        if not _model_supports(model_config, family, requested):
+            raise ModelLoadError(f"{model_config.model_type} models do not support attn_impl {requested}; use sdpa")
+        return requested
+    if gpu is None or not half:
+        return "sdpa"
+    candidates = ["flash_attention_3"] if gpu[0] >= 9 else []
+    candidates += ["flash_attention_2", "flex_attention"] if packing else ["flash_attention_2"]
+    for name in candidates:
+        package = ATTENTION[name]
+        if (package is None or importlib.util.find_spec(package) is not None) and _model_supports(model_config, family, name):
+            return name
+    return "sdpa"
+
+
+def _model_supports(model_config: Any, family: ModelFamily | None, attn_implementation: str) -> bool:
+    """What the transformers class of this config declares (True where it cannot be told)."""
+    flag = SUPPORT_FLAG.get(attn_implementation)
+    if flag is None:
+        return True
+    import transformers
+
+    names = getattr(model_config, "architectures", None) or []
+    found = getattr(transformers, names[0], None) if names else None
+    if found is None:
+        found = model_class(family)._model_mapping.get(type(model_config))
+    return found is None or bool(getattr(found, flag, True))
 
 
 def load_model(

@@ -102,36 +102,45 @@ def estimate(
     batch_size: int,
     max_length: int,
     gradient_checkpointing: bool,
+    mixed: bool = False,
+    loss_in_output_layer: bool = False,
 ) -> MemoryEstimate:
-    """Per-device bytes for one training step of ``batch_size`` rows of ``max_length`` tokens."""
+    """Per-device bytes for one training step of ``batch_size`` rows of ``max_length`` tokens.
+
+    ``mixed``: mixed precision, ``dtype`` being the 16-bit type (trainable weights, their
+    gradients and optimizer states in fp32). ``loss_in_output_layer``: the loss holds one
+    chunk of logits (``modelloop.models.output_loss``), not all of them."""
     element = element_bytes(dtype, model_config)
+    trained = 4 if mixed else element  # bytes per trainable weight, gradient and optimizer state
     # a pipeline stage holds 1/pp of the layers; 1F1B keeps up to pp micro-batches in
     # flight on the first stage, each through 1/pp of them, so activations stay as they are
     split = plan.mesh.get("tp", 1) * plan.mesh.get("pp", 1)  # ranks a weight matrix or its layers are spread over
     shard_group = plan.dp * plan.mesh.get("cp", 1)  # sharding spans the sequence-parallel ranks too
     plain = counts.total - counts.quantized
-    weights = plain * element + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)  # plus a scale per 64-value block
+    frozen = plain - counts.trainable
+    weights = frozen * element + counts.trainable * trained + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)  # plus a scale per 64-value block
     weights /= split * (shard_group if plan.shard >= 3 else 1)
-    gradients = counts.trainable * element / (split * (shard_group if plan.shard >= 2 else 1))
+    gradients = counts.trainable * trained / (split * (shard_group if plan.shard >= 2 else 1))
     if "parameters" in plan.offload:  # weights and their gradients live in host memory; the gathered layers are buffers
         weights = gradients = 0
     # torch's AdamW keeps two states in the weights' dtype; DeepSpeed keeps an fp32 master
     # copy of its partition (a clone even when the weights are fp32) and two fp32 states
-    per_parameter = 12 if plan.master_weights else 2 * element
+    per_parameter = 12 if plan.master_weights else 2 * trained
     optimizer = 0 if "optimizer" in plan.offload else counts.trainable * per_parameter / (split * (shard_group if plan.shard >= 1 else 1))
     recompute = gradient_checkpointing or plan.activation_checkpointing
-    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, plan.mesh.get("tp", 1)) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
-    buffers = counts.trainable * element / (split * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
+    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, plan.mesh.get("tp", 1), loss_in_output_layer) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
+    buffers = counts.trainable * trained / (split * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
     if plan.strategy == "ddp" and plan.dp > 1:
-        buffers += counts.trainable * element  # DDP's gradient buckets
+        buffers += counts.trainable * trained  # DDP's gradient buckets
     if plan.shard >= 3 and shard_group > 1:
         buffers += counts.largest_layer * element * 2 / plan.mesh.get("tp", 1)  # one layer gathered, the next prefetched
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(buffers))
 
 
-def activation_bytes(model_config: Any, rows: int, length: int, element: int, recompute: bool, tp: int = 1) -> int:
+def activation_bytes(model_config: Any, rows: int, length: int, element: int, recompute: bool, tp: int = 1, loss_in_output_layer: bool = False) -> int:
     """What the forward pass keeps for the backward: every layer's saved tensors, or with
-    recomputation each layer's input plus one layer's tensors, and the logits."""
+    recomputation each layer's input plus one layer's tensors, and the logits (all of
+    them, or with ``loss_in_output_layer`` one chunk and the input gradient of all rows)."""
     hidden = model_config.hidden_size
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or hidden // heads
@@ -141,7 +150,12 @@ def activation_bytes(model_config: Any, rows: int, length: int, element: int, re
     tokens = rows * length
     per_layer = tokens * (HIDDEN_TENSORS * hidden + (KV_TENSORS * kv + MLP_TENSORS * mlp) / tp) * element
     kept = tokens * hidden * element * layers + per_layer if recompute else per_layer * layers
-    logits = tokens * model_config.vocab_size * 4 * LOGIT_COPIES / tp
+    if loss_in_output_layer:
+        from modelloop.models.output_loss import CHUNK_ELEMENTS
+
+        logits = min(tokens * model_config.vocab_size, CHUNK_ELEMENTS) * (4 + 4 + element) + tokens * hidden * element
+    else:
+        logits = tokens * model_config.vocab_size * 4 * LOGIT_COPIES / tp
     return int(kept + logits)
 
 

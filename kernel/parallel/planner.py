@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelloop.config import TrainConfig
+from modelloop.models.precision import Precision
 from modelloop.parallel.memory import MIB, MemoryEstimate, ModelCounts, count_parameters, estimate
 from modelloop.parallel.plan import ParallelPlan, PlanError
 
@@ -24,6 +25,7 @@ class MemoryPlan:
     plan: ParallelPlan
     counts: ModelCounts
     estimate: MemoryEstimate
+    precision: Precision
 
 
 @dataclass(frozen=True)
@@ -40,21 +42,69 @@ def plan_memory(config: TrainConfig, *, cuda: bool | None = None) -> MemoryPlan:
     from modelloop.models.loading import read_config, resolve_family, resolve_model_source
     from modelloop.stages.train import check_tuner, plan_training
 
+    import torch
+
+    from modelloop.models.output_loss import reason_plan_keeps_it
+
     tuner, options = check_tuner(config)
     model_config = read_config(resolve_model_source(config.model).base, trust_remote_code=config.trust_remote_code)
     family = resolve_family(model_config.model_type)
-    _, plan = plan_training(config, model_config, family, cuda=cuda)
+    strategy, plan = plan_training(config, model_config, family, cuda=cuda)
     counts = count_parameters(model_config, tuner, options, family, trust_remote_code=config.trust_remote_code)
+    on_gpu = torch.cuda.is_available() if cuda is None else cuda
+    # a strategy with its own training loop keeps its own precision (megatron: the weights'
+    # dtype, its optimizer's fp32 master copy counted by the plan's master_weights)
+    precision = Precision.resolve(config.dtype, cuda=on_gpu) if strategy.train is None else Precision(config.dtype, mixed=False)
     needed = estimate(
         plan,
         counts,
         model_config,
-        dtype=config.dtype,
+        dtype=precision.compute,
         batch_size=config.batch_size,
         max_length=config.max_length,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=bool(config.gradient_checkpointing),
+        mixed=precision.mixed,
+        loss_in_output_layer=reason_plan_keeps_it(plan) is None,
     )
-    return MemoryPlan(config, plan, counts, needed)
+    return MemoryPlan(config, plan, counts, needed, precision)
+
+
+#: The share of a GPU's memory a plan may fill when the stage chooses its settings: the
+#: estimate leaves out the CUDA context, the allocator's fragmentation and the libraries' buffers.
+FILL = 0.85
+
+
+def choose_unset(config: TrainConfig, capacity: int) -> tuple[TrainConfig, list[str]]:
+    """On a GPU, the memory settings the user left unset, chosen from the plan: gradient
+    checkpointing off unless the plan needs it, and rows per micro-batch halved (with the
+    accumulation doubled, the same global batch) until it fits ``FILL`` of ``capacity``.
+    Returns the config to run and what was chosen, in words. ``modelloop plan`` and the
+    stage both call it, so they agree."""
+    free_checkpointing = config.gradient_checkpointing is None
+    free_batch = not {"batch_size", "grad_accum"} & config.model_fields_set
+    if not free_checkpointing and not free_batch:
+        return config, []
+    settled = config.model_copy(update={"gradient_checkpointing": False}) if free_checkpointing else config
+    budget = capacity * FILL
+
+    def fits(candidate: TrainConfig) -> bool:
+        return plan_memory(candidate, cuda=True).estimate.total <= budget
+
+    tries = [settled]
+    if free_checkpointing:
+        tries.append(settled.model_copy(update={"gradient_checkpointing": True}))
+    if free_batch:
+        batch, accumulation = settled.batch_size, settled.grad_accum
+        while batch > 1:
+            batch, accumulation = batch // 2, accumulation * 2
+            tries.append(tries[-1].model_copy(update={"batch_size": batch, "grad_accum": accumulation}))
+    chosen = next((candidate for candidate in tries if fits(candidate)), tries[-1])
+    said = []
+    if free_checkpointing:
+        said.append(f"gradient checkpointing {'on' if chosen.gradient_checkpointing else 'off'}")
+    if free_batch and chosen.batch_size != config.batch_size:
+        said.append(f"batch {chosen.batch_size} x {chosen.grad_accum} accumulated")
+    return chosen, said
 
 
 def changes(planned: MemoryPlan, cuda: bool) -> Iterator[Change]:
@@ -115,6 +165,7 @@ def describe(planned: MemoryPlan, capacity: int, *, cuda: bool) -> list[str]:
     lines = [
         f"model      {planned.config.model}: {counts.total / 1e6:,.1f}M parameters, {counts.trainable / 1e6:,.2f}M trained ({planned.config.tuner})",
         *planned.plan.lines(),
+        f"compute        {planned.precision.describe()}",
         "",
         f"memory per {'GPU' if cuda else 'process'} (estimate, batch {planned.config.batch_size} x {planned.config.max_length} tokens)",
     ]

@@ -23,7 +23,20 @@ from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import Checked, check_training, finish_run, load_trainable, merged_base, record_module_groups, run_stage, settle_owned_process, trainer_arguments, tuner_optimizer
+from modelloop.stages.train import (
+    Checked,
+    check_training,
+    finish_run,
+    load_trainable,
+    merged_base,
+    record_compute,
+    record_module_groups,
+    run_stage,
+    settle_memory_settings,
+    settle_owned_process,
+    trainer_arguments,
+    tuner_optimizer,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         config = build_config(RLHFConfig, config)
     method = METHODS[config.method]
     check_method(config)
+    config = settle_memory_settings(config)
     checked = check_training(config)
     if owns_process:
         settle_owned_process(config, checked)
@@ -236,6 +250,7 @@ def _run(
     memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
     record_module_groups(model, config, checked, run_dir)
+    record_compute(run_dir, checked, f"TRL's {config.method} loss")
     arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}

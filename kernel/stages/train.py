@@ -35,8 +35,10 @@ from modelloop.artifacts import (
 )
 from modelloop.config import ConfigError, TrainConfig, build_config
 from modelloop.data.sources import DataSource
+from modelloop.errors import ModelloopError
 from modelloop.lifecycle import StageContext, stage_lifecycle
 from modelloop.models.loading import read_config, resolve_family, resolve_model_source
+from modelloop.models.precision import Precision
 from modelloop.parallel.launch import launch, launched_worker
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.plan import ParallelPlan, PlanError, PlanRequest, make_plan, plan_environment
@@ -158,7 +160,8 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any], *, owns_process
     nothing runs in this process after the stage (``settle_owned_process``)."""
     if not isinstance(config, TrainConfig):
         config = build_config(TrainConfig, config)
-    checked = check_training(config)
+    config = settle_memory_settings(config)
+    checked = check_training(config, packed_rows=config.packing)
     if owns_process:
         settle_owned_process(config, checked)
     return run_stage(stage, config, checked, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
@@ -177,10 +180,15 @@ class Checked:
     accelerators: list[Accelerator]
     strategy: ParallelStrategy
     plan: ParallelPlan
+    precision: Precision
+    attention: str
 
 
-def check_training(config: TrainConfig) -> Checked:
-    """Every check that needs no weights: names, tuner, model config, context, accelerators."""
+def check_training(config: TrainConfig, *, packed_rows: bool = False) -> Checked:
+    """Every check that needs no weights: names, tuner, model config, context, accelerators,
+    precision and attention (``packed_rows``: the batches are packed rows)."""
+    from modelloop.models.loading import choose_attention
+
     tuner, options = check_tuner(config)
     check_names(config)
     source = resolve_model_source(config.model)
@@ -194,7 +202,29 @@ def check_training(config: TrainConfig) -> Checked:
         raise ConfigError(f"the {strategy.name} strategy starts from full weights, and {config.model} is an adapter run: merge it first (modelloop export)")
     if strategy.train is not None and (config.freeze or config.group_lr):
         raise ConfigError(f"the {strategy.name} strategy trains with its own optimizer: --freeze and per-group rates are not applied there")
-    return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan)
+    try:
+        precision = Precision.for_this_machine(config.dtype)
+        half = precision.compute in ("bf16", "fp16")
+        attention = choose_attention(config.attn_impl, model_config, family, gpu=_cuda_capability(), packing=packed_rows, half=half)
+    except ModelloopError as error:
+        raise ConfigError(str(error)) from None
+    return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan, precision, attention)
+
+
+def settle_memory_settings(config: TrainConfig) -> TrainConfig:
+    """The memory settings the user left unset: on a GPU chosen from the memory plan
+    (``modelloop.parallel.planner.choose_unset``, what ``modelloop plan`` reports),
+    elsewhere gradient checkpointing off and the batch as configured."""
+    if not _cuda_available() or in_worker():  # a worker runs the settings its launcher chose
+        return config.model_copy(update={"gradient_checkpointing": False}) if config.gradient_checkpointing is None else config
+    import torch
+
+    from modelloop.parallel.planner import choose_unset
+
+    settled, chosen = choose_unset(config, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    if chosen and is_main_process():
+        print(f"modelloop: memory plan: {', '.join(chosen)}")
+    return settled
 
 
 def settle_owned_process(config: TrainConfig, checked: Checked) -> None:
@@ -242,7 +272,7 @@ def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: 
         options=config.strategy_options,
         batch_size=config.batch_size,
         max_length=config.max_length,
-        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing=bool(config.gradient_checkpointing),
         cuda=cuda,
         sequence_parallel=config.sequence_parallel,
     )
@@ -253,6 +283,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
 def _cuda_devices() -> int:
@@ -327,9 +363,10 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, oned
     from modelloop.models.cpu_linear import multiply_with_onednn
     from modelloop.models.loading import load_model
 
-    tuner, options, plan = checked.tuner, checked.options, checked.plan
+    tuner, options, plan, precision = checked.tuner, checked.options, checked.plan, checked.precision
     extra = {**(tuner.load_options(options) if tuner.load_options else {}), **plan.load_options}
-    loaded = load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_impl, trust_remote_code=config.trust_remote_code, **extra)
+    dtype = precision.load_dtype(trains_base_weights=not tuner.adapter)
+    loaded = load_model(config.model, dtype=dtype, attn_implementation=checked.attention, trust_remote_code=config.trust_remote_code, **extra)
     model = loaded.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -351,6 +388,7 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, oned
         from modelloop.models.groups import freeze
 
         freeze(model, checked.family.module_groups, config.freeze)
+    precision.place(model)
     model.config.use_cache = False
     if checked.strategy.apply is not None:
         model = checked.strategy.apply(model, plan)
@@ -422,8 +460,33 @@ def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool, p
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "ddp_timeout": config.hang_timeout,
+        **Precision.for_this_machine(config.dtype).trainer_arguments,
     }
     return {**shared, **(plan.trainer_arguments if plan is not None else {})}
+
+
+def record_compute(run_dir: Path, checked: Checked, loss: str) -> None:
+    """Say, and keep in the manifest, what the run computes with: the precision, the
+    attention kernel and how the loss is computed."""
+    if not is_main_process():
+        return
+    print(f"modelloop: compute: {checked.precision.describe()}, attention {checked.attention}, loss {loss}")
+    update_manifest(run_dir, compute={"precision": checked.precision.to_dict(), "attention": checked.attention, "loss": loss})
+
+
+def output_layer_loss(model: Any, checked: Checked) -> tuple[Any, str]:
+    """How sft and pt compute the loss, and in words: in the output layer, with an
+    accelerator's fused kernel or the built-in chunked one (``modelloop.models.output_loss``),
+    or, where that cannot be, the model's own loss from the logits at labelled positions."""
+    from modelloop.models.output_loss import OutputLayerLoss, reason_plan_keeps_it, unsupported_reason
+
+    reason = reason_plan_keeps_it(checked.plan) or unsupported_reason(model)
+    if reason is not None:
+        return None, f"from the model's logits at labelled positions ({reason})"
+    fused = next((accelerator for accelerator in checked.accelerators if accelerator.linear_cross_entropy is not None), None)
+    if fused is not None:
+        return OutputLayerLoss(model, fused.linear_cross_entropy), f"in the output layer, {fused.name}'s fused linear cross-entropy"
+    return OutputLayerLoss(model), "in the output layer, chunked linear cross-entropy"
 
 
 def finish_run(
@@ -540,8 +603,10 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if onednn else 1)
     collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, images=images, rope_index=rope_index)
     sampler = registry_sampler(config, train_set)
-    arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan))
+    arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan), prediction_loss_only=True)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
+    output_loss, loss = output_layer_loss(model, checked)
+    record_compute(run_dir, checked, loss)
     trainer = ModelloopTrainer(
         model=model,
         args=arguments,
@@ -550,6 +615,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         data_collator=collator,
         optimizer_factory=tuner_optimizer(config, checked),
         train_sampler=sampler,
+        output_loss=output_loss,
         callbacks=[report, MeasureFromFirstStep(memory)],
     )
     trainer.remove_callback(PrinterCallback)

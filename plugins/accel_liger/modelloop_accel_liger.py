@@ -22,6 +22,13 @@ def apply(model: Any, family: Any) -> Any:
     return model
 
 
+def linear_cross_entropy(hidden: Any, weight: Any, bias: Any, labels: Any) -> Any:
+    """Liger's fused output projection and cross-entropy, summed over the rows given."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, labels, bias=bias, reduction="sum")
+
+
 LIGER = Accelerator(
     name="liger",
     description="Liger Triton kernels: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy (CUDA)",
@@ -29,6 +36,7 @@ LIGER = Accelerator(
     model_types=MODEL_TYPES,
     requires=("liger_kernel",),
     needs_cuda=True,
+    linear_cross_entropy=linear_cross_entropy,
 )
 
 

@@ -215,9 +215,13 @@ def prepare_longlora(model: Any, options: Mapping[str, Any], family: Any) -> Any
 
 
 def prepare_quantized(model: Any, options: Mapping[str, Any], family: Any) -> Any:
-    from peft import prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    """LoRA on the quantized base, every base weight frozen as loaded. PEFT's
+    ``prepare_model_for_kbit_training`` would also upcast the unquantized 16-bit weights
+    (embeddings, output layer, norms) to fp32, for fp16 training without autocast: on a
+    7B model 4.4 GB more than the whole 4-bit base. Under the stage's mixed precision they
+    stay 16-bit and autocast computes with them."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     return prepare(model, options, family)
 
 
