@@ -203,7 +203,9 @@ def test_sampling_ratios_mix_files(tmp_path):
     assert sum(t.startswith("a") for t in texts) == 3
     assert sorted(t for t in texts if t.startswith("b")) == sorted([f"b{i}" for i in range(10)] * 2)
     assert texts == [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=1).examples]
-    assert texts != [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=2).examples]
+    # another seed draws another 3 of 10 (the same 3 one time in 120: the draw is seeded by
+    # the file's path too, which changes with every run, so several seeds are asked)
+    assert any(texts != [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=seed).examples] for seed in range(2, 7))
 
 
 def test_ratio_syntax():

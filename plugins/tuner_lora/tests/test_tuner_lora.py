@@ -77,6 +77,16 @@ def test_lora_replaces_peft_dropout_on_cpu(tiny_models):
     assert kinds == {"FastDropout"}
 
 
+def test_lora_keeps_torchs_dropout_where_it_will_train_on_a_gpu(tiny_models, monkeypatch):
+    """The weights are still on the CPU when the tuner prepares them: where training goes
+    decides, and on a GPU torch's fused dropout is the cheaper one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loaded = load_model(tiny_models("qwen2"))
+    model = lora.prepare(loaded.model, lora.check({}), loaded.family)
+    kinds = {type(module).__name__ for name, module in model.named_modules() if ".lora_dropout." in name}
+    assert kinds == {"Dropout"}
+
+
 def test_moe_experts_with_dropout_is_a_clear_error(tiny_models):
     loaded = load_model(tiny_models("qwen3_moe"))
     with pytest.raises(ValueError, match="needs dropout 0 in PEFT: set tuner_options.dropout=0"):
