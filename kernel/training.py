@@ -457,8 +457,8 @@ class ReportCallback(TrainerCallback):
         """Drop what an earlier attempt logged after ``step`` (where a resumed run starts
         again, 0 for a run started afresh), so that nothing is logged twice."""
         if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= step]
+            self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is None:
@@ -491,6 +491,27 @@ class ReportCallback(TrainerCallback):
             self.progress = None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``. A last line cut short (the process killed,
+    or the disk full, in the middle of a write) is left out with a warning, and a resume
+    rewrites the file without it; a broken line before the last is an error naming it."""
+    from modelloop.errors import ModelloopError
+    from modelloop.log import warn_once
+
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ModelloopError(f"{path}:{number}: not a JSON record; the lines after it were written later, so the file was changed by hand") from None
+            warn_once(f"{path}:{number}: the last line was cut short (a write interrupted); left out")
+    return records
+
+
 def plot_losses(metrics_path: Path, out: Path) -> None:
     """``loss.png``: training loss and (when there is one) evaluation loss against step."""
     plot_metrics(metrics_path, out, {"loss": "train loss", "eval_loss": "eval loss"}, ylabel="loss")
@@ -511,12 +532,10 @@ def plot_metrics(metrics_path: Path, out: Path, series: Mapping[str, str], *, yl
     from matplotlib import pyplot
 
     points: dict[str, list[tuple[int, float]]] = {key: [] for key in series}
-    if metrics_path.exists():
-        for line in metrics_path.read_text().splitlines():
-            record = json.loads(line)
-            for key in series:
-                if key in record:
-                    points[key].append((record["step"], record[key]))
+    for record in read_metrics(metrics_path):
+        for key in series:
+            if key in record:
+                points[key].append((record["step"], record[key]))
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for key, label in series.items():
         if points[key]:

@@ -291,11 +291,14 @@ def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_
     first[first.index("--max-steps") + 1] = "20"
     subprocess.run(first, env=subprocess_env, check=True, capture_output=True)
     first_attempt = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 21, "lo')  # a write cut short by a crash or a full disk
     resumed = subprocess.run(
         [sys.executable, "-m", "modelloop", "sft", "--resume", str(run / "checkpoints" / "checkpoint-10")],
         env=subprocess_env, capture_output=True, text=True,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"metrics.jsonl:{len(first_attempt) + 1}: the last line was cut short (a write interrupted); left out" in resumed.stderr
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in logged if "loss" in record] == [10, 20]  # steps 11-20 ran again, logged once
     assert logged[0] == first_attempt[0] and logged[-1] != first_attempt[-1]  # up to step 10 kept, the rest replaced

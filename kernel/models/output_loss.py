@@ -109,7 +109,7 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     head = output_layer(model)
     if head is None:
         return "the model has no output layer transformers knows of"
-    if not isinstance(head, torch.nn.Linear) or type(head).forward not in (torch.nn.Linear.forward,):
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
         return f"its output layer is a {type(head).__name__}, not a plain linear layer (trained or quantized)"
     if isinstance(head.weight, DTensor):
         return "its output layer's weight is split over processes"
@@ -134,9 +134,10 @@ class OutputLayerLoss:
     """A model whose output layer can return the loss instead of the logits."""
 
     def __init__(self, model: torch.nn.Module, function: LinearCrossEntropy = chunked_linear_cross_entropy) -> None:
-        head = output_layer(model)
-        assert head is not None and unsupported_reason(model) is None, unsupported_reason(model)
-        self.head: torch.nn.Linear = head
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the loss cannot be computed in this model's output layer: {reason}")
+        self.head: torch.nn.Linear = output_layer(model)
         self.function = function
 
     @contextlib.contextmanager

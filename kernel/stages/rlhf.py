@@ -305,9 +305,9 @@ def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
 
 def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
     """GRPO's mean total reward over the first and the last ``window`` logged steps."""
-    import json
+    from modelloop.training import read_metrics
 
-    logged = [record["reward"] for record in map(json.loads, metrics_path.read_text().splitlines()) if "reward" in record]
+    logged = [record["reward"] for record in read_metrics(metrics_path) if "reward" in record]
     if not logged:
         return {}
     return {"reward_first": sum(logged[:window]) / len(logged[:window]), "reward": sum(logged[-window:]) / len(logged[-window:])}
