@@ -48,6 +48,15 @@ def test_check_passes_good_data_of_several_files_and_kinds(tmp_path):
     assert "4 good records (2 conversation, 2 preference), 0 bad" in result.stdout
 
 
+def test_check_fails_on_a_file_with_no_records_and_names_it(tmp_path):
+    empty, blank, good = tmp_path / "empty.jsonl", write(tmp_path / "blank.jsonl", ""), write(tmp_path / "good.jsonl", GOOD)
+    empty.write_text("")
+    result = invoke("data", "check", good, empty, blank)
+    assert result.exit_code == 1
+    assert f"{empty}: no records" in result.stdout.splitlines() and f"{blank}: no records" in result.stdout.splitlines()
+    assert "1 good records (1 conversation), 2 bad" in result.stdout
+
+
 def test_check_counts_dropped_records(tmp_path, tiny_models):
     path = write(tmp_path / "d.jsonl", GOOD, LONG)
     result = invoke("data", "check", path, "--model", tiny_models("llama"), "--max-length", 64, "--truncation", "drop")

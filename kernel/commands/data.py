@@ -48,10 +48,11 @@ def data_command() -> None:
 def check_command(files, model, max_length, truncation, format_name, template) -> None:
     """Check every record of FILES; print each problem as file:line: reason.
 
-    Exits with 1 if any record is bad. FILES may carry a sampling ratio: data.jsonl#0.5.
+    Exits with 1 if any record is bad or a file holds none. FILES may carry a sampling
+    ratio: data.jsonl#0.5.
     """
     from modelloop.data.records import read_records
-    from modelloop.data.sources import Problem
+    from modelloop.data.sources import DataSource, Problem
 
     if max_length and not model:
         raise click.UsageError("--max-length needs --model (lengths are counted in the model's tokens)")
@@ -70,6 +71,10 @@ def check_command(files, model, max_length, truncation, format_name, template) -
             length = max(len(sequence) for sequence in sequences)
             if max_length and length > max_length:
                 longer.append((example.location, length))
+    located = [str(problem) for problem in records.problems] + [example.location for example in records.examples]
+    for path in (DataSource.parse(file).path for file in files):
+        if not any(text.startswith(f"{path}:") for text in located):
+            problems.append(f"{path}: no records")
     for problem in problems:
         click.echo(str(problem))
     for path, format_used in records.formats.items():
@@ -100,7 +105,7 @@ def preview_command(file, model, count, format_name, template) -> None:
     from rich.text import Text
 
     from modelloop.data.records import read_records
-    from modelloop.data.sources import Problem
+    from modelloop.data.sources import DataSource, Problem
     from modelloop.data.tokenize import IGNORE
 
     if not model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -132,7 +133,8 @@ def create_app(session: Any, *, api_key: str | None = None, allow_remote_images:
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # in constant time: no timing hints at the key
                 return OpenAIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key").response()
         return await call_next(request)
 
