@@ -105,7 +105,7 @@ def preview_command(file, model, count, format_name, template) -> None:
     from rich.text import Text
 
     from modelloop.data.records import read_records
-    from modelloop.data.sources import DataSource, Problem
+    from modelloop.data.sources import Problem
     from modelloop.data.tokenize import IGNORE
 
     if not model:

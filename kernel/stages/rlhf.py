@@ -32,7 +32,6 @@ from modelloop.stages.train import (
     record_compute,
     record_module_groups,
     run_stage,
-    settle_memory_settings,
     settle_owned_process,
     trainer_arguments,
     tuner_optimizer,
@@ -78,7 +77,10 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         config = build_config(RLHFConfig, config)
     method = METHODS[config.method]
     check_method(config)
-    config = settle_memory_settings(config)
+    # the memory plan models sft's and pt's steps, not a reference model or rollouts: an
+    # unset checkpointing is off here, and the batch stays as given (GRPO's must divide
+    # into generations)
+    config = config.model_copy(update={"gradient_checkpointing": bool(config.gradient_checkpointing)})
     checked = check_training(config)
     if owns_process:
         settle_owned_process(config, checked)
