@@ -40,6 +40,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def tiny_model(model: Path | None) -> Path:
+    """The model folder given, or the tiny Qwen2 built into a temporary folder."""
+    if model is None:
+        model = Path(tempfile.mkdtemp()) / "tiny-qwen2"
+        subprocess.run([BIN / "modelloop", "new-model", "--family", "qwen2", "--out", str(model)], check=True, capture_output=True)
+    return model.resolve()
+
+
 def start(command: list[str], port: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -85,11 +93,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--requests-per-client", type=int, default=4)
     arguments = parser.parse_args()
-    model = arguments.model
-    if model is None:
-        model = Path(tempfile.mkdtemp()) / "tiny-qwen2"
-        subprocess.run([BIN / "modelloop", "new-model", "--family", "qwen2", "--out", str(model)], check=True, capture_output=True)
-    model = model.resolve()
+    model = tiny_model(arguments.model)
     servers = {
         "modelloop serve": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m"],
         "modelloop serve, batch 1": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m", "--max-batch-size", "1"],

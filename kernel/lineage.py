@@ -82,15 +82,22 @@ def tree_lines(runs: list[Run]) -> list[str]:
         children.setdefault(run.parent if run.parent in ids else None, []).append(run)
     lines: list[str] = []
 
-    def walk(parent: str | None, depth: int) -> None:
-        for run in children.get(parent, []):
-            base = f" (base {run.manifest['base_model']})" if depth == 0 and run.manifest.get("base_model") else ""
-            status = "" if run.manifest.get("status") in ("completed", None) else f" [{run.manifest['status']}]"
-            metric = run.key_metric()
-            lines.append(f"{'  ' * depth}{'└─ ' if depth else ''}{run.id}  {run.stage}{base}{status}{'  ' + metric if metric else ''}")
-            walk(run.id, depth + 1)
+    def line(run: Run, lead: str) -> str:
+        base = f" (base {run.manifest['base_model']})" if not lead and run.manifest.get("base_model") else ""
+        status = "" if run.manifest.get("status") in ("completed", None) else f" [{run.manifest['status']}]"
+        metric = run.key_metric()
+        return f"{lead}{run.id}  {run.stage}{base}{status}{'  ' + metric if metric else ''}"
 
-    walk(None, 0)
+    def walk(parent: str, indent: str) -> None:
+        below = children.get(parent, [])
+        for position, run in enumerate(below):
+            last = position == len(below) - 1
+            lines.append(line(run, indent + ("└─ " if last else "├─ ")))
+            walk(run.id, indent + ("   " if last else "│  "))
+
+    for root in children.get(None, []):
+        lines.append(line(root, ""))
+        walk(root.id, "")
     return lines
 
 

@@ -38,6 +38,25 @@ ENTRY_POINT_GROUP = "modelloop"
 #: exactly like one: the kernel is built on its own hooks.
 BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family", "full_tuner", "parallel", "hf_engine", "exporters", "rewards")
 
+#: The plugin distributions released with the kernel (``plugins/`` in its repository).
+#: Their names, like the built-ins', cannot be taken over by another plugin.
+FIRST_PARTY_PLUGINS: frozenset[str] = frozenset(
+    f"modelloop-plugin-{name}"
+    for name in (
+        "accel-liger",
+        "engine-sglang",
+        "engine-vllm",
+        "model-llama",
+        "model-llava",
+        "model-qwen",
+        "parallel-deepspeed",
+        "parallel-megatron",
+        "reward-safety",
+        "tuner-galore",
+        "tuner-lora",
+    )
+)
+
 
 def canonical_name(name: str) -> str:
     """A distribution name as pip compares them (``Modelloop_Plugin.X`` -> ``modelloop-plugin-x``)."""
@@ -51,6 +70,11 @@ def _names_from_env(environ: Mapping[str, str], variable: str) -> set[str] | Non
     return {canonical_name(part) for part in value.split(",") if part.strip()}
 
 
+#: Who stands behind a plugin, highest standing first: it decides who keeps a name
+#: two plugins register (``modelloop.registry``).
+ORIGINS = ("built-in", "first-party", "third-party")
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     """What ``modelloop plugins`` says about one loaded plugin."""
@@ -58,6 +82,13 @@ class PluginInfo:
     name: str
     version: str
     builtin: bool
+
+    @property
+    def origin(self) -> str:
+        """One of ``ORIGINS``."""
+        if self.builtin:
+            return "built-in"
+        return "first-party" if self.name.split(":")[0] in FIRST_PARTY_PLUGINS else "third-party"
 
 
 class PluginManager(pluggy.PluginManager):
@@ -75,7 +106,11 @@ class PluginManager(pluggy.PluginManager):
 
     def report(self, plugin: str, version: str, reason: str) -> None:
         """Tell the user, once, what of a plugin was left out and why."""
-        message = f"modelloop: plugin {plugin} {version}: {reason} (kernel: modelloop {modelloop.__version__})"
+        self.warn(f"plugin {plugin} {version}: {reason} (kernel: modelloop {modelloop.__version__})")
+
+    def warn(self, problem: str) -> None:
+        """Print a loading problem on stderr, once per process."""
+        message = f"modelloop: {problem}"
         if message not in self.problems:
             self.problems.append(message)
             print(message, file=sys.stderr)
@@ -162,23 +197,30 @@ def _entry_points() -> list[metadata.EntryPoint]:
     return sorted(found, key=lambda ep: (canonical_name(ep.dist.name) if ep.dist else "", ep.name))
 
 
-def _load_builtins(manager: PluginManager, blocked: set[str]) -> None:
+def _load_builtins(manager: PluginManager, blocked: set[str]) -> set[str]:
+    """Load the built-ins not blocked; returns the names each can be blocked by."""
+    known = set()
     for module_name in BUILTIN_PLUGINS:
         qualified = f"modelloop.builtin.{module_name}"
+        known |= {canonical_name(qualified), canonical_name(module_name)}
         if canonical_name(qualified) in blocked or canonical_name(module_name) in blocked:
             continue
         module = importlib.import_module(qualified)
         manager.add_plugin(module, PluginInfo(qualified, modelloop.__version__, builtin=True))
+    return known
 
 
 def _load_entry_points(
     manager: PluginManager, entry_points: Iterable[metadata.EntryPoint], selected: set[str] | None, blocked: set[str]
-) -> None:
+) -> set[str]:
+    """Load the installed plugins the settings allow; returns the names each can be chosen by."""
+    known = set()
     for entry_point in entry_points:
         distribution = entry_point.dist
         dist_name = canonical_name(distribution.name) if distribution else canonical_name(entry_point.name)
         version = distribution.version if distribution else "unknown"
         names = {dist_name, canonical_name(entry_point.name)}
+        known |= names
         if (selected is not None and not names & selected) or names & blocked:
             continue
         if dist_name in manager.info:  # a second entry point of one distribution
@@ -189,10 +231,11 @@ def _load_entry_points(
             continue
         try:
             plugin = entry_point.load()
-        except Exception as error:  # any import-time failure of third-party code
+        except (Exception, SystemExit) as error:  # any import-time failure of third-party code
             manager.report(dist_name, version, f"not loaded: import failed: {type(error).__name__}: {error}")
             continue
         manager.add_plugin(plugin, PluginInfo(dist_name, version, builtin=False))
+    return known
 
 
 def make_plugin_manager(
@@ -210,9 +253,12 @@ def make_plugin_manager(
         manager.enable_trace()
     blocked = _names_from_env(environ, "MODELLOOP_BLOCK_PLUGINS") or set()
     selected = _names_from_env(environ, "MODELLOOP_LOAD_PLUGINS")
-    _load_builtins(manager, blocked)
-    if selected != set():
-        _load_entry_points(manager, _entry_points() if entry_points is None else entry_points, selected, blocked)
+    known = _load_builtins(manager, blocked)
+    known |= _load_entry_points(manager, _entry_points() if entry_points is None else entry_points, selected, blocked)
+    for variable, names in (("MODELLOOP_LOAD_PLUGINS", selected), ("MODELLOOP_BLOCK_PLUGINS", blocked)):
+        unknown = sorted((names or set()) - known)
+        if unknown:  # a typo here would otherwise load or block nothing, silently
+            manager.warn(f"{variable} names {', '.join(unknown)}, which no installed plugin is called")
     return manager
 
 

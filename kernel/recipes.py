@@ -404,7 +404,7 @@ def _train(step: Step, model: str, out: Path) -> dict[str, Any]:
 
     config = step.config.model_copy(update={"model": model, "output_dir": out, "resume": True})
     run = modelloop.rlhf(config) if step.kind == "rlhf" else modelloop.sft(config) if step.kind == "sft" else modelloop.pt(config)
-    kept = ("train_loss", "train_tokens_per_second", "train_runtime", "eval_loss", "reward_first", "reward")
+    kept = ("train_loss", "train_loss_last", "train_tokens_per_second", "train_runtime", "eval_loss", "reward_first", "reward")
     return {key: value for key, value in run["metrics"].items() if key in kept}
 
 

@@ -1,10 +1,13 @@
 """Typed registries, one per ``register_*`` hook, filled on first use.
 
 A registry calls its hook plugin by plugin, so it knows which plugin provides each name.
-A plugin's contribution to a registry is taken whole or not at all: if its hook raises,
-registers something of the wrong type, or registers a name another plugin already
-holds, it is reported on stderr (naming both plugins for a clash) and skipped, and
-every earlier plugin's names stay. Built-ins load first, so they win clashes.
+A plugin whose hook raises, registers something of the wrong type, or registers one
+name twice is reported on stderr and its contribution skipped whole; the others stay.
+
+When plugins register the same name, standing decides, never load order: a built-in
+name stays the kernel's and a first-party name its plugin's (the other plugin's claim is
+reported and ignored; its other names stay). Two third-party plugins claiming a name
+both lose it, and looking it up fails naming both and how to block one.
 
 Looking up a name nobody registered raises ``UnknownNameError`` listing what is
 installed, the closest match, and the package to install when the name belongs to a
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from modelloop.errors import PluginError, UnknownNameError
-from modelloop.plugins import PluginManager, get_plugin_manager
+from modelloop.plugins import ORIGINS, PluginManager, get_plugin_manager
 from modelloop.specs import (
     Accelerator,
     ChatTemplate,
@@ -97,6 +100,26 @@ KINDS: tuple[RegistryKind[Spec], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Clash:
+    """A name registered by several plugins, and the one that kept it (None: nobody did)."""
+
+    kind: str
+    name: str
+    plugins: tuple[str, ...]
+    kept: str | None
+
+    def describe(self) -> str:
+        claimants = " and ".join(self.plugins)
+        if self.kept is not None:
+            return f"{self.kind} {self.name!r} is registered by {claimants}; {self.kept} keeps it"
+        block = " or ".join(f"MODELLOOP_BLOCK_PLUGINS={plugin.split(':')[0]}" for plugin in self.plugins)
+        return (
+            f"{self.kind} {self.name!r} is registered by both {claimants}, so neither is used; "
+            f"uninstall one or set {block}"
+        )
+
+
 class Registry(Generic[S]):
     """The objects of one kind that the loaded plugins registered."""
 
@@ -105,12 +128,16 @@ class Registry(Generic[S]):
         self._manager = manager
         self._by_key: dict[str, S] | None = None
         self._providers: dict[str, str] = {}
+        self._clashes: list[Clash] = []
 
     def get(self, name: str) -> S:
         """The object registered under ``name`` (a name, alias, or model type)."""
         by_key = self._filled()
         if name in by_key:
             return by_key[name]
+        clash = next((clash for clash in self._clashes if clash.name == name and clash.kept is None), None)
+        if clash is not None:
+            raise PluginError(clash.describe())
         raise UnknownNameError(self._unknown(name))
 
     def __contains__(self, name: object) -> bool:
@@ -145,16 +172,31 @@ class Registry(Generic[S]):
         message += f" Installed: {', '.join(installed) if installed else 'none'}."
         return message
 
+    def clashes(self) -> list[Clash]:
+        """The names more than one plugin registered, and who (if anyone) kept each."""
+        self._filled()
+        return list(self._clashes)
+
     def _filled(self) -> dict[str, S]:
         if self._by_key is None:
-            self._by_key = {}
+            claims: dict[str, list[tuple[str, S]]] = {}
+            owners: dict[int, str] = {}
             for plugin, call in self._manager.implementations(self.kind.hook):
-                self._take(plugin, call)
+                for spec in self._staged(plugin, call):
+                    owners[id(spec)] = plugin
+                    for key in spec.keys():
+                        claims.setdefault(key, []).append((plugin, spec))
+            self._by_key = {}
+            for key, claimants in claims.items():
+                self._settle(key, claimants)
+            for key, spec in list(self._by_key.items()):
+                if self._by_key.get(spec.name) is not spec:  # a spec that lost its own name is gone
+                    del self._by_key[key]
+            self._providers.update((spec.name, owners[id(spec)]) for spec in self._by_key.values())
         return self._by_key
 
-    def _take(self, plugin: str, call: Callable[..., object]) -> None:
-        """Add one plugin's registrations, all of them or (on any problem) none."""
-        assert self._by_key is not None
+    def _staged(self, plugin: str, call: Callable[..., object]) -> list[S]:
+        """One plugin's registrations, all of them or (if its hook misbehaves) none."""
         staged: list[S] = []
 
         def register(spec: S) -> None:
@@ -164,35 +206,52 @@ class Registry(Generic[S]):
                 )
             staged.append(spec)
 
-        version = self._manager.info[plugin].version if plugin in self._manager.info else "unknown"
         try:
             call(register=register)
         except Exception as error:  # third-party code: isolate it
             reason = error if isinstance(error, PluginError) else f"{type(error).__name__}: {error}"
-            self._manager.report(plugin, version, f"{self.kind.hook} ignored: it raised {reason}")
+            self._report(plugin, f"{self.kind.hook} ignored: it raised {reason}")
+            return []
+        keys = [key for spec in staged for key in spec.keys()]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:
+            self._report(plugin, f"{self.kind.hook} ignored: it registers {self.kind.kind} {repeated!r} twice")
+            return []
+        return staged
+
+    def _settle(self, key: str, claimants: list[tuple[str, S]]) -> None:
+        """Give ``key`` to the one claimant of the highest standing, or to nobody.
+
+        A built-in name stays the kernel's and a first-party name its plugin's, whatever
+        else is installed: load order (alphabetical) must not let a plugin take over
+        ``lora``. Between third-party plugins there is no right answer, so neither gets
+        the name and looking it up says how to choose.
+        """
+        assert self._by_key is not None
+        standing = {plugin: ORIGINS.index(self._origin(plugin)) for plugin, _ in claimants}
+        best = min(standing.values())
+        winners = [(plugin, spec) for plugin, spec in claimants if standing[plugin] == best]
+        if len(winners) > 1 and ORIGINS[best] == "third-party":
+            self._clashes.append(Clash(self.kind.kind, key, tuple(plugin for plugin, _ in claimants), kept=None))
             return
-        taken: dict[str, str] = {}
-        for spec in staged:
-            for key in spec.keys():
-                holder = self._providers.get(self._by_key[key].name) if key in self._by_key else taken.get(key)
-                if holder == plugin:
-                    self._manager.report(
-                        plugin, version, f"{self.kind.hook} ignored: it registers {self.kind.kind} {key!r} twice"
-                    )
-                    return
-                if holder is not None:
-                    self._manager.report(
+        kept, spec = winners[0]
+        self._by_key[key] = spec
+        if len(claimants) > 1:
+            self._clashes.append(Clash(self.kind.kind, key, tuple(plugin for plugin, _ in claimants), kept=kept))
+            for plugin, _ in claimants:
+                if plugin != kept:
+                    self._report(
                         plugin,
-                        version,
-                        f"{self.kind.kind} {key!r} is registered by both {holder} and {plugin}; "
-                        f"{plugin}'s {self.kind.hook} is ignored (block one with MODELLOOP_BLOCK_PLUGINS)",
+                        f"its {self.kind.kind} {key!r} is ignored: the name belongs to {kept} ({self._origin(kept)})",
                     )
-                    return
-                taken[key] = plugin
-        for spec in staged:
-            self._providers[spec.name] = plugin
-            for key in spec.keys():
-                self._by_key[key] = spec
+
+    def _origin(self, plugin: str) -> str:
+        info = self._manager.info.get(plugin)
+        return info.origin if info else "third-party"
+
+    def _report(self, plugin: str, reason: str) -> None:
+        info = self._manager.info.get(plugin)
+        self._manager.report(plugin, info.version if info else "unknown", reason)
 
 
 def get_registry(kind: RegistryKind[S], manager: PluginManager | None = None) -> Registry[S]:

@@ -13,8 +13,9 @@ from typing import Any
 #: Metrics worth a column, in this order, when a stage reports them.
 COLUMNS = {
     "accuracy": "accuracy",
-    "train_loss": "train loss",
-    "reward": "reward",
+    "train_loss": "train loss (mean)",
+    "train_loss_last": "last loss",
+    "reward": "reward (mean of last 5 logs)",
     "train_tokens_per_second": "tokens/s",
     "latency_s": "latency s",
 }

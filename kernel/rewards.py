@@ -20,7 +20,9 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import math
 import numbers
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +86,7 @@ def find_reward(reference: str) -> Reward:
 def _import(module_name: str, reference: str) -> Any:
     try:
         return importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - whatever the module raises, name the reward
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever the module raises (or exits with), name the reward
         raise RewardError(f"reward {reference!r}: cannot import {module_name}: {type(error).__name__}: {error}") from None
 
 
@@ -98,7 +100,7 @@ def _load_file(location: str, reference: str) -> Any:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as error:  # noqa: BLE001
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - a module may raise, or exit, at import
         del sys.modules[name]
         raise RewardError(f"reward {reference!r}: {path.name} failed to load: {type(error).__name__}: {error}") from None
     return module
@@ -114,28 +116,44 @@ def reward_options(reward: Reward) -> dict[str, Any]:
     }
 
 
-def bind(reference: str, options: Mapping[str, Any]) -> BoundReward:
-    """The reward with its options checked and bound."""
+#: ``short=reference``: a reward given a name for its options and metrics.
+NAMED = re.compile(r"(?P<name>[A-Za-z_][\w-]*)=(?P<reference>.+)")
+
+
+def split_name(given: str) -> tuple[str, str]:
+    """The name a reward is known by (options, metrics) and what it refers to:
+    ``bonus=./mine.py:score`` -> ``("bonus", "./mine.py:score")``; without a short name,
+    the reference is the name."""
+    named = NAMED.fullmatch(given)
+    return (named["name"], named["reference"]) if named else (given, given)
+
+
+def bind(given: str, options: Mapping[str, Any]) -> BoundReward:
+    """The reward with its options checked and bound (``given`` may carry a short name)."""
+    name, reference = split_name(given)
     reward = find_reward(reference)
     known = reward_options(reward)
     unknown = sorted(set(options) - set(known))
     if unknown:
         listed = ", ".join(known) or "none"
-        raise RewardError(f"reward {reference!r}: unknown option {unknown[0]!r} (its options: {listed})")
+        raise RewardError(f"reward {name!r}: unknown option {unknown[0]!r} (its options: {listed})")
+    if name == reference:
+        name = reward.name
     original, bound_options = reward.score, dict(options)
     # A function named after the reward: GRPO logs each reward under its function's name.
+    # Its scores are checked on every call: one NaN would silently zero GRPO's advantages.
     if inspect.iscoroutinefunction(original):
 
         async def score(prompts: Any, completions: Any, **columns: Any) -> Any:
-            return await original(prompts, completions, **columns, **bound_options)
+            return checked_scores(name, await original(prompts, completions, **columns, **bound_options), len(completions))
 
     else:
 
         def score(prompts: Any, completions: Any, **columns: Any) -> Any:
-            return original(prompts, completions, **columns, **bound_options)
+            return checked_scores(name, original(prompts, completions, **columns, **bound_options), len(completions))
 
-    score.__name__ = score.__qualname__ = reward.name
-    return BoundReward(name=reward.name, score=score, needs_model=reward.needs_model, columns=reward.columns)
+    score.__name__ = score.__qualname__ = name
+    return BoundReward(name=name, score=score, needs_model=reward.needs_model, columns=reward.columns)
 
 
 def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, options: Mapping[str, Mapping[str, Any]]) -> list[BoundReward]:
@@ -145,10 +163,14 @@ def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, 
         raise RewardError("GRPO needs at least one reward: --reward accuracy (or module:function, or file.py:function)")
     if weights and len(weights) != len(references):
         raise RewardError(f"{len(weights)} reward weights for {len(references)} rewards")
-    stray = sorted(set(options) - set(references))
+    names = [split_name(reference)[0] for reference in references]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise RewardError(f"two rewards are named {twice!r}; give one a short name: --reward other={twice}")
+    stray = sorted(set(options) - set(names))
     if stray:
-        raise RewardError(f"reward_options for {stray[0]!r}, which is not one of the rewards ({', '.join(references)})")
-    return [bind(reference, options.get(reference, {})) for reference in references]
+        raise RewardError(f"reward_options for {stray[0]!r}, which is not one of the rewards ({', '.join(names)})")
+    return [bind(reference, options.get(name, {})) for reference, name in zip(references, names)]
 
 
 def sample_batch(records: Sequence[Mapping[str, Any]], size: int = 2) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
@@ -186,16 +208,29 @@ def check_on_sample(reward: BoundReward, prompts: Sequence[Any], completions: Se
         scores = reward.score(prompts, completions, **columns, **extras)
         if inspect.isawaitable(scores):
             scores = asyncio.run(_awaited(scores))
+    except RewardError:
+        raise
     except Exception as error:  # noqa: BLE001 - a reward may raise anything; name it
         raise RewardError(f"reward {reward.name!r} failed on a sample batch of {len(completions)}: {type(error).__name__}: {error}") from None
+    return scores
+
+
+def checked_scores(name: str, scores: Any, count: int) -> list[float | None]:
+    """``scores`` as a list GRPO can use, or a RewardError naming the reward and the completion.
+
+    One score per completion, each a finite number or None (not applicable): a NaN or
+    infinity would pass through the group's mean into every advantage of its group.
+    """
     if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Sequence) and not hasattr(scores, "tolist"):
-        raise RewardError(f"reward {reward.name!r} returned a {type(scores).__name__}; it must return a list of numbers, one per completion")
+        raise RewardError(f"reward {name!r} returned a {type(scores).__name__}; it must return a list of numbers, one per completion")
     scores = list(scores.tolist() if hasattr(scores, "tolist") else scores)
-    if len(scores) != len(completions):
-        raise RewardError(f"reward {reward.name!r} returned {len(scores)} scores for {len(completions)} completions; it must return one per completion")
+    if len(scores) != count:
+        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {count} completions; it must return one per completion")
     for index, score in enumerate(scores):
         if score is not None and not isinstance(score, numbers.Real):
-            raise RewardError(f"reward {reward.name!r} returned {score!r} ({type(score).__name__}) for completion {index}; scores must be numbers (or None: not applicable)")
+            raise RewardError(f"reward {name!r} returned {score!r} ({type(score).__name__}) for completion {index}; scores must be numbers (or None: not applicable)")
+        if score is not None and not math.isfinite(score):
+            raise RewardError(f"reward {name!r} returned {score} for completion {index}; scores must be finite numbers (or None: not applicable)")
     return scores
 
 

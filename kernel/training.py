@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from modelloop.data.images import ImageTokens
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
 from modelloop.data.tokenize import IGNORE, TokenizedData
+from modelloop.jsonl import read_jsonl, write_record
 from modelloop.models.output_loss import OutputLayerLoss
 from modelloop.specs import Sampler, Tuner
 
@@ -412,6 +413,44 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
+def step_of(checkpoint: Path | None) -> int:
+    """The optimizer step a checkpoint was saved after (0 for none: a run from the start)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+
+
+def resume_point(resume: Any, run_dir: Path) -> Path | None:
+    """The checkpoint a run continues from (None: it starts afresh), said on stdout.
+
+    ``resume`` is False, or the run being resumed and the checkpoint asked for (None: its
+    newest complete one)."""
+    from modelloop.parallel.world import is_main_process
+
+    if not resume:
+        return None
+    checkpoint = resume[1] or latest_checkpoint(run_dir / "checkpoints")
+    if is_main_process():
+        print(f"modelloop: resuming from {checkpoint}" if checkpoint else f"modelloop: resuming {run_dir}: no checkpoint was saved, so from the first step")
+    return checkpoint
+
+
+def whole_run_losses(metrics_path: Path, attempt_loss: float, resumed_at: int, final_step: int) -> dict[str, float]:
+    """The run's mean training loss over all its steps (``train_loss``) and its last logged
+    loss (``train_loss_last``).
+
+    transformers averages over the steps of the last attempt only; for a resumed run the
+    losses logged before ``resumed_at`` are added in, each weighted by the steps it covers.
+    """
+    logged = [(record["step"], record["loss"]) for record in read_jsonl(metrics_path) if record.get("loss") is not None]
+    total, steps, previous = attempt_loss * (final_step - resumed_at), final_step - resumed_at, 0
+    for step, loss in logged:
+        if step <= resumed_at:
+            total, steps, previous = total + loss * (step - previous), steps + step - previous, step
+    losses = {"train_loss": total / steps if steps else attempt_loss}
+    if logged:
+        losses["train_loss_last"] = logged[-1][1]
+    return losses
+
+
 class MeasureFromFirstStep(TrainerCallback):
     """Restart a ``PeakMemory`` when training begins, after the model is wrapped."""
 
@@ -457,8 +496,10 @@ class ReportCallback(TrainerCallback):
         """Drop what an earlier attempt logged after ``step`` (where a resumed run starts
         again, 0 for a run started afresh), so that nothing is logged twice."""
         if self.metrics_path.exists():
-            kept = [record for record in read_metrics(self.metrics_path) if record["step"] <= step]
-            self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            kept = [record for record in read_jsonl(self.metrics_path) if record["step"] <= step]
+            with self.metrics_path.open("w") as out:
+                for record in kept:
+                    write_record(out, record)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.progress is None:
@@ -480,7 +521,7 @@ class ReportCallback(TrainerCallback):
                 numbers["tokens_per_second"] = (tokens - self.last_log[1]) / (now - self.last_log[0])
             self.last_log = (now, tokens)
         with self.metrics_path.open("a") as out:
-            out.write(json.dumps({"step": state.global_step, **numbers}) + "\n")
+            write_record(out, {"step": state.global_step, **numbers})
         if self.progress is not None and "loss" in numbers:
             self.progress.update(self.task, loss=f"{numbers['loss']:.4f}")
         self.log_hook(state.global_step, numbers)
@@ -489,27 +530,6 @@ class ReportCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``. A last line cut short (the process killed,
-    or the disk full, in the middle of a write) is left out with a warning, and a resume
-    rewrites the file without it; a broken line before the last is an error naming it."""
-    from modelloop.errors import ModelloopError
-    from modelloop.log import warn_once
-
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ModelloopError(f"{path}:{number}: not a JSON record; the lines after it were written later, so the file was changed by hand") from None
-            warn_once(f"{path}:{number}: the last line was cut short (a write interrupted); left out")
-    return records
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
@@ -532,14 +552,15 @@ def plot_metrics(metrics_path: Path, out: Path, series: Mapping[str, str], *, yl
     from matplotlib import pyplot
 
     points: dict[str, list[tuple[int, float]]] = {key: [] for key in series}
-    for record in read_metrics(metrics_path):
+    for record in read_jsonl(metrics_path):
         for key in series:
-            if key in record:
+            if record.get(key) is not None:  # null: a value that was not a finite number
                 points[key].append((record["step"], record[key]))
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for key, label in series.items():
         if points[key]:
-            axes.plot(*zip(*points[key]), "o-" if key.startswith("eval_") else "-", label=label)
+            sparse = key.startswith("eval_") or len(points[key]) == 1  # a lone point as a line draws nothing
+            axes.plot(*zip(*points[key]), "o-" if sparse else "-", label=label)
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)

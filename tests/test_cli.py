@@ -98,6 +98,7 @@ def test_plugins_json_lists_versions_hooks_and_registrations(manager):
             "builtin": False,
             "hooks": ["register_commands"],
             "registered": {"command": ["hello", "fail"]},
+            "clashes": [],
         },
         {
             "name": "modelloop-plugin-rewards",
@@ -105,13 +106,25 @@ def test_plugins_json_lists_versions_hooks_and_registrations(manager):
             "builtin": False,
             "hooks": ["register_rewards"],
             "registered": {"reward": ["brevity"]},
+            "clashes": [],
         },
     ]
 
 
-def test_plugins_text_and_hook_filter(manager):
+def test_plugins_text_and_hook_filter_shows_builtins_beside_installed(manager):
     output = invoke("plugins", "--hook", "register_rewards").output
-    assert output == "modelloop-plugin-rewards 1.2\n  hooks: register_rewards\n  reward: brevity\n"
+    assert output.startswith("modelloop.builtin.rewards ")
+    assert "(built-in)\n  hooks: register_rewards\n  reward: exact, accuracy," in output
+    assert output.endswith("modelloop-plugin-rewards 1.2\n  hooks: register_rewards\n  reward: brevity\n")
+    assert "modelloop.builtin.templates" not in output
+
+
+def test_plugins_shows_each_clash_under_the_plugins_in_it(manager):
+    manager.add_plugin(Rewards(), PluginInfo("modelloop-plugin-also-brevity", "0.1", builtin=False))
+    output = invoke("plugins").output
+    clash = "  clash: reward 'brevity' is registered by both modelloop-plugin-rewards and modelloop-plugin-also-brevity, so neither is used"
+    assert output.count(clash) == 2 and "modelloop-plugin-commands 0.4\n  hooks: register_commands\n  command: hello, fail\n" in output
+    assert "MODELLOOP_BLOCK_PLUGINS=modelloop-plugin-rewards" in output
 
 
 def test_plugins_all_adds_builtins(manager):

@@ -64,6 +64,15 @@ def test_check_counts_dropped_records(tmp_path, tiny_models):
     assert "1 records longer than 64 tokens would be dropped" in result.stdout
 
 
+def test_check_with_truncation_error_names_each_record_too_long(tmp_path, tiny_models):
+    path = write(tmp_path / "d.jsonl", GOOD, LONG, GOOD)
+    result = invoke("data", "check", path, "--model", tiny_models("llama"), "--max-length", 64, "--truncation", "error")
+    assert result.exit_code == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"{path}:2: ")]
+    assert line.endswith(" tokens, longer than max_length 64")
+    assert "2 good records (2 conversation), 1 bad" in result.stdout
+
+
 def test_check_of_a_missing_file_is_one_line_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "modelloop", "data", "check", str(tmp_path / "nope.jsonl")], capture_output=True, text=True

@@ -234,6 +234,17 @@ def test_text_that_is_not_utf8_is_a_located_problem(tmp_path):
     assert str(problem) == f"{path}:2: not UTF-8 text (save the file as UTF-8)"
 
 
+def test_a_byte_order_mark_is_not_content(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "a.jsonl").write_text(bom + json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    (tmp_path / "a.json").write_text(bom + json.dumps([{"text": "a"}, {"text": "b"}]))
+    (tmp_path / "a.csv").write_text(bom + "text\na\nb\n")
+    for name in ("a.jsonl", "a.json", "a.csv"):
+        records = read_records([tmp_path / name])
+        assert records.problems == []
+        assert [example.record for example in records.examples] == [{"text": "a"}, {"text": "b"}]
+
+
 @pytest.mark.parametrize(
     "text, line, reason",
     [

@@ -184,12 +184,3 @@ def test_llmcompressor_exports_reload_and_generate(quant, run_on_a_quantizable_m
 def test_calibrated_exports_need_calibration_data_for_a_plain_model(tiny_models, tmp_path):
     result = invoke("export", tiny_models("qwen2"), "--out", tmp_path / "g", "--quant", "gptq-int4", "--quant-python", sys.executable)
     assert result.exit_code == 2 and "give calibration data with --calibration FILE" in result.output
-
-
-def test_a_complete_row_without_its_newline_is_redone(tmp_path):
-    from modelloop.inference.batch import finished_rows
-
-    output = tmp_path / "out.jsonl"
-    output.write_text('{"index": 0, "response": "a"}\n{"index": 1, "response": "b"}')
-    assert finished_rows(output) == {0}
-    assert output.read_text() == '{"index": 0, "response": "a"}\n'

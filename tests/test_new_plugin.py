@@ -40,6 +40,7 @@ def test_third_party_reward_plugin_installs_and_is_found(tmp_path, subprocess_en
             "builtin": False,
             "hooks": ["register_rewards"],
             "registered": {"reward": ["my_reward"]},
+            "clashes": [],
         }
     ]
 

@@ -111,3 +111,21 @@ def test_trace_is_off_unless_asked(value, install_plugin, capsys):
     install_plugin("modelloop-plugin-good", GOOD.format(name="good"))
     get_registry(REWARDS, manager_loading("modelloop-plugin-good", MODELLOOP_TRACE_PLUGINS=value)).get("good")
     assert capsys.readouterr().err == ""
+
+
+def test_a_plugin_that_exits_at_import_is_reported_and_skipped(install_plugin, capsys):
+    install_plugin("modelloop-plugin-exits", "import sys\nsys.exit('needs a GPU')")
+    install_plugin("modelloop-plugin-good", GOOD.format(name="good"))
+    manager = manager_loading("modelloop-plugin-exits", "modelloop-plugin-good")
+    assert "good" in get_registry(REWARDS, manager) and "modelloop-plugin-exits" not in manager.info
+    assert "modelloop-plugin-exits 1.0: not loaded: import failed: SystemExit: needs a GPU" in capsys.readouterr().err
+
+
+def test_names_in_the_plugin_settings_that_nothing_is_called_are_reported(install_plugin, capsys):
+    install_plugin("modelloop-plugin-good", GOOD.format(name="good"))
+    manager_loading("modelloop-plugin-good", "modelloop-plugin-godo", MODELLOOP_BLOCK_PLUGINS="templates,modelloop-plugin-bda")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "modelloop: MODELLOOP_LOAD_PLUGINS names modelloop-plugin-godo, which no installed plugin is called",
+        "modelloop: MODELLOOP_BLOCK_PLUGINS names modelloop-plugin-bda, which no installed plugin is called",
+    ]

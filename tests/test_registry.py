@@ -140,9 +140,8 @@ def test_unknown_first_party_name_says_what_to_install(manager):
         get_registry(TUNERS).get("lora")
 
 
-def test_duplicate_name_names_both_plugins_and_keeps_the_first(manager, capsys):
-    first = Reward(name="similarity", score=constant_score)
-    add(manager, "first-plugin", registering("register_rewards", first))
+def test_a_third_party_clash_gives_the_name_to_neither_and_keeps_their_other_names(manager, capsys):
+    add(manager, "first-plugin", registering("register_rewards", Reward(name="similarity", score=constant_score)))
     add(
         manager,
         "second-plugin",
@@ -150,11 +149,68 @@ def test_duplicate_name_names_both_plugins_and_keeps_the_first(manager, capsys):
         version="0.2",
     )
     rewards = get_registry(REWARDS)
-    assert rewards.get("similarity") is first
-    assert "brevity" not in rewards  # a clashing plugin's contribution is taken whole or not at all
+    assert rewards.registered_by("second-plugin") == ["brevity"]
+    assert "similarity" not in rewards.names()
+    with pytest.raises(PluginError) as raised:
+        rewards.get("similarity")
+    assert str(raised.value) == (
+        "reward 'similarity' is registered by both first-plugin and second-plugin, so neither is used; "
+        "uninstall one or set MODELLOOP_BLOCK_PLUGINS=first-plugin or MODELLOOP_BLOCK_PLUGINS=second-plugin"
+    )
+    assert capsys.readouterr().err == ""  # nothing to say until the name is needed
+
+
+def first_party(manager, name, plugin):
+    """Add ``plugin`` as the first-party distribution ``name`` (which must be one)."""
+    assert PluginInfo(name, "1.0", builtin=False).origin == "first-party"
+    return add(manager, name, plugin)
+
+
+@pytest.mark.parametrize("hijacker_loads_first", [True, False])
+def test_a_first_party_name_cannot_be_taken_over_whatever_the_load_order(manager, capsys, hijacker_loads_first):
+    lora = Tuner(name="lora", prepare=lambda *a: None, aliases=("low-rank",))
+    dora = Tuner(name="dora", prepare=lambda *a: None)
+    evil = Tuner(name="lora", prepare=lambda *a: None)
+    other = Tuner(name="bitfit", prepare=lambda *a: None)
+    hijacker = registering("register_tuners", evil, other)
+    if hijacker_loads_first:
+        add(manager, "aaa-hijack", hijacker)
+    first_party(manager, "modelloop-plugin-tuner-lora", registering("register_tuners", lora, dora))
+    if not hijacker_loads_first:
+        add(manager, "aaa-hijack", hijacker)
+    tuners = get_registry(TUNERS)
+    assert tuners.get("lora") is lora and tuners.get("low-rank") is lora and tuners.get("dora") is dora
+    assert tuners.provider("lora") == "modelloop-plugin-tuner-lora"
+    assert tuners.registered_by("aaa-hijack") == ["bitfit"]  # its other names stay
     (line,) = capsys.readouterr().err.splitlines()
-    assert "second-plugin 0.2" in line
-    assert "'similarity' is registered by both first-plugin and second-plugin" in line
+    assert "plugin aaa-hijack 1.0: its tuner 'lora' is ignored: the name belongs to modelloop-plugin-tuner-lora (first-party)" in line
+    (clash,) = tuners.clashes()
+    assert clash.kept == "modelloop-plugin-tuner-lora"
+
+
+def test_a_builtin_name_cannot_be_taken_over(manager, capsys):
+    add(manager, "aaa", registering("register_rewards", Reward(name="exact", score=constant_score, description="mine")))
+    assert get_registry(REWARDS).get("exact").description != "mine"
+    assert "the name belongs to modelloop.builtin.rewards (built-in)" in capsys.readouterr().err
+
+
+def test_a_family_claiming_a_first_party_model_type_keeps_its_own_name(manager):
+    mine = ModelFamily(name="myqwen", model_types=("myqwen", "qwen2"), template="chatml")
+    qwen = ModelFamily(name="qwen2", model_types=("qwen2",), template="chatml")
+    add(manager, "aaa", registering("register_models", mine))
+    first_party(manager, "modelloop-plugin-model-qwen", registering("register_models", qwen))
+    models = get_registry(MODELS)
+    assert models.get("qwen2") is qwen and models.get("myqwen") is mine
+
+
+def test_every_shipped_plugin_is_first_party():
+    import tomllib
+    from pathlib import Path
+
+    from modelloop.plugins import FIRST_PARTY_PLUGINS
+
+    shipped = {tomllib.loads(path.read_text())["project"]["name"] for path in Path("plugins").glob("*/pyproject.toml")}
+    assert shipped == FIRST_PARTY_PLUGINS
 
 
 def test_registering_the_wrong_type_is_reported(manager, capsys):
@@ -200,7 +256,7 @@ def test_specs_reject_empty_names_and_string_tuples():
         ModelFamily(name="toy", model_types=(), template="chatml")
 
 
-def test_load_order_not_hook_order_decides_clashes(manager, capsys):
+def test_neither_load_order_nor_hook_order_settles_a_third_party_clash(manager):
     class Late:
         @hookimpl(trylast=True)
         def register_rewards(self, register):
@@ -208,8 +264,8 @@ def test_load_order_not_hook_order_decides_clashes(manager, capsys):
 
     add(manager, "first", registering("register_rewards", Reward(name="similarity", score=constant_score, description="first")))
     add(manager, "late", Late())
-    assert get_registry(REWARDS).get("similarity").description == "first"
-    assert "registered by both first and late" in capsys.readouterr().err
+    with pytest.raises(PluginError, match="registered by both first and late"):
+        get_registry(REWARDS).get("similarity")
 
 
 def test_a_wrapper_cannot_provide(manager, capsys):

@@ -88,6 +88,15 @@ def broken(prompts, completions, **columns):
 def scalar(prompts, completions, **columns):
     return 1.0
 
+def not_a_number(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+def infinite(prompts, completions, **columns):
+    return [1.0] * (len(completions) - 1) + [float("inf")]
+
+def nan_in_training(prompts, completions, **columns):  # fine on the sample batch, not at a later step
+    return [float("nan") if index == 2 and len(completions) > 4 else 1.0 for index in range(len(completions))]
+
 NOT_CALLABLE = 3
 """
 
@@ -120,6 +129,18 @@ def test_options_are_the_keyword_only_parameters(reward_module):
         resolve_rewards(["accuracy"], [1.0, 2.0], {})
 
 
+def test_a_short_name_carries_the_options_and_names_the_metrics(reward_module):
+    given = f"bonus={reward_module}:slow_politeness"
+    (bound,) = resolve_rewards([given], None, {"bonus": {"bonus": 0.25}})
+    prompts, completions, columns = sample_batch([{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}])
+    assert bound.name == bound.score.__name__ == "bonus"  # GRPO logs rewards/bonus/mean
+    assert check_on_sample(bound, prompts, completions, columns) == [1.25, 0.25]
+    with pytest.raises(RewardError, match="reward_options for 'team_rewards:slow_politeness', which is not one of the rewards \\(bonus\\)"):
+        resolve_rewards([given], None, {"team_rewards:slow_politeness": {"bonus": 1}})
+    with pytest.raises(RewardError, match="two rewards are named 'accuracy'; give one a short name"):
+        resolve_rewards(["accuracy", "accuracy=team_rewards:politeness"], None, {})
+
+
 @pytest.mark.parametrize(
     "reference, message",
     [
@@ -143,6 +164,8 @@ def test_a_reward_that_cannot_be_found_or_called_is_named(reference, message, re
         ("words", r"returned 'good' \(str\) for completion 0; scores must be numbers"),
         ("broken", "failed on a sample batch of 4: KeyError: 'solution'"),
         ("scalar", "returned a float; it must return a list of numbers"),
+        ("not_a_number", "returned nan for completion 0; scores must be finite numbers"),
+        ("infinite", "returned inf for completion 3; scores must be finite numbers"),
     ],
 )
 def test_a_bad_reward_fails_on_the_sample_batch(name, message, reward_module):
@@ -150,6 +173,23 @@ def test_a_bad_reward_fails_on_the_sample_batch(name, message, reward_module):
     records = [{"prompt": [{"role": "user", "content": f"q{n}"}], "solution": str(n)} for n in range(3)]
     with pytest.raises(RewardError, match=f"reward 'team_rewards:{name}' {message}"):
         check_on_sample(bound, *sample_batch(records))
+
+
+def test_every_step_checks_the_scores_and_names_the_completion(reward_module):
+    (bound,) = resolve_rewards(["team_rewards:nan_in_training"], None, {})
+    records = [{"prompt": [{"role": "user", "content": f"q{n}"}], "solution": str(n)} for n in range(2)]
+    assert check_on_sample(bound, *sample_batch(records)) == [1.0] * 4
+    prompts = ["q"] * 8  # what GRPO hands the reward at a step: bound.score is its reward function
+    with pytest.raises(RewardError, match="reward 'team_rewards:nan_in_training' returned nan for completion 2"):
+        bound.score(prompts, [said("ok")] * 8)
+
+
+@pytest.mark.parametrize("ending", ["import sys\nsys.exit(3)\n", "raise SystemExit('no GPU here')\n"])
+def test_a_reward_module_that_exits_at_import_is_named(tmp_path, ending):
+    module = tmp_path / "exits.py"
+    module.write_text(ending + "def score(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    with pytest.raises(RewardError, match=r"exits.py failed to load: SystemExit"):
+        resolve_rewards([f"{module}:score"], None, {})
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -25,14 +27,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model, port, env, *extra):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modelloop", "serve", str(model), "--port", str(port), *extra],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_server(model, port, env, *extra, log=None):
+    """A ``modelloop serve`` process once it answers /health; its stderr goes to the file
+    ``log`` where given (for a test to read while it runs), else to a pipe."""
+    with open(log, "w") if log else contextlib.nullcontext(subprocess.PIPE) as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelloop", "serve", str(model), "--port", str(port), *extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -42,7 +47,8 @@ def start_server(model, port, env, *extra):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"the server did not start: {process.stderr.read()[-2000:]}")
+            output = Path(log).read_text() if log else process.stderr.read()
+            raise AssertionError(f"the server did not start: {output[-2000:]}")
         time.sleep(0.2)
 
 
@@ -145,6 +151,15 @@ def test_a_wrong_api_key_is_401(server):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
     assert raised.value.status_code == 401
     assert httpx.get(f"{server}/v1/models").status_code == 401
+
+
+def test_adapters_load_at_run_time_from_the_folders_of_those_given_at_start(server, lora_run):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    outside = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "etc", "lora_path": "/etc"}, headers=headers)
+    assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_path_not_allowed"
+    beside = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(lora_run[0] / "model")}, headers=headers)
+    assert beside.status_code == 200 and "again" in beside.json()["models"]
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "again"}, headers=headers).json()["models"] == ["tiny", "sft"]
 
 
 def test_sigterm_finishes_the_request_in_flight(tiny_models, subprocess_env):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,77 @@ def test_the_cache_key_tells_same_content_at_another_path_apart(tmp_path, qwen, 
     second = prepare_data([f"{b}#0.5"], tokenizer, chat, max_length=128)
     assert not second.from_cache
     assert all(location.startswith(str(b)) for location in second.locations)
+
+
+def tokenised_characters(monkeypatch) -> list[int]:
+    """The characters each call from now on gives the tokenizer."""
+    from modelloop.data.tokenize import Encoder
+
+    counted: list[int] = []
+    token_ids = Encoder.token_ids
+
+    def counting(self, texts):
+        counted.append(sum(map(len, texts)))
+        return token_ids(self, texts)
+
+    monkeypatch.setattr(Encoder, "token_ids", counting)
+    return counted
+
+
+def test_a_cut_record_has_the_first_tokens_of_the_whole(tmp_path, qwen):
+    from modelloop.data.records import read_records
+    from modelloop.data.tokenize import Encoder
+
+    tokenizer, chat = qwen
+    mixed = "".join(f"Line {i}: naïve café, 日本語 😀\t{'  ' * (i % 7)}x{i * i}!\n" for i in range(800))
+    turns = [{"role": role, "content": mixed[i * 60 : (i + 1) * 60]} for i in range(20) for role in ("user", "assistant")]
+    rows = [
+        {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": mixed}]},
+        {"messages": turns},  # cut in a later turn: the labels must follow it
+        {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": " assistant" * 4000}]},  # 10 characters a token
+        {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": "short"}]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    examples = read_records([path]).examples
+    encoder = Encoder(tokenizer, chat)
+    whole = [sequences[0] for sequences in encoder.encode(examples)]
+    for max_length in (16, 64, 200):
+        cut = [sequences[0] for sequences in encoder.encode(examples, max_length)]
+        limit = 4 * max_length
+        assert [(c.input_ids, c.labels) for c in cut] == [(w.input_ids[:limit], w.labels[:limit]) for w in whole]
+        assert [c.cut for c in cut] == [len(w) > limit for w in whole] == [True, True, True, False]
+    data = prepare_data([path], tokenizer, chat, max_length=200, use_cache=False)
+    assert [row.tolist() for row in data.input_ids] == [w.input_ids[:200] for w in whole]
+    assert [row.tolist() for row in data.labels] == [w.labels[:200] for w in whole]
+    assert data.stats.truncated == 3
+
+
+def test_a_huge_record_is_tokenised_only_as_far_as_max_length_needs(tmp_path, qwen, monkeypatch):
+    tokenizer, chat = qwen
+    path = conversations(tmp_path / "d.jsonl", count=2, answer=lambda i: "many words " * (200_000 if i else 1))
+    counted = tokenised_characters(monkeypatch)
+    truncated = prepare_data([path], tokenizer, chat, max_length=64, use_cache=False)
+    assert (truncated.stats.truncated, truncated.lengths[1]) == (1, 64)
+    dropped = prepare_data([path], tokenizer, chat, max_length=64, truncation="drop", use_cache=False)
+    assert (dropped.stats.dropped, dropped.stats.examples) == (1, 1)
+    with pytest.raises(DataError, match=f"{path}:2: more than 256 tokens, longer than max_length 64"):
+        prepare_data([path], tokenizer, chat, max_length=64, truncation="error", use_cache=False)
+    assert max(counted) < 10_000  # of 2.2 M characters
+
+
+def test_a_huge_record_with_a_picture_past_the_cut_is_dropped_not_miscounted(tmp_path, tiny_models, monkeypatch):
+    from modelloop.data.images import ImageTokens
+    from modelloop.models.loading import load_image_processor, read_config
+
+    model = tiny_models("qwen2_vl")
+    tokenizer, family = load_tokenizer(model), resolve_family("qwen2_vl")
+    images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
+    picture = Path(__file__).resolve().parent.parent / "examples" / "data" / "images" / "red-square-64.png"
+    content = [{"type": "text", "text": "many words " * 100_000}, {"type": "image", "image": str(picture)}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "red"}]}) + "\n")
+    counted = tokenised_characters(monkeypatch)
+    with pytest.raises(DataError, match="no usable examples"):  # dropped: a cut through a picture's tokens would not match its features
+        prepare_data([path], tokenizer, resolve_chat_format(tokenizer, family), max_length=64, truncation="drop", images=images)
+    assert max(counted) < 10_000

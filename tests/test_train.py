@@ -247,6 +247,15 @@ def test_bad_data_stops_before_training(tiny_models, demo, tmp_path):
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "failed"
 
 
+def test_empty_data_is_named(tiny_models, demo, tmp_path):
+    from modelloop.data.sources import DataError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=f"no usable examples in {empty} \\(no records\\)"):
+        modelloop.sft(settings(tiny_models, demo, tmp_path, data=[str(empty)]))
+
+
 def sft_process(tiny_models, demo, out, *extra):
     command = [
         sys.executable, "-m", "modelloop", "sft", "--model", str(tiny_models("qwen2")), "--data", str(demo / "tasks.jsonl"),
@@ -302,6 +311,11 @@ def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in logged if "loss" in record] == [10, 20]  # steps 11-20 ran again, logged once
     assert logged[0] == first_attempt[0] and logged[-1] != first_attempt[-1]  # up to step 10 kept, the rest replaced
+    assert f"resuming from {run / 'checkpoints' / 'checkpoint-10'}" in resumed.stdout
+    losses = [record["loss"] for record in logged if "loss" in record]
+    metrics = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert metrics["train_loss"] == pytest.approx(sum(losses) / 2, rel=1e-3)  # the whole run, not steps 11-20
+    assert metrics["train_loss_last"] == losses[-1]
 
 
 def test_an_adapter_trained_on_an_adapter_run_keeps_the_first_adapter(lora_run, tmp_path):

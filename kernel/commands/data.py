@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from modelloop.data.records import Example
+    from modelloop.data.sources import Problem
+    from modelloop.data.tokenize import Encoded, Encoder, Truncation
 
 SOURCE = click.argument("files", nargs=-1, required=True)
 MODEL = click.option("--model", "model", help="Model folder or hub id whose tokenizer and template to use.")
@@ -14,7 +21,7 @@ FORMAT = click.option("--format", "format_name", help="Force a data format (defa
 TEMPLATE = click.option("--template", help="Use this registered chat template instead of the model's.")
 
 
-def _encoder(model: str, template: str | None):
+def _encoder(model: str, template: str | None) -> Encoder:
     """The model's encoder: its tokenizer, chat template and (vision models) pictures."""
     from modelloop.chat import resolve_chat_format
     from modelloop.data.images import ImageTokens
@@ -25,6 +32,37 @@ def _encoder(model: str, template: str | None):
     config = read_config(model)
     family = resolve_family(config.model_type)
     return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), ImageTokens.for_model(family, model, config, tokenizer))
+
+
+def _longest(sequences: Iterable[Encoded]) -> Encoded:
+    """The longest sequence: one cut at N tokens is longer than one of exactly N."""
+    return max(sequences, key=lambda sequence: (len(sequence), sequence.cut))
+
+
+def _measured(
+    encoder: Encoder, examples: Sequence[Example], max_length: int | None, truncation: Truncation
+) -> tuple[list[Example], list[Problem], list[Encoded]]:
+    """The examples that render (and fit, with ``--truncation error``), the problems of
+    the others, and the longest sequence of each record longer than ``max_length``:
+    tokenised a batch at a time, and each record only as far as its length is needed."""
+    from modelloop.data.sources import Problem
+    from modelloop.data.tokenize import too_long
+
+    kept: list[Example] = []
+    problems: list[Problem] = []
+    longer: list[Encoded] = []
+    for example, sequences in encoder.each(examples, max_length):
+        if isinstance(sequences, Problem):
+            problems.append(sequences)
+            continue
+        longest = _longest(sequences)
+        if max_length and len(longest) > max_length:
+            if truncation == "error":
+                problems.append(too_long(example.location, longest, max_length))
+                continue
+            longer.append(longest)
+        kept.append(example)
+    return kept, problems, longer
 
 
 @click.group("data")
@@ -38,10 +76,10 @@ def data_command() -> None:
 @click.option("--max-length", type=click.IntRange(min=1), help="Count records longer than this (needs --model).")
 @click.option(
     "--truncation",
-    type=click.Choice(["truncate", "drop"]),
+    type=click.Choice(["truncate", "drop", "error"]),
     default="truncate",
     show_default=True,
-    help="What training does with a record longer than --max-length.",
+    help="What training does with a record longer than --max-length (error: it is a bad record).",
 )
 @FORMAT
 @TEMPLATE
@@ -52,25 +90,17 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     ratio: data.jsonl#0.5.
     """
     from modelloop.data.records import read_records
-    from modelloop.data.sources import DataSource, Problem
+    from modelloop.data.sources import DataSource
 
     if max_length and not model:
         raise click.UsageError("--max-length needs --model (lengths are counted in the model's tokens)")
     records = read_records(files, format=format_name)
-    problems = list(records.problems)
+    problems: list[Problem | str] = list(records.problems)
     good = list(records.examples)
-    longer: list[tuple[str, int]] = []
+    longer: list[Encoded] = []
     if model:
-        encoded = _encoder(model, template).encode(good)
-        unrendered = [sequences for sequences in encoded if isinstance(sequences, Problem)]
-        problems += unrendered
-        for example, sequences in zip(list(good), encoded):
-            if isinstance(sequences, Problem):
-                good.remove(example)
-                continue
-            length = max(len(sequence) for sequence in sequences)
-            if max_length and length > max_length:
-                longer.append((example.location, length))
+        good, unusable, longer = _measured(_encoder(model, template), good, max_length, truncation)
+        problems += unusable
     located = [str(problem) for problem in records.problems] + [example.location for example in records.examples]
     for path in (DataSource.parse(file).path for file in files):
         if not any(text.startswith(f"{path}:") for text in located):
@@ -84,7 +114,7 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     click.echo(f"{len(good)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
     if longer:
         action = "truncated" if truncation == "truncate" else "dropped"
-        click.echo(f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {max(n for _, n in longer)})")
+        click.echo(f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {_longest(longer).measured()})")
     if problems:
         sys.exit(1)
 

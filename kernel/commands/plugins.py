@@ -15,7 +15,9 @@ HOOK_NAMES = sorted(name for name in vars(hooks) if hasattr(getattr(hooks, name)
 
 
 def describe_plugins(manager: PluginManager, *, include_builtins: bool, hook: str | None) -> list[dict[str, Any]]:
-    """One dict per loaded plugin: name, version, builtin, hooks, and names registered per kind."""
+    """One dict per loaded plugin: name, version, builtin, hooks, names registered per kind,
+    and the names it registered that another plugin registered too."""
+    clashes = [clash for kind in KINDS for clash in get_registry(kind, manager).clashes()]
     described = []
     for name, info in manager.info.items():
         if info.builtin and not include_builtins:
@@ -34,6 +36,7 @@ def describe_plugins(manager: PluginManager, *, include_builtins: bool, hook: st
                 "builtin": info.builtin,
                 "hooks": hook_names,
                 "registered": {kind: names for kind, names in registered.items() if names},
+                "clashes": [clash.describe() for clash in clashes if name in clash.plugins],
             }
         )
     return described
@@ -41,11 +44,12 @@ def describe_plugins(manager: PluginManager, *, include_builtins: bool, hook: st
 
 @click.command("plugins")
 @click.option("--all", "include_builtins", is_flag=True, help="Include the plugins built into modelloop.")
-@click.option("--hook", type=click.Choice(HOOK_NAMES), help="Only plugins implementing this hook.")
+@click.option("--hook", type=click.Choice(HOOK_NAMES), help="Only plugins implementing this hook, built-ins included.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def plugins_command(include_builtins: bool, hook: str | None, as_json: bool) -> None:
     """List installed plugins, their hooks and what they registered."""
-    described = describe_plugins(get_plugin_manager(), include_builtins=include_builtins, hook=hook)
+    # Asked about one hook, a user wants everything that answers it, the kernel's own included.
+    described = describe_plugins(get_plugin_manager(), include_builtins=include_builtins or hook is not None, hook=hook)
     if as_json:
         click.echo(json.dumps(described, indent=2))
         return
@@ -58,3 +62,5 @@ def plugins_command(include_builtins: bool, hook: str | None, as_json: bool) -> 
         click.echo(f"  hooks: {', '.join(plugin['hooks'])}")
         for kind, names in plugin["registered"].items():
             click.echo(f"  {kind}: {', '.join(names)}")
+        for clash in plugin["clashes"]:
+            click.echo(f"  clash: {clash}")

@@ -26,6 +26,22 @@ def _adapter(text: str) -> tuple[str, str]:
 @click.option("--engine-python", type=click.Path(dir_okay=False, exists=True), help="Python of the engine's own environment (vllm, sglang).")
 @click.option("--engine-option", "engine_options", multiple=True, help="An engine option: KEY=VALUE, e.g. tensor_parallel_size=2 (repeatable).")
 @click.option("--allow-remote-images", is_flag=True, help="Fetch http(s) image URLs in chat requests (default: base64 data URLs only).")
+@click.option(
+    "--adapter-dir",
+    "adapter_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Load adapters at run time (/v1/load_lora_adapter) only from under DIR (repeatable; default: the folders holding the --adapters; with neither, never).",
+)
+@click.option("--max-queued", default=128, show_default=True, type=click.IntRange(min=0), help="Requests waiting for the engine (about 4 batches of 32); past it, 429.")
+@click.option(
+    "--request-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait for and spend in the engine (the openai client's own default: after it, nobody waits); past it, 503.",
+)
+@click.option("--max-body-mb", default=8, show_default=True, type=click.IntRange(min=1), help="The largest request body, in MiB (a few pictures as base64); past it, 413.")
 def serve_command(
     model: str,
     engine: str,
@@ -38,6 +54,10 @@ def serve_command(
     engine_python: str | None,
     engine_options: tuple[str, ...],
     allow_remote_images: bool,
+    adapter_dirs: tuple[str, ...],
+    max_queued: int,
+    request_timeout: float,
+    max_body_mb: int,
 ) -> None:
     """Serve MODEL (a model folder, hub id or run folder) over the OpenAI API.
 
@@ -46,7 +66,7 @@ def serve_command(
     import uvicorn
 
     from modelloop.config import parse_assignments
-    from modelloop.inference.server import create_app
+    from modelloop.inference.server import Limits, create_app
     from modelloop.registry import ENGINES, get_registry
 
     chosen = get_registry(ENGINES).get(engine)
@@ -59,6 +79,9 @@ def serve_command(
         options["python"] = engine_python
     if allow_remote_images and chosen.name == "hf":  # the built-in engine fetches them itself; the API lets them through
         options["allow_remote_images"] = True
+    limits = Limits(batch_rows=max_batch_size, max_queued=max_queued, request_timeout=request_timeout, max_body_bytes=max_body_mb << 20)
+    folders = adapter_dirs or tuple(Path(path).resolve().parent for path in named.values())
     session = chosen.start(model, adapters=named, options=options)
     click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
-    uvicorn.run(create_app(session, api_key=api_key, allow_remote_images=allow_remote_images), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    app = create_app(session, api_key=api_key, allow_remote_images=allow_remote_images, adapter_dirs=folders, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)

@@ -143,7 +143,7 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
     if stage == "rlhf":
         decorated = click.option("--reward-weights", help="GRPO: one weight per --reward, comma-separated (default 1 each).")(decorated)
         decorated = click.option(
-            "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function."
+            "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function; NAME=... gives it a short name for --set reward_options.NAME.* and its metrics."
         )(decorated)
     decorated = rendezvous_options(decorated)
     decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (sft and pt: default on; rlhf does not pack).")(decorated)

@@ -4,7 +4,8 @@ JSONL, JSON (an array of objects), CSV, Parquet and a folder written by
 ``datasets.save_to_disk``. A record that cannot be parsed becomes a ``Problem`` naming
 its file and line; the rest of the file is still read, so one run reports every bad
 line at once. For tabular files (CSV, Parquet, datasets) the "line" is the 1-based
-row number, and CSV rows count their header line.
+row number, and CSV rows count their header line. A file with no line to name (a
+damaged Parquet file or datasets folder) is a ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from modelloop.errors import ModelloopError
 
@@ -93,33 +95,74 @@ def open_source(path: Path) -> SourceFile:
 
 
 NOT_UTF8 = "not UTF-8 text (save the file as UTF-8)"
+UNDECODED = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" reads a byte that is not UTF-8 as
+#: A JSONL line longer than this is refused unread (a file with no newline would be read whole into memory).
+MAX_LINE = 256 * 2**20
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is refused (json would keep the last one silently)."""
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        ((key, _),) = Counter(key for key, _ in pairs).most_common(1)
+        raise ValueError(f"the key {key!r} appears twice in one object")
+    return record
+
+
+JSON = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def _unparsed(error: ValueError | RecursionError) -> str:
+    """Why a JSON record could not be parsed, as a Problem's reason."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"malformed JSON: {error.msg} (column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "malformed JSON: nested too deeply"
+    return f"malformed JSON: {error}"  # a key given twice, an integer of thousands of digits
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes | None]:
+    """Each line of a file; None for one longer than ``MAX_LINE``, skipped a bounded piece at a time."""
+    while line := handle.readline(MAX_LINE + 1):
+        if len(line) <= MAX_LINE or line.endswith(b"\n"):
+            yield line
+            continue
+        while (rest := handle.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+            pass
+        yield None
 
 
 def _jsonl(path: Path) -> Iterator[RawRecord | Problem]:
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(_lines(handle), start=1):
             location = f"{path}:{number}"
+            if raw is None:
+                yield Problem(location, f"a line longer than {MAX_LINE >> 20} MiB")
+                continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is no content
             except UnicodeDecodeError:
                 yield Problem(location, NOT_UTF8)
                 continue
             if not line.strip():
                 continue
             try:
-                yield RawRecord(location, json.loads(line))
-            except json.JSONDecodeError as error:
-                yield Problem(location, f"malformed JSON: {error.msg} (column {error.colno})")
+                record = JSON.decode(line)
+            except (ValueError, RecursionError) as error:
+                yield Problem(location, _unparsed(error))
+                continue
+            yield RawRecord(location, record)
 
 
 def _json_array(path: Path) -> Iterator[RawRecord | Problem]:
     """Each element of a top-level array, located by the line it starts on."""
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        yield Problem(f"{path}:1", NOT_UTF8)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        where = raw.count(b"\n", 0, error.start) + 1
+        yield Problem(f"{path}:{where}", NOT_UTF8)
         return
-    decoder = json.JSONDecoder()
     whitespace = re.compile(r"\s*")
     line, counted = 1, 0
 
@@ -147,23 +190,39 @@ def _json_array(path: Path) -> Iterator[RawRecord | Problem]:
                 return
             position = whitespace.match(text, position + 1).end()
         try:
-            value, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            yield Problem(f"{path}:{error.lineno}", f"malformed JSON: {error.msg} (column {error.colno})")
+            value, end = JSON.raw_decode(text, position)
+        except (ValueError, RecursionError) as error:
+            where = error.lineno if isinstance(error, json.JSONDecodeError) else line_at(position)
+            yield Problem(f"{path}:{where}", _unparsed(error))
             return
         yield RawRecord(f"{path}:{line_at(position)}", value)
         position = whitespace.match(text, end).end()
         first = False
 
 
+def _not_text(cells: Iterable[str | None]) -> str | None:
+    """Why cells read from a CSV file are not text, if they are not: bytes that are not
+    UTF-8 (read as escapes, so the rows after them are still read) or a NUL byte (a
+    binary or UTF-16 file)."""
+    joined = "".join(filter(None, cells))  # a row short of fields has None for the rest
+    if UNDECODED.search(joined):
+        return NOT_UTF8
+    if "\0" in joined:
+        return "a NUL byte in text (is this a binary or UTF-16 file? save it as UTF-8)"
+    return None
+
+
 def _csv(path: Path) -> SourceFile:
-    handle = path.open(encoding="utf-8", newline="")
+    handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")  # a byte-order mark (Excel) is no column name
+    reader = csv.DictReader(handle)
     try:
-        reader = csv.DictReader(handle)
         columns = tuple(reader.fieldnames or ())
-    except UnicodeDecodeError:
+        reason = _not_text(columns)
+    except csv.Error as error:
+        columns, reason = (), f"malformed CSV: {error}"
+    if reason:
         handle.close()
-        return SourceFile(iter([Problem(f"{path}:1", NOT_UTF8)]), ())
+        return SourceFile(iter([Problem(f"{path}:1", reason)]), ())
 
     def records() -> Iterator[RawRecord | Problem]:
         with handle:
@@ -173,24 +232,33 @@ def _csv(path: Path) -> SourceFile:
                     row = next(reader)
                 except StopIteration:
                     return
-                except UnicodeDecodeError:
-                    yield Problem(f"{path}:{start}", NOT_UTF8)
-                    return
                 except csv.Error as error:
                     yield Problem(f"{path}:{start}", f"malformed CSV: {error}")
                     return
                 if None in row:
                     yield Problem(f"{path}:{start}", f"more fields than the {len(columns)} columns of the header")
-                    continue
-                yield RawRecord(f"{path}:{start}", row)
+                elif reason := _not_text(row.values()):
+                    yield Problem(f"{path}:{start}", reason)
+                else:
+                    yield RawRecord(f"{path}:{start}", row)
 
     return SourceFile(records(), columns)
 
 
+def _unreadable(path: Path, what: str, error: Exception) -> DataError:
+    """A file or folder that cannot be read at all (it has no line to name), with the reader's reason on one line."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return DataError(f"{path}: {what} ({reason})")
+
+
 def _parquet(path: Path) -> SourceFile:
+    import pyarrow
     import pyarrow.parquet
 
-    table = pyarrow.parquet.read_table(path)
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:  # a damaged column chunk is a bare OSError
+        raise _unreadable(path, "not a Parquet file, or a damaged one", error) from None
     return SourceFile(_rows(path, table.to_pylist()), tuple(table.column_names))
 
 
@@ -199,8 +267,8 @@ def _datasets_folder(path: Path) -> SourceFile:
 
     try:
         dataset = datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise DataError(f"{path}: a folder must be one written by datasets' save_to_disk") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:  # what datasets raises on a missing, damaged or foreign file in it
+        raise _unreadable(path, "not a folder written by datasets' save_to_disk, or a damaged one", error) from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise DataError(f"{path}: a DatasetDict needs a 'train' split (found: {', '.join(dataset)})")

@@ -3,7 +3,9 @@
 Each record is rendered with the chat template and cut into trained and untrained
 pieces (``ChatFormat.segments``); each piece is tokenised on its own, without special
 tokens added, so the prompt tokens are exactly those the model gets at inference.
-Labels are the ids of trained pieces and ``IGNORE`` elsewhere.
+Labels are the ids of trained pieces and ``IGNORE`` elsewhere. Given ``max_length``, a
+record is tokenised only as far as a few times that, from a prefix of its text: a record
+of megabytes costs what a long one does, and its first tokens are those of the whole.
 
 Tokenisation runs once per (data files, tokenizer, template, max_length, ...): the
 result is stored under the cache folder and the next run loads it instead.
@@ -15,8 +17,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,18 +34,37 @@ IGNORE = -100
 ENCODING_VERSION = 1
 BATCH = 1024
 SHOWN_PROBLEMS = 20
+#: A sequence is tokenised as far as this many times max_length: its length is exact up
+#: to there and "more than" beyond.
+MEASURED = 4
+#: Characters of text first tokenised per token wanted (a token is 3-4 on average).
+CHARS_PER_TOKEN = 8
+#: Tokens wanted past the last one kept: where the text was cut, its last word may
+#: tokenise otherwise than in the whole text.
+MARGIN = 64
 
 Truncation = Literal["truncate", "drop", "error"]
 
 
 @dataclass(frozen=True)
 class Encoded:
+    """One sequence's tokens; ``cut`` when it is longer and tokenising stopped here."""
+
     input_ids: list[int]
     labels: list[int]
     images: tuple[str, ...] = ()
+    cut: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def measured(self) -> str:
+        """The length for a message: ``more than N`` for a sequence cut at N tokens."""
+        return f"more than {len(self)}" if self.cut else str(len(self))
+
+    def cut_at(self, limit: int) -> Encoded:
+        """Its first ``limit`` tokens, marked ``cut`` when there are more."""
+        return self if len(self) <= limit else Encoded(self.input_ids[:limit], self.labels[:limit], self.images, cut=True)
 
 
 class Encoder:
@@ -95,45 +116,87 @@ class Encoder:
             return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def encode(self, examples: Sequence[Example]) -> list[list[Encoded] | Problem]:
+    def encode(self, examples: Sequence[Example], max_length: int | None = None) -> list[list[Encoded] | Problem]:
         """Each example's sequences, tokenised in batches; a record the template cannot
-        render becomes a Problem at its location."""
+        render becomes a Problem at its location. With ``max_length``, a sequence longer
+        than ``MEASURED`` times that is cut there, before it is tokenised whole."""
         pieces: list[list[list[tuple[str, bool]]] | Problem] = []
         for example in examples:
             try:
                 pieces.append(self.pieces(example))
             except TemplateError as error:
                 pieces.append(Problem(example.location, str(error)))
-        texts = [text for sequences in pieces if not isinstance(sequences, Problem) for sequence in sequences for text, _ in sequence]
-        ids = iter(self.token_ids(texts))
+        rendered = [sequence for sequences in pieces if not isinstance(sequences, Problem) for sequence in sequences]
+        tokenised = iter(self._tokenised(rendered, None if max_length is None else MEASURED * max_length))
         encoded: list[list[Encoded] | Problem] = []
         for example, sequences in zip(examples, pieces):
             if isinstance(sequences, Problem):
                 encoded.append(sequences)
                 continue
-            example_sequences = []
-            for sequence in sequences:
-                input_ids: list[int] = []
-                labels: list[int] = []
-                for _, trained in sequence:
-                    piece = next(ids)
-                    input_ids += piece
-                    labels += piece if trained else [IGNORE] * len(piece)
-                example_sequences.append(Encoded(input_ids, labels))
-            encoded.append(self._with_images(example, example_sequences))
+            encoded.append(self._with_images(example, [next(tokenised) for _ in sequences]))
+        return encoded
+
+    def each(self, examples: Sequence[Example], max_length: int | None = None) -> Iterator[tuple[Example, list[Encoded] | Problem]]:
+        """Each example with what ``encode`` makes of it, ``BATCH`` examples at a time."""
+        for start in range(0, len(examples), BATCH):
+            batch = examples[start : start + BATCH]
+            yield from zip(batch, self.encode(batch, max_length))
+
+    def _tokenised(self, sequences: list[list[tuple[str, bool]]], limit: int | None) -> list[Encoded]:
+        """Each sequence's tokens and labels; with ``limit``, its first ``limit`` tokens
+        only, from a prefix of its text grown until it gives ``MARGIN`` more than that."""
+        if limit is None:
+            return self._joined(sequences)
+        chars = CHARS_PER_TOKEN * (limit + MARGIN)
+        encoded = self._joined([_prefix(sequence, chars) for sequence in sequences])
+        for index, sequence in enumerate(sequences):
+            wanted, size = chars, sum(len(text) for text, _ in sequence)
+            while len(encoded[index]) < limit + MARGIN and wanted < size:  # text of many characters a token
+                wanted *= 2
+                (encoded[index],) = self._joined([_prefix(sequence, wanted)])
+            encoded[index] = encoded[index].cut_at(limit)
+        return encoded
+
+    def _joined(self, sequences: list[list[tuple[str, bool]]]) -> list[Encoded]:
+        """Each sequence's pieces tokenised (all in one batch) and joined, labelled where trained."""
+        ids = iter(self.token_ids([text for sequence in sequences for text, _ in sequence]))
+        encoded = []
+        for sequence in sequences:
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for _, trained in sequence:
+                piece = next(ids)
+                input_ids += piece
+                labels += piece if trained else [IGNORE] * len(piece)
+            encoded.append(Encoded(input_ids, labels))
         return encoded
 
     def _with_images(self, example: Example, sequences: list[Encoded]) -> list[Encoded] | Problem:
         """Each picture's tokens expanded; for a vision model also checks that a record
-        without pictures holds no image token (typed into its text, it would have no pixels)."""
+        without pictures holds no image token (typed into its text, it would have no pixels).
+        A cut record is left as it is: its text may hold only some of its pictures, and it
+        is too long to keep with them anyway."""
         images = tuple(example.record.get("images") or ())
         if self.images is None:
             return sequences
+        if any(sequence.cut for sequence in sequences):
+            return [replace(sequence, images=images) for sequence in sequences]
         try:
             counts = self.images.counts(images)
             return [Encoded(*self.images.expand(sequence.input_ids, sequence.labels, counts), images=images) for sequence in sequences]
         except ValueError as error:
             return Problem(example.location, str(error))
+
+
+def _prefix(sequence: list[tuple[str, bool]], chars: int) -> list[tuple[str, bool]]:
+    """The pieces of a sequence's first ``chars`` characters."""
+    cut = []
+    for text, trained in sequence:
+        if chars <= 0:
+            break
+        cut.append((text[:chars], trained))
+        chars -= len(text)
+    return cut
 
 
 @dataclass
@@ -219,6 +282,11 @@ def problems_error(problems: Sequence[Problem], hint: str) -> DataError:
     return DataError(f"{len(problems)} bad record(s):\n" + "\n".join(shown) + f"\n{hint}")
 
 
+def too_long(location: str, encoded: Encoded, max_length: int) -> Problem:
+    """A record that ``truncation="error"`` refuses."""
+    return Problem(location, f"{encoded.measured()} tokens, longer than max_length {max_length}")
+
+
 def fit(encoded: Encoded, max_length: int, truncation: Truncation) -> Encoded | None:
     """The sequence within ``max_length``: cut, or None when dropped (or nothing trained is left)."""
     if len(encoded) > max_length:
@@ -243,31 +311,29 @@ def tokenize_records(
     flat_ids, flat_labels, offsets = array("i"), array("i"), array("q", [0])
     locations: list[str] = []
     images: list[tuple[str, ...]] = []
-    too_long: list[Problem] = []
+    refused: list[Problem] = []
     unrendered: list[Problem] = []
-    for start in range(0, len(examples), BATCH):
-        batch = examples[start : start + BATCH]
-        for example, sequences in zip(batch, encoder.encode(batch)):
-            if isinstance(sequences, Problem):
-                unrendered.append(sequences)
-                continue
-            (encoded,) = sequences
-            if len(encoded) > max_length and truncation == "error":
-                too_long.append(Problem(example.location, f"{len(encoded)} tokens, longer than max_length {max_length}"))
-                continue
-            kept = fit(encoded, max_length, truncation)
-            if kept is None:
-                stats.dropped += 1
-                continue
-            stats.truncated += len(kept) < len(encoded)
-            flat_ids.extend(kept.input_ids)
-            flat_labels.extend(kept.labels)
-            offsets.append(len(flat_ids))
-            locations.append(example.location)
-            images.append(encoded.images)
-            stats.longest = max(stats.longest, len(kept))
-    if too_long:
-        raise problems_error(too_long, "Raise --max-length, or choose --truncation truncate or drop.")
+    for example, sequences in encoder.each(examples, max_length):
+        if isinstance(sequences, Problem):
+            unrendered.append(sequences)
+            continue
+        (encoded,) = sequences
+        if len(encoded) > max_length and truncation == "error":
+            refused.append(too_long(example.location, encoded, max_length))
+            continue
+        kept = fit(encoded, max_length, truncation)
+        if kept is None:
+            stats.dropped += 1
+            continue
+        stats.truncated += len(kept) < len(encoded)
+        flat_ids.extend(kept.input_ids)
+        flat_labels.extend(kept.labels)
+        offsets.append(len(flat_ids))
+        locations.append(example.location)
+        images.append(encoded.images)
+        stats.longest = max(stats.longest, len(kept))
+    if refused:
+        raise problems_error(refused, "Raise --max-length, or choose --truncation truncate or drop.")
     labels = numpy.frombuffer(flat_labels, dtype=numpy.int32)
     stats.examples = len(locations)
     stats.tokens = len(flat_ids)
@@ -392,7 +458,9 @@ def prepare_data(
     data.stats.skipped_bad = len(records.problems) + len(unrendered)
     data.stats.formats = {str(path): name for path, name in records.formats.items()}
     if not data.locations:
-        raise DataError("no usable examples in the data")
+        files = ", ".join(str(source.path) for source in parsed)
+        why = data.stats.summary() if records.examples or records.problems else "no records"
+        raise DataError(f"no usable examples in {files} ({why})")
     if cached is not None:
         _save(cached, data)
     return data

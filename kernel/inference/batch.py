@@ -2,15 +2,14 @@
 
 Every record of any format becomes a prompt (a conversation's last assistant turn, a
 prompt record's ``solution``, becomes the reference answer). Results are appended to a
-JSONL file batch by batch and flushed; a rerun skips the rows already there (and drops a
-last line cut short by a kill), so every row is written exactly once.
+JSONL file batch by batch and flushed; a rerun skips the rows already there (and cuts off a
+last line cut short by a kill, ``modelloop.jsonl``), so every row is written exactly once.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from modelloop.data.records import Example
 from modelloop.data.sources import DataError
 from modelloop.data.images import as_content_parts, inline_images
 from modelloop.inference.types import GenerationRequest, SamplingParams
+from modelloop.jsonl import read_jsonl, repair, write_record
 
 
 @dataclass(frozen=True)
@@ -52,26 +52,6 @@ def prompts_from(examples: Sequence[Example]) -> list[Prompt]:
     return prompts
 
 
-def finished_rows(output: Path) -> set[int]:
-    """Indices already written; a last line cut short by a kill is removed from the file."""
-    if not output.exists():
-        return set()
-    done: set[int] = set()
-    good_bytes = 0
-    with output.open("rb") as lines:
-        for raw in lines:
-            if not raw.endswith(b"\n"):  # cut short before its newline: the next row would join it
-                break
-            try:
-                done.add(json.loads(raw)["index"])
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                break
-            good_bytes += len(raw)
-    with output.open("r+b") as handle:
-        handle.truncate(good_bytes)
-    return done
-
-
 def run_inference(
     session: Any,
     prompts: Sequence[Prompt],
@@ -86,7 +66,7 @@ def run_inference(
     if not prompts:
         raise DataError("no prompts to run")
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = finished_rows(output)
+    done = {row["index"] for row in repair(output)}
     todo = [prompt for prompt in prompts if prompt.index not in done]
     progress(len(prompts) - len(todo))
     with output.open("a", encoding="utf-8") as out:
@@ -107,7 +87,7 @@ def run_inference(
                     "reference": prompt.reference,
                     **({"columns": prompt.columns} if prompt.columns else {}),
                 }
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                write_record(out, row)
             out.flush()
             os.fsync(out.fileno())
             progress(len(batch))
@@ -115,5 +95,4 @@ def run_inference(
 
 
 def read_rows(output: Path) -> list[dict[str, Any]]:
-    rows: Iterable[dict[str, Any]] = (json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line)
-    return sorted(rows, key=lambda row: row["index"])
+    return sorted(read_jsonl(output), key=lambda row: row["index"])

@@ -182,7 +182,7 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
     if records.problems and not config.skip_bad_records:
         raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
     if not records.examples:
-        raise ConfigError("no usable examples in the data")
+        raise ConfigError(f"no usable examples in {', '.join(files)} ({len(records.problems)} bad records skipped)" if records.problems else f"no records in {', '.join(files)}")
     pictured = next((example for example in records.examples if example.record.get("images")), None)
     if pictured is not None and config.method not in ("dpo", "grpo"):
         raise ConfigError(f"{pictured.location}: {config.method} does not take pictures yet (dpo, grpo, sft, serve, infer and eval do)")
@@ -224,7 +224,7 @@ def _run(
 
     from modelloop.chat import resolve_chat_format
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import MeasureFromFirstStep, ReportCallback, latest_checkpoint, modelloop_trainer_class, plot_metrics
+    from modelloop.training import MeasureFromFirstStep, ReportCallback, modelloop_trainer_class, plot_metrics, resume_point, step_of, whole_run_losses
 
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
@@ -272,7 +272,7 @@ def _run(
         **extra,
     )
     trainer.remove_callback(PrinterCallback)
-    checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
+    checkpoint = resume_point(resume, run_dir)
     started = time.perf_counter()
     try:
         outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -281,6 +281,7 @@ def _run(
             rollouts.close()
         tokenizer.padding_side = padding_side  # model/ keeps the tokenizer as it came
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
+    metrics.update(whole_run_losses(run_dir / "metrics.jsonl", outcome.training_loss, step_of(checkpoint), trainer.state.global_step))
     metrics["train_seconds"] = time.perf_counter() - started
     metrics.update(memory.measured())
     if config.method == "grpo":
@@ -307,9 +308,9 @@ def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
 
 def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
     """GRPO's mean total reward over the first and the last ``window`` logged steps."""
-    from modelloop.training import read_metrics
+    from modelloop.jsonl import read_jsonl
 
-    logged = [record["reward"] for record in read_metrics(metrics_path) if "reward" in record]
+    logged = [record["reward"] for record in read_jsonl(metrics_path) if record.get("reward") is not None]
     if not logged:
         return {}
     return {"reward_first": sum(logged[:window]) / len(logged[:window]), "reward": sum(logged[-window:]) / len(logged[-window:])}

@@ -564,7 +564,8 @@ def complete_run(
         files=hashed_files(model_dir),
         parallel={**plan.to_dict(), "wrapped_as": wrapped_as},
     )
-    print(f"modelloop: {stage} finished: {run_dir} (train loss {metrics.get('train_loss', float('nan')):.4f})")
+    losses = f"train loss: mean {metrics['train_loss']:.4f}, last {metrics['train_loss_last']:.4f}" if "train_loss_last" in metrics else "no train loss logged"
+    print(f"modelloop: {stage} finished: {run_dir} ({losses})")
     return {"run_dir": str(run_dir), "metrics": metrics}
 
 
@@ -575,7 +576,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     from modelloop.data.tokenize import prepare_data
     from modelloop.models.cpu_linear import ROW_MULTIPLE
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, ReportCallback, TrainingData, latest_checkpoint
+    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, ReportCallback, TrainingData, resume_point, step_of, whole_run_losses
 
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
@@ -619,11 +620,12 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         callbacks=[report, MeasureFromFirstStep(memory)],
     )
     trainer.remove_callback(PrinterCallback)
-    checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
+    checkpoint = resume_point(resume, run_dir)
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
+    metrics.update(whole_run_losses(run_dir / "metrics.jsonl", outcome.training_loss, step_of(checkpoint), trainer.state.global_step))
     if eval_set is not None:
         metrics.update(trainer.evaluate())
         report.on_log(arguments, trainer.state, trainer.control, logs={key: v for key, v in metrics.items() if key.startswith("eval_")})
