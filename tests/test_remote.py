@@ -123,3 +123,63 @@ def test_the_engine_session_protocol_is_met(remote):
     from modelloop.specs import EngineSession
 
     assert isinstance(remote, EngineSession) and isinstance(remote, RemoteSession)
+
+
+BUSY_TWICE = """
+    import http.server, json, sys
+    refusals = [(429, "0.2"), (503, None)]  # a full queue (Retry-After), then a request past its time (none)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+        def do_POST(self):
+            streamed = json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("stream")
+            if self.path == "/bad":
+                return self.answer(400, {"error": {"message": "no"}})
+            if refusals:
+                status, wait = refusals.pop(0)
+                return self.answer(status, {"error": {"message": "busy"}}, wait)
+            refusals.extend([(429, "0.2"), (503, None)])
+            choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
+            if streamed:
+                return self.answer(200, f"data: {json.dumps({'choices': [choice]})}\\n\\ndata: [DONE]\\n\\n")
+            self.answer(200, {"choices": [choice], "usage": {"prompt_tokens": 1}})
+        def answer(self, status, body, wait=None):
+            data = (body if isinstance(body, str) else json.dumps(body)).encode()
+            self.send_response(status)
+            if wait:
+                self.send_header("Retry-After", wait)
+            self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+        def log_message(self, *args):
+            pass
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.fixture
+def busy_server(tmp_path):
+    """A stand-in that refuses each request twice (429 with Retry-After, 503 without) before answering it."""
+    port = free_port()
+    server = ServerProcess([*stand_in(tmp_path, BUSY_TWICE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in")
+    server.wait_healthy(timeout=30)
+    yield server
+    server.stop(grace=5)
+
+
+def test_busy_answers_are_asked_again_after_their_retry_after(busy_server):
+    session = RemoteSession(busy_server.url, default_model="m")
+    started = time.monotonic()
+    (answer,) = session.generate([GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=2))])
+    assert answer.choices[0].text == "ok"
+    assert time.monotonic() - started >= 0.2 + 0.5  # Retry-After, then the first back-off step
+    (delta,) = session.stream(GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=2)))
+    assert (delta.text, delta.finish_reason) == ("ok", "stop")
+    with pytest.raises(EngineError, match=r"\(400\): no"):  # a refusal that is not "busy" stands at once
+        session._call("POST", "/bad", json={})
+    session.close()
+
+
+def test_a_busy_server_past_the_client_s_time_is_an_error(busy_server):
+    session = RemoteSession(busy_server.url, default_model="m", timeout=0.1)  # no time to wait for a retry
+    with pytest.raises(EngineError, match=r"refused the request \(429\): busy"):
+        session.generate([GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=2))])
+    session.close()

@@ -11,6 +11,7 @@ Torch-free: nothing here imports the ML stack.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import signal
@@ -27,6 +28,10 @@ from modelloop.errors import EngineError
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest
 
 LOG_LINES = 40
+
+#: Statuses that mean "busy, ask again" (a full queue, a request past its time), retried as
+#: OpenAI's own clients retry them: after the server's Retry-After, or with back-off.
+RETRIED = frozenset({429, 503})
 
 
 def free_port() -> int:
@@ -138,6 +143,7 @@ class RemoteSession:
         self.default_model = default_model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.timeout = timeout
         self.context_length = context_length or 1 << 30
         self._models: list[str] | None = None
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="modelloop-remote")
@@ -170,20 +176,28 @@ class RemoteSession:
 
     def _stream(self, request: GenerationRequest) -> Iterator[Delta]:
         route, body = self._body(request)
-        with self.http.stream("POST", route, json={**body, "stream": True}) as response:
-            if response.status_code != 200:
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            with self.http.stream("POST", route, json={**body, "stream": True}) as response:
+                if response.status_code == 200:
+                    yield from self._deltas(response)
+                    return
                 response.read()
+            if not self._wait_to_retry(response, attempt, deadline):  # the connection is back in the pool
                 self._raise(response)
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise EngineError(chunk["error"].get("message", "the server failed while streaming"))
-                for choice in chunk.get("choices", []):
-                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                    if text or choice.get("finish_reason"):
-                        yield Delta(index=choice["index"], text=text, finish_reason=choice.get("finish_reason"))
+
+    @staticmethod
+    def _deltas(response: Any) -> Iterator[Delta]:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise EngineError(chunk["error"].get("message", "the server failed while streaming"))
+            for choice in chunk.get("choices", []):
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if text or choice.get("finish_reason"):
+                    yield Delta(index=choice["index"], text=text, finish_reason=choice.get("finish_reason"))
 
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", self.adapter_route, json={"lora_name": name, "lora_path": str(Path(path).resolve())})
@@ -246,14 +260,33 @@ class RemoteSession:
     def _call(self, method: str, route: str, **kwargs: Any) -> Any:
         import httpx
 
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            try:
+                response = self.http.request(method, route, **kwargs)
+            except httpx.HTTPError as error:
+                detail = f"; its last output:\n{self.process.last_lines()}" if self.process else ""
+                raise EngineError(f"the engine at {self.url} did not answer {method} {route}: {error}{detail}") from None
+            if response.status_code == 200:
+                return response.json() if response.content else {}
+            if not self._wait_to_retry(response, attempt, deadline):
+                self._raise(response)
+
+    @staticmethod
+    def _wait_to_retry(response: Any, attempt: int, deadline: float) -> bool:
+        """Sleep before asking again if the server said it is busy and the wait fits before
+        ``deadline``; False when the refusal stands."""
+        if response.status_code not in RETRIED:
+            return False
         try:
-            response = self.http.request(method, route, **kwargs)
-        except httpx.HTTPError as error:
-            detail = f"; its last output:\n{self.process.last_lines()}" if self.process else ""
-            raise EngineError(f"the engine at {self.url} did not answer {method} {route}: {error}{detail}") from None
-        if response.status_code != 200:
-            self._raise(response)
-        return response.json() if response.content else {}
+            delay = float(response.headers.get("Retry-After", ""))
+        except ValueError:  # absent, or an HTTP date: back off instead
+            delay = 0.5 * 2**attempt
+        delay = min(max(delay, 0.1), 30.0)
+        if time.monotonic() + delay > deadline:
+            return False
+        time.sleep(delay)
+        return True
 
     @staticmethod
     def _raise(response: Any) -> None:
