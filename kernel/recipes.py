@@ -177,7 +177,7 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
                 raise RecipeError(f"{origin}: stage {number} {name!r}: no model to start from (set the recipe's `model:` or add a new-model stage)")
             fields.setdefault("model", PENDING.format(source) if source else str(model))
         elif kind != "new-model" and source is None and model is None:
-            raise RecipeError(f"{origin}: stage {number} {name!r}: no model to work on (set the recipe's `model:` or add a new-model stage)")
+            raise RecipeError(f"{origin}: stage {number} {name!r}: no model to work on (set the recipe's `model:`, give --set model=PATH, or add a new-model stage)")
         try:
             config = build_config(CONFIGS[kind], fields, source=f"{origin}: stage {number} {name!r} ({kind})")
         except ConfigError as error:
@@ -215,16 +215,17 @@ def _fill(value: Any, variables: Mapping[str, Any], origin: str) -> Any:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Every stage checked before anything runs: names first (fast), then data and rewards."""
+    """Every stage checked before anything runs: names first (fast), then the base model
+    (a folder, or a hub id that is reachable or cached), then data and rewards."""
     for step in recipe.steps:
         _guard(recipe, step, _check_names)
-    for step in recipe.steps:
-        _guard(recipe, step, _check_inputs)
     first = recipe.steps[0]
     if recipe.model is not None and first.source is None and first.kind != "new-model":
         from modelloop.models.loading import read_config, resolve_model_source
 
         _guard(recipe, first, lambda step: read_config(resolve_model_source(recipe.model).base))
+    for step in recipe.steps:
+        _guard(recipe, step, _check_inputs)
 
 
 def _guard(recipe: Recipe, step: Step, check: Callable[[Step], Any]) -> None:

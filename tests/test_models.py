@@ -181,3 +181,33 @@ def test_attention_asked_for_is_checked_before_loading(tiny_models):
     with pytest.raises(ModelLoadError, match="flex_attention computes in bf16 or fp16, and this run computes in fp32"):
         choose_attention("flex_attention", text, resolve_family("qwen2"), gpu=(9, 0), packing=True, half=False)
     assert choose_attention("eager", text, resolve_family("qwen2"), gpu=None, packing=False) == "eager"
+
+
+def test_a_cached_hub_id_loads_without_network_and_without_retries(tmp_path, tiny_models, subprocess_env):
+    """With the hub out of reach and HF_HUB_OFFLINE not set, a hub id in the cache is read from
+    there at once (the hub's client alone retries for about 25 s before it looks there)."""
+    import subprocess
+    import sys
+
+    from modelloop.inference.remote import free_port
+
+    repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_models("qwen2"), repo / "snapshots" / commit)
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n")
+    env = {key: value for key, value in subprocess_env.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    command = [sys.executable, "-m", "modelloop", "data", "check", str(data), "--model"]
+    cached = subprocess.run([*command, "acme/tiny"], env=env, capture_output=True, text=True, timeout=120)
+    assert cached.returncode == 0, cached.stderr
+    assert "1 records" in cached.stdout or "1 record" in cached.stdout
+    assert "Retry" not in cached.stderr
+    missing = subprocess.run([*command, "acme/other"], env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (
+        f"Error: acme/other: the hub ({env['HF_ENDPOINT']}) cannot be reached and the model is not in the hub cache "
+        f"({tmp_path / 'hf' / 'hub'}); download it where there is a network (hf download acme/other) or give a model folder instead of the id"
+    )

@@ -102,6 +102,9 @@ def locate(name_or_path: str | Path, *, needs_config: bool = True) -> str:
             raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
         return str(path.resolve())  # absolute: run manifests must point at it from anywhere
     if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")) and not path.parent.is_dir():
+        from modelloop.models.hub import check_hub_id
+
+        check_hub_id(text)
         return text
     raise ModelLoadError(f"{text}: no such model folder (and not a hub id like Qwen/Qwen2.5-0.5B)")
 
