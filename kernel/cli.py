@@ -11,6 +11,7 @@ A ``ModelloopError`` is shown as one ``Error: ...`` line with exit code 2; ``--d
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +39,13 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "plan": "modelloop.commands.plan:plan_command",
     "runs": "modelloop.commands.runs:runs_command",
 }
+
+
+#: Commands that never use DeepSpeed, which accelerate imports whenever it is installed
+#: (on every ``save_pretrained``: 0.15 s and a "Setting accelerator to CPU" line). In a
+#: process that runs only the command, it is left out; the training commands decide by
+#: their strategy (``modelloop.stages.train.leave_out_unused_libraries``).
+NEVER_DEEPSPEED = frozenset({"new-model", "data", "export", "infer", "eval", "serve", "chat"})
 
 
 class UserError(click.ClickException):
@@ -72,14 +80,22 @@ def build_cli() -> click.Group:
 
     @click.group(cls=ModelloopGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(modelloop.__version__, prog_name="modelloop")
-    @click.option("--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors.")
-    def cli(debug: bool) -> None:
+    @click.option("--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors (and what -v shows).")
+    @click.option("-v", "--verbose", is_flag=True, envvar="MODELLOOP_VERBOSE", help="Show the libraries' own warnings and progress bars.")
+    @click.pass_context
+    def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
         """Load, tune, align, export, serve and evaluate open language models.
 
         Model families, tuners, rewards and engines are plugins: see `modelloop plugins`.
         """
-        if not debug:
+        if debug or verbose:
+            os.environ["MODELLOOP_VERBOSE"] = "1"  # for the processes this one starts
+        else:
             quiet_library_notices()
+        if (ctx.obj or {}).get("owns_process") and ctx.invoked_subcommand in NEVER_DEEPSPEED:
+            from modelloop.process import leave_out
+
+            leave_out(["deepspeed"])
 
     manager = get_plugin_manager()
     owners: dict[str, str] = {}

@@ -31,9 +31,10 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from modelloop.errors import ModelloopError
-    from modelloop.log import quiet_library_notices
+    from modelloop.log import quiet_library_notices, verbose_requested
 
-    quiet_library_notices()
+    if not verbose_requested():
+        quiet_library_notices()
     order = json.loads(Path(sys.argv[1]).read_text())
     try:
         record(run)(order["stage"], order["config"])
