@@ -11,7 +11,7 @@ each step of modelloop's data pipeline in this one process:
 
 and, as a baseline, transformers' own ``apply_chat_template(tokenize=True)`` per record
 (which gives no label mask). It also reports how much padding packing saves against
-padded batches in random and length-grouped order.
+padded batches in random and length_grouped order.
 
 Run: .venv/bin/python bench/data_throughput.py [--records 100000] [--max-length 512]
 """
@@ -117,14 +117,14 @@ def main() -> None:
     lengths = tokenized.lengths
     samplers = get_registry(SAMPLERS)
     random_order = [lengths[i] for i in samplers.get("random").order(lengths, batch_size=arguments.batch_size, seed=0)]
-    grouped = [lengths[i] for i in samplers.get("length-grouped").order(lengths, batch_size=arguments.batch_size, seed=0)]
+    grouped = [lengths[i] for i in samplers.get("length_grouped").order(lengths, batch_size=arguments.batch_size, seed=0)]
     row_lengths = [len(row.input_ids) for row in rows]
     tokens = sum(lengths)
     print(f"\n{tokens:,} tokens in {len(lengths):,} examples -> {len(rows):,} packed rows "
           f"({tokens / (len(rows) * arguments.max_length):.1%} full)")
     for label, waste in (
         ("padded batches, random order", padded_waste(random_order, arguments.batch_size)),
-        ("padded batches, length-grouped", padded_waste(grouped, arguments.batch_size)),
+        ("padded batches, length_grouped", padded_waste(grouped, arguments.batch_size)),
         ("packed rows (padded to longest row)", padded_waste(row_lengths, arguments.batch_size)),
     ):
         print(f"padding share of computed tokens, {label:38} {waste:6.1%}")

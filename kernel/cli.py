@@ -20,6 +20,7 @@ import modelloop
 from modelloop.errors import ModelloopError
 from modelloop.log import quiet_library_notices
 from modelloop.plugins import get_plugin_manager
+from modelloop.threads import settle_threads
 
 #: command name -> "module:attribute" of its click command.
 BUILTIN_COMMANDS: Mapping[str, str] = {
@@ -92,6 +93,7 @@ def build_cli() -> click.Group:
             os.environ["MODELLOOP_VERBOSE"] = "1"  # for the processes this one starts
         else:
             quiet_library_notices()
+        settle_threads()
         if (ctx.obj or {}).get("owns_process") and ctx.invoked_subcommand in NEVER_DEEPSPEED:
             from modelloop.process import leave_out
 

@@ -31,13 +31,13 @@ class TrainConfig(BaseModel):
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="share of the data held out for evaluation")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end)")
     format: str | None = Field(None, description="force a data format")
-    tuner: str = "lora"
+    tuner: str = Field("lora", description="how weights are trained: full, lora, dora, qlora, galore, ... (see modelloop plugins --hook register_tuners)")
     tuner_options: dict[str, Any] = Field(default_factory=dict, description="rank, alpha, targets, ... of the tuner")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the data")
     max_steps: int | None = Field(None, gt=0, description="stop after N optimizer steps (overrides epochs)")
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, gt=0, description="rows per step on each process (grpo: completions)")
+    grad_accum: int = Field(1, gt=0, description="batches added up into one optimizer step")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
     scheduler: str = "cosine"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -45,11 +45,11 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0.0)
     freeze: list[str] = Field(default_factory=list, description="module groups of the family left untrained (vision, aligner, llm, ...)")
     group_lr: dict[str, float] = Field(default_factory=dict, description="learning rate per module group (vision, aligner, llm); other groups train at lr")
-    max_length: int = Field(1024, gt=0)
+    max_length: int = Field(1024, gt=0, description="tokens per row; longer examples are cut as truncation says")
     packing: bool = True
-    sampler: str = "random"
+    sampler: str = Field("random", description="the order rows are taken in: random, length_grouped, modality_balanced, ...")
     sampler_options: dict[str, Any] = Field(default_factory=dict, description="the sampler's options (image_share of modality_balanced)")
-    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    truncation: Literal["truncate", "drop", "error"] = Field("truncate", description="an example longer than max_length: cut it, leave it out, or stop")
     skip_bad_records: bool = False
     gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass; unset: on a GPU when the memory plan needs it, else off")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
@@ -62,13 +62,13 @@ class TrainConfig(BaseModel):
     cpu_matmul: Literal["auto", "onednn", "blas"] = Field(
         "auto", description="sft/pt on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes"
     )
-    template: str | None = None
+    template: str | None = Field(None, description="chat template (default: the model's own, else its family's)")
     template_options: dict[str, Any] = Field(default_factory=dict)
-    seed: int = 42
-    logging_steps: int = Field(10, gt=0)
+    seed: int = Field(42, description="seed of the weights drawn, the data order and sampling")
+    logging_steps: int = Field(10, gt=0, description="log the loss every N steps")
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
     save_total_limit: int | None = Field(None, gt=0, description="keep the last K checkpoints")
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="also log to tensorboard or wandb")
     nproc: int = Field(1, gt=0, description="processes per node (more than one starts them through torchrun)")
     nnodes: int | None = Field(None, gt=0, description="nodes taking part, each running the same command with its --node-rank (default: SLURM's count, else 1)")
     strategy: str | None = Field(None, description="parallel strategy: single, ddp, fsdp, deepspeed, tp, ... (default: single, or ddp for several processes)")
@@ -119,7 +119,7 @@ class RLHFConfig(TrainConfig):
     other field of TRL's config for the method (checked against it).
     """
 
-    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = "dpo"
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = Field("dpo", description="dpo, kto, simpo, orpo (preference data) or grpo (prompts and rewards)")
     packing: bool = False
     beta: float | None = Field(None, ge=0.0, description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo: the KL coefficient")
     loss_type: str | None = Field(None, description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modelloop.artifacts import hashed_files, is_run, read_manifest, run_id, update_manifest
+from modelloop.artifacts import hashed_files, is_run, read_manifest, run_id, runs_root, update_manifest
 from modelloop.errors import ModelloopError
 
 
@@ -193,4 +193,6 @@ def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: s
         building.rename(out)
     finally:
         shutil.rmtree(building, ignore_errors=True)
+    if parent is not None and not out.resolve().is_relative_to(runs_root().resolve()):  # where the lineage finds it
+        update_manifest(Path(source), exports=sorted({*parent.get("exports", []), str(out.resolve())}))
     return out

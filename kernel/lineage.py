@@ -49,14 +49,26 @@ def find_runs(root: Path | None = None) -> list[Run]:
 
 
 def _runs(root: Path) -> Iterator[Run]:
+    """The runs under ``root``, and the exports they wrote elsewhere (``exports`` in the
+    run's manifest; such an export's id is its path, since only its name is its own)."""
     if not root.is_dir():
         return
     for manifest in [*root.glob(f"*/{MANIFEST}"), *root.glob(f"*/*/{MANIFEST}")]:
-        try:
-            data = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue  # a run being written: its manifest appears atomically, so this is not one
+        data = _read(manifest)
+        if data is None:
+            continue
         yield Run(id=str(data.get("id") or manifest.parent.relative_to(root).as_posix()), path=manifest.parent, manifest=data)
+        for export in map(Path, data.get("exports", [])):
+            exported = _read(export / MANIFEST)
+            if exported is not None and not export.resolve().is_relative_to(root.resolve()):
+                yield Run(id=str(export), path=export, manifest=exported)
+
+
+def _read(manifest: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None  # gone, or a run being written: its manifest appears atomically, so this is not one
 
 
 def find_run(reference: str, runs: list[Run] | None = None) -> Run:

@@ -15,7 +15,7 @@ COLUMNS = {
     "accuracy": "accuracy",
     "train_loss": "train loss (mean)",
     "train_loss_last": "last loss",
-    "reward": "reward (mean of last 5 logs)",
+    "reward": "reward (weighted sum, mean of last 5 logs)",
     "train_tokens_per_second": "tokens/s",
     "latency_s": "latency s",
 }

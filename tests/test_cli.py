@@ -151,3 +151,16 @@ def test_console_script_reports_errors_without_traceback(subprocess_env, tmp_pat
     assert completed.stderr.startswith("Error: ")
     assert "already exists" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_training_help_shows_what_most_runs_set_first_and_explains_every_option():
+    for stage in ("sft", "pt", "rlhf"):
+        help_text = CliRunner().invoke(build_cli(), [stage, "--help"]).output
+        command = build_cli().get_command(click.Context(build_cli()), stage)
+        names = [parameter.opts[0] for parameter in command.params]
+        assert names[:8] == ["--model", "--data", "--tuner", "--max-steps", "--epochs", "--batch-size", "--lr", "--max-length"]
+        assert all(parameter.help for parameter in command.params), [p.opts[0] for p in command.params if not p.help]
+        assert ("--packing" in help_text) is (stage != "rlhf")  # rlhf does not pack
+        assert "[default: 1024]" in help_text
+    rlhf = build_cli().get_command(click.Context(build_cli()), "rlhf")
+    assert [parameter.opts[0] for parameter in rlhf.params][8] == "--method"

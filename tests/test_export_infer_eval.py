@@ -56,6 +56,7 @@ def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_ad
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "tuned", "merged")
+    assert str((tmp_path / "merged").resolve()) in json.loads((run / "manifest.json").read_text())["exports"]  # for the lineage
 
 
 def test_export_refuses_what_the_engine_cannot_load(lora_run, tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelloop.lineage import Run, tree_lines
+import json
+
+from modelloop.lineage import Run, find_runs, tree_lines
 
 
 def run(id: str, parent: str | None = None, **manifest) -> Run:
@@ -22,3 +24,14 @@ def test_siblings_branch_and_the_last_one_closes():
         "other",
     ]
     assert tree_lines(runs)[4].endswith("sft [failed]")
+
+
+def test_an_export_written_outside_the_runs_folder_is_drawn_under_its_run(tmp_path):
+    """`export RUN --out exports/merged` records the folder in RUN's manifest; the tree finds it there."""
+    root, export = tmp_path / "runs", tmp_path / "exports" / "merged"
+    for folder, manifest in ((root / "1-sft", {"id": "1-sft", "stage": "sft", "exports": [str(export), str(tmp_path / "deleted")]}), (export, {"id": "merged", "stage": "export", "parent": "1-sft"})):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"status": "completed", **manifest}))
+    runs = find_runs(root)
+    assert {(run.id, run.parent) for run in runs} == {("1-sft", None), (str(export), "1-sft")}
+    assert [line.split("  ")[0] for line in tree_lines(runs)] == ["1-sft", f"└─ {export}"]

@@ -36,7 +36,7 @@ def test_unknown_model_type_lists_installed_families(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="Qwen/Qwen2.5-0.5B: cannot read the config"):
+    with pytest.raises(ModelLoadError, match=r"^Qwen/Qwen2.5-0.5B: HF_HUB_OFFLINE is set and the model is not in the hub cache \(.*\); download it where there is a network \(hf download Qwen/Qwen2.5-0.5B\) or give a model folder instead of the id$"):
         read_config("Qwen/Qwen2.5-0.5B")
 
 

@@ -104,7 +104,7 @@ def test_length_grouped_sampler_cuts_padding():
     samplers = get_registry(SAMPLERS)
     rng = random.Random(0)
     lengths = [rng.randint(10, 500) for _ in range(2000)]
-    grouped = list(samplers.get("length-grouped").order(lengths, batch_size=8, seed=0))
+    grouped = list(samplers.get("length_grouped").order(lengths, batch_size=8, seed=0))
     shuffled = list(samplers.get("random").order(lengths, batch_size=8, seed=0))
     assert sorted(grouped) == list(range(2000))
     waste_grouped = padding_waste([lengths[i] for i in grouped], 8)

@@ -141,7 +141,8 @@ BUSY_TWICE = """
             refusals.extend([(429, "0.2"), (503, None)])
             choice = {"index": 0, "text": "ok", "finish_reason": "stop"}
             if streamed:
-                return self.answer(200, f"data: {json.dumps({'choices': [choice]})}\\n\\ndata: [DONE]\\n\\n")
+                usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+                return self.answer(200, f"data: {json.dumps({'choices': [choice]})}\\n\\ndata: {json.dumps(usage)}\\n\\ndata: [DONE]\\n\\n")
             self.answer(200, {"choices": [choice], "usage": {"prompt_tokens": 1}})
         def answer(self, status, body, wait=None):
             data = (body if isinstance(body, str) else json.dumps(body)).encode()
@@ -172,7 +173,7 @@ def test_busy_answers_are_asked_again_after_their_retry_after(busy_server):
     assert answer.choices[0].text == "ok"
     assert time.monotonic() - started >= 0.2 + 0.5  # Retry-After, then the first back-off step
     (delta,) = session.stream(GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=2)))
-    assert (delta.text, delta.finish_reason) == ("ok", "stop")
+    assert (delta.text, delta.finish_reason, delta.tokens, delta.prompt_tokens) == ("ok", "stop", 2, 1)  # the usage rides on the finish
     with pytest.raises(EngineError, match=r"\(400\): no"):  # a refusal that is not "busy" stands at once
         session._call("POST", "/bad", json={})
     session.close()

@@ -88,6 +88,16 @@ def test_streamed_text_equals_the_whole_answer(client):
     assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_a_stream_asked_for_its_usage_ends_with_it(client):
+    whole = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, n=2)
+    pieces = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, n=2, stream=True, stream_options={"include_usage": True}))
+    *text, last = pieces
+    assert last.choices == [] and last.usage.model_dump() == {**whole.usage.model_dump(), "total_tokens": whole.usage.total_tokens}
+    assert all(chunk.usage is None for chunk in text)
+    plain = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, temperature=0, stream=True))
+    assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked
+
+
 def test_an_adapter_is_used_by_name(client):
     base = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)
     tuned = client.chat.completions.create(model="sft", messages=QUESTION, max_tokens=6, temperature=0, logprobs=True)

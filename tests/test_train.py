@@ -72,6 +72,13 @@ def test_logs_carry_the_speed_of_each_window(tiny_models, demo, tmp_path):
     assert len(speeds) == 2 and all(speed > 0 for speed in speeds)
 
 
+def test_a_step_that_takes_the_whole_data_is_warned_about_before_training(tiny_models, demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("modelloop.log._said", set())
+    modelloop.sft(settings(tiny_models, demo, tmp_path, max_length=1024, max_steps=2))
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "takes the whole data" in line]
+    assert line.startswith("modelloop: warning: one step of 8 rows takes the whole data (200 examples, packed into ")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("tuner", ["lora", "full"])
@@ -254,6 +261,16 @@ def test_empty_data_is_named(tiny_models, demo, tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match=f"no usable examples in {empty} \\(no records\\)"):
         modelloop.sft(settings(tiny_models, demo, tmp_path, data=[str(empty)]))
+
+
+def test_a_missing_data_file_fails_before_any_run_folder_is_made(tiny_models, demo, tmp_path, monkeypatch):
+    from modelloop.config import ConfigError
+
+    monkeypatch.setenv("MODELLOOP_HOME", str(tmp_path / "home"))
+    missing = tmp_path / "typo.jsonl"
+    with pytest.raises(ConfigError, match=f"^{missing}: no such data file or folder$"):
+        modelloop.sft(settings(tiny_models, demo, tmp_path, data=[f"{missing}#0.5"], output_dir=None))
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("manifest.json"))
 
 
 def sft_process(tiny_models, demo, out, *extra):

@@ -1,6 +1,6 @@
-"""Built-in samplers: ``random`` (seeded shuffle), ``length-grouped`` and ``modality_balanced``.
+"""Built-in samplers: ``random`` (seeded shuffle), ``length_grouped`` and ``modality_balanced``.
 
-``length-grouped`` draws examples of similar length together so that, with packing
+``length_grouped`` draws examples of similar length together so that, with packing
 off, a batch pads little: it shuffles, cuts the order into mega-batches of
 ``batch_size * 50`` examples, sorts each by length, and shuffles the resulting batches
 (so the model does not see lengths in order).
@@ -74,7 +74,7 @@ def _rounds(pool: list[int], rng: random.Random) -> Iterator[int]:
 
 SAMPLERS = (
     Sampler(name="random", description="seeded shuffle", order=random_order),
-    Sampler(name="length-grouped", description="batches of similar length (less padding)", order=length_grouped_order),
+    Sampler(name="length_grouped", description="batches of similar length (less padding)", order=length_grouped_order),
     Sampler(name="modality_balanced", description="a set share of pictured examples in every batch", order=modality_balanced_order),
 )
 

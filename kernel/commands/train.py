@@ -6,22 +6,26 @@ resumed (``--resume RUN``), ``--config FILE.yaml``, ``--set key=value``, then th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 #: flag -> click type. Each flag sets the config key of its name (--max-steps: max_steps);
-#: a flag left out does not touch the config.
-FLAGS: dict[str, Any] = {
+#: a flag left out does not touch the config. Its help is the config field's description.
+#: ``MAIN_FLAGS`` are what most runs set and come first in ``--help``.
+MAIN_FLAGS: dict[str, Any] = {
     "--model": str,
     "--tuner": str,
-    "--epochs": float,
     "--max-steps": int,
+    "--epochs": float,
     "--batch-size": int,
-    "--grad-accum": int,
     "--lr": float,
     "--max-length": int,
+}
+FLAGS: dict[str, Any] = {
+    "--grad-accum": int,
     "--dtype": click.Choice(["auto", "bf16", "fp16", "fp32"]),
     "--attn-impl": click.Choice(["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"]),
     "--seed": int,
@@ -77,7 +81,7 @@ RLHF_FLAGS: dict[str, Any] = {
 }
 
 
-def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | None = None) -> click.Command:
+def training_command(stage: str, summary: str) -> click.Command:
     def command(
         config: Path | None,
         assignments: tuple[str, ...],
@@ -137,38 +141,54 @@ def training_command(stage: str, summary: str, extra_flags: dict[str, Any] | Non
             train(stage, build_config(TrainConfig, *layers, source=source), owns_process=owns_process)
 
     command.__doc__ = summary
-    decorated: Any = command
-    for flag, kind in reversed({**FLAGS, **(extra_flags or {})}.items()):
-        decorated = click.option(flag, type=kind, default=None)(decorated)
+    from modelloop.config import RLHFConfig, TrainConfig
+
+    fields = (RLHFConfig if stage == "rlhf" else TrainConfig).model_fields
+
+    def flag(name: str, kind: Any) -> Callable[[Any], Any]:
+        field = fields[name.lstrip("-").replace("-", "_")]
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        shown = f" [default: {default}]" if default not in (None, [], {}) else ""
+        return click.option(name, type=kind, default=None, help=sentence(f"{field.description or ''}{shown}"))
+
+    # In --help order: what most runs set, the method's own, then the rest.
+    options: list[Callable[[Any], Any]] = [flag(name, kind) for name, kind in MAIN_FLAGS.items()]
+    options.insert(1, click.option("--data", multiple=True, help="Data file (repeatable; file#0.5 samples half)."))
     if stage == "rlhf":
-        decorated = click.option("--reward-weights", help="GRPO: one weight per --reward, comma-separated (default 1 each).")(decorated)
-        decorated = click.option(
-            "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function; NAME=... gives it a short name for --set reward_options.NAME.* and its metrics."
-        )(decorated)
-    decorated = rendezvous_options(decorated)
-    decorated = click.option("--packing/--no-packing", default=None, help="Pack examples into full rows (sft and pt: default on; rlhf does not pack).")(decorated)
-    decorated = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(decorated)
-    decorated = click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation.")(decorated)
-    decorated = click.option(
-        "--resume",
-        is_flag=False,
-        flag_value="latest",
-        default=None,
-        help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint.",
-    )(decorated)
-    decorated = click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable).")(decorated)
-    decorated = click.option("--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable).")(decorated)
-    decorated = click.option("--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable).")(decorated)
-    for flag, group in reversed(GROUP_LR_FLAGS.items()):
-        decorated = click.option(flag, type=float, default=None, help=f"Learning rate of the {group} module group (default: --lr).")(decorated)
-    decorated = click.option("--data", multiple=True, help="Data file (repeatable; file#0.5 samples half).")(decorated)
-    decorated = click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16.")(decorated)
-    decorated = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")(decorated)
+        options += [flag(name, kind) for name, kind in RLHF_FLAGS.items()]
+        options += [
+            click.option(
+                "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function; NAME=... gives it a short name for --set reward_options.NAME.* and its metrics."
+            ),
+            click.option("--reward-weights", help="GRPO: one weight per --reward, comma-separated (default 1 each)."),
+        ]
+    options += [
+        click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable)."),
+        click.option("--resume", is_flag=False, flag_value="latest", default=None, help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint."),
+        click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file."),
+        click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16."),
+        *(flag(name, kind) for name, kind in FLAGS.items()),
+        click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation."),
+    ]
+    if stage != "rlhf":
+        options.append(click.option("--packing/--no-packing", default=None, help="Pack examples into full rows [default: on]."))
+    options += [
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help=sentence(fields["gradient_checkpointing"].description or "")),
+        click.option("--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable)."),
+        *(click.option(name, type=float, default=None, help=f"Learning rate of the {group} module group (default: --lr).") for name, group in GROUP_LR_FLAGS.items()),
+        click.option("--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable)."),
+    ]
+    decorated: Any = rendezvous_options(command)  # last in --help: per launch, not per run
+    for option in reversed(options):
+        decorated = option(decorated)
     return click.command(stage)(decorated)
+
+
+def sentence(text: str) -> str:
+    """A config field's description as a help sentence: capital first, one full stop."""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 sft_command = training_command("sft", "Supervised fine-tuning on conversations: loss on the assistant turns.")
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
-rlhf_command = training_command(
-    "rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards).", RLHF_FLAGS
-)
+rlhf_command = training_command("rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards).")

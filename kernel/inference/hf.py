@@ -490,7 +490,8 @@ class _BatchStreamer:
             rest = final.text[len(self.sent[row]) :] if final.text.startswith(self.sent[row]) else ""
             if rest:
                 job.deltas.put(Delta(index=choice, text=rest))
-            job.deltas.put(Delta(index=choice, finish_reason=final.finish_reason))
+            prompt_tokens = len(job.prompt_ids) if choice == 0 else 0
+            job.deltas.put(Delta(index=choice, finish_reason=final.finish_reason, tokens=len(final.token_ids), prompt_tokens=prompt_tokens))
         job.result = Generation(choices=tuple(completions), prompt_tokens=len(job.prompt_ids))
         job.deltas.put(_DONE)
         job.done.set()

@@ -11,6 +11,7 @@ Torch-free: nothing here imports the ML stack.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -178,7 +179,7 @@ class RemoteSession:
         route, body = self._body(request)
         deadline = time.monotonic() + self.timeout
         for attempt in itertools.count():
-            with self.http.stream("POST", route, json={**body, "stream": True}) as response:
+            with self.http.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
                 if response.status_code == 200:
                     yield from self._deltas(response)
                     return
@@ -188,16 +189,29 @@ class RemoteSession:
 
     @staticmethod
     def _deltas(response: Any) -> Iterator[Delta]:
+        """The stream's pieces. A finish is held until the next event, so that the usage
+        the server sends last (asked with ``include_usage``) rides on the last finish."""
+        held: Delta | None = None
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise EngineError(chunk["error"].get("message", "the server failed while streaming"))
+            if usage := chunk.get("usage"):
+                counts = {"tokens": usage.get("completion_tokens", 0), "prompt_tokens": usage.get("prompt_tokens", 0)}
+                held = dataclasses.replace(held, **counts) if held else Delta(index=0, **counts)
             for choice in chunk.get("choices", []):
                 text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                if text or choice.get("finish_reason"):
-                    yield Delta(index=choice["index"], text=text, finish_reason=choice.get("finish_reason"))
+                if held is not None:
+                    yield held
+                    held = None
+                if choice.get("finish_reason"):
+                    held = Delta(index=choice["index"], text=text, finish_reason=choice["finish_reason"])
+                elif text:
+                    yield Delta(index=choice["index"], text=text)
+        if held is not None:
+            yield held
 
     def load_adapter(self, name: str, path: str) -> None:
         self._call("POST", self.adapter_route, json={"lora_name": name, "lora_path": str(Path(path).resolve())})

@@ -91,6 +91,10 @@ class Strict(BaseModel):
 Stop = Annotated[str, Field(max_length=256)]
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
 class Sampling(Strict):
     """The sampling fields both endpoints share (``top_k`` and ``repetition_penalty`` are
     extensions), each bounded to what an engine takes; the context length is the engine's check."""
@@ -106,6 +110,7 @@ class Sampling(Strict):
     stop: Stop | Annotated[list[Stop], Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=-SEED, lt=SEED)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     logprobs: bool = False
     return_token_ids: bool = False  # vLLM's extension: each choice's generated token ids
 
@@ -404,7 +409,8 @@ def create_app(
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         identity = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            events = _events(engine_stream(rows, request, deadline), request, identity, kind, load)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            events = _events(engine_stream(rows, request, deadline), request, identity, kind, load, usage=usage)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
             (generation,) = await asyncio.wait_for(asyncio.shield(in_engine(rows, session.generate, [request])), deadline - time.monotonic())
@@ -559,10 +565,14 @@ async def _until_end(deltas: asyncio.Queue[Any], stop: threading.Event, deadline
         stop.set()
 
 
-async def _events(deltas: AsyncGenerator[Delta, None], request: GenerationRequest, identity: str, kind: str, load: Load) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+async def _events(deltas: AsyncGenerator[Delta, None], request: GenerationRequest, identity: str, kind: str, load: Load, *, usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; with
+    ``usage`` (``stream_options.include_usage``), every chunk carries ``"usage": null`` and a
+    last one with no choices carries the stream's usage."""
     created = int(time.time())
     base = {"id": identity, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created, "model": request.model}
+    if usage:
+        base["usage"] = None
 
     def event(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
         if kind == "chat":
@@ -577,12 +587,19 @@ async def _events(deltas: AsyncGenerator[Delta, None], request: GenerationReques
     if kind == "chat":
         for index in range(request.params.n):
             yield event(index, None, None, role=True)
+    tokens = prompt_tokens = 0
     async with contextlib.aclosing(deltas):  # closed whenever this stream ends: the engine stops too
         try:
             async for delta in deltas:
-                yield event(delta.index, delta.text, delta.finish_reason)
+                tokens, prompt_tokens = tokens + delta.tokens, prompt_tokens + delta.prompt_tokens
+                if delta.text or delta.finish_reason:
+                    yield event(delta.index, delta.text, delta.finish_reason)
         except Exception as error:  # the status line is sent: report in the stream, then end it
             yield f"data: {json.dumps(_stream_failure(error, load).body())}\n\n"
+    load.produced(tokens)
+    if usage:
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': counts})}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -74,8 +74,15 @@ class Generation:
 
 @dataclass(frozen=True, kw_only=True)
 class Delta:
-    """A piece of a streamed choice: new text, or (last) the finish reason."""
+    """A piece of a streamed choice: new text, or (last) the finish reason.
+
+    ``tokens`` and ``prompt_tokens`` count what the engine generated and read, added up over
+    a stream's deltas (an engine puts them where it knows them: on a choice's last delta,
+    or on one of their own), for the usage a client may ask of a stream.
+    """
 
     index: int
     text: str = ""
     finish_reason: FinishReason | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0

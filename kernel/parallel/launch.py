@@ -23,6 +23,7 @@ from typing import Any
 from modelloop.artifacts import read_manifest, run_id, update_manifest, write_json_atomic
 from modelloop.errors import ModelloopError
 from modelloop.parallel.plan import ParallelPlan
+from modelloop.threads import available_cpus
 
 #: lines of a failed rank's log shown in the error.
 TAIL_LINES = 12
@@ -46,7 +47,7 @@ def launch(stage: str, config: Any, plan: ParallelPlan, run_dir: Path) -> dict[s
     order = run_dir / f"launch-node{world.node_rank}.json"  # each node's own: paths and resume may differ
     write_json_atomic(order, {"stage": stage, "config": config.model_dump(mode="json")})
     os.environ[LAUNCHED] = str(run_dir)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world.nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // world.nproc)))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     launch_config = LaunchConfig(
         min_nodes=world.nnodes,

@@ -25,6 +25,7 @@ from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
 from modelloop.stages.train import (
     Checked,
+    advise_schedule,
     check_training,
     finish_run,
     load_trainable,
@@ -248,6 +249,7 @@ def _run(
         dataset, eval_dataset = split["train"], split["test"]
     if is_main_process():
         print(f"modelloop: data: {len(dataset)} {method.kind} examples")
+    advise_schedule(config, checked.plan, rows=len(dataset), examples=len(dataset), rows_a_batch_row=config.num_generations if config.method == "grpo" else 1)
 
     memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
@@ -320,7 +322,9 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     """What ``rewards.png`` shows: each reward and their weighted total for GRPO; the
     chosen-rejected margin (and accuracy) for the preference methods, KTO's rewards."""
     if config.method == "grpo":
-        return {"reward": "total (weighted)", **{f"rewards/{r.name}/mean": r.name for r in rewards}}
+        weights = config.reward_weights or [1.0] * len(rewards)
+        total = "weighted sum: " + " + ".join(f"{weight:g} x {reward.name}" for weight, reward in zip(weights, rewards, strict=True))
+        return {"reward": total, **{f"rewards/{r.name}/mean": r.name for r in rewards}}
     if config.method == "kto":
         return {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"}
     return {"rewards/margins": "chosen - rejected margin", "rewards/accuracies": "accuracy"}

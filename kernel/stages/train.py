@@ -74,6 +74,15 @@ def check_names(config: TrainConfig) -> None:
         get_registry(TEMPLATES).get(config.template)
 
 
+def check_data_files(config: TrainConfig) -> None:
+    """Every data file is there before a run folder is made for it (a typo in --data must
+    not leave a failed run behind)."""
+    for text in [*config.data, *config.eval_data]:
+        path = DataSource.parse(text).path
+        if not path.exists():
+            raise ConfigError(f"{path}: no such data file or folder")
+
+
 def check_sampler(config: TrainConfig) -> None:
     """The sampler exists, takes the options given, and accepts their values (on a
     two-example set of each modality, before any data is read)."""
@@ -191,6 +200,7 @@ def check_training(config: TrainConfig, *, packed_rows: bool = False) -> Checked
 
     tuner, options = check_tuner(config)
     check_names(config)
+    check_data_files(config)
     source = resolve_model_source(config.model)
     model_config = read_config(source.base, trust_remote_code=config.trust_remote_code)
     check_context(model_config, config)
@@ -429,6 +439,19 @@ def merged_base(run_dir: Path) -> Path:
     return run_dir / "base"
 
 
+def advise_schedule(config: TrainConfig, plan: ParallelPlan, *, rows: int, examples: int, rows_a_batch_row: int = 1) -> None:
+    """Warn, before the first step, when the schedule cannot learn much from the data
+    (``modelloop.schedule``). ``rows_a_batch_row``: batch rows one training row takes
+    (GRPO's batch counts completions, ``num_generations`` to a prompt)."""
+    from modelloop.log import warn_once
+    from modelloop.schedule import schedule_advice
+
+    rows_per_step = max(1, config.batch_size * config.grad_accum * plan.dp // rows_a_batch_row)
+    advice = schedule_advice(rows=rows, examples=examples, rows_per_step=rows_per_step, max_steps=config.max_steps, epochs=config.epochs, packed=config.packing)
+    if advice and is_main_process():
+        warn_once(advice)
+
+
 def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool, plan: ParallelPlan | None = None) -> dict[str, Any]:
     """The transformers ``TrainingArguments`` every stage shares (TRL's configs extend
     them), with the parallel plan's on top."""
@@ -598,6 +621,7 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
     if config.eval_split:
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
+    advise_schedule(config, checked.plan, rows=len(train_set), examples=data.stats.examples)
     rope_index = None
     if images is not None and config.packing and images.spec.rope_index is not None:
         rope_index = functools.partial(images.spec.rope_index, model)
@@ -641,6 +665,7 @@ def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_
     if is_main_process():
         shutil.rmtree(run_dir / "model", ignore_errors=True)  # an earlier attempt's weights are not this run's
     train_set = TrainingData.build(data, max_length=config.max_length, packing=False)
+    advise_schedule(config.model_copy(update={"packing": False}), checked.plan, rows=len(train_set), examples=data.stats.examples)
     collator = Collator(tokenizer.pad_token_id, packing=False)
     job = TrainingJob(
         config=config,
