@@ -9,15 +9,16 @@ Manifests are written atomically, so a reader never sees half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MANIFEST = "manifest.json"
 
@@ -64,16 +65,25 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / MANIFEST).read_text())
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file written through a temporary beside ``path`` and renamed onto it when the block
+    ends without an error: readers see the old file or the whole new one, never a part, and
+    a process killed half-way leaves no partial file behind."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2, default=str)
-            out.write("\n")
+        with os.fdopen(handle, mode) as out:
+            yield out
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_file(path) as out:
+        json.dump(data, out, indent=2, default=str)
+        out.write("\n")
 
 
 def update_manifest(run_dir: Path, **fields: Any) -> dict[str, Any]:

@@ -186,7 +186,9 @@ def before_stage(stage: str, config: Mapping[str, Any], run_dir: Path) -> None:
 
     :param stage: the stage name (``sft``, ``rlhf``, ``export``, ...).
     :param config: the resolved configuration, as plain data.
-    :param run_dir: the folder the stage writes its artifacts and manifest to.
+    :param run_dir: the folder the stage writes its artifacts and manifest to (``export``:
+        the export's folder, written when the stage ends; ``serve``, which writes no folder:
+        the model it serves, as given).
     """
 
 

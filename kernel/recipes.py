@@ -427,7 +427,8 @@ def _serve_check(step: Step, model: str, out: Path) -> dict[str, Any]:
     import httpx
 
     from modelloop.artifacts import run_id, update_manifest
-    from modelloop.inference.remote import ServerProcess, free_port
+    from modelloop.inference.remote import ServerProcess
+    from modelloop.parallel.world import free_port
 
     config: Any = step.config
     port = free_port()

@@ -63,7 +63,7 @@ def header(example) -> str:
 def without_network(env: dict[str, str], tmp_path) -> dict[str, str]:
     """The environment of a machine whose network is off and that never set HF_HUB_OFFLINE:
     the hub's address refuses connections, and the hub cache is empty."""
-    from modelloop.inference.remote import free_port
+    from modelloop.parallel.world import free_port
 
     env = {key: value for key, value in env.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     return {**env, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf")}

@@ -70,3 +70,23 @@ def test_hook_on_stage_error(recorder, tmp_path):
             raise failure
     assert plugin.calls[-1] == ("error", "sft", failure)
     assert not any(call[0] == "after" for call in plugin.calls)
+
+
+def test_export_and_serve_run_inside_the_lifecycle(recorder, lora_run, tiny_models, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+    from modelloop.plugins import set_plugin_manager
+
+    manager, plugin = recorder
+    set_plugin_manager(manager)
+    run, _ = lora_run
+    exported = CliRunner().invoke(build_cli(), ["export", str(run), "--merge", "--out", str(tmp_path / "merged")])
+    assert exported.exit_code == 0, exported.output
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: None)  # a server stopped as soon as it started
+    served = CliRunner().invoke(build_cli(), ["serve", str(tiny_models("qwen2")), "--served-name", "tiny"])
+    assert served.exit_code == 0, served.output
+    assert [call[:2] for call in plugin.calls] == [("before", "export"), ("after", "export"), ("before", "serve"), ("after", "serve")]
+    assert plugin.calls[0][3] == tmp_path / "merged" and plugin.calls[0][2]["quant"] == "merged"
+    assert plugin.calls[1][2] == {"out": str(tmp_path / "merged"), "format": "merged"}
+    assert plugin.calls[3][2] == {"models": ["tiny"]}

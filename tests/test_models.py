@@ -189,7 +189,7 @@ def test_a_cached_hub_id_loads_without_network_and_without_retries(tmp_path, tin
     import subprocess
     import sys
 
-    from modelloop.inference.remote import free_port
+    from modelloop.parallel.world import free_port
 
     repo = tmp_path / "hf" / "hub" / "models--acme--tiny"
     commit = "0" * 40

@@ -11,7 +11,8 @@ import pytest
 from conftest import modelloop_serve
 from modelloop.errors import EngineError
 from modelloop.inference.launch import start_server
-from modelloop.inference.remote import RemoteSession, ServerProcess, free_port
+from modelloop.inference.remote import RemoteSession, ServerProcess
+from modelloop.parallel.world import free_port
 from modelloop.inference.types import GenerationRequest, SamplingParams
 
 

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +17,9 @@ import httpx
 import openai
 import pytest
 
+from modelloop.parallel.world import free_port
+
 KEY = "sk-modelloop-test"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(model, port, env, *extra, log=None):

@@ -19,6 +19,7 @@ import click
 def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None, quant_python: str | None, calibration: tuple[str, ...]) -> None:
     """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
     from modelloop.artifacts import is_run
+    from modelloop.lifecycle import stage_lifecycle
     from modelloop.models.loading import resolve_model_source
     from modelloop.registry import EXPORTERS, get_registry
 
@@ -34,5 +35,8 @@ def export_command(source: str, out: Path, merge: bool, quant: str, engine: str 
     options = {"python": quant_python} if quant_python else {}
     if calibration:
         options["calibration"] = list(calibration)
-    written = exporter.export(source, out, **options)
+    config = {"source": source, "out": str(out), "quant": exporter.name, "merge": merge, "for": engine, **options}
+    with stage_lifecycle("export", config, out) as context:
+        written = exporter.export(source, out, **options)
+        context.result.update(out=str(written), format=exporter.name)
     click.echo(f"{written}: {exporter.name} export of {source}")

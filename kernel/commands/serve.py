@@ -67,6 +67,7 @@ def serve_command(
 
     from modelloop.config import parse_assignments
     from modelloop.inference.server import Limits, create_app
+    from modelloop.lifecycle import stage_lifecycle
     from modelloop.registry import ENGINES, get_registry
 
     chosen = get_registry(ENGINES).get(engine)
@@ -81,7 +82,10 @@ def serve_command(
         options["allow_remote_images"] = True
     limits = Limits(batch_rows=max_batch_size, max_queued=max_queued, request_timeout=request_timeout, max_body_bytes=max_body_mb << 20)
     folders = adapter_dirs or tuple(Path(path).resolve().parent for path in named.values())
-    session = chosen.start(model, adapters=named, options=options)
-    click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
-    app = create_app(session, api_key=api_key, allow_remote_images=allow_remote_images, adapter_dirs=folders, limits=limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    config = {"model": model, "engine": chosen.name, "host": host, "port": port, "adapters": named, "options": options, **limits.__dict__}
+    with stage_lifecycle("serve", config, Path(model)) as context:  # serve writes no folder: the model's stands in
+        session = chosen.start(model, adapters=named, options=options)
+        click.echo(f"modelloop: serving {', '.join(session.models)} with the {chosen.name} engine on http://{host}:{port}/v1", err=True)
+        app = create_app(session, api_key=api_key, allow_remote_images=allow_remote_images, adapter_dirs=folders, limits=limits)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        context.result.update(models=list(session.models))

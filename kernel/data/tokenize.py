@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from modelloop.artifacts import sha256_path
+from modelloop.artifacts import atomic_file, sha256_path
 from modelloop.chat import ChatFormat, TemplateError
 from modelloop.data.images import IMAGE_MARK, ImageTokens
 from modelloop.data.records import Example, Records, read_records
@@ -386,20 +384,8 @@ def _save(path: Path, data: TokenizedData) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"locations": data.locations, "stats": asdict(data.stats)}).encode()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            numpy.savez(
-                out,
-                ids=data.flat_ids,
-                labels=data.flat_labels,
-                offsets=data.offsets,
-                meta=numpy.frombuffer(meta, dtype=numpy.uint8),
-            )
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_file(path, "wb") as out:
+        numpy.savez(out, ids=data.flat_ids, labels=data.flat_labels, offsets=data.offsets, meta=numpy.frombuffer(meta, dtype=numpy.uint8))
 
 
 def _load(path: Path) -> TokenizedData:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.errors import EngineError
-from modelloop.inference.remote import RemoteSession, ServerProcess, free_port
+from modelloop.inference.remote import RemoteSession, ServerProcess
+from modelloop.parallel.world import free_port
 from modelloop.options import complete
 
 #: Options every launched engine takes (``--engine-option KEY=VALUE`` on the command line).

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -33,12 +32,6 @@ LOG_LINES = 40
 #: Statuses that mean "busy, ask again" (a full queue, a request past its time), retried as
 #: OpenAI's own clients retry them: after the server's Retry-After, or with back-off.
 RETRIED = frozenset({429, 503})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class ServerProcess:
