@@ -25,7 +25,8 @@ class PluginKind:
     hook: str
     #: the key under which ``modelloop plugins --json`` lists what it registered, if any.
     registers: str | None
-    imports: str
+    imports: str  # the standard library's and third parties' (isort's first sections)
+    api: tuple[str, ...]  # the names it takes from modelloop.plugin (the plugin API) besides hookimpl
     body: str
 
 
@@ -33,9 +34,10 @@ KINDS: dict[str, PluginKind] = {
     "model": PluginKind(
         "register_models",
         "model",
-        "from modelloop.specs import ModelFamily",
+        "",
+        ("ModelFamily",),
         '''
-@modelloop.hookimpl
+@hookimpl
 def register_models(register):
     register(
         ModelFamily(
@@ -51,7 +53,8 @@ def register_models(register):
     "template": PluginKind(
         "register_templates",
         "template",
-        "from modelloop.specs import ChatTemplate",
+        "",
+        ("ChatTemplate",),
         '''
 SOURCE = (
     "{% for message in messages %}<|{{ message.role }}|>\\n{{ message.content }}<|end|>\\n{% endfor %}"
@@ -59,7 +62,7 @@ SOURCE = (
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_templates(register):
     register(ChatTemplate(name="$name", description="The $name chat template.", source=SOURCE, end_of_turn=("<|end|>",)))
 ''',
@@ -67,7 +70,8 @@ def register_templates(register):
     "dataset-format": PluginKind(
         "register_dataset_formats",
         "dataset format",
-        "from modelloop.specs import DatasetFormat",
+        "",
+        ("DatasetFormat",),
         '''
 def convert(record):
     """A question/answer record as a two-turn conversation."""
@@ -81,7 +85,7 @@ def convert(record):
     }
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_dataset_formats(register):
     register(
         DatasetFormat(
@@ -97,14 +101,15 @@ def register_dataset_formats(register):
     "sampler": PluginKind(
         "register_samplers",
         "sampler",
-        "from modelloop.specs import Sampler",
+        "",
+        ("Sampler",),
         '''
 def order(lengths, *, batch_size, seed):
     """Longest examples first, so an out-of-memory batch shows up at the first step."""
     return iter(sorted(range(len(lengths)), key=lambda index: -lengths[index]))
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_samplers(register):
     register(Sampler(name="$name", description="Longest examples first.", order=order))
 ''',
@@ -112,7 +117,8 @@ def register_samplers(register):
     "tuner": PluginKind(
         "register_tuners",
         "tuner",
-        "from modelloop.specs import Tuner",
+        "",
+        ("Tuner",),
         '''
 def prepare(model, options, family):
     """BitFit: train only the bias terms."""
@@ -121,7 +127,7 @@ def prepare(model, options, family):
     return model
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_tuners(register):
     register(Tuner(name="$name", description="Train only bias terms (BitFit).", prepare=prepare))
 ''',
@@ -129,7 +135,8 @@ def register_tuners(register):
     "parallel-strategy": PluginKind(
         "register_parallel_strategies",
         "parallel strategy",
-        "from modelloop.parallel.plan import ParallelPlan\nfrom modelloop.specs import ParallelStrategy",
+        "",
+        ("ParallelPlan", "ParallelStrategy"),
         '''
 def plan(request):
     """Data parallel with gradients reduced in 100 MB buckets: a replica on every rank."""
@@ -143,7 +150,7 @@ def plan(request):
     )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_parallel_strategies(register):
     register(ParallelStrategy(name="$name", description="Data parallel with large gradient buckets.", plan=plan))
 ''',
@@ -151,7 +158,8 @@ def register_parallel_strategies(register):
     "reward": PluginKind(
         "register_rewards",
         "reward",
-        "from modelloop.specs import Reward",
+        "",
+        ("Reward",),
         '''
 def score(prompts, completions, **columns):
     """Prefer short answers: 1.0 for an empty completion, towards 0 as it grows.
@@ -162,7 +170,7 @@ def score(prompts, completions, **columns):
     return [1.0 / (1.0 + len(text.split())) for text in texts]
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_rewards(register):
     register(Reward(name="$name", description="Prefers short completions.", score=score))
 ''',
@@ -170,7 +178,8 @@ def register_rewards(register):
     "exporter": PluginKind(
         "register_exporters",
         "exporter",
-        "from modelloop.specs import Exporter",
+        "",
+        ("Exporter",),
         '''
 def export(source_dir, out_dir, **options):
     """Copy the run's weights and tokenizer as they are."""
@@ -180,7 +189,7 @@ def export(source_dir, out_dir, **options):
     return out_dir
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_exporters(register):
     register(Exporter(name="$name", description="Copies the weights unchanged.", export=export, engines=("hf",)))
 ''',
@@ -188,7 +197,8 @@ def register_exporters(register):
     "engine": PluginKind(
         "register_engines",
         "engine",
-        "from modelloop.inference.types import Completion, Delta, Generation\nfrom modelloop.specs import Engine",
+        "",
+        ("Completion", "Delta", "Engine", "Generation"),
         '''
 class EchoSession:
     """An engine that answers every request with its last message: replace with a real one."""
@@ -225,7 +235,7 @@ def start(model_path, *, adapters=None, options=None):
     return EchoSession()
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_engines(register):
     register(Engine(name="$name", description="Echoes the last message.", start=start))
 ''',
@@ -234,8 +244,9 @@ def register_engines(register):
         "register_commands",
         "command",
         "import click",
+        (),
         '''
-@modelloop.hookimpl
+@hookimpl
 def register_commands(cli):
     @cli.command(name="$name")
     def command():
@@ -247,8 +258,9 @@ def register_commands(cli):
         "on_log",
         None,
         "import json\nfrom pathlib import Path",
+        (),
         '''
-@modelloop.hookimpl
+@hookimpl
 def on_log(stage, step, metrics, run_dir):
     """Append every logged metric to $name.jsonl in the run folder."""
     with open(Path(run_dir) / "$name.jsonl", "a", encoding="utf-8") as log:
@@ -259,9 +271,8 @@ def on_log(stage, step, metrics, run_dir):
 
 MODULE = '''"""$dist: a modelloop $kind plugin."""
 
-$imports
+${imports}from modelloop.plugin import $api
 
-import modelloop
 $body'''
 
 PYPROJECT = '''[build-system]
@@ -362,7 +373,9 @@ def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
     files = {
         "pyproject.toml": string.Template(PYPROJECT).substitute(values),
         "README.md": string.Template(README).substitute(values),
-        f"{module}.py": string.Template(MODULE).substitute(values, imports=plugin_kind.imports, body=body),
+        f"{module}.py": string.Template(MODULE).substitute(
+            values, imports=f"{plugin_kind.imports}\n\n" if plugin_kind.imports else "", api=", ".join((*plugin_kind.api, "hookimpl")), body=body
+        ),
         f"tests/test_{module}.py": string.Template(TEST).substitute(values),
     }
     for relative, text in files.items():

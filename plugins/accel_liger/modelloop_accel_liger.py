@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import modelloop
-from modelloop.specs import Accelerator
+from modelloop.plugin import Accelerator, hookimpl
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
@@ -40,6 +39,6 @@ LIGER = Accelerator(
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_accelerators(register):
     register(LIGER)

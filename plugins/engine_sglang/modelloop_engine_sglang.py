@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import modelloop
-from modelloop.specs import Engine
+from modelloop.plugin import Engine, hookimpl
 
 
 def command(python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -32,7 +31,7 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 
 
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
-    from modelloop.inference.launch import start_server
+    from modelloop.plugin import start_server
 
     return start_server("SGLang", "sglang", model_path, adapters, options, command, adapter_route="/load_lora_adapter", unload_route="/unload_lora_adapter")
 
@@ -40,6 +39,6 @@ def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
 SGLANG = Engine(name="sglang", description="SGLang's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_engines(register):
     register(SGLANG)

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import modelloop
-from modelloop.specs import Engine
+from modelloop.plugin import Engine, hookimpl
 
 
 def command(python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -35,7 +34,7 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 
 
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
-    from modelloop.inference.launch import start_server
+    from modelloop.plugin import start_server
 
     return start_server("vLLM", "vllm", model_path, adapters, options, command, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
 
@@ -43,6 +42,6 @@ def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
 VLLM = Engine(name="vllm", description="vLLM's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_engines(register):
     register(VLLM)

@@ -6,9 +6,7 @@ models; nothing heavy is imported here.
 
 from __future__ import annotations
 
-import modelloop
-from modelloop.models.presets import TINY
-from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe
+from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, hookimpl
 
 #: Llama 3's pre-tokenizer split (digits in groups of up to three).
 LLAMA3_SPLIT = (
@@ -134,13 +132,13 @@ FAMILIES = (
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_templates(register):
     for template in (LLAMA3_TEMPLATE, LLAMA2_TEMPLATE, MISTRAL_TEMPLATE):
         register(template)
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_models(register):
     for family in FAMILIES:
         register(family)

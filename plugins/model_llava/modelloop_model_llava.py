@@ -8,10 +8,7 @@ the images in the order their tokens come. Nothing heavy is imported here.
 
 from __future__ import annotations
 
-import modelloop
-from modelloop.builtin.templates import content_text_macro
-from modelloop.models.presets import TINY
-from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec
+from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec, content_text_macro, hookimpl
 from modelloop_model_llama import LLAMA3_SPLIT, TARGETS
 
 IMAGE = "<image>"
@@ -119,11 +116,11 @@ LLAVA = ModelFamily(
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_templates(register):
     register(LLAVA_TEMPLATE)
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_models(register):
     register(LLAVA)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 
-import modelloop
-from modelloop.models.presets import SMALL, TINY
-from modelloop.builtin.templates import IM_END, chatml_source
-from modelloop.specs import ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec
+from modelloop.plugin import IM_END, SMALL, TINY, ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec, chatml_source, hookimpl
 
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
@@ -288,13 +285,13 @@ FAMILIES = (
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_templates(register):
     register(QWEN2_TEMPLATE)
     register(QWEN3_TEMPLATE)
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_models(register):
     for family in FAMILIES:
         register(family)

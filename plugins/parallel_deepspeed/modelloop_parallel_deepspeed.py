@@ -18,12 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from modelloop import hookimpl
-from modelloop.config import merge
-from modelloop.options import complete
-from modelloop.parallel.plan import ParallelPlan, PlanRequest, parallelism_environment, sequence_parallel_mesh
-from modelloop.paths import cache_home
-from modelloop.specs import ParallelStrategy
+from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, cache_home, complete, hookimpl, merge, parallelism_environment, sequence_parallel_mesh
 
 DEFAULTS = {"stage": 2, "offload_optimizer": False, "offload_parameters": False, "config": None}
 

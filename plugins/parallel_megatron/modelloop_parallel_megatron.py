@@ -21,10 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from modelloop import hookimpl
-from modelloop.options import complete
-from modelloop.parallel.plan import ParallelPlan, PlanRequest
-from modelloop.specs import ParallelStrategy
+from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, complete, hookimpl
 from modelloop_megatron_checkpoint import SUPPORTED_MODEL_TYPES, Layout, Shard, check_divisible, join_shards, megatron_to_hf
 
 #: ``sequence_parallel`` None: on wherever it can be (tp > 1 with Transformer Engine).
@@ -242,7 +239,7 @@ def train_megatron(job: Any) -> dict[str, float]:
 
 def _join_world(timeout: float) -> None:
     """A one-process run has no torchrun world: megatron-core needs one all the same."""
-    from modelloop.parallel.world import free_port, join_process_group
+    from modelloop.plugin import free_port, join_process_group
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -313,7 +310,7 @@ class DataParallelBatches:
     def _batch(self, items: list[Any]) -> dict[str, Any]:
         import torch
 
-        from modelloop.data.tokenize import IGNORE
+        from modelloop.plugin import IGNORE
 
         tokens = torch.full((len(items), self.length), self.job.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), self.length), IGNORE, dtype=torch.long)

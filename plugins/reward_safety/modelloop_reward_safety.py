@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import modelloop
-from modelloop.rewards import answer_text
-from modelloop.specs import Reward
+from modelloop.plugin import Reward, answer_text, hookimpl
 
 DEFAULT_POLICY: dict[str, Any] = {
     "weights": {"violence": 1.0, "self_harm": 1.0, "sexual_minors": 1.0, "hate": 1.0, "pii": 0.5, "prompt_injection": 0.5},
@@ -217,6 +215,6 @@ SAFETY = Reward(
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_rewards(register):
     register(SAFETY)

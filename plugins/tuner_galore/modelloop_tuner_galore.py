@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import modelloop
-from modelloop.options import complete, positive
-from modelloop.specs import Tuner
+from modelloop.plugin import Tuner, complete, hookimpl, positive
 
 DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "targets": "default"}
 PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
@@ -64,6 +62,6 @@ GALORE = Tuner(
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_tuners(register):
     register(GALORE)

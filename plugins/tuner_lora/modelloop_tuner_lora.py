@@ -10,9 +10,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import modelloop
-from modelloop.options import complete, in_range, positive
-from modelloop.specs import Tuner
+from modelloop.plugin import Tuner, complete, hookimpl, in_range, positive
 
 DEFAULTS = {
     "rank": 8,
@@ -65,7 +63,7 @@ def vision_family_targets(model: Any, family: Any, *, vision: bool) -> list[str]
     and with ``vision`` every linear layer of the vision tower too (never the aligner)."""
     import torch
 
-    from modelloop.models.groups import group_of
+    from modelloop.plugin import group_of
 
     suffixes = tuple("." + target for target in family.lora_targets)
     targets = []
@@ -270,7 +268,7 @@ TUNERS = (
 )
 
 
-@modelloop.hookimpl
+@hookimpl
 def register_tuners(register):
     for tuner in TUNERS:
         register(tuner)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop.log import warn_once
+from modelloop.plugin import warn_once
 
 #: the name the function is registered under with transformers.
 NAME = "longlora_s2"
