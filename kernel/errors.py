@@ -8,6 +8,9 @@ not a ``ModelloopError`` is a bug in modelloop or a plugin and keeps its traceba
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 
 class ModelloopError(Exception):
     """Base class of every error the CLI reports without a traceback."""
@@ -23,3 +26,15 @@ class EngineError(ModelloopError):
 
 class PluginError(ModelloopError):
     """A plugin broke its side of the contract (wrong type registered, hook raised)."""
+
+
+class MissingLibraryError(ModelloopError):
+    """A tuner, accelerator, strategy or exporter needs a library this environment lacks."""
+
+
+def require_libraries(spec: Any, kind: str) -> None:
+    """Refuse ``spec`` (any spec with ``requires``: the import names it needs) in one line
+    when one of its libraries is not installed, before anything is loaded for it."""
+    for module in spec.requires:
+        if importlib.util.find_spec(module) is None:
+            raise MissingLibraryError(f"the {spec.name} {kind} needs {module}: pip install {module}")

@@ -223,3 +223,7 @@ def on_log(stage: str, step: int, metrics: Mapping[str, float], run_dir: Path) -
     :param metrics: metric name -> value.
     :param run_dir: the stage's run folder.
     """
+
+
+#: Every hook this contract defines, by name.
+HOOK_NAMES: tuple[str, ...] = tuple(sorted(name for name, value in list(globals().items()) if hasattr(value, f"{PROJECT}_spec")))

@@ -164,3 +164,23 @@ def test_training_help_shows_what_most_runs_set_first_and_explains_every_option(
         assert "[default: 1024]" in help_text
     rlhf = build_cli().get_command(click.Context(build_cli()), "rlhf")
     assert [parameter.opts[0] for parameter in rlhf.params][8] == "--method"
+
+
+class NeedsALibrary:
+    @hookimpl
+    def register_exporters(self, register):
+        from modelloop.specs import Exporter
+
+        register(Exporter(name="needy", export=lambda source, out, **options: out, requires=("no_such_library_here",)))
+
+
+def test_a_spec_whose_library_is_missing_is_refused_in_one_line(manager, tmp_path):
+    """One check and one error for every kind of spec that names the libraries it needs."""
+    from modelloop.errors import MissingLibraryError, require_libraries
+
+    manager.add_plugin(NeedsALibrary(), PluginInfo("modelloop-plugin-needy", "1.0", builtin=False))
+    result = invoke("export", str(tmp_path), "--quant", "needy", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == "Error: the needy export needs no_such_library_here: pip install no_such_library_here"
+    with pytest.raises(MissingLibraryError, match="^the needy tuner needs no_such_library_here"):
+        require_libraries(type("Spec", (), {"name": "needy", "requires": ("no_such_library_here",)})(), "tuner")

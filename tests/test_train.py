@@ -17,7 +17,7 @@ import modelloop
 from conftest import REPO
 from modelloop import hookimpl
 from modelloop.config import ConfigError
-from modelloop.errors import UnknownNameError
+from modelloop.errors import MissingLibraryError, UnknownNameError
 from modelloop.plugins import PluginInfo, get_plugin_manager
 
 
@@ -242,7 +242,7 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_models, demo, tmp_path
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ConfigError, match="the qlora tuner needs bitsandbytes: pip install bitsandbytes"):
+    with pytest.raises(MissingLibraryError, match="the qlora tuner needs bitsandbytes: pip install bitsandbytes"):
         modelloop.sft(settings(tiny_models, demo, tmp_path, tuner="qlora"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import click
@@ -19,6 +18,7 @@ import click
 def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None, quant_python: str | None, calibration: tuple[str, ...]) -> None:
     """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
     from modelloop.artifacts import is_run
+    from modelloop.errors import require_libraries
     from modelloop.lifecycle import stage_lifecycle
     from modelloop.models.loading import resolve_model_source
     from modelloop.registry import EXPORTERS, get_registry
@@ -27,9 +27,7 @@ def export_command(source: str, out: Path, merge: bool, quant: str, engine: str 
     if engine is not None and engine not in exporter.engines:
         raise click.UsageError(f"the {engine} engine cannot load a {exporter.name} export; it loads: "
                                + ", ".join(e.name for e in get_registry(EXPORTERS) if engine in e.engines))
-    for module in exporter.requires:
-        if importlib.util.find_spec(module) is None:
-            raise click.UsageError(f"the {exporter.name} export needs {module}: pip install {module}")
+    require_libraries(exporter, "export")
     if is_run(source) and resolve_model_source(source).adapter and not merge and exporter.name == "merged":
         raise click.UsageError(f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)")
     options = {"python": quant_python} if quant_python else {}

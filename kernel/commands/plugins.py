@@ -7,11 +7,9 @@ from typing import Any
 
 import click
 
-from modelloop import hooks
+from modelloop.hooks import HOOK_NAMES
 from modelloop.plugins import PluginManager, get_plugin_manager
 from modelloop.registry import KINDS, get_registry
-
-HOOK_NAMES = sorted(name for name in vars(hooks) if hasattr(getattr(hooks, name), "modelloop_spec"))
 
 
 def describe_plugins(manager: PluginManager, *, include_builtins: bool, hook: str | None) -> list[dict[str, Any]]:

@@ -190,14 +190,11 @@ def default_strategy(world: World) -> str:
 
 def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan]:
     """The named strategy (or the default for the world) and the plan it makes."""
-    import importlib.util
-
+    from modelloop.errors import require_libraries
     from modelloop.registry import PARALLEL_STRATEGIES, get_registry
 
     strategy = get_registry(PARALLEL_STRATEGIES).get(name or default_strategy(request.world))
-    for module in strategy.requires:
-        if importlib.util.find_spec(module) is None:
-            raise PlanError(f"the {strategy.name} strategy needs {module}: pip install {module}")
+    require_libraries(strategy, "strategy")
     if request.world.size < strategy.min_world_size:
         raise PlanError(f"the {strategy.name} strategy needs at least {strategy.min_world_size} processes (--nproc), the world has {request.world.size}")
     if strategy.needs_cuda and not request.cuda:

@@ -35,7 +35,7 @@ from modelloop.artifacts import (
 )
 from modelloop.config import ConfigError, TrainConfig, build_config
 from modelloop.data.sources import DataSource
-from modelloop.errors import ModelloopError
+from modelloop.errors import ModelloopError, require_libraries
 from modelloop.lifecycle import StageContext, stage_lifecycle
 from modelloop.models.loading import read_config, resolve_family, resolve_model_source
 from modelloop.models.precision import Precision
@@ -54,9 +54,7 @@ KIND = {"sft": "conversation", "pt": "text"}
 def check_tuner(config: TrainConfig) -> tuple[Tuner, dict[str, Any]]:
     """The tuner, its libraries present and its options valid — before anything loads."""
     tuner = get_registry(TUNERS).get(config.tuner)
-    for module in tuner.requires:
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"the {tuner.name} tuner needs {module}: pip install {module}")
+    require_libraries(tuner, "tuner")
     try:
         options = dict(tuner.check(config.tuner_options)) if tuner.check else dict(config.tuner_options)
     except (ValueError, TypeError) as error:
@@ -102,9 +100,7 @@ def check_accelerators(config: TrainConfig, model_type: str) -> list[Accelerator
     found = []
     for name in config.accelerators:
         accelerator = get_registry(ACCELERATORS).get(name)
-        for module in accelerator.requires:
-            if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"the {accelerator.name} accelerator needs {module}: pip install {module}")
+        require_libraries(accelerator, "accelerator")
         if accelerator.needs_cuda:
             import torch
 

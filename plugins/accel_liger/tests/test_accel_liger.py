@@ -9,6 +9,7 @@ import torch
 
 import modelloop
 from modelloop.config import ConfigError
+from modelloop.errors import MissingLibraryError
 from modelloop.registry import ACCELERATORS, get_registry
 
 HAS_GPU_AND_LIGER = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
@@ -24,7 +25,7 @@ def test_liger_is_registered_for_the_families_it_patches():
 def test_without_gpu_or_liger_training_stops_before_loading(tiny_models, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
-    with pytest.raises(ConfigError, match="the liger accelerator (needs liger_kernel|runs on CUDA GPUs only)"):
+    with pytest.raises((MissingLibraryError, ConfigError), match="the liger accelerator (needs liger_kernel|runs on CUDA GPUs only)"):
         modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "accelerators": ["liger"], "output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
 
