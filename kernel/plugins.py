@@ -192,6 +192,24 @@ def _kernel_incompatibility(distribution: metadata.Distribution) -> str | None:
     return None
 
 
+def _api_incompatibility(plugin: object) -> str | None:
+    """The reason a plugin's ``PLUGIN_API`` range (``">=1.0,<2"``, the versions of
+    ``modelloop.plugin`` it was written against) excludes this kernel's, if it does."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from modelloop.plugin import API_VERSION
+
+    needed = getattr(plugin, "PLUGIN_API", None)
+    if needed is None:
+        return None
+    try:
+        if SpecifierSet(str(needed)).contains(API_VERSION):
+            return None
+    except InvalidSpecifier:
+        return f"its PLUGIN_API {needed!r} is not a version range like '>=1.0,<2'"
+    return f"it is written for plugin API {needed}, and this modelloop has {API_VERSION}"
+
+
 def _entry_points() -> list[metadata.EntryPoint]:
     found = metadata.entry_points(group=ENTRY_POINT_GROUP)
     return sorted(found, key=lambda ep: (canonical_name(ep.dist.name) if ep.dist else "", ep.name))
@@ -233,6 +251,10 @@ def _load_entry_points(
             plugin = entry_point.load()
         except (Exception, SystemExit) as error:  # any import-time failure of third-party code
             manager.report(dist_name, version, f"not loaded: import failed: {type(error).__name__}: {error}")
+            continue
+        reason = _api_incompatibility(plugin)
+        if reason:
+            manager.report(dist_name, version, f"not loaded: {reason}")
             continue
         manager.add_plugin(plugin, PluginInfo(dist_name, version, builtin=False))
     return known

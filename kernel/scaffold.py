@@ -273,6 +273,8 @@ MODULE = '''"""$dist: a modelloop $kind plugin."""
 
 ${imports}from modelloop.plugin import $api
 
+PLUGIN_API = "$plugin_api"  # the versions of modelloop.plugin this plugin is written against
+
 $body'''
 
 PYPROJECT = '''[build-system]
@@ -333,6 +335,13 @@ def test_modelloop_lists_the_plugin():
 '''
 
 
+def plugin_api_range() -> str:
+    """The plugin API versions a new plugin is written against: this one's series."""
+    from modelloop.plugin import API_VERSION
+
+    return f">={API_VERSION},<{int(API_VERSION.split('.')[0]) + 1}"
+
+
 def kernel_requirement(version: str = modelloop.__version__) -> str:
     """The kernel range a new plugin declares: this minor series in 0.x, this major after."""
     major, minor = (int(part) for part in version.split(".")[:2])
@@ -367,6 +376,7 @@ def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
         "kind": kind,
         "hook": plugin_kind.hook,
         "kernel_requirement": kernel_requirement(),
+        "plugin_api": plugin_api_range(),
         "registered_assertion": registered_assertion,
     }
     body = string.Template(plugin_kind.body).substitute(values)

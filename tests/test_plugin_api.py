@@ -59,3 +59,13 @@ def test_every_public_name_resolves_and_nothing_else_does():
         assert getattr(modelloop.plugin, name) is not None
     with pytest.raises(AttributeError, match="the plugin API names"):
         modelloop.plugin.load_model  # noqa: B018  # the kernel's, not the API's
+
+
+@pytest.mark.parametrize("folder", PLUGINS, ids=lambda folder: folder.name)
+def test_a_shipped_plugin_declares_the_plugin_api_it_is_written_against(folder):
+    from packaging.specifiers import SpecifierSet
+
+    entry = next(iter(project(folder)["project"]["entry-points"]["modelloop"].values()))
+    declared = re.search(r'^PLUGIN_API = "([^"]+)"', (folder / f"{entry}.py").read_text(), flags=re.M)
+    assert declared, f"{entry}.py declares no PLUGIN_API"
+    assert SpecifierSet(declared.group(1)).contains(modelloop.plugin.API_VERSION)

@@ -121,6 +121,17 @@ def test_a_plugin_that_exits_at_import_is_reported_and_skipped(install_plugin, c
     assert "modelloop-plugin-exits 1.0: not loaded: import failed: SystemExit: needs a GPU" in capsys.readouterr().err
 
 
+def test_a_plugin_written_for_another_plugin_api_is_reported_and_skipped(install_plugin, capsys):
+    install_plugin("modelloop-plugin-future", GOOD.format(name="future") + '    PLUGIN_API = ">=2.0,<3"\n')
+    install_plugin("modelloop-plugin-garbled", GOOD.format(name="garbled") + '    PLUGIN_API = "two"\n')
+    install_plugin("modelloop-plugin-good", GOOD.format(name="good") + '    PLUGIN_API = ">=1.0,<2"\n')
+    manager = manager_loading("modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good")
+    assert set(manager.info) & {"modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good"} == {"modelloop-plugin-good"}
+    err = capsys.readouterr().err
+    assert "modelloop-plugin-future 1.0: not loaded: it is written for plugin API >=2.0,<3, and this modelloop has 1.0" in err
+    assert "modelloop-plugin-garbled 1.0: not loaded: its PLUGIN_API 'two' is not a version range like '>=1.0,<2'" in err
+
+
 def test_names_in_the_plugin_settings_that_nothing_is_called_are_reported(install_plugin, capsys):
     install_plugin("modelloop-plugin-good", GOOD.format(name="good"))
     manager_loading("modelloop-plugin-good", "modelloop-plugin-godo", MODELLOOP_BLOCK_PLUGINS="templates,modelloop-plugin-bda")

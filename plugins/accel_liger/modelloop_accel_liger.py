@@ -11,6 +11,8 @@ from typing import Any
 
 from modelloop.plugin import Accelerator, hookimpl
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from modelloop.plugin import Engine, hookimpl
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 
 def command(python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
     """modelloop's engine options as SGLang's server flags (``sglang.launch_server``)."""

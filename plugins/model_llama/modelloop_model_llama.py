@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, hookimpl
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 #: Llama 3's pre-tokenizer split (digits in groups of up to three).
 LLAMA3_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec, content_text_macro, hookimpl
 from modelloop_model_llama import LLAMA3_SPLIT, TARGETS
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 IMAGE = "<image>"
 
 LLAVA_TEMPLATE = ChatTemplate(

@@ -12,6 +12,8 @@ import functools
 
 from modelloop.plugin import IM_END, SMALL, TINY, ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec, chatml_source, hookimpl
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
 QWEN_SPLIT = (

@@ -20,6 +20,8 @@ from typing import Any
 
 from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, cache_home, complete, hookimpl, merge, parallelism_environment, sequence_parallel_mesh
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 DEFAULTS = {"stage": 2, "offload_optimizer": False, "offload_parameters": False, "config": None}
 
 

@@ -24,6 +24,8 @@ from typing import Any
 from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, complete, hookimpl
 from modelloop_megatron_checkpoint import SUPPORTED_MODEL_TYPES, Layout, Shard, check_divisible, join_shards, megatron_to_hf
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 #: ``sequence_parallel`` None: on wherever it can be (tp > 1 with Transformer Engine).
 DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "sequence_parallel": None, "distributed_optimizer": True, "moe_dispatcher": "alltoall"}
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from modelloop.plugin import Reward, answer_text, hookimpl
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 DEFAULT_POLICY: dict[str, Any] = {
     "weights": {"violence": 1.0, "self_harm": 1.0, "sexual_minors": 1.0, "hate": 1.0, "pii": 0.5, "prompt_injection": 0.5},
     "allow": [

@@ -7,6 +7,8 @@ from typing import Any
 
 from modelloop.plugin import Tuner, complete, hookimpl, positive
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "targets": "default"}
 PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from modelloop.plugin import Tuner, complete, hookimpl, in_range, positive
 
+PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+
 DEFAULTS = {
     "rank": 8,
     "alpha": 32,
