@@ -63,10 +63,13 @@ def _complete(path: Path) -> tuple[list[dict[str, Any]], int]:
         last = number == len(lines)  # no newline after it: written only in part
         try:
             if line.strip() and not last:
-                records.append(json.loads(line))
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("a record is a JSON object")
+                records.append(record)
         except (ValueError, RecursionError):
             if number < len(lines) - 1:
-                raise ModelloopError(f"{path}:{number}: not a JSON record, and lines were written after it: the file was changed by hand") from None
+                raise ModelloopError(f"{path}:{number}: not a JSON object, and lines were written after it: the file was changed by hand") from None
             last = True
         if last:
             if line:

@@ -34,7 +34,10 @@ def test_repair_cuts_the_torn_line_so_the_next_record_starts_a_line(tmp_path):
 def test_a_broken_line_before_the_last_is_an_error_naming_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"index": 0}\n{"index": 1, oops\n{"index": 2}\n')
-    with pytest.raises(ModelloopError, match=r"metrics.jsonl:2: not a JSON record.*changed by hand"):
+    with pytest.raises(ModelloopError, match=r"metrics.jsonl:2: not a JSON object.*changed by hand"):
+        read_jsonl(path)
+    path.write_text('{"index": 0}\n[1, 2]\n{"index": 2}\n')  # JSON, but not a record
+    with pytest.raises(ModelloopError, match=r"metrics.jsonl:2: not a JSON object"):
         read_jsonl(path)
 
 
