@@ -9,8 +9,7 @@ are plugins. Importing this package imports nothing heavy.
 from typing import Any
 
 from modelloop.hooks import hookimpl
-
-__version__ = "0.1.0"
+from modelloop.version import __version__
 
 __all__ = ["__version__", "hookimpl", "load_model", "pt", "rlhf", "sft"]
 

@@ -113,6 +113,11 @@ def hashed_files(folder: Path) -> dict[str, str]:
 
 
 def environment(plugins: Mapping[str, str]) -> dict[str, Any]:
-    import modelloop
+    from modelloop.version import __version__
 
-    return {"host": platform.node(), "python": platform.python_version(), "modelloop": modelloop.__version__, "plugins": dict(plugins)}
+    return {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "modelloop": __version__,
+        "plugins": dict(plugins),
+    }

@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
-import modelloop
+
 from modelloop.errors import ModelloopError
 from modelloop.log import quiet_library_notices
 from modelloop.plugins import get_plugin_manager
 from modelloop.threads import settle_threads
+from modelloop.version import __version__
 
 #: command name -> "module:attribute" of its click command.
 BUILTIN_COMMANDS: Mapping[str, str] = {
@@ -45,7 +46,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
 #: Commands that never use DeepSpeed, which accelerate imports whenever it is installed
 #: (on every ``save_pretrained``: 0.15 s and a "Setting accelerator to CPU" line). In a
 #: process that runs only the command, it is left out; the training commands decide by
-#: their strategy (``modelloop.stages.train.leave_out_unused_libraries``).
+#: their strategy (``modelloop.stages.common.leave_out_unused_libraries``).
 NEVER_DEEPSPEED = frozenset({"new-model", "data", "export", "infer", "eval", "serve", "chat"})
 
 
@@ -80,7 +81,7 @@ def build_cli() -> click.Group:
     """The root command with every loaded plugin's commands added."""
 
     @click.group(cls=ModelloopGroup, context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(modelloop.__version__, prog_name="modelloop")
+    @click.version_option(__version__, prog_name="modelloop")
     @click.option("--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors (and what -v shows).")
     @click.option("-v", "--verbose", is_flag=True, envvar="MODELLOOP_VERBOSE", help="Show the libraries' own warnings and progress bars.")
     @click.pass_context

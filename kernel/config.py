@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from modelloop.errors import ModelloopError
+from modelloop.errors import ModelloopError, require_libraries
+from modelloop.specs import Tuner
 
 
 class ConfigError(ModelloopError):
@@ -199,6 +200,19 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
+def check_tuner(config: TrainConfig) -> tuple[Tuner, dict[str, Any]]:
+    """The tuner, its libraries present and its options valid — before anything loads."""
+    from modelloop.registry import TUNERS, get_registry
+
+    tuner = get_registry(TUNERS).get(config.tuner)
+    require_libraries(tuner, "tuner")
+    try:
+        options = dict(tuner.check(config.tuner_options)) if tuner.check else dict(config.tuner_options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"tuner_options for {tuner.name}: {error}") from None
+    return tuner, options
+
+
 def build_config(model: type[BaseModel], *layers: Mapping[str, Any], source: str = "config") -> Any:
     """Validate the merged layers; the first problem becomes one line naming its key."""
     merged: dict[str, Any] = {}
@@ -216,4 +230,3 @@ def build_config(model: type[BaseModel], *layers: Mapping[str, Any], source: str
             close = get_close_matches(str(problem["loc"][-1]), list(model.model_fields), n=1)
             message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
         raise ConfigError(f"{source}: {key}: {message}" if key else f"{source}: {message}") from None
-

@@ -28,6 +28,10 @@ class PluginError(ModelloopError):
     """A plugin broke its side of the contract (wrong type registered, hook raised)."""
 
 
+class ModelLoadError(ModelloopError):
+    """A model or tokenizer that cannot be loaded as asked."""
+
+
 class MissingLibraryError(ModelloopError):
     """A tuner, accelerator, strategy or exporter needs a library this environment lacks."""
 

@@ -26,12 +26,10 @@ class ExportError(ModelloopError):
 
 def _merged(source: str | Path, out: Path) -> None:
     """Base plus adapter folded into one set of weights (or the full weights as they are)."""
-    from modelloop.models.loading import load_model
+    from modelloop.models.loading import load_model, merged_model
 
     loaded = load_model(source)
-    model = loaded.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    model = merged_model(loaded)
     model.save_pretrained(out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out)
 

@@ -20,14 +20,14 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
     # The hook marker and the contract's types.
     "hookimpl": "modelloop.hooks:hookimpl",
     **{name: f"modelloop.specs:{name}" for name in (
-        "Accelerator", "ChatTemplate", "DatasetFormat", "Engine", "EngineSession", "Exporter", "ModelFamily",
+        "Accelerator", "AdapterFormat", "ChatTemplate", "DatasetFormat", "Engine", "EngineSession", "Exporter", "ModelFamily",
         "ParallelStrategy", "Reward", "Sampler", "TokenizerRecipe", "Tuner", "VisionSpec",
     )},  # fmt: skip
     "EngineError": "modelloop.errors:EngineError",
@@ -45,7 +45,7 @@ EXPORTS: dict[str, str] = {
     "SMALL": "modelloop.models.presets:SMALL",
     "group_of": "modelloop.models.groups:group_of",
     # Training: the label of a token left out of the loss.
-    "IGNORE": "modelloop.data.tokenize:IGNORE",
+    "IGNORE": "modelloop.data.labels:IGNORE",
     # Rewards: the answer in a completion.
     "answer_text": "modelloop.rewards:answer_text",
     # Engines: what a session takes and gives, and a server process to talk to as one.

@@ -29,8 +29,8 @@ from typing import Any
 
 import pluggy
 
-import modelloop
 from modelloop import hooks
+from modelloop.version import __version__
 
 ENTRY_POINT_GROUP = "modelloop"
 
@@ -106,7 +106,7 @@ class PluginManager(pluggy.PluginManager):
 
     def report(self, plugin: str, version: str, reason: str) -> None:
         """Tell the user, once, what of a plugin was left out and why."""
-        self.warn(f"plugin {plugin} {version}: {reason} (kernel: modelloop {modelloop.__version__})")
+        self.warn(f"plugin {plugin} {version}: {reason} (kernel: modelloop {__version__})")
 
     def warn(self, problem: str) -> None:
         """Print a loading problem on stderr, once per process."""
@@ -187,7 +187,7 @@ def _kernel_incompatibility(distribution: metadata.Distribution) -> str | None:
             continue
         if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
             continue
-        if not requirement.specifier.contains(modelloop.__version__, prereleases=True):
+        if not requirement.specifier.contains(__version__, prereleases=True):
             return f"it requires modelloop{requirement.specifier}"
     return None
 
@@ -224,7 +224,7 @@ def _load_builtins(manager: PluginManager, blocked: set[str]) -> set[str]:
         if canonical_name(qualified) in blocked or canonical_name(module_name) in blocked:
             continue
         module = importlib.import_module(qualified)
-        manager.add_plugin(module, PluginInfo(qualified, modelloop.__version__, builtin=True))
+        manager.add_plugin(module, PluginInfo(qualified, __version__, builtin=True))
     return known
 
 

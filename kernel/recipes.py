@@ -38,7 +38,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from modelloop.config import ConfigError, RLHFConfig, TrainConfig, build_config, parse_assignments, read_yaml
+from modelloop.config import (
+    ConfigError,
+    RLHFConfig,
+    TrainConfig,
+    build_config,
+    check_tuner,
+    parse_assignments,
+    read_yaml,
+)
 from modelloop.errors import ModelloopError
 
 STAGE_KINDS = ("new-model", "pt", "sft", "rlhf", "export", "serve-check", "eval")
@@ -249,7 +257,7 @@ def _check_names(step: Step) -> None:
         elif config.preset not in family.presets:
             raise ValueError(f"preset: the {family.name} family has no preset {config.preset!r}; presets: {', '.join(family.presets)}")
     elif step.kind in ("pt", "sft", "rlhf"):
-        from modelloop.stages.train import check_names, check_tuner
+        from modelloop.stages.checks import check_names
 
         check_tuner(config)
         check_names(config)
@@ -401,10 +409,11 @@ def _new_model(step: Step, model: str, out: Path) -> dict[str, Any]:
 
 
 def _train(step: Step, model: str, out: Path) -> dict[str, Any]:
-    import modelloop
+    from modelloop.stages.rlhf import rlhf
+    from modelloop.stages.train import train
 
     config = step.config.model_copy(update={"model": model, "output_dir": out, "resume": True})
-    run = modelloop.rlhf(config) if step.kind == "rlhf" else modelloop.sft(config) if step.kind == "sft" else modelloop.pt(config)
+    run = rlhf(config) if step.kind == "rlhf" else train(step.kind, config)
     kept = ("train_loss", "train_loss_last", "train_tokens_per_second", "train_runtime", "eval_loss", "reward_first", "reward")
     return {key: value for key, value in run["metrics"].items() if key in kept}
 

@@ -1,10 +1,11 @@
 """What ``modelloop new-plugin KIND NAME`` writes: a complete third-party plugin package.
 
 The package is one module plus a pyproject whose ``[project.entry-points.modelloop]``
-points at it, a README, and a test proving the entry point is wired: once the package
-is installed, ``modelloop plugins --json`` lists it with its hook and what it
-registered. Each KIND's example is working code against the current specs, which the
-kernel's own tests check by loading every kind.
+points at it, a README, a test proving the entry point is wired (once the package is
+installed, ``modelloop plugins --json`` lists it with its hook and what it registered),
+and a test running the conformance kit on it (``modelloop.testing.conformance``). Each
+KIND's example is working code against the current specs, which the kernel's own tests
+check by loading every kind and running the kit on it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import modelloop
 from modelloop.errors import ModelloopError
+from modelloop.version import __version__
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ def register_models(register):
         ("ChatTemplate",),
         '''
 SOURCE = (
-    "{% for message in messages %}<|{{ message.role }}|>\\n{{ message.content }}<|end|>\\n{% endfor %}"
+    "{% for message in messages %}<|{{ message.role }}|>\\n{{ message.content }}"
+    "{% if message.tool_calls %}{{ message.tool_calls | tojson }}{% endif %}<|end|>\\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\\n{% endif %}"
 )
 
@@ -198,7 +200,7 @@ def register_exporters(register):
         "register_engines",
         "engine",
         "",
-        ("Completion", "Delta", "Engine", "Generation"),
+        ("Completion", "Delta", "Engine", "EngineError", "Generation"),
         '''
 class EchoSession:
     """An engine that answers every request with its last message: replace with a real one."""
@@ -207,13 +209,19 @@ class EchoSession:
     context_length = 4096
 
     def check(self, request):
+        """The prompt's length in tokens; EngineError for a request this engine cannot serve."""
+        if request.model not in (None, *self.models):
+            raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
+        if request.params.max_tokens > self.context_length:
+            raise EngineError(f"max_tokens {request.params.max_tokens} exceeds the context of {self.context_length}")
         return 0
 
     def generate(self, requests):
-        return [Generation(choices=(self._answer(request),), prompt_tokens=0) for request in requests]
+        return [Generation(choices=(self._answer(request),), prompt_tokens=self.check(request)) for request in requests]
 
     def stream(self, request):
         answer = self._answer(request)
+        self.check(request)
         yield Delta(index=0, text=answer.text)
         yield Delta(index=0, finish_reason="stop")
 
@@ -304,11 +312,19 @@ README = '''# $dist
 A [modelloop](https://pypi.org/project/modelloop/) $kind plugin: `$module.py` implements `$hook`.
 
     pip install -e '.[test]'
-    modelloop plugins          # lists $dist
-    pytest
+    modelloop plugins                  # lists $dist
+    modelloop plugins check $dist      # checks it keeps the contract, on tiny models
+    pytest                             # both of those, as your CI runs them
 
 Keep heavy imports (torch, transformers, ...) inside the functions that use them, so
 that `modelloop --help` and `modelloop plugins` stay fast.
+'''
+
+CONFORMANCE_TEST = '''"""modelloop's conformance kit on this plugin: the checks `modelloop plugins check $dist` runs."""
+
+from modelloop.testing import conformance
+
+test_conformance = conformance("$dist")
 '''
 
 TEST = '''"""Proves the entry point is wired: once installed, modelloop lists this plugin."""
@@ -342,7 +358,7 @@ def plugin_api_range() -> str:
     return f">={API_VERSION},<{int(API_VERSION.split('.')[0]) + 1}"
 
 
-def kernel_requirement(version: str = modelloop.__version__) -> str:
+def kernel_requirement(version: str = __version__) -> str:
     """The kernel range a new plugin declares: this minor series in 0.x, this major after."""
     major, minor = (int(part) for part in version.split(".")[:2])
     upper = f"{major}.{minor + 1}" if major == 0 else f"{major + 1}"
@@ -387,6 +403,7 @@ def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
             values, imports=f"{plugin_kind.imports}\n\n" if plugin_kind.imports else "", api=", ".join((*plugin_kind.api, "hookimpl")), body=body
         ),
         f"tests/test_{module}.py": string.Template(TEST).substitute(values),
+        "tests/test_conformance.py": string.Template(CONFORMANCE_TEST).substitute(values),
     }
     for relative, text in files.items():
         path = target / relative

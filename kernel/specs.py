@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from modelloop.errors import PluginError
@@ -27,6 +28,18 @@ def _require_callable(spec: Spec, attribute: str, *, optional: bool = False) -> 
     if not callable(value):
         raise PluginError(
             f"{type(spec).__name__} {spec.name!r}: {attribute} must be callable, got {value!r}"
+        )
+
+
+def _deprecated(spec: Spec, field_name: str, value: Any) -> None:
+    """Accept a field the API no longer has for one more release, and say so (the
+    compatibility promise in docs/plugins.md)."""
+    if value:
+        warnings.warn(
+            f"{type(spec).__name__} {spec.name!r}: {field_name} is deprecated and ignored; "
+            "it goes in plugin API 2.0",
+            DeprecationWarning,
+            stacklevel=4,
         )
 
 
@@ -166,7 +179,6 @@ class ModelFamily(Spec):
         ``aligner``, ``language_model``), for freezing and per-group learning rates.
     :param tp_plan: module pattern -> tensor-parallel style; None means "use the plan
         in the transformers config" (``base_model_tp_plan``).
-    :param moe_experts: module-name patterns of MoE expert blocks, for expert parallelism.
     :param presets: preset name -> config fields for ``modelloop new-model`` (including
         ``model_type``); ``tokenizer_vocab`` there sets the size of the trained tokenizer.
     :param tokenizer: how ``new-model`` trains this family's tokenizer.
@@ -182,14 +194,15 @@ class ModelFamily(Spec):
     lora_target_parameters: tuple[str, ...] = ()
     module_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tp_plan: Mapping[str, str] | None = None
-    moe_experts: tuple[str, ...] = ()
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     tokenizer: TokenizerRecipe | None = None
     load: Callable[..., tuple[Any, Any]] | None = None
     vision: VisionSpec | None = None
+    moe_experts: InitVar[tuple[str, ...]] = ()  # deprecated in API 1.1: nothing read it
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, moe_experts: tuple[str, ...]) -> None:
         super().__post_init__()
+        _deprecated(self, "moe_experts", moe_experts)
         if not self.model_types or isinstance(self.model_types, str):
             raise PluginError(f"ModelFamily {self.name!r}: model_types must be a non-empty tuple")
         for preset, preset_fields in self.presets.items():
@@ -273,6 +286,33 @@ class Sampler(Spec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class AdapterFormat:
+    """How a tuner's saved adapters are recognised, attached to their base model and
+    served, so that the kernel loads, serves and merges adapters without knowing the
+    library that made them (PEFT's tuners own PEFT).
+
+    :param marker: a file every adapter folder of this format holds
+        (``adapter_config.json``): a bare folder (``serve --adapter``) is recognised by it.
+    :param attach: ``attach(model, directory, *, name) -> model``: add the adapter saved
+        in ``directory`` to a base model, or to one already carrying adapters, under ``name``.
+    :param use: ``use(model, name) -> context manager`` within which the model computes as
+        adapter ``name``, or as its base alone when ``name`` is None.
+    :param detach: ``detach(model, name) -> model``: remove adapter ``name``; without
+        adapters left, the base model alone.
+    """
+
+    marker: str
+    attach: Callable[..., Any]
+    use: Callable[..., Any]
+    detach: Callable[..., Any]
+
+    def __post_init__(self) -> None:
+        for attribute in ("attach", "use", "detach"):
+            if not callable(getattr(self, attribute)):
+                raise PluginError(f"AdapterFormat {self.marker!r}: {attribute} must be callable")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Tuner(Spec):
     """How a model's parameters are trained.
 
@@ -290,9 +330,14 @@ class Tuner(Spec):
     :param optimizer: ``optimizer(groups, lr=, weight_decay=, betas=, eps=) -> torch
         optimizer``; None means AdamW.
     :param save: ``save(model, directory)``; None means ``model.save_pretrained``.
-    :param merge: ``merge(model) -> model`` folding adapters into the base; None if the
-        tuner has nothing to merge.
+    :param merge: ``merge(model) -> model`` folding the attached adapters into the base;
+        None if the tuner has nothing to merge.
     :param adapter: whether ``save`` writes an adapter that needs the base model to load.
+    :param adapters: how its saved adapters are attached and served (``AdapterFormat``);
+        an adapter tuner without one saves adapters that modelloop cannot load.
+    :param trains_all_weights: whether every weight of the model is trained, as by
+        ``full`` and GaLore: strategies that split or rebuild the layers themselves (tensor
+        parallelism, megatron-core) train only such tuners.
     :param requires: import names the tuner needs (``peft``, ``bitsandbytes``): checked
         before a model is loaded, so a missing library fails in the first second.
     """
@@ -305,6 +350,8 @@ class Tuner(Spec):
     save: Callable[..., None] | None = None
     merge: Callable[..., Any] | None = None
     adapter: bool = False
+    adapters: AdapterFormat | None = None
+    trains_all_weights: bool = False
     requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -312,6 +359,10 @@ class Tuner(Spec):
         _require_callable(self, "prepare")
         for attribute in ("check", "load_options", "parameter_groups", "optimizer", "save", "merge"):
             _require_callable(self, attribute, optional=True)
+        if self.adapter and self.trains_all_weights:
+            raise PluginError(f"Tuner {self.name!r}: a tuner that saves an adapter does not train all weights")
+        if self.adapters is not None and not self.adapter:
+            raise PluginError(f"Tuner {self.name!r}: adapters describes saved adapters, and adapter is False")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -468,17 +519,17 @@ class Engine(Spec):
 
     :param start: ``start(model_path, *, adapters, options) -> EngineSession``;
         ``adapters`` maps served names to LoRA adapter folders.
-    :param runtime_lora: whether adapters can be loaded after start.
     :param attach: ``attach(model, tokenizer, chat, *, options) -> EngineSession`` over a
         model already in this process, for engines that can (GRPO generates with the
         policy being trained this way, with no weights to hand over); None otherwise.
     """
 
     start: Callable[..., EngineSession]
-    runtime_lora: bool = False
     attach: Callable[..., EngineSession] | None = None
+    runtime_lora: InitVar[bool] = False  # deprecated in API 1.1: nothing read it
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, runtime_lora: bool) -> None:
         super().__post_init__()
+        _deprecated(self, "runtime_lora", runtime_lora)
         _require_callable(self, "start")
         _require_callable(self, "attach", optional=True)

@@ -33,8 +33,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modelloop.data.images import ImageTokens
+from modelloop.data.labels import IGNORE
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
-from modelloop.data.tokenize import IGNORE, TokenizedData
+from modelloop.data.tokenize import TokenizedData
 from modelloop.jsonl import read_jsonl, write_record
 from modelloop.models.output_loss import OutputLayerLoss
 from modelloop.specs import Sampler, Tuner

@@ -32,7 +32,7 @@ class Recorder:
 
 @pytest.fixture
 def recorder():
-    manager = make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": ""})
+    manager = make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": "modelloop-plugin-tuner-lora"})  # the LoRA run loads through its tuner
     recorder = Recorder()
     manager.add_plugin(recorder, PluginInfo("recorder", "1.0", builtin=False))
     return manager, recorder

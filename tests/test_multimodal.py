@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import modelloop
+from modelloop.builtin.full_tuner import FULL
 from modelloop.config import ConfigError
 from modelloop.data.records import read_records
 
@@ -402,7 +403,7 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
     chat = resolve_chat_format(tokenizer, family)
     images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
-    rollouts = EngineRollouts(get_registry(ENGINES).get("hf"), tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=2), base_model=str(folder), adapter=False, sync_dir=Path("unused"), images=images)
+    rollouts = EngineRollouts(get_registry(ENGINES).get("hf"), tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=2), base_model=str(folder), tuner=FULL, sync_dir=Path("unused"), images=images)
     with Image.open(PICTURE) as opened:
         prompt = [{"role": "user", "content": [{"type": "image", "image": opened.convert("RGB")}, {"type": "text", "text": "Color?"}]}]
     ids = rollouts.prompt_ids(prompt)
@@ -431,16 +432,15 @@ def test_two_processes_train_a_vision_model_when_some_batches_have_no_picture(ti
 
 def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_refused(tiny_models, tmp_path):
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_image_tokens, load_tokenizer, read_config, resolve_family
 
     data = write_jsonl(tmp_path / "text.jsonl", [turn("Render <image> in HTML?", "use <img>"), turn("Say <|image_pad|>", "no")])
     records = read_records([data])
     assert records.problems == [] and records.examples[0].record["messages"][0]["content"] == "Render <image> in HTML?"
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
-    encoder = Encoder(tokenizer, resolve_chat_format(tokenizer, family), ImageTokens.for_model(family, folder, read_config(folder), tokenizer))
+    encoder = Encoder(tokenizer, resolve_chat_format(tokenizer, family), load_image_tokens(family, folder, read_config(folder), tokenizer))
     literal, stray = encoder.encode(records.examples)
     assert isinstance(literal, list) and len(literal) == 1  # encoded: "<image>" in text is text
     assert str(stray) == f"{data}:2: the rendered text holds 1 image token(s) for 0 image(s)"  # it would have no pixels

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from modelloop.builtin.full_tuner import FULL
 from modelloop.cli import build_cli
 from modelloop.plugins import PluginInfo, make_plugin_manager, set_plugin_manager
 from modelloop.registry import KINDS as REGISTRY_KINDS
 from modelloop.registry import REWARDS, get_registry
 from modelloop.scaffold import KINDS, kernel_requirement, scaffold_plugin
+from modelloop.testing import Workspace, checks_for, run_check
 
 
 def test_third_party_reward_plugin_installs_and_is_found(tmp_path, subprocess_env, monkeypatch):
@@ -57,17 +59,23 @@ def test_third_party_reward_plugin_installs_and_is_found(tmp_path, subprocess_en
         cwd=package,
     )
     assert generated_test.returncode == 0, generated_test.stdout + generated_test.stderr
-    assert "1 passed" in generated_test.stdout
+    assert "3 passed" in generated_test.stdout  # the entry point, and the kit's two checks
+
+    command = [sys.executable, "-m", "modelloop", "plugins", "check", "modelloop-plugin-my-reward"]
+    checked = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.splitlines()[-1] == "modelloop-plugin-my-reward: 2 passed, 0 failed, 0 skipped"
 
 
 def load_scaffolded(kind: str, tmp_path: Path):
-    """Scaffold a plugin of ``kind`` and register its module in a fresh manager."""
+    """Scaffold a plugin of ``kind`` and register its module in a fresh manager, beside the
+    repository's plugins (whose tiny models the conformance kit checks it on)."""
     package = scaffold_plugin(kind, f"demo-{kind}", tmp_path)
     (module_path,) = package.glob("modelloop_*.py")
     spec = importlib.util.spec_from_file_location(f"{module_path.stem}_{id(tmp_path)}", module_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    manager = make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": ""})
+    manager = make_plugin_manager()
     assert manager.add_plugin(module, PluginInfo(package.name, "0.1.0", builtin=False))
     set_plugin_manager(manager)
     return package, manager
@@ -113,7 +121,7 @@ def check_parallel_strategy(strategy, tmp_path):
     from modelloop.parallel.plan import PlanRequest
     from modelloop.parallel.world import World
 
-    request = PlanRequest(World(nproc=4), None, None, "full", {}, batch_size=1, max_length=8, gradient_checkpointing=False, cuda=False)
+    request = PlanRequest(World(nproc=4), None, None, FULL, {}, batch_size=1, max_length=8, gradient_checkpointing=False, cuda=False)
     plan = strategy.plan(request)
     assert plan.mesh == {"dp": 4}
     assert plan.trainer_arguments["ddp_bucket_cap_mb"] == 100
@@ -157,9 +165,11 @@ CHECKS = {
 
 
 @pytest.mark.parametrize("kind", sorted(CHECKS))
-def test_every_registering_kind_scaffolds_working_code(kind, tmp_path):
-    _, manager = load_scaffolded(kind, tmp_path)
+def test_every_registering_kind_scaffolds_working_code_that_passes_the_kit(kind, tmp_path, tiny_models):
+    package, manager = load_scaffolded(kind, tmp_path)
     CHECKS[kind](registered(kind, manager), tmp_path)
+    outcomes = [run_check(check, Workspace(tmp_path / "kit", tiny_models)) for check in checks_for(package.name)]
+    assert [outcome.line() for outcome in outcomes if outcome.status == "failed"] == []
 
 
 def test_command_kind_scaffolds_a_command(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from modelloop.builtin.full_tuner import FULL
 from modelloop.parallel.plan import ParallelPlan, PlanError, PlanRequest, make_plan
 from modelloop.parallel.world import World, free_port
 
@@ -59,8 +60,8 @@ def one_process(tiny_models, subprocess_env, tmp_path_factory) -> Path:
     return out
 
 
-def request(world: World, model_config, family=None, **options) -> PlanRequest:
-    return PlanRequest(world, model_config, family, "full", options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False)
+def request(world: World, model_config, family=None, tuner=FULL, **options) -> PlanRequest:
+    return PlanRequest(world, model_config, family, tuner, options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False)
 
 
 # --------------------------------------------------------------------------- the world
@@ -100,7 +101,7 @@ def test_fsdp_and_tp_plans_follow_the_model(tiny_models):
 
     config = read_config(tiny_models("qwen2"))
     family = resolve_family(config.model_type)
-    on_gpus = PlanRequest(World(nproc=2), config, family, "full", {"offload": True}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True)
+    on_gpus = PlanRequest(World(nproc=2), config, family, FULL, {"offload": True}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True)
     _, fsdp = make_plan("fsdp", on_gpus)
     assert fsdp.wrap == ("Qwen2DecoderLayer",) and fsdp.shard == 3 and fsdp.offload == ("optimizer", "parameters") and fsdp.backend == "nccl"
     assert fsdp.trainer_arguments["fsdp"] == "full_shard auto_wrap offload"
@@ -129,6 +130,25 @@ def test_plans_refuse_what_cannot_work(tiny_models):
         make_plan("ddp", request(World(nproc=2), config, bucket=5))
     with pytest.raises(UnknownNameError, match="fdsp"):
         make_plan("fdsp", request(World(nproc=2), config))
+
+
+def test_strategies_ask_the_tuner_what_it_trains_not_its_name(tiny_models):
+    """tp splits every layer and trains all of it: any tuner that trains every weight
+    (GaLore too) may use it, adapters may not; FSDP's own checkpointing refuses adapters."""
+    from modelloop.models.loading import read_config
+    from modelloop.specs import Tuner
+
+    config, family = read_config(tiny_models("qwen2")), None
+    every_weight = Tuner(name="my-full", prepare=lambda model, options, family: model, trains_all_weights=True)
+    adapter = Tuner(name="my-adapter", prepare=lambda model, options, family: model, adapter=True)
+    _, tp = make_plan("tp", request(World(nproc=2), config, family, tuner=every_weight))
+    assert tp.mesh == {"tp": 2}
+    with pytest.raises(PlanError, match="tuner 'my-adapter' trains only some"):
+        make_plan("tp", request(World(nproc=2), config, family, tuner=adapter))
+    with pytest.raises(PlanError, match="checkpointing renames the modules an adapter is saved by"):
+        make_plan("fsdp", request(World(nproc=2), config, family, tuner=adapter, activation_checkpointing=True))
+    _, fsdp = make_plan("fsdp", request(World(nproc=2), config, family, tuner=every_weight, activation_checkpointing=True))
+    assert fsdp.activation_checkpointing
     with pytest.raises(PlanError, match="needs 4 processes, the world has 2"):
         ParallelPlan(strategy="x", world=World(nproc=2), mesh={"dp": 2, "tp": 2})
 
@@ -197,16 +217,16 @@ def test_sequence_parallel_is_refused_where_it_cannot_run(tiny_models):
     from modelloop.models.loading import read_config
 
     config = read_config(tiny_models("qwen2"))
-    split = PlanRequest(World(nproc=2), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False, sequence_parallel=2)
+    split = PlanRequest(World(nproc=2), config, None, FULL, {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False, sequence_parallel=2)
     with pytest.raises(PlanError, match="the ddp strategy does not split sequences"):
         make_plan("ddp", split)
     with pytest.raises(PlanError, match="ring attention.*CUDA GPUs only"):
         make_plan("fsdp", split)
-    on_gpus = PlanRequest(World(nproc=4), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=2)
+    on_gpus = PlanRequest(World(nproc=4), config, None, FULL, {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=2)
     _, plan = make_plan("fsdp", on_gpus)
     assert plan.mesh == {"dp": 2, "cp": 2} and plan.environment["PARALLELISM_CONFIG_CP_SIZE"] == "2"
     with pytest.raises(PlanError, match="does not divide the 4 processes"):
-        make_plan("fsdp", PlanRequest(World(nproc=4), config, None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=3))
+        make_plan("fsdp", PlanRequest(World(nproc=4), config, None, FULL, {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=3))
 
 
 def gpus() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import modelloop
+from modelloop.plugin import API_VERSION
 from modelloop.plugins import BUILTIN_PLUGINS, make_plugin_manager
 from modelloop.registry import REWARDS, get_registry
 
@@ -128,7 +129,7 @@ def test_a_plugin_written_for_another_plugin_api_is_reported_and_skipped(install
     manager = manager_loading("modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good")
     assert set(manager.info) & {"modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good"} == {"modelloop-plugin-good"}
     err = capsys.readouterr().err
-    assert "modelloop-plugin-future 1.0: not loaded: it is written for plugin API >=2.0,<3, and this modelloop has 1.0" in err
+    assert f"modelloop-plugin-future 1.0: not loaded: it is written for plugin API >=2.0,<3, and this modelloop has {API_VERSION}" in err
     assert "modelloop-plugin-garbled 1.0: not loaded: its PLUGIN_API 'two' is not a version range like '>=1.0,<2'" in err
 
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 import modelloop.process
-from modelloop.stages.train import check_training, leave_out_unused_libraries
 from modelloop.config import TrainConfig, build_config
+from modelloop.stages.checks import check_training
+from modelloop.stages.common import leave_out_unused_libraries
 
 
 def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:

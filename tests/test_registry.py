@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from modelloop import hookimpl
@@ -123,9 +125,15 @@ def test_hook_register_exporters(manager):
 
 
 def test_hook_register_engines(manager):
-    engine = Engine(name="echo", start=lambda model_path, **options: None, runtime_lora=True)
+    engine = Engine(name="echo", start=lambda model_path, **options: None)
     add(manager, "p", registering("register_engines", engine))
-    assert get_registry(ENGINES).get("echo").runtime_lora
+    assert get_registry(ENGINES).get("echo") is engine
+
+
+def test_a_deprecated_spec_field_is_accepted_with_a_warning_for_one_more_api_version():
+    with pytest.warns(DeprecationWarning, match="runtime_lora is deprecated"):
+        engine = Engine(name="old", start=lambda model_path, **options: None, runtime_lora=True)
+    assert "runtime_lora" not in {spec_field.name for spec_field in dataclasses.fields(engine)}
 
 
 def test_unknown_name_lists_installed_and_closest(manager):

@@ -105,7 +105,7 @@ def test_an_adapter_is_loaded_while_serving(remote, lora_run):
     assert "again" in remote.models
     (answer,) = remote.generate([GenerationRequest(prompt="Say", model="again", params=SamplingParams(max_tokens=2))])
     assert answer.choices
-    with pytest.raises(EngineError, match="not a LoRA adapter folder"):
+    with pytest.raises(EngineError, match="is not an adapter folder of an installed tuner"):
         remote.load_adapter("broken", str(lora_run[0]))
     remote.unload_adapter("again")
     assert "again" not in remote.models

@@ -13,6 +13,7 @@ import pytest
 import modelloop
 from conftest import modelloop_serve
 from modelloop import hookimpl
+from modelloop.builtin.full_tuner import FULL
 from modelloop.errors import ModelloopError
 from modelloop.plugins import PluginInfo, get_plugin_manager
 
@@ -204,7 +205,7 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tun
     class Served:
         @hookimpl
         def register_engines(self, register):
-            register(Engine(name="served", start=start, runtime_lora=True))
+            register(Engine(name="served", start=start))
 
     for key in ("MODELLOOP_CACHE", "MODELLOOP_LOAD_PLUGINS", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, subprocess_env[key])  # the server process is as hermetic as this one
@@ -235,7 +236,7 @@ def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models)
             return [Generation(choices=(Completion(text="7", token_ids=(), finish_reason="stop"),) + (Completion(text="", token_ids=(1, 2), finish_reason="length"),) * (r.params.n - 1), prompt_tokens=3) for r in requests]
 
     engine = Engine(name="fake", start=lambda *a, **k: None, attach=lambda *a, **k: Session())
-    rollouts = EngineRollouts(engine, tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=4), base_model="", adapter=True, sync_dir=None)
+    rollouts = EngineRollouts(engine, tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=4), base_model="", tuner=FULL, sync_dir=None)
     trainer = type("Trainer", (), {"model": None, "accelerator": type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()})()
     first, second = [{"role": "user", "content": "What is 3+4?"}], [{"role": "user", "content": "What is 1+1?"}]
     out = rollouts([first] * 3 + [second] * 3, trainer)

@@ -216,7 +216,7 @@ def test_adapters_load_only_from_the_allowed_folders_and_say_nothing_of_others(s
     assert {(answer.status_code, answer.text) for answer in refusals} == {(refusals[0].status_code, refusals[0].text)}  # existing or not: one answer
     assert assert_openai_error(refusals[0])["code"] == "adapter_path_not_allowed" and refusals[0].status_code == 403
     inside = load(adapter_dirs / "allowed" / "plain")
-    assert inside.status_code == 400 and "not a LoRA adapter folder" in inside.json()["error"]["message"]  # past the gate, to the engine
+    assert inside.status_code == 400 and "is not an adapter folder of an installed tuner" in inside.json()["error"]["message"]  # past the gate, to the engine
     assert_no_traceback(log)
 
 

@@ -18,9 +18,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from modelloop import hookimpl
 from modelloop.data.images import take_image_parts
 from modelloop.data.messages import as_messages, check_messages, message
+from modelloop.hooks import hookimpl
 from modelloop.specs import DatasetFormat
 
 Record = Mapping[str, Any]

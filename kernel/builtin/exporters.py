@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.specs import Exporter
 
 

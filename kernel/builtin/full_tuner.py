@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.options import complete
 from modelloop.specs import Tuner
 
@@ -21,7 +21,7 @@ def prepare(model: Any, options: Any, family: Any) -> Any:
     return model
 
 
-FULL = Tuner(name="full", description="train every parameter", prepare=prepare, check=check)
+FULL = Tuner(name="full", description="train every parameter", prepare=prepare, check=check, trains_all_weights=True)
 
 
 @hookimpl

@@ -7,7 +7,7 @@ linear layer, and the chat template is the tokenizer's own.
 
 from __future__ import annotations
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.specs import ModelFamily
 
 GENERIC = ModelFamily(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.specs import Engine
 
 
@@ -25,7 +25,6 @@ HF = Engine(
     name="hf",
     description="transformers in-process: batched, streaming, several LoRA adapters",
     start=start,
-    runtime_lora=True,
     attach=attach,
 )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.options import complete
 from modelloop.parallel.cpu import allow_fsdp_on_cpu, allow_tp_on_cpu
 from modelloop.parallel.plan import ParallelPlan, PlanRequest, parallelism_environment, sequence_parallel_mesh
@@ -52,9 +52,9 @@ def plan_fsdp(request: PlanRequest) -> ParallelPlan:
         raise ValueError(f"mixed_precision must be bf16, fp16 or null, not {options['mixed_precision']!r}")
     if options["offload"] and not request.cuda:
         raise ValueError("offload moves weights and optimizer states to host memory; on CPUs they are there already")
-    if options["activation_checkpointing"] and request.tuner != "full":
-        # FSDP's checkpoint wrapper renames modules, and PEFT then saves an empty adapter
-        raise ValueError("FSDP's own activation checkpointing works with the full tuner only; use --gradient-checkpointing for adapters")
+    if options["activation_checkpointing"] and request.tuner.adapter:
+        # FSDP's checkpoint wrapper renames modules, and an adapter saved by name is then empty
+        raise ValueError("FSDP's own activation checkpointing renames the modules an adapter is saved by; use --gradient-checkpointing for adapters")
     mesh = sequence_parallel_mesh(request)
     environment = {}
     if request.sequence_parallel > 1:
@@ -96,8 +96,8 @@ def plan_tp(request: PlanRequest) -> ParallelPlan:
     of the world (a 2-D ``dp`` x ``tp`` mesh). transformers splits and shards the model as
     it loads it."""
     options = complete(request.options, {"size": request.world.size})
-    if request.tuner != "full":
-        raise ValueError(f"tp trains the full model; adapters ({request.tuner}) on split layers are not supported")
+    if not request.tuner.trains_all_weights:
+        raise ValueError(f"tp splits every layer and trains all its weights; tuner {request.tuner.name!r} trains only some (adapters on split layers are not supported)")
     size, world = options["size"], request.world.size
     if not isinstance(size, int) or size < 2 or world % size:
         raise ValueError(f"size must be at least 2 and divide the {world} processes, got {size!r}")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.rewards import answer_text
 from modelloop.specs import Reward
 

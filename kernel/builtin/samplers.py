@@ -18,7 +18,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.specs import Sampler
 
 MEGA_BATCHES = 50

@@ -8,7 +8,7 @@ ChatML with a default system prompt or thinking blocks (Qwen2.5, Qwen3).
 
 from __future__ import annotations
 
-from modelloop import hookimpl
+from modelloop.hooks import hookimpl
 from modelloop.specs import ChatTemplate
 
 IM_END = "<|im_end|>"

@@ -24,14 +24,14 @@ TEMPLATE = click.option("--template", help="Use this registered chat template in
 def _encoder(model: str, template: str | None) -> Encoder:
     """The model's encoder: its tokenizer, chat template and (vision models) pictures."""
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_image_tokens, load_tokenizer, read_config, resolve_family
 
     tokenizer = load_tokenizer(model)
     config = read_config(model)
     family = resolve_family(config.model_type)
-    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), ImageTokens.for_model(family, model, config, tokenizer))
+    images = load_image_tokens(family, model, config, tokenizer)
+    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), images)
 
 
 def _longest(sequences: Iterable[Encoded]) -> Encoded:
@@ -134,9 +134,9 @@ def preview_command(file, model, count, format_name, template) -> None:
     from rich.console import Console
     from rich.text import Text
 
+    from modelloop.data.labels import IGNORE
     from modelloop.data.records import read_records
     from modelloop.data.sources import Problem
-    from modelloop.data.tokenize import IGNORE
 
     if not model:
         raise click.UsageError("preview needs --model (the template and tokenizer are the model's)")

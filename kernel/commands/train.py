@@ -96,7 +96,7 @@ def training_command(stage: str, summary: str) -> click.Command:
     ) -> None:
         from modelloop.artifacts import read_manifest
         from modelloop.config import ConfigError, RLHFConfig, TrainConfig, build_config, parse_assignments, read_yaml
-        from modelloop.stages.train import run_to_resume
+        from modelloop.stages.common import run_to_resume
 
         layers: list[dict[str, Any]] = []
         if resume is not None:  # the resumed run's own config is the first layer

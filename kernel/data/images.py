@@ -167,16 +167,6 @@ class ImageTokens:
         self.model_config = model_config
         self.image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token)
 
-    @classmethod
-    def for_model(cls, family: Any, folder: str | Path, model_config: Any, tokenizer: Any) -> ImageTokens | None:
-        """A vision family's image handling with the image processor saved in ``folder``
-        (beside the tokenizer); None for a text family."""
-        from modelloop.models.loading import load_image_processor
-
-        if family.vision is None:
-            return None
-        return cls(family.vision, load_image_processor(folder), model_config, tokenizer)
-
     def counts(self, pictures: Sequence[Any]) -> list[int]:
         """Image tokens per picture (a path, a data URL, or an opened image)."""
         if not pictures:
@@ -194,7 +184,7 @@ class ImageTokens:
 
     def expand(self, input_ids: list[int], labels: list[int], counts: Sequence[int]) -> tuple[list[int], list[int]]:
         """Each image token repeated as many times as its image has features (never trained)."""
-        from modelloop.data.tokenize import IGNORE
+        from modelloop.data.labels import IGNORE
 
         found = input_ids.count(self.image_token_id)
         if found != len(counts):

@@ -23,11 +23,11 @@ from typing import Any, Literal
 from modelloop.artifacts import atomic_file, sha256_path
 from modelloop.chat import ChatFormat, TemplateError
 from modelloop.data.images import IMAGE_MARK, ImageTokens
+from modelloop.data.labels import IGNORE
 from modelloop.data.records import Example, Records, read_records
 from modelloop.data.sources import DataError, DataSource, Problem
 from modelloop.paths import cache_home
 
-IGNORE = -100
 #: Bump when the encoding changes, so old cache entries are not reused.
 ENCODING_VERSION = 1
 BATCH = 1024
@@ -362,13 +362,13 @@ def cache_key(sources: Sequence[DataSource], encoder: Encoder, settings: dict[st
     """Everything the tokenised result depends on: file paths (sampling is seeded by path)
     and contents, the tokenizer, the template, the settings, and the versions of the
     kernel and of every plugin (a format's ``convert`` may change with its version)."""
-    import modelloop
     from modelloop.plugins import get_plugin_manager
+    from modelloop.version import __version__
 
     chat = encoder.chat
     described = {
         "version": ENCODING_VERSION,
-        "modelloop": modelloop.__version__,
+        "modelloop": __version__,
         "plugins": {name: info.version for name, info in get_plugin_manager().info.items()},
         "files": [[str(s.path.resolve()), sha256_path(s.path), s.ratio, s.format] for s in sources],
         "tokenizer": tokenizer_fingerprint(encoder.tokenizer),

@@ -21,6 +21,8 @@ from typing import Any
 from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
 from modelloop.errors import EngineError
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
+from modelloop.models.loading import OWN_ADAPTER, saved_adapter
+from modelloop.registry import TUNERS, get_registry
 
 _DONE = object()
 
@@ -52,9 +54,13 @@ class HFSession:
         served_name: str,
         adapters: Mapping[str, str | Path] | None = None,
         options: Mapping[str, Any] | None = None,
+        tuner: Any = None,
     ) -> None:
         """A session over a model in memory; it may be a model being trained (GRPO's policy):
         it generates in eval mode and puts the model back in the mode it found it in.
+
+        ``tuner`` is the tuner whose adapter the model carries as its own (a LoRA run loads
+        as its base plus that adapter, and that is the served model), or None.
 
         With ``options["inline"]`` there is no worker thread: each call generates in the
         caller's thread. That is for a single caller that waits anyway (GRPO's rollouts):
@@ -73,8 +79,10 @@ class HFSession:
         self.base_name = served_name
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.adapters: list[str] = []
-        # A LoRA run loads as its base plus PEFT's "default" adapter: that is the served model.
-        self._own_adapter = "default" if hasattr(self.model, "peft_config") else None
+        # how adapters attach to this model and are switched: the format of its own
+        # adapter, else of the first adapter loaded
+        self._format = tuner.adapters if tuner is not None else None
+        self._own_adapter = OWN_ADAPTER if tuner is not None else None
         self._closed = False
         self.eos_ids = self._eos_ids()
         self.requests = 0
@@ -99,13 +107,12 @@ class HFSession:
         loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
         chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
         if loaded.family.vision is not None:
-            from modelloop.data.images import ImageTokens
-            from modelloop.models.loading import resolve_model_source
+            from modelloop.models.loading import load_image_tokens, resolve_model_source
 
             folder = resolve_model_source(model_path).tokenizer
-            options["images"] = ImageTokens.for_model(loaded.family, folder, loaded.model.config, loaded.tokenizer)
+            options["images"] = load_image_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
         served_name = str(options.get("served_name") or Path(str(model_path)).name)
-        return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options)
+        return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options, tuner=loaded.tuner)
 
     # ------------------------------------------------------------------ protocol
 
@@ -114,18 +121,18 @@ class HFSession:
         return [self.base_name, *self.adapters]
 
     def load_adapter(self, name: str, path: str) -> None:
-        """Serve the LoRA adapter at ``path`` as model ``name``."""
-        from peft import PeftModel
-
+        """Serve the adapter at ``path`` as model ``name``, attached by the tuner that wrote it."""
         if name in self.models:
             raise EngineError(f"a model named {name!r} is already served")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise EngineError(f"{path} is not a LoRA adapter folder (no adapter_config.json)")
+        tuner = saved_adapter(path)
+        if tuner is None:
+            markers = sorted({spec.adapters.marker for spec in get_registry(TUNERS) if spec.adapters is not None})
+            raise EngineError(f"{path} is not an adapter folder of an installed tuner (it has no {' or '.join(markers) or 'adapter marker file'})")
+        if self._format is not None and tuner.adapters is not self._format:
+            raise EngineError(f"{path} is an adapter of tuner {tuner.name!r}, which does not attach beside the adapters served")
         with self._lock:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            self.model = tuner.adapters.attach(self.model, path, name=name).eval()
+            self._format = tuner.adapters
         self.adapters.append(name)
 
     def unload_adapter(self, name: str) -> None:
@@ -134,11 +141,9 @@ class HFSession:
             raise EngineError(f"no adapter {name!r} is served; adapters: {', '.join(self.adapters) or 'none'}")
         with self._lock:
             self.adapters.remove(name)
-            if self.adapters or self._own_adapter:
-                self.model.set_adapter(self._own_adapter or self.adapters[0])
-                self.model.delete_adapter(name)
-            else:  # the last adapter: back to the plain base model
-                self.model = self.model.unload()
+            self.model = self._format.detach(self.model, name)
+            if not self.adapters and self._own_adapter is None:
+                self._format = None  # back to the plain base model
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
@@ -385,13 +390,9 @@ class HFSession:
 
         if name is not None and name != self.base_name and name not in self.adapters:
             raise EngineError(f"the adapter {name!r} is no longer served")
-        if not hasattr(self.model, "peft_config"):
+        if self._format is None:
             return contextlib.nullcontext()
-        chosen = name if name in self.adapters else self._own_adapter
-        if chosen is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(chosen)
-        return contextlib.nullcontext()
+        return self._format.use(self.model, name if name in self.adapters else self._own_adapter)
 
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.convert_tokens_to_ids(token) for token in self.chat.end_of_turn}

@@ -15,7 +15,7 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
-from modelloop.models.loading import ModelLoadError
+from modelloop.errors import ModelLoadError
 
 PROBE_SECONDS = 1.0
 

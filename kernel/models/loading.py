@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelloop.errors import ModelloopError, UnknownNameError
+from modelloop.errors import ModelLoadError, UnknownNameError
 from modelloop.log import warn_once
-from modelloop.registry import MODELS, get_registry
-from modelloop.specs import ModelFamily
+from modelloop.registry import MODELS, TUNERS, get_registry
+from modelloop.specs import ModelFamily, Tuner
 
 DTYPES = {
     "auto": "auto",
@@ -36,11 +36,10 @@ ATTENTION = {"sdpa": None, "eager": None, "flex_attention": None, "flash_attenti
 #: attention implementation -> the model class's flag saying it supports it.
 SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn"}
 
+#: the name a run's own adapter is attached under (served as the run's model).
+OWN_ADAPTER = "default"
+
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-class ModelLoadError(ModelloopError):
-    """A model or tokenizer that cannot be loaded as asked."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +48,15 @@ class ModelSource:
 
     :param base: the model whose config and family apply (for an adapter run, its base).
     :param tokenizer: where the tokenizer (and the chat template trained with) lives.
-    :param adapter: a PEFT adapter folder to put on the base, or None.
+    :param adapter: an adapter folder to put on the base, or None.
+    :param tuner: the tuner whose adapter that is (it attaches it), or None.
     :param parent: the run this model came from, or None.
     """
 
     base: str
     tokenizer: str
     adapter: str | None = None
+    tuner: str | None = None
     parent: str | None = None
 
 
@@ -70,21 +71,49 @@ def resolve_model_source(name_or_path: str | Path) -> ModelSource:
         if manifest.get("status") != "completed" or not model_dir.is_dir():
             raise ModelLoadError(f"{run} is a run that did not finish (status {manifest.get('status')!r}): nothing to load")
         parent = str(manifest.get("id", run.name))
-        if (model_dir / "adapter_config.json").exists():
-            return ModelSource(base=manifest["base_model"], tokenizer=str(model_dir), adapter=str(model_dir), parent=parent)
+        tuner = saved_adapter(model_dir)
+        if tuner is not None:
+            return ModelSource(base=manifest["base_model"], tokenizer=str(model_dir), adapter=str(model_dir), tuner=tuner.name, parent=parent)
+        if not (model_dir / "config.json").is_file():
+            trained_with = manifest.get("config", {}).get("tuner")
+            raise ModelLoadError(
+                f"{run}: {model_dir.name}/ holds neither model weights nor an adapter of an installed tuner"
+                + (f" (it was trained with --tuner {trained_with}: is its plugin installed?)" if trained_with else "")
+            )
         return ModelSource(base=str(model_dir), tokenizer=str(model_dir), parent=parent)
     location = locate(name_or_path)
     return ModelSource(base=location, tokenizer=location)
 
 
+def saved_adapter(folder: str | Path) -> Tuner | None:
+    """The installed tuner whose adapter ``folder`` holds, known by its format's marker
+    file; None for anything else (model weights, a tokenizer)."""
+    for tuner in get_registry(TUNERS):
+        if tuner.adapters is not None and (Path(folder) / tuner.adapters.marker).is_file():
+            return tuner
+    return None
+
+
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer, and the family that claimed it."""
+    """A model, its tokenizer, the family that claimed it, and the tuner whose adapter it
+    carries (None for plain weights)."""
 
     model: Any
     tokenizer: Any
     family: ModelFamily
     path: str
+    tuner: Tuner | None = None
+
+
+def merged_model(loaded: LoadedModel) -> Any:
+    """The loaded model with the adapter it carries folded into its weights by the tuner
+    that made it (the model as it is when it carries none)."""
+    if loaded.tuner is None:
+        return loaded.model
+    if loaded.tuner.merge is None:
+        raise ModelLoadError(f"tuner {loaded.tuner.name!r} gives no merge: its adapter cannot be folded into the base model")
+    return loaded.tuner.merge(loaded.model)
 
 
 def locate(name_or_path: str | Path, *, needs_config: bool = True) -> str:
@@ -162,6 +191,17 @@ def load_image_processor(name_or_path: str | Path) -> Any:
         return AutoImageProcessor.from_pretrained(location)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{location}: cannot load the image processor ({error})") from None
+
+
+def load_image_tokens(family: ModelFamily, folder: str | Path, model_config: Any, tokenizer: Any) -> Any:
+    """A vision family's image handling (``ImageTokens``) with the image processor saved in
+    ``folder`` (beside the tokenizer); None for a text family. Here, not in ``data/``: data
+    is tokenised with what it is given, and loading is this module's job."""
+    from modelloop.data.images import ImageTokens
+
+    if family.vision is None:
+        return None
+    return ImageTokens(family.vision, load_image_processor(folder), model_config, tokenizer)
 
 
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
@@ -287,10 +327,10 @@ def load_model(
         except OSError as error:
             raise ModelLoadError(f"{source.base}: cannot load the weights ({error})") from None
         tokenizer = None
+    tuner = None
     if source.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, source.adapter)
+        tuner = get_registry(TUNERS).get(source.tuner)
+        model = tuner.adapters.attach(model, source.adapter, name=OWN_ADAPTER)
     if tokenizer is None or source.tokenizer != source.base:
         tokenizer = load_tokenizer(source.tokenizer, trust_remote_code=trust_remote_code)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=str(name_or_path))
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, path=str(name_or_path), tuner=tuner)

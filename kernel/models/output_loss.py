@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from modelloop.data.tokenize import IGNORE
+from modelloop.data.labels import IGNORE
 
 #: Most logits one chunk holds (fp32: 256 MiB; 441 rows of a 151,936 vocabulary): products
 #: that large still run at full speed on a GPU, and the chunk stays small beside a 7B

@@ -63,7 +63,7 @@ def launch(stage: str, config: Any, plan: ParallelPlan, run_dir: Path) -> dict[s
     )
     print(f"modelloop: {stage} on {world.size} processes ({plan.strategy}); logs of every rank: {logs}", flush=True)
     try:
-        elastic_launch(launch_config, entrypoint=sys.executable)("-m", "modelloop.parallel.worker", str(order))
+        elastic_launch(launch_config, entrypoint=sys.executable)("-m", "modelloop.stages.worker", str(order))
     except ChildFailedError as error:
         message = failure_message(error, range(world.node_rank * world.nproc, (world.node_rank + 1) * world.nproc))
         if world.node_rank == 0 and read_manifest(run_dir).get("status") == "completed":

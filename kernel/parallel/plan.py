@@ -16,6 +16,7 @@ from typing import Any
 
 from modelloop.errors import ModelloopError
 from modelloop.parallel.world import World
+from modelloop.specs import Tuner
 
 #: mesh dimensions, in the order they are printed: data, tensor, pipeline, expert, context parallel.
 MESH_DIMENSIONS = ("dp", "tp", "pp", "ep", "cp")
@@ -33,12 +34,13 @@ class PlanError(ModelloopError):
 @dataclass(frozen=True)
 class PlanRequest:
     """What a strategy plans for: the world, the model (its transformers config and
-    family), the tuner, the strategy's options and the shape of a training step."""
+    family), the tuner (its ``Tuner`` spec: ask what it trains, not its name), the
+    strategy's options and the shape of a training step."""
 
     world: World
     model_config: Any
     family: Any
-    tuner: str
+    tuner: Tuner
     options: Mapping[str, Any]
     batch_size: int
     max_length: int

@@ -1,8 +1,8 @@
 """``modelloop plan``'s work: the plan a training config gets, its memory per device, and
 the cheapest change that makes it fit when it does not.
 
-It goes through the stage's own checks (``check_tuner``, ``plan_training``), so what it
-prints is the plan the run will use.
+The stages make their plan here too (``plan_training``, after ``check_tuner``), so what
+``modelloop plan`` prints is the plan the run will use.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from modelloop.config import TrainConfig
+from modelloop.config import ConfigError, TrainConfig, check_tuner
 from modelloop.models.precision import Precision
 from modelloop.parallel.memory import MIB, MemoryEstimate, ModelCounts, count_parameters, estimate
-from modelloop.parallel.plan import ParallelPlan, PlanError
+from modelloop.parallel.plan import ParallelPlan, PlanError, PlanRequest, make_plan
+from modelloop.parallel.world import World, in_worker, join_process_group, torchrun_world
+from modelloop.registry import TUNERS, get_registry
+from modelloop.specs import ParallelStrategy
 
 
 @dataclass(frozen=True)
@@ -37,13 +40,52 @@ class Change:
     update: dict[str, Any]
 
 
-def plan_memory(config: TrainConfig, *, cuda: bool | None = None) -> MemoryPlan:
-    """The plan for ``config`` on its world and the memory it needs per device."""
-    from modelloop.models.loading import read_config, resolve_family, resolve_model_source
-    from modelloop.stages.train import check_tuner, plan_training
+def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: bool | None = None) -> tuple[ParallelStrategy, ParallelPlan]:
+    """The parallel strategy and its plan for this config on the world it runs on: the
+    one torchrun described to this worker, or the one ``nproc``/``nnodes`` ask for.
+    ``cuda`` plans for GPUs (or not) whatever this machine has (``modelloop plan``)."""
+    if in_worker():  # first, so that every collective after it (TRL's checks too) has the timeout
+        join_process_group("nccl" if _cuda_available() else "gloo", config.hang_timeout)
+    if cuda is None:
+        cuda = _cuda_available()
+        if cuda and not in_worker() and config.nproc > _cuda_devices():
+            raise PlanError(f"--nproc {config.nproc}: this machine has {_cuda_devices()} GPU(s), one per process")
+    try:
+        world = torchrun_world() if in_worker() else World.resolve(config.nproc, config.nnodes)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    request = PlanRequest(
+        world=world,
+        model_config=model_config,
+        family=family,
+        tuner=get_registry(TUNERS).get(config.tuner),
+        options=config.strategy_options,
+        batch_size=config.batch_size,
+        max_length=config.max_length,
+        gradient_checkpointing=bool(config.gradient_checkpointing),
+        cuda=cuda,
+        sequence_parallel=config.sequence_parallel,
+    )
+    return make_plan(config.strategy, request)
 
+
+def _cuda_available() -> bool:
     import torch
 
+    return torch.cuda.is_available()
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def plan_memory(config: TrainConfig, *, cuda: bool | None = None) -> MemoryPlan:
+    """The plan for ``config`` on its world and the memory it needs per device."""
+    import torch
+
+    from modelloop.models.loading import read_config, resolve_family, resolve_model_source
     from modelloop.models.output_loss import reason_plan_keeps_it
 
     tuner, options = check_tuner(config)
@@ -122,7 +164,8 @@ def changes(planned: MemoryPlan, cuda: bool) -> Iterator[Change]:
         yield Change("a smaller micro-batch, the same global batch", f"--batch-size {batch} --grad-accum {accumulation}", {"batch_size": batch, "grad_accum": accumulation})
     if cuda and plan.world.size > 1 and "optimizer" not in plan.offload:
         yield Change("keep weights and optimizer states in host memory", "--strategy fsdp --set strategy_options.offload=true", {"strategy": "fsdp", "strategy_options": {"offload": True}})
-    if config.tuner in ("full", "lora", "dora"):
+    tuners = get_registry(TUNERS)
+    if "qlora" in tuners and tuners.get(config.tuner).load_options is None:  # the base is not quantized yet
         yield Change("train LoRA adapters on a 4-bit base (QLoRA)", "--tuner qlora", {"tuner": "qlora", "tuner_options": {}})
 
 

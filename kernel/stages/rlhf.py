@@ -13,7 +13,6 @@ data record (of the kind the method takes), the rewards and the rollout engine.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +22,17 @@ from modelloop.config import ConfigError, RLHFConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.world import is_main_process, rank
 from modelloop.registry import ENGINES, get_registry
-from modelloop.stages.train import (
-    Checked,
+from modelloop.stages.checks import Checked, check_training
+from modelloop.stages.common import (
     advise_schedule,
-    check_training,
     finish_run,
+    image_tokens,
     load_trainable,
     merged_base,
     record_compute,
     record_module_groups,
     run_stage,
+    run_trainer,
     settle_owned_process,
     trainer_arguments,
     tuner_optimizer,
@@ -221,11 +221,10 @@ def _run(
     resume: Any,
 ) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import PrinterCallback
 
     from modelloop.chat import resolve_chat_format
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import MeasureFromFirstStep, ReportCallback, modelloop_trainer_class, plot_metrics, resume_point, step_of, whole_run_losses
+    from modelloop.training import MeasureFromFirstStep, ReportCallback, modelloop_trainer_class, plot_metrics
 
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
@@ -273,18 +272,13 @@ def _run(
         callbacks=[report, MeasureFromFirstStep(memory)],
         **extra,
     )
-    trainer.remove_callback(PrinterCallback)
-    checkpoint = resume_point(resume, run_dir)
-    started = time.perf_counter()
     try:
-        outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        metrics, seconds = run_trainer(trainer, resume, run_dir)
     finally:
         if rollouts is not None:
             rollouts.close()
         tokenizer.padding_side = padding_side  # model/ keeps the tokenizer as it came
-    metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
-    metrics.update(whole_run_losses(run_dir / "metrics.jsonl", outcome.training_loss, step_of(checkpoint), trainer.state.global_step))
-    metrics["train_seconds"] = time.perf_counter() - started
+    metrics["train_seconds"] = seconds
     metrics.update(memory.measured())
     if config.method == "grpo":
         metrics.update(reward_summary(run_dir / "metrics.jsonl"))
@@ -333,7 +327,6 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
 def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, run_dir: Path) -> Any:
     from modelloop.inference.types import SamplingParams
     from modelloop.stages.rollouts import EngineRollouts
-    from modelloop.stages.train import image_tokens
 
     sampling = SamplingParams(max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p)
     return EngineRollouts(
@@ -342,9 +335,9 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         chat=chat,
         sampling=sampling,
         base_model=str(merged_base(run_dir)) if merged_base(run_dir).is_dir() else checked.source.base,
-        adapter=checked.tuner.adapter,
+        tuner=checked.tuner,
         sync_dir=run_dir / "rollout-weights" / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
         sync_steps=config.sync_steps,
         options=config.rollout_options,
-        images=image_tokens(checked, tokenizer, config),
+        images=image_tokens(checked, tokenizer),
     )

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.inference.types import Completion, GenerationRequest, SamplingParams
-from modelloop.specs import Engine, EngineSession
+from modelloop.specs import Engine, EngineSession, Tuner
+from modelloop.stages.common import save_trained
 
 
 class EngineRollouts:
@@ -41,7 +42,7 @@ class EngineRollouts:
         chat: Any,
         sampling: SamplingParams,
         base_model: str,
-        adapter: bool,
+        tuner: Tuner,
         sync_dir: Path,
         sync_steps: int = 1,
         options: Mapping[str, Any] | None = None,
@@ -53,7 +54,7 @@ class EngineRollouts:
         self.chat = chat
         self.sampling = sampling
         self.base_model = base_model
-        self.adapter = adapter
+        self.tuner = tuner
         self.sync_dir = sync_dir
         self.sync_steps = sync_steps
         self.options = dict(options or {})
@@ -126,9 +127,9 @@ class EngineRollouts:
         folder = self.sync_dir / f"step-{step}"
         shutil.rmtree(folder, ignore_errors=True)
         policy = trainer.accelerator.unwrap_model(trainer.model)
-        policy.save_pretrained(folder, safe_serialization=True)
+        save_trained(self.tuner, policy, folder)
         previous = (self.served, self.sync_dir / f"step-{self.synced_step}") if self.synced_step is not None else None
-        if self.adapter:
+        if self.tuner.adapter:
             name = f"policy-step-{step}"
             if self.session is None:
                 self.session = self.engine.start(self.base_model, adapters={name: str(folder)}, options=self.options)

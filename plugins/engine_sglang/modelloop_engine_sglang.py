@@ -38,7 +38,7 @@ def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     return start_server("SGLang", "sglang", model_path, adapters, options, command, adapter_route="/load_lora_adapter", unload_route="/unload_lora_adapter")
 
 
-SGLANG = Engine(name="sglang", description="SGLang's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)
+SGLANG = Engine(name="sglang", description="SGLang's OpenAI server in its own process (CUDA)", start=start)
 
 
 @hookimpl

@@ -41,7 +41,7 @@ def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     return start_server("vLLM", "vllm", model_path, adapters, options, command, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
 
 
-VLLM = Engine(name="vllm", description="vLLM's OpenAI server in its own process (CUDA)", start=start, runtime_lora=True)
+VLLM = Engine(name="vllm", description="vLLM's OpenAI server in its own process (CUDA)", start=start)
 
 
 @hookimpl

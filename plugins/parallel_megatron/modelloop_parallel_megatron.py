@@ -24,7 +24,7 @@ from typing import Any
 from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, complete, hookimpl
 from modelloop_megatron_checkpoint import SUPPORTED_MODEL_TYPES, Layout, Shard, check_divisible, join_shards, megatron_to_hf
 
-PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: ``sequence_parallel`` None: on wherever it can be (tp > 1 with Transformer Engine).
 DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "sequence_parallel": None, "distributed_optimizer": True, "moe_dispatcher": "alltoall"}
@@ -35,8 +35,12 @@ SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "co
 
 def plan_megatron(request: PlanRequest) -> ParallelPlan:
     options = complete(request.options, DEFAULTS)
-    if request.tuner != "full":
-        raise ValueError(f"megatron trains the full model; adapters ({request.tuner}) are not supported, use fsdp or deepspeed")
+    tuner = request.tuner
+    if not tuner.trains_all_weights or tuner.optimizer is not None or tuner.parameter_groups is not None:
+        raise ValueError(
+            f"megatron trains every weight with its own optimizer; tuner {tuner.name!r} "
+            f"{'trains only some weights' if not tuner.trains_all_weights else 'brings its own optimizer'}: use fsdp or deepspeed"
+        )
     if request.model_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {request.model_config.model_type!r} has no megatron-core conversion (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if options["moe_dispatcher"] not in ("alltoall", "allgather"):

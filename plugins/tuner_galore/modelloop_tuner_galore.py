@@ -7,7 +7,7 @@ from typing import Any
 
 from modelloop.plugin import Tuner, complete, hookimpl, positive
 
-PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
 
 DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "targets": "default"}
 PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
@@ -60,6 +60,7 @@ GALORE = Tuner(
     check=check,
     parameter_groups=parameter_groups,
     optimizer=optimizer,
+    trains_all_weights=True,
     requires=("galore_torch", "bitsandbytes"),  # galore_torch imports its 8-bit AdamW from bitsandbytes
 )
 

@@ -6,13 +6,14 @@ imported when a model is prepared.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from typing import Any
 
-from modelloop.plugin import Tuner, complete, hookimpl, in_range, positive
+from modelloop.plugin import AdapterFormat, Tuner, complete, hookimpl, in_range, positive
 
-PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
 
 DEFAULTS = {
     "rank": 8,
@@ -245,7 +246,39 @@ def merge(model: Any) -> Any:
     return model.merge_and_unload()
 
 
-COMMON = {"parameter_groups": parameter_groups, "merge": merge, "adapter": True}
+def attach(model: Any, directory: Any, *, name: str) -> Any:
+    """A saved PEFT adapter on a base model, or beside the adapters a model carries."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(directory), adapter_name=name)
+        return model
+    return PeftModel.from_pretrained(model, str(directory), adapter_name=name)
+
+
+def use(model: Any, name: str | None) -> Any:
+    """Compute as adapter ``name``, or as the base alone (``None``)."""
+    if name is None:
+        return model.disable_adapter()
+    model.set_adapter(name)
+    return contextlib.nullcontext()
+
+
+def detach(model: Any, name: str) -> Any:
+    """Remove adapter ``name``; with none left, the plain base model. The adapter is
+    deleted before PEFT unloads the last one: ``unload`` keeps an active adapter's trained
+    copies of its ``modules_to_save`` (LongLoRA's embeddings and norms) in the base."""
+    remaining = [adapter for adapter in model.peft_config if adapter != name]
+    if remaining and model.active_adapter == name:
+        model.set_adapter(remaining[0])
+    model.delete_adapter(name)
+    return model if remaining else model.unload()
+
+
+#: PEFT's adapter folders: adapter_config.json beside the adapter's weights.
+PEFT_ADAPTERS = AdapterFormat(marker="adapter_config.json", attach=attach, use=use, detach=detach)
+
+COMMON = {"parameter_groups": parameter_groups, "merge": merge, "adapter": True, "adapters": PEFT_ADAPTERS}
 
 TUNERS = (
     Tuner(name="lora", description="LoRA adapters (PEFT)", prepare=prepare, check=check, requires=("peft",), **COMMON),

@@ -69,8 +69,6 @@ def test_default_lora_targets_exist_in_the_model(family, tiny_models):
     parameters = dict(model.named_parameters())
     for target in spec.lora_target_parameters:
         assert any(name.endswith(target) for name in parameters), target
-    for pattern in spec.moe_experts:
-        assert any(name.endswith(pattern) for name, _ in model.named_modules()), pattern
 
 
 @pytest.mark.parametrize("family", QWEN_FAMILIES)

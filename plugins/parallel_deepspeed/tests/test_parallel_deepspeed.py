@@ -7,12 +7,13 @@ import json
 
 import pytest
 
+from modelloop.builtin.full_tuner import FULL
 from modelloop.parallel.plan import PlanError, PlanRequest, make_plan
 from modelloop.parallel.world import World
 
 
 def request(cuda: bool = False, **options) -> PlanRequest:
-    return PlanRequest(World(nproc=2), None, None, "full", options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=cuda)
+    return PlanRequest(World(nproc=2), None, None, FULL, options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=cuda)
 
 
 def test_zero3_gathers_weights_on_save_and_leaves_batch_sizes_to_the_trainer():

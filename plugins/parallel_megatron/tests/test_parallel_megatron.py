@@ -12,6 +12,7 @@ import pytest
 
 from modelloop.parallel.plan import PlanError, PlanRequest, make_plan
 from modelloop.parallel.world import World, free_port
+from modelloop.registry import TUNERS, get_registry
 from modelloop_megatron_checkpoint import Layout, Shard, hf_to_megatron, join_shards, megatron_to_hf, shard_state_dict
 from modelloop_megatron_model import from_spec_names, to_spec_names
 from modelloop_parallel_megatron import refuse_unsupported
@@ -35,7 +36,7 @@ def config(model_type: str = "qwen2", **fields):
 
 def request(model_config, nproc: int = 8, tuner: str = "full", cp: int = 1, **options) -> PlanRequest:
     """A plan request on GPUs; ``cp`` is ``--sequence-parallel``, ``options`` the strategy's."""
-    return PlanRequest(World(nproc=nproc), model_config, None, tuner, options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=cp)
+    return PlanRequest(World(nproc=nproc), model_config, None, get_registry(TUNERS).get(tuner), options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=cp)
 
 
 # --------------------------------------------------------------------------- plans
@@ -55,7 +56,8 @@ def test_the_mesh_splits_the_world_into_tensor_pipeline_and_data_parallel_ranks(
 @pytest.mark.parametrize(
     ("model_config", "options", "message"),
     [
-        (config(), {"tuner": "lora"}, "trains the full model; adapters"),
+        (config(), {"tuner": "lora"}, "tuner 'lora' trains only some weights: use fsdp or deepspeed"),
+        (config(), {"tuner": "galore"}, "tuner 'galore' brings its own optimizer"),
         (config("gemma"), {}, "no megatron-core conversion"),
         (config(), {"tp": 3, "nproc": 3}, "tp=3 does not divide the model's 2 key/value heads"),
         (config(vocab_size=129), {"tp": 2}, "tp=2 does not divide the model's 129 vocabulary entries"),
@@ -68,7 +70,7 @@ def test_the_mesh_splits_the_world_into_tensor_pipeline_and_data_parallel_ranks(
         (config(), {"tp": 2, "sequence_parallel": True}, "sequence_parallel needs Transformer Engine"),
         (config(), {"sequence_parallel": True}, "sequence_parallel .* needs tp > 1"),
     ],
-    ids=["adapter", "model-type", "heads", "vocabulary", "layers", "dense-ep", "world", "cp-without-te", "sliding-window", "zero", "sp-without-te", "sp-without-tp"],
+    ids=["adapter", "own-optimizer", "model-type", "heads", "vocabulary", "layers", "dense-ep", "world", "cp-without-te", "sliding-window", "zero", "sp-without-te", "sp-without-tp"],
 )
 def test_plans_that_cannot_work_are_refused_before_anything_starts(model_config, options, message):
     with pytest.raises(PlanError, match=f"the megatron strategy: .*{message}"):
@@ -77,7 +79,7 @@ def test_plans_that_cannot_work_are_refused_before_anything_starts(model_config,
 
 def test_it_runs_on_gpus_only():
     with pytest.raises(PlanError, match="runs on CUDA GPUs only"):
-        make_plan("megatron", PlanRequest(World(nproc=1), config(), None, "full", {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False))
+        make_plan("megatron", PlanRequest(World(nproc=1), config(), None, get_registry(TUNERS).get("full"), {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False))
 
 
 def test_what_the_loop_does_not_do_is_refused_by_name():

@@ -1,9 +1,13 @@
-"""What every process of a multi-process stage runs: ``python -m modelloop.parallel.worker
+"""What every process of a multi-process stage runs: ``python -m modelloop.stages.worker
 LAUNCH_JSON``.
 
 It runs the stage the launcher ordered, with the launcher's resolved config; torch's
 elastic agent has set ``RANK``, ``WORLD_SIZE`` and the rendezvous variables, which the
 trainer reads. ``record`` writes an uncaught exception where the launcher finds it.
+
+It lives with the stages, not with ``parallel/``'s launcher: it is a stage's entry point
+on each rank, so it imports the stages, and the parts below them (the launcher among
+them) import none. The launcher names it only as the module each process runs.
 """
 
 from __future__ import annotations
