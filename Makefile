@@ -1,6 +1,6 @@
 # Two commands set up a fresh machine and use it (README.md):
 #   make quickstart   the main job
-#   make test         the whole test suite (what .ci/run calls)
+#   make test         lint and format checks (ruff), then the whole test suite (what .ci/run calls)
 # Both create .venv if it is missing and install torch==2.13.0 (the CPU build) first,
 # then the kernel and every plugin under plugins/ in editable mode, pinned by constraints/cpu.txt.
 
@@ -12,10 +12,13 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+export MODELSCOPE_OFFLINE := 1
 
 .PHONY: test quickstart bench install clean
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # The main job: examples/quickstart.yaml takes a tiny model built here around the whole loop

@@ -36,13 +36,14 @@ HERMETIC_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
+    "MODELSCOPE_OFFLINE": "1",
 }
 # huggingface_hub reads its offline switch when imported: set it before any test imports it.
 os.environ.update({key: value for key, value in HERMETIC_ENV.items() if key.endswith("OFFLINE")})
 
 
 def _hermetic(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
-    for variable in ("MODELLOOP_BLOCK_PLUGINS", "MODELLOOP_TRACE_PLUGINS", "MODELLOOP_DEBUG"):
+    for variable in ("MODELLOOP_BLOCK_PLUGINS", "MODELLOOP_TRACE_PLUGINS", "MODELLOOP_DEBUG", "MODELLOOP_HUB_MODELS"):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in HERMETIC_ENV.items():
         monkeypatch.setenv(variable, value)
@@ -81,7 +82,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -
 
 
 @pytest.fixture(scope="session")
-def lora_run(tiny_models: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> tuple[Path, Path]:
+def lora_run(
+    tiny_models: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, session_cache: Path
+) -> tuple[Path, Path]:
     """A LoRA SFT run of the tiny Qwen2 on 60 additions (``tuned/``), and its data file."""
     import json
 
@@ -89,11 +92,23 @@ def lora_run(tiny_models: Callable[[str], Path], tmp_path_factory: pytest.TempPa
 
     root = tmp_path_factory.mktemp("lora")
     data = root / "tasks.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]} for i in range(60)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+        for i in range(60)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.MonkeyPatch.context() as monkeypatch:
         _hermetic(monkeypatch, session_cache)
-        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "max_steps": 20, "lr": 3e-3, "max_length": 64, "output_dir": str(root / "tuned")})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2")),
+                "data": [str(data)],
+                "max_steps": 20,
+                "lr": 3e-3,
+                "max_length": 64,
+                "output_dir": str(root / "tuned"),
+            }
+        )
     return root / "tuned", data
 
 
@@ -137,10 +152,22 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         sys.modules.pop(module, None)
 
 
-def modelloop_serve(python: str, model: str, adapters: dict[str, str], options: dict[str, object]) -> tuple[list[str], dict[str, str]]:
+def modelloop_serve(
+    python: str, model: str, adapters: dict[str, str], options: dict[str, object]
+) -> tuple[list[str], dict[str, str]]:
     """``modelloop serve`` as an engine's server command (``launch.start_server``): it speaks
     the API vLLM and SGLang do, so the HTTP engine path runs on a CPU."""
-    argv = [python, "-m", "modelloop", "serve", model, "--port", str(options["port"]), "--served-name", str(options["served_name"])]
+    argv = [
+        python,
+        "-m",
+        "modelloop",
+        "serve",
+        model,
+        "--port",
+        str(options["port"]),
+        "--served-name",
+        str(options["served_name"]),
+    ]
     for name, path in adapters.items():
         argv += ["--adapters", f"{name}={path}"]
     return argv, {}

@@ -42,7 +42,9 @@ def times(kind: str, rows: int, out_features: int, in_features: int) -> tuple[fl
 
 
 def main() -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, BLAS: {'MKL' if torch.backends.mkl.is_available() else 'other'}, ISA: {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, BLAS: {'MKL' if torch.backends.mkl.is_available() else 'other'}, ISA: {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"{'model':26} {'rows':>5} {'product':>8} {'BLAS GFLOP/s':>13} {'oneDNN GFLOP/s':>15} {'ratio':>6}")
     for model, shapes in SHAPES.items():
         for rows in ROWS:
@@ -50,7 +52,9 @@ def main() -> None:
                 measured = [times(kind, rows, out_features, in_features) for out_features, in_features in shapes]
                 blas, onednn = (sum(pair[i] for pair in measured) for i in (0, 1))
                 flops = sum(2 * rows * out_features * in_features for out_features, in_features in shapes)
-                print(f"{model:26} {rows:5} {kind:>8} {flops / blas / 1e9:13.0f} {flops / onednn / 1e9:15.0f} {blas / onednn:5.2f}x")
+                print(
+                    f"{model:26} {rows:5} {kind:>8} {flops / blas / 1e9:13.0f} {flops / onednn / 1e9:15.0f} {blas / onednn:5.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -35,16 +35,28 @@ def generate(path: Path, count: int, seed: int = 0) -> None:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 30)))
             if index % 3 == 0:
-                messages = [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]
+                messages = [
+                    {"role": "user", "content": f"What is {a}+{b}?"},
+                    {"role": "assistant", "content": str(a + b)},
+                ]
             elif index % 3 == 1:
-                messages = [{"role": "user", "content": f"Reverse the string: {word}"}, {"role": "assistant", "content": word[::-1]}]
+                messages = [
+                    {"role": "user", "content": f"Reverse the string: {word}"},
+                    {"role": "assistant", "content": word[::-1]},
+                ]
             else:
                 messages = [
                     {"role": "system", "content": "You answer with numbers only."},
                     {"role": "user", "content": f"What is {a}-{b}?"},
                     {"role": "assistant", "content": str(a - b)},
-                    {"role": "user", "content": f"And {a}*{b}? Explain your answer: " + " ".join([word] * rng.randint(1, 40))},
-                    {"role": "assistant", "content": f"{a * b}, because " + " ".join([word[::-1]] * rng.randint(1, 60))},
+                    {
+                        "role": "user",
+                        "content": f"And {a}*{b}? Explain your answer: " + " ".join([word] * rng.randint(1, 40)),
+                    },
+                    {
+                        "role": "assistant",
+                        "content": f"{a * b}, because " + " ".join([word[::-1]] * rng.randint(1, 60)),
+                    },
                 ]
             out.write(json.dumps({"messages": messages}) + "\n")
 
@@ -92,16 +104,22 @@ def main() -> None:
     tokenizer = load_tokenizer(model)
     chat = resolve_chat_format(tokenizer, resolve_family("qwen2"))
     count = arguments.records
-    print(f"{count:,} records, {data.stat().st_size / 2**20:.1f} MiB JSONL, max_length {arguments.max_length}, "
-          f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens)")
+    print(
+        f"{count:,} records, {data.stat().st_size / 2**20:.1f} MiB JSONL, max_length {arguments.max_length}, "
+        f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens)"
+    )
     print(f"{'step':34} {'wall':>10} {'throughput':>22}")
     print(f"{'(after imports and model build)':34} {'':>10} {'':>22}   peak RSS {peak_rss_mib():7.0f} MiB")
 
     timed("read + validate", count, lambda: read_records([data]))
     tokenized, tokenize_seconds = timed(
-        "read + validate + tokenise", count, lambda: prepare_data([data], tokenizer, chat, max_length=arguments.max_length)
+        "read + validate + tokenise",
+        count,
+        lambda: prepare_data([data], tokenizer, chat, max_length=arguments.max_length),
     )
-    timed("cache load (second run)", count, lambda: prepare_data([data], tokenizer, chat, max_length=arguments.max_length))
+    timed(
+        "cache load (second run)", count, lambda: prepare_data([data], tokenizer, chat, max_length=arguments.max_length)
+    )
     rows, _ = timed("pack", count, lambda: pack(tokenized.input_ids, tokenized.labels, arguments.max_length))
 
     sample = [json.loads(line)["messages"] for _, line in zip(range(10_000), data.open())]
@@ -117,11 +135,15 @@ def main() -> None:
     lengths = tokenized.lengths
     samplers = get_registry(SAMPLERS)
     random_order = [lengths[i] for i in samplers.get("random").order(lengths, batch_size=arguments.batch_size, seed=0)]
-    grouped = [lengths[i] for i in samplers.get("length_grouped").order(lengths, batch_size=arguments.batch_size, seed=0)]
+    grouped = [
+        lengths[i] for i in samplers.get("length_grouped").order(lengths, batch_size=arguments.batch_size, seed=0)
+    ]
     row_lengths = [len(row.input_ids) for row in rows]
     tokens = sum(lengths)
-    print(f"\n{tokens:,} tokens in {len(lengths):,} examples -> {len(rows):,} packed rows "
-          f"({tokens / (len(rows) * arguments.max_length):.1%} full)")
+    print(
+        f"\n{tokens:,} tokens in {len(lengths):,} examples -> {len(rows):,} packed rows "
+        f"({tokens / (len(rows) * arguments.max_length):.1%} full)"
+    )
     for label, waste in (
         ("padded batches, random order", padded_waste(random_order, arguments.batch_size)),
         ("padded batches, length_grouped", padded_waste(grouped, arguments.batch_size)),

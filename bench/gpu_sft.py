@@ -55,7 +55,12 @@ def chats(path: Path, count: int, seed: int = 0) -> Path:
             asked = max(5, words // 5)
             question = " ".join(rng.choice(WORDS) for _ in range(asked))
             answer = " ".join(rng.choice(WORDS) for _ in range(words - asked))
-            out.write(json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}) + "\n")
+            out.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -99,13 +104,37 @@ def run_modelloop(args: argparse.Namespace, model: Path, data: Path, out: Path, 
 def in_own_process(args: argparse.Namespace, runner: str, model: Path, data: Path, out: Path) -> dict:
     """Run ``runner`` (trl or hf) in a child process of this script; its result as a dict."""
     result = out.parent / f"{out.name}.json"
-    command = [sys.executable, __file__, "--runner", runner, "--model-dir", str(model), "--data-file", str(data), "--result", str(result)]
-    command += ["--steps", str(args.steps), "--rows", str(args.rows), "--max-length", str(args.max_length), "--out", str(out)]
+    command = [
+        sys.executable,
+        __file__,
+        "--runner",
+        runner,
+        "--model-dir",
+        str(model),
+        "--data-file",
+        str(data),
+        "--result",
+        str(result),
+    ]
+    command += [
+        "--steps",
+        str(args.steps),
+        "--rows",
+        str(args.rows),
+        "--max-length",
+        str(args.max_length),
+        "--out",
+        str(out),
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0 or not result.exists():
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300] if (done.stderr or done.stdout) else f"exit {done.returncode}"}
+        return {
+            "error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]
+            if (done.stderr or done.stdout)
+            else f"exit {done.returncode}"
+        }
     return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started, "parameters": parameters(model)}
 
 
@@ -119,7 +148,9 @@ def peer_run(args: argparse.Namespace) -> None:
     cuda = torch.cuda.is_available()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     pad = tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa"
+    )
     if cuda:
         model = model.cuda()
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -128,7 +159,11 @@ def peer_run(args: argparse.Namespace) -> None:
     def counting(collate):
         def collate_and_count(features):
             batch = collate(features)
-            counted["tokens"] += int((batch["input_ids"] != pad).sum()) if "attention_mask" not in batch else int(batch["attention_mask"].sum())
+            counted["tokens"] += (
+                int((batch["input_ids"] != pad).sum())
+                if "attention_mask" not in batch
+                else int(batch["attention_mask"].sum())
+            )
             return batch
 
         return collate_and_count
@@ -160,13 +195,22 @@ def peer_run(args: argparse.Namespace) -> None:
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(**shared, max_length=args.max_length, packing=True)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=[speed])
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora,
+            callbacks=[speed],
+        )
     else:
         from peft import get_peft_model
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
         def tokenize(record):
-            ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"][: args.max_length]
+            ids = tokenizer.apply_chat_template(record["messages"], tokenize=True, return_dict=True)["input_ids"][
+                : args.max_length
+            ]
             return {"input_ids": ids}
 
         tokenized = dataset.map(tokenize, remove_columns=dataset.column_names)
@@ -177,7 +221,9 @@ def peer_run(args: argparse.Namespace) -> None:
     trainer.data_collator = counting(trainer.data_collator)
     outcome = trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    Path(args.result).write_text(json.dumps({"tokens_per_s": steady_speed(speed.windows), "peak_gib": peak, "loss": outcome.training_loss}))
+    Path(args.result).write_text(
+        json.dumps({"tokens_per_s": steady_speed(speed.windows), "peak_gib": peak, "loss": outcome.training_loss})
+    )
 
 
 # --------------------------------------------------------------------------- the table
@@ -200,7 +246,9 @@ def report(results: dict, cuda: bool) -> str:
         mfu = result["tokens_per_s"] * 6 * result["parameters"] / PEAK_FLOPS if cuda else float("nan")
         result["mfu"] = mfu
         loss = f"{result['loss']:.3f}" if result.get("loss") is not None else "-"
-        lines.append(f"| {name} | {result['tokens_per_s']:,.0f} | {result['peak_gib']:.1f} | {mfu:.1%} | {loss} | {result.get('wall_s', 0):.0f} |")
+        lines.append(
+            f"| {name} | {result['tokens_per_s']:,.0f} | {result['peak_gib']:.1f} | {mfu:.1%} | {loss} | {result.get('wall_s', 0):.0f} |"
+        )
     base = results.get("trl lora", {})
     for name in ("modelloop lora", "modelloop lora liger", "modelloop lora checkpointed"):
         mine = results.get(name, {})
@@ -236,14 +284,32 @@ def main() -> None:
     os.environ.setdefault("MODELLOOP_HOME", str(args.out))
     model = args.out / f"model-{args.preset}"
     if not model.exists():
-        subprocess.run([sys.executable, "-m", "modelloop", "new-model", "--family", "qwen2", "--preset", args.preset, "--out", str(model), "--device", device], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "modelloop",
+                "new-model",
+                "--family",
+                "qwen2",
+                "--preset",
+                args.preset,
+                "--out",
+                str(model),
+                "--device",
+                device,
+            ],
+            check=True,
+        )
     data = chats(args.out / "chats.jsonl", args.chats)
     runs = {
         "modelloop lora": lambda out: run_modelloop(args, model, data, out, "lora"),
         "trl lora": lambda out: in_own_process(args, "trl", model, data, out),
         "modelloop full": lambda out: run_modelloop(args, model, data, out, "full"),
         "modelloop lora liger": lambda out: run_modelloop(args, model, data, out, "lora", "--accelerator", "liger"),
-        "modelloop lora checkpointed": lambda out: run_modelloop(args, model, data, out, "lora", "--gradient-checkpointing"),
+        "modelloop lora checkpointed": lambda out: run_modelloop(
+            args, model, data, out, "lora", "--gradient-checkpointing"
+        ),
         "hf lora": lambda out: in_own_process(args, "hf", model, data, out),
     }
     if args.big_preset:
@@ -251,8 +317,28 @@ def main() -> None:
 
         def qlora(out: Path) -> dict:
             if not big.exists():
-                subprocess.run([sys.executable, "-m", "modelloop", "new-model", "--family", "qwen2", "--preset", args.big_preset, "--out", str(big), "--device", device, "--dtype", "bf16"], check=True)
-            settings = argparse.Namespace(**{**vars(args), "rows": 1, "max_length": 2 * args.max_length, "steps": min(args.steps, 10)})
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "modelloop",
+                        "new-model",
+                        "--family",
+                        "qwen2",
+                        "--preset",
+                        args.big_preset,
+                        "--out",
+                        str(big),
+                        "--device",
+                        device,
+                        "--dtype",
+                        "bf16",
+                    ],
+                    check=True,
+                )
+            settings = argparse.Namespace(
+                **{**vars(args), "rows": 1, "max_length": 2 * args.max_length, "steps": min(args.steps, 10)}
+            )
             return run_modelloop(settings, big, data, out, "qlora", "--gradient-checkpointing")
 
         runs[f"modelloop qlora {args.big_preset}"] = qlora
@@ -267,8 +353,12 @@ def main() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     table = report(results, cuda)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {gpu}, {args.preset}: {args.rows} rows x {args.max_length} tokens, {args.steps} steps\n{table}")
-    (args.out / "results.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "runs": results}, indent=2))
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {gpu}, {args.preset}: {args.rows} rows x {args.max_length} tokens, {args.steps} steps\n{table}"
+    )
+    (args.out / "results.json").write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "runs": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,22 @@ def write_data(root: Path) -> tuple[Path, Path]:
     chats = root / "chats.jsonl"
     chats.write_text(
         "".join(
-            json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": f"<answer>{a + b}</answer>" if (a + b) % 2 else str(a + b)}]}) + "\n"
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {a}+{b}?"},
+                        {"role": "assistant", "content": f"<answer>{a + b}</answer>" if (a + b) % 2 else str(a + b)},
+                    ]
+                }
+            )
+            + "\n"
             for a, b in sums
         )
     )
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{b}?", "solution": str(a + b)}) + "\n" for a, b in sums))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"What is {a}+{b}?", "solution": str(a + b)}) + "\n" for a, b in sums)
+    )
     return chats, prompts
 
 
@@ -58,17 +68,28 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     arguments = parser.parse_args()
 
+    from trl import GRPOTrainer
+
     import modelloop
     from modelloop.models.new_model import new_model
     from modelloop.stages.rollouts import EngineRollouts
-    from trl import GRPOTrainer
 
     engine_clock = Stopwatch(EngineRollouts, "__call__")
     trl_clock = Stopwatch(GRPOTrainer, "_generate_single_turn")
     root = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     chats, prompts = write_data(root)
     base = new_model("qwen2", "tiny", root / "tiny")
-    modelloop.sft({"model": str(base), "data": [str(chats)], "tuner": "full", "lr": 2e-3, "max_steps": 60, "max_length": 64, "output_dir": str(root / "sft")})
+    modelloop.sft(
+        {
+            "model": str(base),
+            "data": [str(chats)],
+            "tuner": "full",
+            "lr": 2e-3,
+            "max_steps": 60,
+            "max_length": 64,
+            "output_dir": str(root / "sft"),
+        }
+    )
 
     results: dict[str, list[dict[str, float]]] = {}
     for repeat in range(arguments.repeat):
@@ -87,21 +108,35 @@ def main() -> None:
             wall = time.perf_counter() - started
             completions = arguments.steps * arguments.batch_size
             train = json.loads((out / "manifest.json").read_text())["metrics"]["train_seconds"]
-            rewards = [json.loads(line).get("rewards/format/mean") for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rewards = [
+                json.loads(line).get("rewards/format/mean") for line in (out / "metrics.jsonl").read_text().splitlines()
+            ]
             results.setdefault(engine, []).append(
-                {"generate_s": clock.seconds, "completions_per_s": completions / clock.seconds, "step_s": train / arguments.steps, "wall_s": wall, "reward_last": statistics.mean([r for r in rewards if r is not None][-5:])}
+                {
+                    "generate_s": clock.seconds,
+                    "completions_per_s": completions / clock.seconds,
+                    "step_s": train / arguments.steps,
+                    "wall_s": wall,
+                    "reward_last": statistics.mean([r for r in rewards if r is not None][-5:]),
+                }
             )
             print(f"[{repeat + 1}/{arguments.repeat}] {engine}: {results[engine][-1]}", flush=True)
 
-    print(f"\n{arguments.steps} GRPO steps x {arguments.batch_size} completions ({arguments.generations} per prompt, <= 16 tokens), tiny Qwen2 + LoRA, CPU")
+    print(
+        f"\n{arguments.steps} GRPO steps x {arguments.batch_size} completions ({arguments.generations} per prompt, <= 16 tokens), tiny Qwen2 + LoRA, CPU"
+    )
     print(f"{'rollouts':28} {'generate s':>10} {'completions/s':>14} {'step s':>7} {'mean reward (last 5)':>21}")
     medians = {}
     for engine, label in (("trl", "TRL generate (baseline)"), ("hf", "modelloop hf engine")):
         runs = results[engine]
         medians[engine] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         m = medians[engine]
-        print(f"{label:28} {m['generate_s']:10.2f} {m['completions_per_s']:14.1f} {m['step_s']:7.3f} {m['reward_last']:21.2f}")
-    print(f"\nengine / TRL: {medians['hf']['completions_per_s'] / medians['trl']['completions_per_s']:.2f}x completions/s, {medians['trl']['step_s'] / medians['hf']['step_s']:.2f}x step time")
+        print(
+            f"{label:28} {m['generate_s']:10.2f} {m['completions_per_s']:14.1f} {m['step_s']:7.3f} {m['reward_last']:21.2f}"
+        )
+    print(
+        f"\nengine / TRL: {medians['hf']['completions_per_s'] / medians['trl']['completions_per_s']:.2f}x completions/s, {medians['trl']['step_s'] / medians['hf']['step_s']:.2f}x step time"
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,14 @@ def generate(folder: Path, count: int, seed: int = 0) -> Path:
         if index % 3 == 2:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             padding = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 60)))
-            records.append({"messages": [{"role": "user", "content": f"{padding} What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{padding} What is {a}+{b}?"},
+                        {"role": "assistant", "content": str(a + b)},
+                    ]
+                }
+            )
             continue
         color, size = rng.choice(list(COLORS)), rng.choice([56, 84, 112, 168, 224])
         name = f"pictures/{index}.png"
@@ -49,13 +56,22 @@ def generate(folder: Path, count: int, seed: int = 0) -> Path:
         ImageDraw.Draw(picture).ellipse([size // 6, size // 6, size - size // 6, size - size // 6], fill=COLORS[color])
         picture.save(folder / name)
         question = "What color is the shape? " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 30)))
-        records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]}, {"role": "assistant", "content": color}]})
+        records.append(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": color},
+                ]
+            }
+        )
     path = folder / "mixed.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
 
 
-def padding_shares(model: Path, data: Path, batch_size: int, max_length: int, rows_per_batch: int) -> tuple[float, float]:
+def padding_shares(
+    model: Path, data: Path, batch_size: int, max_length: int, rows_per_batch: int
+) -> tuple[float, float]:
     """The padding share of unpacked batches (random order) and of packed batches."""
     from modelloop.chat import resolve_chat_format
     from modelloop.data.images import ImageTokens
@@ -66,7 +82,9 @@ def padding_shares(model: Path, data: Path, batch_size: int, max_length: int, ro
 
     tokenizer, family = load_tokenizer(model), resolve_family(read_config(model).model_type)
     images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
-    tokenized = prepare_data([data], tokenizer, resolve_chat_format(tokenizer, family), max_length=max_length, images=images)
+    tokenized = prepare_data(
+        [data], tokenizer, resolve_chat_format(tokenizer, family), max_length=max_length, images=images
+    )
     lengths = tokenized.lengths
     random.Random(0).shuffle(lengths)
     packed = TrainingData.build(tokenized, max_length=max_length, packing=True).lengths
@@ -75,8 +93,32 @@ def padding_shares(model: Path, data: Path, batch_size: int, max_length: int, ro
 
 def train(model: Path, data: Path, out: Path, *, packing: bool, batch_size: int, max_length: int) -> dict:
     """One epoch in its own process (so that each run's peak memory is its own)."""
-    argv = [sys.executable, "-m", "modelloop", "sft", "--model", str(model), "--data", str(data), "--tuner", "full", "--lr", "1e-4", "--epochs", "1"]
-    argv += ["--logging-steps", "1000", "--batch-size", str(batch_size), "--max-length", str(max_length), "--output-dir", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "sft",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--tuner",
+        "full",
+        "--lr",
+        "1e-4",
+        "--epochs",
+        "1",
+    ]
+    argv += [
+        "--logging-steps",
+        "1000",
+        "--batch-size",
+        str(batch_size),
+        "--max-length",
+        str(max_length),
+        "--output-dir",
+        str(out),
+    ]
     argv.append("--packing" if packing else "--no-packing")
     started = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, text=True)
@@ -98,8 +140,19 @@ def main() -> None:
         root = Path(scratch)
         data = generate(root, arguments.records)
         model = new_model("qwen2_vl", "tiny", root / "qwen2-vl-tiny")
-        unpacked = train(model, data, root / "unpacked", packing=False, batch_size=arguments.batch_size, max_length=arguments.max_length)
-        mean_length = unpacked["train_tokens_per_second"] * unpacked["train_runtime"] / arguments.records if unpacked.get("train_runtime") else 64
+        unpacked = train(
+            model,
+            data,
+            root / "unpacked",
+            packing=False,
+            batch_size=arguments.batch_size,
+            max_length=arguments.max_length,
+        )
+        mean_length = (
+            unpacked["train_tokens_per_second"] * unpacked["train_runtime"] / arguments.records
+            if unpacked.get("train_runtime")
+            else 64
+        )
         rows = max(1, round(arguments.batch_size * mean_length / arguments.max_length))
         packed = train(model, data, root / "packed", packing=True, batch_size=rows, max_length=arguments.max_length)
         padded_waste, packed_waste = padding_shares(model, data, arguments.batch_size, arguments.max_length, rows)

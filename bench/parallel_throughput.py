@@ -39,14 +39,40 @@ LENGTH = 256
 def write_texts(path: Path) -> Path:
     generator = random.Random(0)
     words = "the a of to and in is it that for on with as was at by an be this from".split()
-    rows = [{"text": " ".join(f"{generator.choice(words)}{generator.randint(0, 99)}" for _ in range(400))} for _ in range(256)]
+    rows = [
+        {"text": " ".join(f"{generator.choice(words)}{generator.randint(0, 99)}" for _ in range(400))}
+        for _ in range(256)
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 def train(model: Path, data: Path, out: Path, steps: int, nproc: int, flags: list[str]) -> dict:
-    argv = [sys.executable, "-m", "modelloop", "pt", "--model", str(model), "--data", str(data), "--tuner", "full", "--max-steps", str(steps)]
-    argv += ["--batch-size", str(GLOBAL_BATCH // nproc), "--max-length", str(LENGTH), "--nproc", str(nproc), "--output-dir", str(out), *flags]
+    argv = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "pt",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--tuner",
+        "full",
+        "--max-steps",
+        str(steps),
+    ]
+    argv += [
+        "--batch-size",
+        str(GLOBAL_BATCH // nproc),
+        "--max-length",
+        str(LENGTH),
+        "--nproc",
+        str(nproc),
+        "--output-dir",
+        str(out),
+        *flags,
+    ]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
@@ -58,7 +84,15 @@ def estimate_mib(model: Path, data: Path, steps: int, nproc: int, flags: list[st
     from modelloop.parallel.memory import MIB
     from modelloop.parallel.planner import plan_memory
 
-    settings = {"model": str(model), "data": [str(data)], "tuner": "full", "batch_size": GLOBAL_BATCH // nproc, "max_length": LENGTH, "max_steps": steps, "nproc": nproc}
+    settings = {
+        "model": str(model),
+        "data": [str(data)],
+        "tuner": "full",
+        "batch_size": GLOBAL_BATCH // nproc,
+        "max_length": LENGTH,
+        "max_steps": steps,
+        "nproc": nproc,
+    }
     if flags:
         settings["strategy"] = flags[1]
     if "--set" in flags:

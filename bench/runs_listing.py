@@ -22,7 +22,11 @@ from pathlib import Path
 def write_runs(root: Path, count: int) -> None:
     for number in range(count):
         recipe = number % 3 == 0
-        folder = root / f"20260101-{number // 3:06d}-recipe-demo" / f"{number % 9:02d}-sft" if recipe else root / f"20260101-{number:06d}-sft"
+        folder = (
+            root / f"20260101-{number // 3:06d}-recipe-demo" / f"{number % 9:02d}-sft"
+            if recipe
+            else root / f"20260101-{number:06d}-sft"
+        )
         folder.mkdir(parents=True, exist_ok=True)
         run_id = folder.relative_to(root).as_posix()
         manifest = {
@@ -61,7 +65,9 @@ def main() -> None:
     tree_command = min(timed([*modelloop, "runs", "tree"], env) for _ in range(3))
     startup = min(timed([*modelloop, "--help"], env) for _ in range(3))
     print(f"{len(runs)} runs: find_runs {found * 1000:.0f} ms, tree_lines {tree * 1000:.0f} ms (in process)")
-    print(f"modelloop runs {listing:.2f} s, modelloop runs tree {tree_command:.2f} s, modelloop --help {startup:.2f} s (process start included)")
+    print(
+        f"modelloop runs {listing:.2f} s, modelloop runs tree {tree_command:.2f} s, modelloop --help {startup:.2f} s (process start included)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,12 @@ from pathlib import Path
 import httpx
 from serve_throughput import BIN, free_port, start, tiny_model
 
-REQUEST = {"model": "m", "messages": [{"role": "user", "content": "Tell me about rivers."}], "max_tokens": 16, "temperature": 0}
+REQUEST = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "Tell me about rivers."}],
+    "max_tokens": 16,
+    "temperature": 0,
+}
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -102,8 +107,17 @@ def main() -> None:
     arguments = parser.parse_args()
     model = tiny_model(arguments.model)
     port = free_port()
-    limits = ["--max-batch-size", str(arguments.max_batch_size), "--max-queued", str(arguments.max_queued), "--request-timeout", str(arguments.request_timeout)]
-    process = start([str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m", *limits], port)
+    limits = [
+        "--max-batch-size",
+        str(arguments.max_batch_size),
+        "--max-queued",
+        str(arguments.max_queued),
+        "--request-timeout",
+        str(arguments.request_timeout),
+    ]
+    process = start(
+        [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m", *limits], port
+    )
     url = f"http://127.0.0.1:{port}"
     clients = 4 * (2 * arguments.max_batch_size + arguments.max_queued)
     try:
@@ -115,11 +129,15 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=60)
     ratio = percentile([s for c, s in loaded if c == 200], 0.99) / percentile([s for c, s in alone if c == 200], 0.99)
-    print(f"modelloop serve {' '.join(limits)}; max_tokens {REQUEST['max_tokens']}; overload: {clients} clients for {arguments.seconds:g} s")
+    print(
+        f"modelloop serve {' '.join(limits)}; max_tokens {REQUEST['max_tokens']}; overload: {clients} clients for {arguments.seconds:g} s"
+    )
     print(f"{'':14} {'requests':>8} {'200':>6} {'429':>6} {'503':>6} {'other':>6} {'p50 s':>8} {'p99 s':>8}")
     print(row("unloaded", alone))
     print(row("4x overload", loaded))
-    print(f"admitted p99 / unloaded p99: {ratio:.2f} (target <= 2); slowest /health under load: {slowest_health * 1000:.0f} ms")
+    print(
+        f"admitted p99 / unloaded p99: {ratio:.2f} (target <= 2); slowest /health under load: {slowest_health * 1000:.0f} ms"
+    )
     print(f"server RSS: {before:.0f} MiB before the overload, {after:.0f} MiB after")
 
 

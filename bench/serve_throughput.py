@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+
 from modelloop.parallel.world import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,13 +38,17 @@ def tiny_model(model: Path | None) -> Path:
     """The model folder given, or the tiny Qwen2 built into a temporary folder."""
     if model is None:
         model = Path(tempfile.mkdtemp()) / "tiny-qwen2"
-        subprocess.run([BIN / "modelloop", "new-model", "--family", "qwen2", "--out", str(model)], check=True, capture_output=True)
+        subprocess.run(
+            [BIN / "modelloop", "new-model", "--family", "qwen2", "--out", str(model)], check=True, capture_output=True
+        )
     return model.resolve()
 
 
 def start(command: list[str], port: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -88,9 +93,35 @@ def main() -> None:
     arguments = parser.parse_args()
     model = tiny_model(arguments.model)
     servers = {
-        "modelloop serve": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m"],
-        "modelloop serve, batch 1": lambda port: [str(BIN / "modelloop"), "serve", str(model), "--port", str(port), "--served-name", "m", "--max-batch-size", "1"],
-        "transformers serve": lambda port: [str(BIN / "transformers"), "serve", str(model), "--port", str(port), "--device", "cpu"],
+        "modelloop serve": lambda port: [
+            str(BIN / "modelloop"),
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--served-name",
+            "m",
+        ],
+        "modelloop serve, batch 1": lambda port: [
+            str(BIN / "modelloop"),
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--served-name",
+            "m",
+            "--max-batch-size",
+            "1",
+        ],
+        "transformers serve": lambda port: [
+            str(BIN / "transformers"),
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
     }
     print(f"model {model}, max_tokens 32, {arguments.requests_per_client} requests per client")
     print(f"{'server':28} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}")
@@ -101,7 +132,10 @@ def main() -> None:
         try:
             for clients in (1, 8, 32):
                 result = load(f"http://127.0.0.1:{port}", name, clients, arguments.requests_per_client)
-                print(f"{label:28} {clients:7d} {result['tokens_per_s']:9.1f} {result['p50']:7.2f} {result['p95']:7.2f}", flush=True)
+                print(
+                    f"{label:28} {clients:7d} {result['tokens_per_s']:9.1f} {result['p50']:7.2f} {result['p95']:7.2f}",
+                    flush=True,
+                )
         finally:
             process.terminate()
             process.wait(timeout=60)

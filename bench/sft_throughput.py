@@ -33,7 +33,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS_IN_EPOCH = 85_004  # the templated train set, as the peer baseline counts it (check_tokenizer.py)
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MODELSCOPE_OFFLINE": "1", "USE_HF": "1"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "MODELSCOPE_OFFLINE": "1",
+    "USE_HF": "1",
+}
 
 
 def wait_for_idle_cpus(limit: float = 120.0) -> None:
@@ -71,7 +77,11 @@ def anonymous_kib(pids: set[int]) -> int:
     total = 0
     for pid in pids:
         try:
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("RssAnon:"))
+            total += next(
+                int(line.split()[1])
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("RssAnon:")
+            )
         except (OSError, StopIteration):
             continue
     return total
@@ -102,7 +112,12 @@ def timed(command: list[str], env: dict[str, str], log: Path, out: Path) -> dict
         runtime = json.loads((out / "manifest.json").read_text())["metrics"]["train_runtime"]
     else:  # ms-swift prints its trainer's final metrics
         runtime = float(re.findall(r"""['"]train_runtime['"]:\s*'?([\d.]+)""", text)[-1])
-    return {"wall": hours * 3600 + minutes * 60 + seconds, "rss": rss / 1024, "anonymous": peak_anonymous / 1024, "runtime": runtime}
+    return {
+        "wall": hours * 3600 + minutes * 60 + seconds,
+        "rss": rss / 1024,
+        "anonymous": peak_anonymous / 1024,
+        "runtime": runtime,
+    }
 
 
 def prepare(work: Path, shared: Path) -> tuple[Path, Path]:
@@ -145,16 +160,26 @@ def main() -> None:
     work = arguments.work.resolve()
     (work / "bench-out").mkdir(parents=True, exist_ok=True)
     model, data = prepare(work, arguments.shared.resolve())
-    env = {**os.environ, **OFFLINE, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", "MODELLOOP_HOME": str(work / "ml-home")}
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "CUDA_VISIBLE_DEVICES": "",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MODELLOOP_HOME": str(work / "ml-home"),
+    }
     venv = work / "swift-venv"
     variants: dict[str, object] = {}
     if venv.exists() and not arguments.skip_swift:
         variants["ms-swift 4.6 (GC on, no packing)"] = lambda out: swift_command(venv, model, data, out)
-    variants["modelloop, same settings (GC on, no packing)"] = lambda out: modelloop_command(model, data, out, "--gradient-checkpointing", "--no-packing")
+    variants["modelloop, same settings (GC on, no packing)"] = lambda out: modelloop_command(
+        model, data, out, "--gradient-checkpointing", "--no-packing"
+    )
     variants["modelloop, same settings, BLAS not oneDNN"] = lambda out: modelloop_command(
         model, data, out, "--gradient-checkpointing", "--no-packing", "--set", "cpu_matmul=blas"
     )
-    variants["modelloop, GC on, packing on"] = lambda out: modelloop_command(model, data, out, "--gradient-checkpointing", "--packing")
+    variants["modelloop, GC on, packing on"] = lambda out: modelloop_command(
+        model, data, out, "--gradient-checkpointing", "--packing"
+    )
     variants["modelloop defaults (packing on, GC off)"] = lambda out: modelloop_command(model, data, out)
 
     results: dict[str, list[dict[str, float]]] = {}
@@ -170,15 +195,23 @@ def main() -> None:
                 flush=True,
             )
 
-    baseline = statistics.median(r["wall"] for r in next(iter(results.values()))) if "ms-swift" in next(iter(results)) else None
-    print(f"\n{'variant':48} {'wall s (median)':>15} {'train s':>8} {'tokens/s':>9} {'peak MiB':>9} {'anon MiB':>9} {'vs swift':>9}")
+    baseline = (
+        statistics.median(r["wall"] for r in next(iter(results.values())))
+        if "ms-swift" in next(iter(results))
+        else None
+    )
+    print(
+        f"\n{'variant':48} {'wall s (median)':>15} {'train s':>8} {'tokens/s':>9} {'peak MiB':>9} {'anon MiB':>9} {'vs swift':>9}"
+    )
     for label, runs in results.items():
         wall = statistics.median(r["wall"] for r in runs)
         runtime = statistics.median(r["runtime"] for r in runs)
         rss = statistics.median(r["rss"] for r in runs)
         anonymous = statistics.median(r["anonymous"] for r in runs)
         ratio = f"{baseline / wall:.2f}x" if baseline else "-"
-        print(f"{label:48} {wall:15.1f} {runtime:8.1f} {TOKENS_IN_EPOCH / runtime:9.0f} {rss:9.0f} {anonymous:9.0f} {ratio:>9}")
+        print(
+            f"{label:48} {wall:15.1f} {runtime:8.1f} {TOKENS_IN_EPOCH / runtime:9.0f} {rss:9.0f} {anonymous:9.0f} {ratio:>9}"
+        )
     (work / "bench-out" / "results.json").write_text(json.dumps(results, indent=2))
 
 

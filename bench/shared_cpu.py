@@ -34,7 +34,20 @@ VARIANTS = {"modelloop": {}, "libgomp default": {"GOMP_SPINCOUNT": "300000"}}
 
 def sft(model: Path, out: Path, steps: int, env: dict[str, str]) -> float:
     """One SFT run; its training tokens/s."""
-    command = [*MODELLOOP, "sft", "--model", str(model), "--data", str(DATA), "--tuner", "full", "--lr", "1e-3", "--batch-size", "16"]
+    command = [
+        *MODELLOOP,
+        "sft",
+        "--model",
+        str(model),
+        "--data",
+        str(DATA),
+        "--tuner",
+        "full",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "16",
+    ]
     command += ["--max-length", "64", "--max-steps", str(steps), "--output-dir", str(out)]
     subprocess.run(command, env=env, check=True, capture_output=True)
     return json.loads((out / "manifest.json").read_text())["metrics"]["train_tokens_per_second"]
@@ -47,25 +60,41 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     arguments = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shared-cpu-"))
-    base = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    base = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    }
     base.update(HF_HUB_OFFLINE="1", MODELLOOP_HOME=str(work / "home"))
     model = work / "tiny-qwen3"
-    subprocess.run([*MODELLOOP, "new-model", "--family", "qwen3", "--corpus", str(DATA), "--out", str(model)], env=base, check=True, capture_output=True)
+    subprocess.run(
+        [*MODELLOOP, "new-model", "--family", "qwen3", "--corpus", str(DATA), "--out", str(model)],
+        env=base,
+        check=True,
+        capture_output=True,
+    )
     figures: dict[tuple[str, bool], list[float]] = {}
     runs = 0
     for _ in range(arguments.repeat):
         for name, extra in VARIANTS.items():
             for beside in (False, True):
-                busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(arguments.competitors if beside else 0)]
+                busy = [
+                    subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    for _ in range(arguments.competitors if beside else 0)
+                ]
                 try:
                     runs += 1
-                    figures.setdefault((name, beside), []).append(sft(model, work / f"run-{runs}", arguments.steps, {**base, **extra}))
+                    figures.setdefault((name, beside), []).append(
+                        sft(model, work / f"run-{runs}", arguments.steps, {**base, **extra})
+                    )
                 finally:
                     for process in busy:
                         process.kill()
                         process.wait()
     best_alone = {name: max(figures[name, False]) for name in VARIANTS}
-    print(f"train tokens/s, {arguments.steps} steps, {os.cpu_count()} CPUs, {arguments.competitors} competing process(es), {arguments.repeat} runs each")
+    print(
+        f"train tokens/s, {arguments.steps} steps, {os.cpu_count()} CPUs, {arguments.competitors} competing process(es), {arguments.repeat} runs each"
+    )
     print(f"{'':18}{'alone':>16}{'beside':>16}{'beside / alone':>16}{'/ modelloop alone':>19}")
     for name in VARIANTS:
         alone, beside = figures[name, False], figures[name, True]

@@ -58,16 +58,30 @@ def shapes(out: Path, rng: random.Random) -> tuple[list[dict], list[dict]]:
                 picture = Image.new("RGB", (size, size), (245, 245, 245))
                 margin = size // 6
                 draw = ImageDraw.Draw(picture)
-                (draw.rectangle if shape == "square" else draw.ellipse)([margin, margin, size - margin, size - margin], fill=rgb)
+                (draw.rectangle if shape == "square" else draw.ellipse)(
+                    [margin, margin, size - margin, size - margin], fill=rgb
+                )
                 picture.save(out / name)
-                for question, answer in (("What color is the shape?", color), ("Which shape is this?", f"a {color} {shape}")):
+                for question, answer in (
+                    ("What color is the shape?", color),
+                    ("Which shape is this?", f"a {color} {shape}"),
+                ):
                     parts = [{"type": "image", "image": name}, {"type": "text", "text": question}]
-                    messages.append({"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]})
+                    messages.append(
+                        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}]}
+                    )
                     turns = [{"from": "human", "value": f"<image>{question}"}, {"from": "gpt", "value": answer}]
                     sharegpt.append({"conversations": turns, "images": [name]})
     for _ in range(len(messages) // 2):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        messages.append({"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]})
+        messages.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a}+{b}?"},
+                    {"role": "assistant", "content": str(a + b)},
+                ]
+            }
+        )
     rng.shuffle(messages)
     return messages, sharegpt
 
@@ -95,7 +109,9 @@ def main() -> None:
     write(arguments.out / "tasks.jsonl", [conversation(q, a) for q, a, _ in train])
     write(arguments.out / "tasks_eval.jsonl", [conversation(q, a) for q, a, _ in held_out])
     write(arguments.out / "tasks_alpaca.jsonl", [{"instruction": q, "input": "", "output": a} for q, a, _ in train])
-    write(arguments.out / "preference.jsonl", [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in train if a != w])
+    write(
+        arguments.out / "preference.jsonl", [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in train if a != w]
+    )
     write(arguments.out / "prompts.jsonl", [{"prompt": q, "solution": a} for q, a, _ in train])
     sums = [(f"What is {a}+{b}?", str(a + b)) for a in range(10) for b in range(10)]
     write(arguments.out / "sums.jsonl", [conversation(q, a) for q, a in sums])

@@ -41,7 +41,13 @@ def _compile(source: str) -> Any:
     def raise_exception(message: str) -> None:
         raise TemplateError(f"chat template: {message}")
 
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
@@ -94,10 +100,12 @@ class ChatFormat:
         (system, user and tool turns, the generation prompt, the glue after an end of
         turn) is not. Each untrained piece before an assistant turn is exactly what
         ``render(messages[:i], add_generation_prompt=True)`` adds, so the model is
-        trained on the prompt it will be given.
+        trained on the prompt it will be given. A template whose assistant turn holds no
+        end-of-turn text, because the next turn's opening token ends it (GLM), has that
+        token trained with the turn; after the last turn it is added to the text.
         """
         pieces: list[tuple[str, bool]] = []
-        done = full = ""
+        done = full = closing = ""
         for index, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
@@ -109,12 +117,18 @@ class ChatFormat:
                     "generation prompt (the training prompt would differ from the inference prompt)"
                 )
             completion = full[len(prompt) :]
-            trained_end = self._end_of_turn(completion)
+            trained = completion[: self._end_of_turn(completion)]
+            if not any(marker in completion for marker in self.end_of_turn):
+                marker = self._next_turn_marker(messages, index, full, tools)
+                trained += marker
+                if index == len(messages) - 1:
+                    closing = marker  # nothing follows: the training text ends with the closing token
             pieces.append((prompt[len(done) :], False))
-            pieces.append((completion[:trained_end], True))
-            done = prompt + completion[:trained_end]
+            pieces.append((trained, True))
+            done = prompt + trained
         ends_with_answer = bool(messages) and messages[-1].get("role") == "assistant"
         whole = full if ends_with_answer else self.render(messages, add_generation_prompt=False, tools=tools)
+        whole += closing
         if not whole.startswith(done):
             raise TemplateError(f"the chat template {self.name!r} renders a conversation differently than its turns")
         pieces.append((whole[len(done) :], False))
@@ -124,6 +138,21 @@ class ChatFormat:
         """Where the trained part of a rendered assistant turn ends: after its last end-of-turn text."""
         ends = [completion.rfind(marker) + len(marker) for marker in self.end_of_turn if marker in completion]
         return max(ends) if ends else len(completion)
+
+    def _next_turn_marker(
+        self, messages: Sequence[Message], index: int, full: str, tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
+        """The end-of-turn text that opens the turn after assistant turn ``index``, for a
+        template whose assistant turn renders none of its own (GLM's ends where ``<|user|>``
+        or ``<|observation|>`` begins): the model stops by emitting it, so it is trained. The
+        last turn is followed by a user turn to see it. "" when the next turn opens otherwise."""
+        following = messages[index + 1] if index + 1 < len(messages) else {"role": "user", "content": "."}
+        try:
+            after = self.render([*messages[: index + 1], following], add_generation_prompt=False, tools=tools)
+        except TemplateError:
+            return ""
+        rest = after[len(full) :] if after.startswith(full) else ""
+        return next((marker for marker in self.end_of_turn if marker and rest.startswith(marker)), "")
 
 
 def resolve_chat_format(

@@ -82,8 +82,16 @@ def build_cli() -> click.Group:
 
     @click.group(cls=ModelloopGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="modelloop")
-    @click.option("--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors (and what -v shows).")
-    @click.option("-v", "--verbose", is_flag=True, envvar="MODELLOOP_VERBOSE", help="Show the libraries' own warnings and progress bars.")
+    @click.option(
+        "--debug", is_flag=True, envvar="MODELLOOP_DEBUG", help="Show tracebacks of errors (and what -v shows)."
+    )
+    @click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        envvar="MODELLOOP_VERBOSE",
+        help="Show the libraries' own warnings and progress bars.",
+    )
     @click.pass_context
     def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
         """Load, tune, align, export, serve and evaluate open language models.

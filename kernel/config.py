@@ -32,7 +32,10 @@ class TrainConfig(BaseModel):
     eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="share of the data held out for evaluation")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: at the end)")
     format: str | None = Field(None, description="force a data format")
-    tuner: str = Field("lora", description="how weights are trained: full, lora, dora, qlora, galore, ... (see modelloop plugins --hook register_tuners)")
+    tuner: str = Field(
+        "lora",
+        description="how weights are trained: full, lora, dora, qlora, galore, ... (see modelloop plugins --hook register_tuners)",
+    )
     tuner_options: dict[str, Any] = Field(default_factory=dict, description="rank, alpha, targets, ... of the tuner")
     epochs: float = Field(1.0, gt=0, description="passes over the data")
     max_steps: int | None = Field(None, gt=0, description="stop after N optimizer steps (overrides epochs)")
@@ -44,24 +47,50 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0)
     adam_beta2: float = Field(0.999, gt=0.0, lt=1.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    freeze: list[str] = Field(default_factory=list, description="module groups of the family left untrained (vision, aligner, llm, ...)")
-    group_lr: dict[str, float] = Field(default_factory=dict, description="learning rate per module group (vision, aligner, llm); other groups train at lr")
+    freeze: list[str] = Field(
+        default_factory=list, description="module groups of the family left untrained (vision, aligner, llm, ...)"
+    )
+    group_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="learning rate per module group (vision, aligner, llm); other groups train at lr",
+    )
     max_length: int = Field(1024, gt=0, description="tokens per row; longer examples are cut as truncation says")
     packing: bool = True
-    sampler: str = Field("random", description="the order rows are taken in: random, length_grouped, modality_balanced, ...")
-    sampler_options: dict[str, Any] = Field(default_factory=dict, description="the sampler's options (image_share of modality_balanced)")
-    truncation: Literal["truncate", "drop", "error"] = Field("truncate", description="an example longer than max_length: cut it, leave it out, or stop")
+    sampler: str = Field(
+        "random", description="the order rows are taken in: random, length_grouped, modality_balanced, ..."
+    )
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="the sampler's options (image_share of modality_balanced)"
+    )
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="an example longer than max_length: cut it, leave it out, or stop"
+    )
     skip_bad_records: bool = False
-    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass; unset: on a GPU when the memory plan needs it, else off")
+    streaming: bool = Field(
+        False,
+        description="read, check and tokenise the data as training goes, in memory that does not grow with it (sft and pt; needs max_steps; data may be hf://org/name[:config][@split])",
+    )
+    stream_buffer: int = Field(
+        10_000,
+        gt=0,
+        description="streaming: examples packed and shuffled together (a resumed run reads one buffer again)",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="recompute activations in the backward pass; unset: on a GPU when the memory plan needs it, else off",
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision on a GPU (fp16 where it has no bf16), as saved on a CPU; bf16/fp16: mixed precision (trainable weights fp32)"
+        "auto",
+        description="auto: bf16 mixed precision on a GPU (fp16 where it has no bf16), as saved on a CPU; bf16/fp16: mixed precision (trainable weights fp32)",
     )
     attn_impl: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = Field(
-        "auto", description="auto: flash attention if installed, else flex attention for packed rows, on a GPU; sdpa on a CPU"
+        "auto",
+        description="auto: flash attention if installed, else flex attention for packed rows, on a GPU; sdpa on a CPU",
     )
     accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
     cpu_matmul: Literal["auto", "onednn", "blas"] = Field(
-        "auto", description="sft/pt on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes"
+        "auto",
+        description="sft/pt on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes",
     )
     template: str | None = Field(None, description="chat template (default: the model's own, else its family's)")
     template_options: dict[str, Any] = Field(default_factory=dict)
@@ -71,11 +100,24 @@ class TrainConfig(BaseModel):
     save_total_limit: int | None = Field(None, gt=0, description="keep the last K checkpoints")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="also log to tensorboard or wandb")
     nproc: int = Field(1, gt=0, description="processes per node (more than one starts them through torchrun)")
-    nnodes: int | None = Field(None, gt=0, description="nodes taking part, each running the same command with its --node-rank (default: SLURM's count, else 1)")
-    strategy: str | None = Field(None, description="parallel strategy: single, ddp, fsdp, deepspeed, tp, ... (default: single, or ddp for several processes)")
-    strategy_options: dict[str, Any] = Field(default_factory=dict, description="the strategy's options (ZeRO stage, offload, ...)")
-    sequence_parallel: int = Field(1, gt=0, description="split each row's tokens over this many ranks (fsdp: ring attention; deepspeed: Ulysses)")
-    hang_timeout: int = Field(600, gt=0, description="seconds a rank waits for the others in a collective before the job is stopped")
+    nnodes: int | None = Field(
+        None,
+        gt=0,
+        description="nodes taking part, each running the same command with its --node-rank (default: SLURM's count, else 1)",
+    )
+    strategy: str | None = Field(
+        None,
+        description="parallel strategy: single, ddp, fsdp, deepspeed, tp, ... (default: single, or ddp for several processes)",
+    )
+    strategy_options: dict[str, Any] = Field(
+        default_factory=dict, description="the strategy's options (ZeRO stage, offload, ...)"
+    )
+    sequence_parallel: int = Field(
+        1, gt=0, description="split each row's tokens over this many ranks (fsdp: ring attention; deepspeed: Ulysses)"
+    )
+    hang_timeout: int = Field(
+        600, gt=0, description="seconds a rank waits for the others in a collective before the job is stopped"
+    )
     output_dir: Path | None = None
     resume: bool | Path = False
     trust_remote_code: bool = False
@@ -84,6 +126,14 @@ class TrainConfig(BaseModel):
     def _one_eval_source(self) -> TrainConfig:
         if self.eval_split and self.eval_data:
             raise ValueError("give eval_data or eval_split, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming(self) -> TrainConfig:
+        if self.streaming and self.max_steps is None:
+            raise ValueError("streaming needs max_steps: the length of a stream is not known before it is read")
+        if self.streaming and self.eval_split:
+            raise ValueError("streaming holds no data back: give eval_data instead of eval_split")
         return self
 
     @model_validator(mode="after")
@@ -106,8 +156,20 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
     **{
         name: ("grpo",)
         for name in (
-            "num_generations", "max_completion_length", "temperature", "top_p", "epsilon", "epsilon_high", "scale_rewards",
-            "num_iterations", "rewards", "reward_weights", "reward_options", "rollout_engine", "rollout_options", "sync_steps",
+            "num_generations",
+            "max_completion_length",
+            "temperature",
+            "top_p",
+            "epsilon",
+            "epsilon_high",
+            "scale_rewards",
+            "num_iterations",
+            "rewards",
+            "reward_weights",
+            "reward_options",
+            "rollout_engine",
+            "rollout_options",
+            "sync_steps",
         )
     },  # fmt: skip
 }
@@ -120,11 +182,20 @@ class RLHFConfig(TrainConfig):
     other field of TRL's config for the method (checked against it).
     """
 
-    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = Field("dpo", description="dpo, kto, simpo, orpo (preference data) or grpo (prompts and rewards)")
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = Field(
+        "dpo", description="dpo, kto, simpo, orpo (preference data) or grpo (prompts and rewards)"
+    )
     packing: bool = False
-    beta: float | None = Field(None, ge=0.0, description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo: the KL coefficient")
-    loss_type: str | None = Field(None, description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo, simpo: the assumed share of flipped preferences")
+    beta: float | None = Field(
+        None, ge=0.0, description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo: the KL coefficient"
+    )
+    loss_type: str | None = Field(
+        None,
+        description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo, simpo: the assumed share of flipped preferences"
+    )
     simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin")
     desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' loss")
     undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' loss")
@@ -133,26 +204,45 @@ class RLHFConfig(TrainConfig):
     temperature: float = Field(1.0, gt=0.0, description="grpo: sampling temperature of the rollouts")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo: nucleus sampling of the rollouts")
     epsilon: float = Field(0.2, gt=0.0, description="grpo: the clipping range (lower side)")
-    epsilon_high: float | None = Field(None, gt=0.0, description="grpo: the upper clipping bound (DAPO's clip-higher); None = epsilon")
+    epsilon_high: float | None = Field(
+        None, gt=0.0, description="grpo: the upper clipping bound (DAPO's clip-higher); None = epsilon"
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="grpo: how advantages are scaled")
     num_iterations: int = Field(1, ge=1, description="grpo: optimisation passes over each batch of rollouts")
-    rewards: list[str] = Field(default_factory=list, description="grpo: reward names, module:function or file.py:function")
+    rewards: list[str] = Field(
+        default_factory=list, description="grpo: reward names, module:function or file.py:function"
+    )
     reward_weights: list[float] | None = Field(None, description="grpo: one weight per reward (default 1 each)")
-    reward_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="grpo: options per reward, by its name in rewards")
-    rollout_engine: str = Field("hf", description="grpo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)")
+    reward_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="grpo: options per reward, by its name in rewards"
+    )
+    rollout_engine: str = Field(
+        "hf",
+        description="grpo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)",
+    )
     rollout_options: dict[str, Any] = Field(default_factory=dict, description="grpo: the rollout engine's options")
-    sync_steps: int = Field(1, ge=1, description="grpo: optimizer steps between weight hand-overs to an engine out of process")
-    method_options: dict[str, Any] = Field(default_factory=dict, description="any other field of TRL's config for the method")
+    sync_steps: int = Field(
+        1, ge=1, description="grpo: optimizer steps between weight hand-overs to an engine out of process"
+    )
+    method_options: dict[str, Any] = Field(
+        default_factory=dict, description="any other field of TRL's config for the method"
+    )
 
     @model_validator(mode="after")
     def _knobs_of_the_method(self) -> RLHFConfig:
         for name, methods in METHOD_KNOBS.items():
-            if self.method not in methods and getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+            if self.method not in methods and getattr(self, name) != type(self).model_fields[name].get_default(
+                call_default_factory=True
+            ):
                 raise ValueError(f"{name} is for {', '.join(methods)}, not {self.method}")
         if self.packing:
             raise ValueError("rlhf does not pack examples: leave packing off")
+        if self.streaming:
+            raise ValueError("rlhf reads its data whole (TRL's trainers): leave streaming off")
         if self.sequence_parallel > 1:
-            raise ValueError("rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1")
+            raise ValueError(
+                "rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1"
+            )
         if self.beta == 0 and self.method != "grpo":
             raise ValueError(f"beta must be above 0 for {self.method}")
         return self
@@ -223,7 +313,11 @@ def build_config(model: type[BaseModel], *layers: Mapping[str, Any], source: str
     except ValidationError as error:
         problem = error.errors()[0]
         key = ".".join(str(part) for part in problem["loc"])
-        message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" and "error" in problem.get("ctx", {}) else problem["msg"]
+        message = (
+            str(problem["ctx"]["error"])
+            if problem["type"] == "value_error" and "error" in problem.get("ctx", {})
+            else problem["msg"]
+        )
         if problem["type"] == "extra_forbidden":
             from difflib import get_close_matches
 

@@ -49,7 +49,12 @@ def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
         try:
             _merged(source, merged)
             compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            )
             model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=config)
             model.save_pretrained(folder, safe_serialization=True)
             for name in merged.iterdir():
@@ -128,7 +133,13 @@ def calibration_rows(source: str | Path, files: list[str] | None, samples: int) 
 
 
 def export_llmcompressor(
-    name: str, source: str | Path, out: Path, *, python: str | None = None, calibration: list[str] | None = None, samples: int = 128
+    name: str,
+    source: str | Path,
+    out: Path,
+    *,
+    python: str | None = None,
+    calibration: list[str] | None = None,
+    samples: int = 128,
 ) -> Path:
     """Quantize with llmcompressor (FP8, GPTQ or AWQ) into compressed-tensors format."""
     import os
@@ -146,7 +157,9 @@ def export_llmcompressor(
             if rows:
                 import datasets
 
-                datasets.Dataset.from_list([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in rows]).save_to_disk(str(data))
+                datasets.Dataset.from_list(
+                    [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in rows]
+                ).save_to_disk(str(data))
             completed = subprocess.run(
                 [interpreter, "-c", COMPRESS, str(merged), str(folder), method, str(data)],
                 env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -161,6 +174,13 @@ def export_llmcompressor(
             shutil.rmtree(data, ignore_errors=True)
 
     return _write(out, write, source, name)
+
+
+def _hub_record(source: str | Path) -> dict[str, str | None] | None:
+    """The hub, id and revision of a model named by a hub id (None for a folder)."""
+    from modelloop.models.loading import resolve_model_source
+
+    return resolve_model_source(source).hub
 
 
 def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: str) -> Path:
@@ -180,6 +200,7 @@ def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: s
             format=kind,
             parent=parent.get("id") if parent else None,
             base_model=parent.get("base_model") if parent else str(source),
+            base_model_hub=parent.get("base_model_hub") if parent else _hub_record(source),
             finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
             files=hashed_files(building),
         )

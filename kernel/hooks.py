@@ -226,4 +226,6 @@ def on_log(stage: str, step: int, metrics: Mapping[str, float], run_dir: Path) -
 
 
 #: Every hook this contract defines, by name.
-HOOK_NAMES: tuple[str, ...] = tuple(sorted(name for name, value in list(globals().items()) if hasattr(value, f"{PROJECT}_spec")))
+HOOK_NAMES: tuple[str, ...] = tuple(
+    sorted(name for name, value in list(globals().items()) if hasattr(value, f"{PROJECT}_spec"))
+)

@@ -69,7 +69,9 @@ def _complete(path: Path) -> tuple[list[dict[str, Any]], int]:
                 records.append(record)
         except (ValueError, RecursionError):
             if number < len(lines) - 1:
-                raise ModelloopError(f"{path}:{number}: not a JSON object, and lines were written after it: the file was changed by hand") from None
+                raise ModelloopError(
+                    f"{path}:{number}: not a JSON object, and lines were written after it: the file was changed by hand"
+                ) from None
             last = True
         if last:
             if line:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelloop.aliases import current_runs
 from modelloop.artifacts import MANIFEST, runs_root
 from modelloop.errors import ModelloopError
 
@@ -33,6 +34,12 @@ class Run:
     @property
     def parent(self) -> str | None:
         return self.manifest.get("parent")
+
+    @property
+    def data_from(self) -> list[str]:
+        """The runs whose served answers its data was made of (``data from-logs``)."""
+        origins = ((self.manifest.get("data") or {}).get("origins") or {}).values()
+        return sorted({run for origin in origins for run in origin.get("runs", [])})
 
     def key_metric(self) -> str:
         metrics = self.manifest.get("metrics") or {}
@@ -57,7 +64,9 @@ def _runs(root: Path) -> Iterator[Run]:
         data = _read(manifest)
         if data is None:
             continue
-        yield Run(id=str(data.get("id") or manifest.parent.relative_to(root).as_posix()), path=manifest.parent, manifest=data)
+        yield Run(
+            id=str(data.get("id") or manifest.parent.relative_to(root).as_posix()), path=manifest.parent, manifest=data
+        )
         for export in map(Path, data.get("exports", [])):
             exported = _read(export / MANIFEST)
             if exported is not None and not export.resolve().is_relative_to(root.resolve()):
@@ -75,7 +84,11 @@ def find_run(reference: str, runs: list[Run] | None = None) -> Run:
     """A run by id, by a unique end of its id, or by its folder."""
     path = Path(reference)
     if (path / MANIFEST).is_file():
-        return Run(id=json.loads((path / MANIFEST).read_text()).get("id", path.name), path=path, manifest=json.loads((path / MANIFEST).read_text()))
+        return Run(
+            id=json.loads((path / MANIFEST).read_text()).get("id", path.name),
+            path=path,
+            manifest=json.loads((path / MANIFEST).read_text()),
+        )
     runs = find_runs() if runs is None else runs
     exact = [run for run in runs if run.id == reference]
     matches = exact or [run for run in runs if run.id.endswith(reference)]
@@ -94,11 +107,16 @@ def tree_lines(runs: list[Run]) -> list[str]:
         children.setdefault(run.parent if run.parent in ids else None, []).append(run)
     lines: list[str] = []
 
+    current = current_runs()  # what the aliases point at (current:NAME)
+
     def line(run: Run, lead: str) -> str:
         base = f" (base {run.manifest['base_model']})" if not lead and run.manifest.get("base_model") else ""
         status = "" if run.manifest.get("status") in ("completed", None) else f" [{run.manifest['status']}]"
+        status += " [held back]" if run.manifest.get("held_back") and "held back" not in status else ""
+        status += "".join(f" [current:{name}]" for name in current.get(run.id, []))
         metric = run.key_metric()
-        return f"{lead}{run.id}  {run.stage}{base}{status}{'  ' + metric if metric else ''}"
+        served = f" (data: answers of {', '.join(run.data_from)})" if run.data_from else ""
+        return f"{lead}{run.id}  {run.stage}{base}{status}{served}{'  ' + metric if metric else ''}"
 
     def walk(parent: str, indent: str) -> None:
         below = children.get(parent, [])

@@ -27,7 +27,17 @@ QUIET_LIBRARIES = ("bitsandbytes",)
 #: Libraries whose own Python warnings (their internal deprecations, advice to their own
 #: developers) tell a modelloop user nothing to act on. A warning they attribute to the
 #: caller's line is not theirs to drop: it names something modelloop or a plugin does.
-WARNING_LIBRARIES = ("accelerate", "bitsandbytes", "datasets", "deepspeed", "huggingface_hub", "peft", "torch", "transformers", "trl")
+WARNING_LIBRARIES = (
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "deepspeed",
+    "huggingface_hub",
+    "peft",
+    "torch",
+    "transformers",
+    "trl",
+)
 
 #: Set before the libraries read them: datasets' per-map progress bars (TRL tokenises with
 #: several), and TRL's notice on every GRPO run that ``rollout_func``, which modelloop uses

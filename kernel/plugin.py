@@ -20,16 +20,31 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
     # The hook marker and the contract's types.
     "hookimpl": "modelloop.hooks:hookimpl",
-    **{name: f"modelloop.specs:{name}" for name in (
-        "Accelerator", "AdapterFormat", "ChatTemplate", "DatasetFormat", "Engine", "EngineSession", "Exporter", "ModelFamily",
-        "ParallelStrategy", "Reward", "Sampler", "TokenizerRecipe", "Tuner", "VisionSpec",
-    )},  # fmt: skip
+    **{
+        name: f"modelloop.specs:{name}"
+        for name in (
+            "Accelerator",
+            "AdapterFormat",
+            "ChatTemplate",
+            "DatasetFormat",
+            "Engine",
+            "EngineSession",
+            "Exporter",
+            "ModelFamily",
+            "ParallelStrategy",
+            "Reward",
+            "Sampler",
+            "TokenizerRecipe",
+            "Tuner",
+            "VisionSpec",
+        )
+    },  # fmt: skip
     "EngineError": "modelloop.errors:EngineError",
     "ModelloopError": "modelloop.errors:ModelloopError",
     # Options: a spec's ``check`` fills defaults and refuses bad values in one line.
@@ -49,7 +64,10 @@ EXPORTS: dict[str, str] = {
     # Rewards: the answer in a completion.
     "answer_text": "modelloop.rewards:answer_text",
     # Engines: what a session takes and gives, and a server process to talk to as one.
-    **{name: f"modelloop.inference.types:{name}" for name in ("Completion", "Delta", "Generation", "GenerationRequest", "SamplingParams")},
+    **{
+        name: f"modelloop.inference.types:{name}"
+        for name in ("Completion", "Delta", "Generation", "GenerationRequest", "SamplingParams")
+    },
     "start_server": "modelloop.inference.launch:start_server",
     # Parallel strategies: the plan and the process group.
     "ParallelPlan": "modelloop.parallel.plan:ParallelPlan",

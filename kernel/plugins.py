@@ -36,7 +36,17 @@ ENTRY_POINT_GROUP = "modelloop"
 
 #: Modules under ``modelloop.builtin`` registered before any third-party plugin,
 #: exactly like one: the kernel is built on its own hooks.
-BUILTIN_PLUGINS: tuple[str, ...] = ("templates", "data_formats", "samplers", "generic_family", "full_tuner", "parallel", "hf_engine", "exporters", "rewards")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "templates",
+    "data_formats",
+    "samplers",
+    "generic_family",
+    "full_tuner",
+    "parallel",
+    "hf_engine",
+    "exporters",
+    "rewards",
+)
 
 #: The plugin distributions released with the kernel (``plugins/`` in its repository).
 #: Their names, like the built-ins', cannot be taken over by another plugin.
@@ -46,8 +56,15 @@ FIRST_PARTY_PLUGINS: frozenset[str] = frozenset(
         "accel-liger",
         "engine-sglang",
         "engine-vllm",
+        "model-deepseek",
+        "model-gemma",
+        "model-glm",
+        "model-gpt-oss",
+        "model-internvl",
         "model-llama",
         "model-llava",
+        "model-mixtral",
+        "model-phi",
         "model-qwen",
         "parallel-deepspeed",
         "parallel-megatron",
@@ -138,7 +155,9 @@ class PluginManager(pluggy.PluginManager):
         """
         loaded = {name: position for position, name in enumerate(self.info)}
         found = []
-        for impl in sorted(getattr(self.hook, hook_name).get_hookimpls(), key=lambda i: loaded.get(i.plugin_name, len(loaded))):
+        for impl in sorted(
+            getattr(self.hook, hook_name).get_hookimpls(), key=lambda i: loaded.get(i.plugin_name, len(loaded))
+        ):
             if impl.hookwrapper or impl.wrapper:
                 version = self.info[impl.plugin_name].version if impl.plugin_name in self.info else "unknown"
                 self.report(impl.plugin_name, version, f"{hook_name} ignored: a provider hook cannot be a wrapper")

@@ -11,7 +11,8 @@
       - {stage: rlhf, method: grpo, data: ["${here}/prompts.jsonl"], rewards: [accuracy]}
       - {stage: export, quant: merged}
       - {stage: serve-check}
-      - {stage: eval, from: rlhf, data: "${here}/held_out.jsonl"}
+      - {stage: eval, from: rlhf, data: "${here}/held_out.jsonl", gates: ["accuracy >= eval-base"]}
+      - {stage: promote, from: export}
 
 A stage starts from the model of the stage before it that made one (new-model, pt, sft,
 rlhf, export), or of the stage named by ``from:``. ``${name}`` takes a value from
@@ -25,6 +26,11 @@ call of every reward; a mistake in the last stage is reported in the first secon
 writes nothing. Each stage runs in its own run folder inside the recipe's run
 (``runs/<time>-recipe-<name>/03-sft``); ``modelloop run --resume`` continues after the
 last finished stage, and inside a training stage from its last checkpoint.
+
+A stage may carry ``gates`` on its metrics (``modelloop.gates``): one that fails stops the
+recipe and holds the judged model back. ``promote`` points the alias ``current:NAME`` (the
+recipe's name unless ``alias:`` says otherwise) at the model of the stage before it, which
+``modelloop serve current:NAME`` serves (``modelloop.aliases``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,8 +54,9 @@ from modelloop.config import (
     read_yaml,
 )
 from modelloop.errors import ModelloopError
+from modelloop.gates import Gate, Verdict
 
-STAGE_KINDS = ("new-model", "pt", "sft", "rlhf", "export", "serve-check", "eval")
+STAGE_KINDS = ("new-model", "pt", "sft", "rlhf", "export", "serve-check", "eval", "feedback", "promote")
 #: The stages whose result is a model the next stage starts from.
 MODEL_STAGES = ("new-model", "pt", "sft", "rlhf", "export")
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -59,6 +66,10 @@ class RecipeError(ModelloopError):
     """A recipe that cannot run: one line naming the stage and the key."""
 
 
+class HeldBack(RecipeError):
+    """A stage's gate failed: the recipe stopped, and the model it judged is held back."""
+
+
 class NewModelStage(BaseModel):
     """A random-weight model of a family's architecture, with a tokenizer trained here."""
 
@@ -66,7 +77,9 @@ class NewModelStage(BaseModel):
     family: str
     preset: str = "tiny"
     seed: int = 0
-    corpus: list[str] = Field(default_factory=list, description="text files the tokenizer also learns from (the task's data)")
+    corpus: list[str] = Field(
+        default_factory=list, description="text files the tokenizer also learns from (the task's data)"
+    )
 
 
 class ExportStage(BaseModel):
@@ -94,6 +107,31 @@ class EvalStage(BaseModel):
     batch_size: int = Field(16, gt=0)
 
 
+class FeedbackStage(BaseModel):
+    """The model served with a request log and asked every prompt of ``data`` by simulated
+    users, who rate each answer by ``metrics``; the log becomes ``as`` data that a later
+    stage trains on with ``data_from:`` (``modelloop.stages.simulated_users``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    data: str
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy"])
+    threshold: float = Field(0.5, description="an answer every metric scores at least this is liked")
+    as_: Literal["sft", "kto", "preference"] = Field("kto", alias="as")
+    samples: int = Field(2, ge=1, le=16, description="answers asked for each prompt")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(16, gt=0)
+    engine: str = "hf"
+    seed: int = Field(0, description="answers to prompt i are sampled with the seed seed + i")
+    startup_timeout: float = Field(300.0, gt=0)
+
+
+class PromoteStage(BaseModel):
+    """The model of the stage before it becomes the one to serve: ``current:ALIAS``."""
+
+    model_config = ConfigDict(extra="forbid")
+    alias: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="the alias (default: the recipe's name)")
+
+
 CONFIGS: dict[str, type[BaseModel]] = {
     "new-model": NewModelStage,
     "pt": TrainConfig,
@@ -102,9 +140,13 @@ CONFIGS: dict[str, type[BaseModel]] = {
     "export": ExportStage,
     "serve-check": ServeCheckStage,
     "eval": EvalStage,
+    "feedback": FeedbackStage,
+    "promote": PromoteStage,
 }
 #: A stand-in for the model of a stage that has not run yet, while checking.
 PENDING = "<the model of stage {}>"
+#: A stand-in for the data a feedback stage will make.
+PENDING_DATA = "<the data of stage {}>"
 
 
 @dataclass(frozen=True)
@@ -116,6 +158,8 @@ class Step:
     kind: str
     source: str | None  # the name of the stage whose model this one starts from; None: the recipe's model
     config: BaseModel
+    gates: tuple[Gate, ...] = ()
+    data_from: str | None = None  # the feedback stage whose data this one trains on
 
     @property
     def folder(self) -> str:
@@ -162,10 +206,13 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
     stored: list[dict[str, Any]] = []  # the stages with their overrides: what a resumed run reads
     current: str | None = None  # the stage whose model the next stage starts from
     names: set[str] = set()
+    feedback: set[str] = set()  # the feedback stages so far: what data_from may name
     for number, entry in enumerate(stages, start=1):
         if not isinstance(entry, Mapping) or entry.get("stage") not in STAGE_KINDS:
             found = entry.get("stage") if isinstance(entry, Mapping) else entry
-            raise RecipeError(f"{origin}: stage {number}: 'stage' must be one of {', '.join(STAGE_KINDS)}, got {found!r}")
+            raise RecipeError(
+                f"{origin}: stage {number}: 'stage' must be one of {', '.join(STAGE_KINDS)}, got {found!r}"
+            )
         kind = entry["stage"]
         name = str(entry.get("name") or kind)
         if name in names:
@@ -176,27 +223,72 @@ def parse_recipe(raw: Mapping[str, Any], *, origin: str, overrides: Mapping[str,
             raise RecipeError(f"{origin}: stage {number} {name!r}: from: {source!r} is not an earlier stage")
         fields = {key: value for key, value in entry.items() if key not in ("stage", "name", "from")}
         fields.update(overrides.pop(name, {}))
+        gates = _gates(fields.pop("gates", []), names - {name}, f"{origin}: stage {number} {name!r}")
+        data_from = fields.pop("data_from", None)
+        if data_from is not None:
+            if kind not in ("sft", "rlhf") or data_from not in feedback or "data" in fields:
+                raise RecipeError(
+                    f"{origin}: stage {number} {name!r}: data_from: {data_from!r} is not an earlier feedback stage "
+                    "(an sft or rlhf stage takes the data a feedback stage made, instead of data:)"
+                )
+            fields["data"] = [PENDING_DATA.format(data_from)]
         set_by_the_recipe = sorted({"model", "output_dir", "resume"} & set(fields))
         if set_by_the_recipe:
-            raise RecipeError(f"{origin}: stage {number} {name!r}: {set_by_the_recipe[0]} is set by the recipe (use `from:` or the recipe's `model:`)")
+            raise RecipeError(
+                f"{origin}: stage {number} {name!r}: {set_by_the_recipe[0]} is set by the recipe (use `from:` or the recipe's `model:`)"
+            )
         stored.append({**entry, **fields})
         if kind in ("pt", "sft", "rlhf"):
             if source is None and model is None:
-                raise RecipeError(f"{origin}: stage {number} {name!r}: no model to start from (set the recipe's `model:` or add a new-model stage)")
+                raise RecipeError(
+                    f"{origin}: stage {number} {name!r}: no model to start from (set the recipe's `model:` or add a new-model stage)"
+                )
             fields.setdefault("model", PENDING.format(source) if source else str(model))
+        elif kind == "promote" and source is None:
+            raise RecipeError(f"{origin}: stage {number} {name!r}: promote needs a stage before it that made a model")
         elif kind != "new-model" and source is None and model is None:
-            raise RecipeError(f"{origin}: stage {number} {name!r}: no model to work on (set the recipe's `model:`, give --set model=PATH, or add a new-model stage)")
+            raise RecipeError(
+                f"{origin}: stage {number} {name!r}: no model to work on (set the recipe's `model:`, give --set model=PATH, or add a new-model stage)"
+            )
         try:
             config = build_config(CONFIGS[kind], fields, source=f"{origin}: stage {number} {name!r} ({kind})")
         except ConfigError as error:
             raise RecipeError(str(error)) from None
-        steps.append(Step(number, name, kind, source, config))
+        steps.append(Step(number, name, kind, source, config, gates, data_from))
+        if kind == "feedback":
+            feedback.add(name)
         if kind in MODEL_STAGES:
             current = name
     if overrides:
-        raise RecipeError(f"{origin}: --set {next(iter(overrides))}.…: no stage or key of that name (stages: {', '.join(names)})")
+        raise RecipeError(
+            f"{origin}: --set {next(iter(overrides))}.…: no stage or key of that name (stages: {', '.join(names)})"
+        )
     source = {**raw, "stages": stored, **({"model": model} if model is not None else {})}
-    return Recipe(name=str(raw.get("name") or Path(origin).stem), model=None if model is None else str(model), steps=tuple(steps), source=source, origin=origin)
+    return Recipe(
+        name=str(raw.get("name") or Path(origin).stem),
+        model=None if model is None else str(model),
+        steps=tuple(steps),
+        source=source,
+        origin=origin,
+    )
+
+
+def _gates(texts: Any, earlier: set[str], where: str) -> tuple[Gate, ...]:
+    """A stage's gates, each naming only stages before it."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise RecipeError(f"{where}: gates must be a list of conditions like 'accuracy >= eval-base'")
+    gates = []
+    for text in texts:
+        try:
+            gate = Gate.parse(text)
+        except ValueError as error:
+            raise RecipeError(f"{where}: {error}") from None
+        if gate.stage is not None and gate.stage not in earlier:
+            raise RecipeError(f"{where}: gate {text!r}: {gate.stage!r} is not an earlier stage")
+        gates.append(gate)
+    return tuple(gates)
 
 
 def _fill(value: Any, variables: Mapping[str, Any], origin: str) -> Any:
@@ -231,7 +323,7 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.model is not None and first.source is None and first.kind != "new-model":
         from modelloop.models.loading import read_config, resolve_model_source
 
-        _guard(recipe, first, lambda step: read_config(resolve_model_source(recipe.model).base))
+        _guard(recipe, first, lambda step: read_config(resolve_model_source(recipe.model, weights=False).base))
     for step in recipe.steps:
         _guard(recipe, step, _check_inputs)
 
@@ -255,7 +347,9 @@ def _check_names(step: Step) -> None:
         if family is None:
             get_registry(MODELS).get(config.family)  # the registry's "did you mean"
         elif config.preset not in family.presets:
-            raise ValueError(f"preset: the {family.name} family has no preset {config.preset!r}; presets: {', '.join(family.presets)}")
+            raise ValueError(
+                f"preset: the {family.name} family has no preset {config.preset!r}; presets: {', '.join(family.presets)}"
+            )
     elif step.kind in ("pt", "sft", "rlhf"):
         from modelloop.stages.checks import check_names
 
@@ -276,7 +370,7 @@ def _check_names(step: Step) -> None:
         get_registry(EXPORTERS).get(config.quant)
     elif step.kind == "serve-check":
         get_registry(ENGINES).get(config.engine)
-    elif step.kind == "eval":
+    elif step.kind in ("eval", "feedback"):
         from modelloop.stages.evaluate import resolve_metrics
 
         get_registry(ENGINES).get(config.engine)
@@ -293,13 +387,21 @@ def _check_inputs(step: Step) -> None:
         missing = [f for f in config.corpus if not Path(f).is_file()]
         if missing:
             raise ValueError(f"corpus: {missing[0]}: no such file")
-    elif step.kind in ("pt", "sft"):
+    elif step.kind in ("pt", "sft") and step.data_from is None:
         kind = "text" if step.kind == "pt" else "conversation"
-        for files in (config.data, config.eval_data):
+        if config.streaming:  # read as training goes: checked up to each source's first good record here
+            from modelloop.data.streaming import check_sources
+
+            check_sources(config.data, kind=kind, format=config.format, skip_bad_records=config.skip_bad_records)
+        for files in (config.eval_data,) if config.streaming else (config.data, config.eval_data):
             if files:
                 records = read_records(files, format=config.format, kinds=(kind,), seed=config.seed)
                 if records.problems and not config.skip_bad_records:
                     raise problems_error(records.problems, "Fix them, or set skip_bad_records.")
+    elif step.kind == "rlhf" and step.data_from is not None:  # its data is made by an earlier stage
+        from modelloop.stages.rlhf import CHECK_DIR, trl_arguments
+
+        trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
     elif step.kind == "rlhf":
         from modelloop.stages.rlhf import CHECK_DIR, METHODS, check_rewards, read_data, trl_arguments
 
@@ -309,10 +411,10 @@ def _check_inputs(step: Step) -> None:
             read_data(config.eval_data, config, METHODS[config.method].kind)
         if config.method == "grpo":
             check_rewards(config, records)
-    elif step.kind == "eval":
+    elif step.kind in ("eval", "feedback"):
         records = read_records([config.data])
         if records.problems:
-            raise problems_error(records.problems, "Fix them before evaluating.")
+            raise problems_error(records.problems, "Fix them before asking the model.")
 
 
 # ---------------------------------------------------------------------------- running
@@ -326,7 +428,9 @@ def run_recipe(recipe: Recipe, *, output_dir: Path | None = None, resume: Path |
     if resume is None:
         check_recipe(recipe)
         if output_dir is not None and output_dir.exists() and any(output_dir.iterdir()):
-            raise RecipeError(f"{output_dir} is not empty: give another --output-dir, or continue it with --resume {output_dir}")
+            raise RecipeError(
+                f"{output_dir} is not empty: give another --output-dir, or continue it with --resume {output_dir}"
+            )
         run_dir = new_run_dir(f"recipe-{_slug(recipe.name)}", output_dir)
         manager = get_plugin_manager()
         update_manifest(
@@ -344,33 +448,76 @@ def run_recipe(recipe: Recipe, *, output_dir: Path | None = None, resume: Path |
         run_dir = resume
         update_manifest(run_dir, status="running")
     done: dict[str, Any] = read_manifest(run_dir).get("steps", {})
-    models: dict[str, str] = {}
+    models: dict[str, str] = {step.name: str(run_dir / step.folder) for step in recipe.steps}
     for step in recipe.steps:
         step_dir = run_dir / step.folder
         if done.get(step.name, {}).get("status") == "completed":
-            print(f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name}: done already ({done[step.name]['run']})")
-            models[step.name] = str(step_dir)
+            print(
+                f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name}: done already ({done[step.name]['run']})"
+            )
             continue
         model = models[step.source] if step.source else str(recipe.model)
         origin = "" if step.kind == "new-model" else f" from {model}"
-        print(f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name} ({step.kind}){origin}")
+        print(
+            f"modelloop: recipe {recipe.name}: stage {step.number}/{len(recipe.steps)} {step.name} ({step.kind}){origin}"
+        )
         done[step.name] = {"run": run_id(step_dir), "status": "running"}
         update_manifest(run_dir, steps=done)
         started = time.perf_counter()
         try:
-            metrics = RUNNERS[step.kind](step, model, step_dir)
+            metrics = RUNNERS[step.kind](step, model, step_dir, recipe=recipe, run_dir=run_dir)
         except BaseException as error:
             done[step.name]["status"] = "failed"
-            update_manifest(run_dir, steps=done, status="failed", error=f"stage {step.name}: {type(error).__name__}: {error}")
+            update_manifest(
+                run_dir, steps=done, status="failed", error=f"stage {step.name}: {type(error).__name__}: {error}"
+            )
             raise
-        done[step.name] = {"run": run_id(step_dir), "status": "completed", "seconds": round(time.perf_counter() - started, 1), "metrics": metrics}
+        done[step.name] = {
+            "run": run_id(step_dir),
+            "status": "completed",
+            "seconds": round(time.perf_counter() - started, 1),
+            "metrics": metrics,
+        }
+        if step.gates:
+            verdicts = _judge(recipe, step, metrics, done)
+            done[step.name]["gates"] = [verdict.to_dict() for verdict in verdicts]
+            failed = [verdict for verdict in verdicts if not verdict.passed]
+            if failed:
+                _hold_back(
+                    recipe, step, failed, done, run_dir, model if step.kind not in MODEL_STAGES else str(step_dir)
+                )
         update_manifest(run_dir, steps=done)
-        models[step.name] = str(step_dir)
     update_manifest(run_dir, status="completed", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     from modelloop.report import write_report
 
     report = write_report(run_dir, recipe, done)
     return {"run_dir": str(run_dir), "steps": done, "report": str(report)}
+
+
+def _judge(recipe: Recipe, step: Step, metrics: Mapping[str, Any], done: Mapping[str, Any]) -> list[Verdict]:
+    earlier = {name: state.get("metrics") or {} for name, state in done.items()}
+    try:
+        return [gate.judge(metrics, earlier) for gate in step.gates]
+    except ValueError as error:
+        raise recipe.fail(step, f"gates: {error}") from None
+
+
+def _hold_back(
+    recipe: Recipe, step: Step, failed: Sequence[Verdict], done: dict[str, Any], run_dir: Path, judged: str
+) -> None:
+    """Mark the judged model's run (when it is one) and the recipe run held back, write the
+    report, and stop the recipe. The stage is left unfinished: a resumed recipe judges again."""
+    from modelloop.artifacts import is_run, update_manifest
+    from modelloop.report import write_report
+
+    reason = "; ".join(str(verdict) for verdict in failed)
+    held = {"stage": step.name, "reason": reason, "gates": [verdict.to_dict() for verdict in failed]}
+    done[step.name]["status"] = "held back"
+    if is_run(judged):
+        update_manifest(Path(judged), held_back=held)
+    update_manifest(run_dir, steps=done, status="held back", held_back=held)
+    write_report(run_dir, recipe, done)
+    raise HeldBack(f"{recipe.origin}: stage {step.number} {step.name!r}: held back: {reason}")
 
 
 def resume_recipe(reference: str | Path | None) -> dict[str, Any]:
@@ -396,29 +543,56 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "stage"
 
 
-def _new_model(step: Step, model: str, out: Path) -> dict[str, Any]:
+def _new_model(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
     from modelloop.artifacts import hashed_files, run_id, update_manifest
     from modelloop.models.new_model import new_model
 
     config: Any = step.config
-    new_model(config.family, config.preset, out / "model", corpus_files=[Path(f) for f in config.corpus], seed=config.seed, overwrite=True)
+    new_model(
+        config.family,
+        config.preset,
+        out / "model",
+        corpus_files=[Path(f) for f in config.corpus],
+        seed=config.seed,
+        overwrite=True,
+    )
     update_manifest(
-        out, id=run_id(out), stage="new-model", status="completed", base_model=None, parent=None, config=config.model_dump(), files=hashed_files(out / "model")
+        out,
+        id=run_id(out),
+        stage="new-model",
+        status="completed",
+        base_model=None,
+        parent=None,
+        config=config.model_dump(),
+        files=hashed_files(out / "model"),
     )
     return {}
 
 
-def _train(step: Step, model: str, out: Path) -> dict[str, Any]:
+def _train(step: Step, model: str, out: Path, *, recipe: Recipe, run_dir: Path) -> dict[str, Any]:
     from modelloop.stages.rlhf import rlhf
+    from modelloop.stages.simulated_users import DATA_FILE
     from modelloop.stages.train import train
 
-    config = step.config.model_copy(update={"model": model, "output_dir": out, "resume": True})
+    update: dict[str, Any] = {"model": model, "output_dir": out, "resume": True}
+    if step.data_from is not None:
+        made = next(other for other in recipe.steps if other.name == step.data_from)
+        update["data"] = [str(run_dir / made.folder / DATA_FILE)]
+    config = step.config.model_copy(update=update)
     run = rlhf(config) if step.kind == "rlhf" else train(step.kind, config)
-    kept = ("train_loss", "train_loss_last", "train_tokens_per_second", "train_runtime", "eval_loss", "reward_first", "reward")
+    kept = (
+        "train_loss",
+        "train_loss_last",
+        "train_tokens_per_second",
+        "train_runtime",
+        "eval_loss",
+        "reward_first",
+        "reward",
+    )
     return {key: value for key, value in run["metrics"].items() if key in kept}
 
 
-def _export(step: Step, model: str, out: Path) -> dict[str, Any]:
+def _export(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
     import shutil
 
     from modelloop.registry import EXPORTERS, get_registry
@@ -429,7 +603,7 @@ def _export(step: Step, model: str, out: Path) -> dict[str, Any]:
     return {}
 
 
-def _serve_check(step: Step, model: str, out: Path) -> dict[str, Any]:
+def _serve_check(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
     """Start ``modelloop serve`` on the model, ask one chat question through the OpenAI API."""
     import sys
 
@@ -441,14 +615,31 @@ def _serve_check(step: Step, model: str, out: Path) -> dict[str, Any]:
 
     config: Any = step.config
     port = free_port()
-    command = [sys.executable, "-m", "modelloop", "serve", model, "--engine", config.engine, "--port", str(port), "--served-name", "model"]
+    command = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "serve",
+        model,
+        "--engine",
+        config.engine,
+        "--port",
+        str(port),
+        "--served-name",
+        "model",
+    ]
     server = ServerProcess(command, url=f"http://127.0.0.1:{port}", name=f"modelloop serve ({config.engine})")
     try:
         server.wait_healthy(config.startup_timeout)
         started = time.perf_counter()
         response = httpx.post(
             f"{server.url}/v1/chat/completions",
-            json={"model": "model", "messages": [{"role": "user", "content": config.prompt}], "max_tokens": config.max_tokens, "temperature": 0},
+            json={
+                "model": "model",
+                "messages": [{"role": "user", "content": config.prompt}],
+                "max_tokens": config.max_tokens,
+                "temperature": 0,
+            },
             timeout=config.startup_timeout,
         )
         latency = time.perf_counter() - started
@@ -459,19 +650,59 @@ def _serve_check(step: Step, model: str, out: Path) -> dict[str, Any]:
     answer = response.json()["choices"][0]["message"]["content"]
     metrics = {"latency_s": round(latency, 3), "completion_tokens": response.json()["usage"]["completion_tokens"]}
     out.mkdir(parents=True, exist_ok=True)
-    update_manifest(out, id=run_id(out), stage="serve-check", status="completed", parent=_parent(model), config={**config.model_dump(), "model": model}, answer=answer, metrics=metrics)
+    update_manifest(
+        out,
+        id=run_id(out),
+        stage="serve-check",
+        status="completed",
+        parent=_parent(model),
+        config={**config.model_dump(), "model": model},
+        answer=answer,
+        metrics=metrics,
+    )
     return metrics
 
 
-def _evaluate(step: Step, model: str, out: Path) -> dict[str, Any]:
+def _evaluate(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
     import shutil
 
     from modelloop.stages.evaluate import evaluate
 
     config: Any = step.config
     shutil.rmtree(out, ignore_errors=True)  # an interrupted eval starts again
-    result = evaluate(model, config.data, metrics=config.metrics, engine=config.engine, output_dir=out, max_tokens=config.max_tokens, batch_size=config.batch_size)
+    result = evaluate(
+        model,
+        config.data,
+        metrics=config.metrics,
+        engine=config.engine,
+        output_dir=out,
+        max_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+    )
     return result["summary"]
+
+
+def _feedback(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
+    import shutil
+
+    from modelloop.stages.simulated_users import simulate_users
+
+    config: Any = step.config
+    shutil.rmtree(out, ignore_errors=True)  # an interrupted round of questions starts again
+    return simulate_users(
+        model,
+        config.data,
+        out,
+        metrics=config.metrics,
+        threshold=config.threshold,
+        kind=config.as_,
+        samples=config.samples,
+        temperature=config.temperature,
+        max_tokens=config.max_tokens,
+        engine=config.engine,
+        seed=config.seed,
+        startup_timeout=config.startup_timeout,
+    )
 
 
 def _parent(model: str) -> str | None:
@@ -480,7 +711,29 @@ def _parent(model: str) -> str | None:
     return read_manifest(model).get("id") if is_run(model) else None
 
 
-RUNNERS: dict[str, Callable[[Step, str, Path], dict[str, Any]]] = {
+def _promote(step: Step, model: str, out: Path, *, recipe: Recipe, run_dir: Path) -> dict[str, Any]:
+    """Point ``current:ALIAS`` at the model of the stage before it."""
+    from modelloop.aliases import PREFIX, promote
+    from modelloop.artifacts import run_id, update_manifest
+
+    config: Any = step.config
+    alias = config.alias or _slug(recipe.name)
+    entry = promote(alias, Path(model), by=run_id(run_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    update_manifest(
+        out,
+        id=run_id(out),
+        stage="promote",
+        status="completed",
+        parent=_parent(model),
+        config={**config.model_dump(), "model": model},
+        alias=f"{PREFIX}{alias}",
+    )
+    print(f"modelloop: {PREFIX}{alias} is now {entry['run']}")
+    return {}
+
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "new-model": _new_model,
     "pt": _train,
     "sft": _train,
@@ -488,4 +741,6 @@ RUNNERS: dict[str, Callable[[Step, str, Path], dict[str, Any]]] = {
     "export": _export,
     "serve-check": _serve_check,
     "eval": _evaluate,
+    "feedback": _feedback,
+    "promote": _promote,
 }

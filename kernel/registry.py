@@ -55,11 +55,13 @@ MODELS = RegistryKind(
     "model",
     "register_models",
     ModelFamily,
-    tuple(
-        (model_type, "modelloop-plugin-model-qwen")
-        for model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
-    )
-    + (("llama", "modelloop-plugin-model-llama"), ("mistral", "modelloop-plugin-model-llama")),
+    tuple((model_type, "modelloop-plugin-model-qwen") for model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"))
+    + (("llama", "modelloop-plugin-model-llama"), ("mistral", "modelloop-plugin-model-llama"))
+    + tuple((model_type, "modelloop-plugin-model-glm") for model_type in ("glm4", "glm"))
+    + (("phi3", "modelloop-plugin-model-phi"), ("mixtral", "modelloop-plugin-model-mixtral"))
+    + tuple((model_type, "modelloop-plugin-model-deepseek") for model_type in ("deepseek_v3", "deepseek_v2"))
+    + (("gpt_oss", "modelloop-plugin-model-gpt-oss"), ("internvl", "modelloop-plugin-model-internvl"))
+    + tuple((model_type, "modelloop-plugin-model-gemma") for model_type in ("gemma2", "gemma3_text", "gemma3")),
 )
 TEMPLATES = RegistryKind("template", "register_templates", ChatTemplate)
 DATASET_FORMATS = RegistryKind("dataset format", "register_dataset_formats", DatasetFormat)
@@ -75,7 +77,9 @@ TUNERS = RegistryKind(
         ("galore", "modelloop-plugin-tuner-galore"),
     ),
 )
-ACCELERATORS = RegistryKind("accelerator", "register_accelerators", Accelerator, (("liger", "modelloop-plugin-accel-liger"),))
+ACCELERATORS = RegistryKind(
+    "accelerator", "register_accelerators", Accelerator, (("liger", "modelloop-plugin-accel-liger"),)
+)
 PARALLEL_STRATEGIES = RegistryKind("parallel strategy", "register_parallel_strategies", ParallelStrategy)
 REWARDS = RegistryKind("reward", "register_rewards", Reward, (("safety", "modelloop-plugin-reward-safety"),))
 EXPORTERS = RegistryKind("exporter", "register_exporters", Exporter)
@@ -201,9 +205,7 @@ class Registry(Generic[S]):
 
         def register(spec: S) -> None:
             if not isinstance(spec, self.kind.spec_type):
-                raise PluginError(
-                    f"{self.kind.hook} registered {spec!r}; expected a {self.kind.spec_type.__name__}"
-                )
+                raise PluginError(f"{self.kind.hook} registered {spec!r}; expected a {self.kind.spec_type.__name__}")
             staged.append(spec)
 
         try:

@@ -31,6 +31,18 @@ def stage_rows(recipe: Any, done: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _gate_lines(recipe: Any, done: Mapping[str, Any]) -> list[str]:
+    """Each judged gate: its stage, the condition, the values compared, whether it held."""
+    lines = []
+    for step in recipe.steps:
+        for verdict in done.get(step.name, {}).get("gates", []):
+            state = "holds" if verdict["passed"] else "FAILS: the model is held back"
+            lines.append(
+                f"{step.name}: {verdict['gate']} ({verdict['value']:.4g} against {verdict['bound']:.4g}) {state}"
+            )
+    return lines
+
+
 def _number(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return ""
@@ -50,19 +62,33 @@ def write_report(run_dir: Path, recipe: Any, done: Mapping[str, Any]) -> Path:
     for row in rows:
         table.add_row(*row[:-1])
     Console(width=max(Console().width, 100)).print(table)
+    gates = _gate_lines(recipe, done)
+    for line in gates:
+        print(f"modelloop: gate: {line}")
 
     lines = [f"# Recipe `{recipe.name}`", "", f"Run folder: `{run_dir}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if gates:
+        lines += ["", "## Gates", "", *(f"- {line}" for line in gates)]
     lines += ["", "## Lineage", "", "```"]
-    runs = [run for run in find_runs(run_dir.parent) if run.path.resolve().is_relative_to(run_dir.resolve()) and run.path != run_dir]
+    runs = [
+        run
+        for run in find_runs(run_dir.parent)
+        if run.path.resolve().is_relative_to(run_dir.resolve()) and run.path != run_dir
+    ]
     lines += tree_lines(runs) or ["(no runs)"]
     lines += ["```", "", "## Plots", ""]
     for step in recipe.steps:
         step_dir = run_dir / step.folder
         for plot in ("loss.png", "rewards.png"):
             if (step_dir / plot).exists():
-                lines += [f"### {step.name}: {plot[:-4]}", "", f"![{step.name} {plot[:-4]}]({step_dir.name}/{plot})", ""]
+                lines += [
+                    f"### {step.name}: {plot[:-4]}",
+                    "",
+                    f"![{step.name} {plot[:-4]}]({step_dir.name}/{plot})",
+                    "",
+                ]
     report = run_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
     print(f"modelloop: report: {report}")

@@ -87,7 +87,9 @@ def _import(module_name: str, reference: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except (Exception, SystemExit) as error:  # noqa: BLE001 - whatever the module raises (or exits with), name the reward
-        raise RewardError(f"reward {reference!r}: cannot import {module_name}: {type(error).__name__}: {error}") from None
+        raise RewardError(
+            f"reward {reference!r}: cannot import {module_name}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _load_file(location: str, reference: str) -> Any:
@@ -102,7 +104,9 @@ def _load_file(location: str, reference: str) -> Any:
         spec.loader.exec_module(module)  # type: ignore[union-attr]
     except (Exception, SystemExit) as error:  # noqa: BLE001 - a module may raise, or exit, at import
         del sys.modules[name]
-        raise RewardError(f"reward {reference!r}: {path.name} failed to load: {type(error).__name__}: {error}") from None
+        raise RewardError(
+            f"reward {reference!r}: {path.name} failed to load: {type(error).__name__}: {error}"
+        ) from None
     return module
 
 
@@ -145,7 +149,9 @@ def bind(given: str, options: Mapping[str, Any]) -> BoundReward:
     if inspect.iscoroutinefunction(original):
 
         async def score(prompts: Any, completions: Any, **columns: Any) -> Any:
-            return checked_scores(name, await original(prompts, completions, **columns, **bound_options), len(completions))
+            return checked_scores(
+                name, await original(prompts, completions, **columns, **bound_options), len(completions)
+            )
 
     else:
 
@@ -156,7 +162,9 @@ def bind(given: str, options: Mapping[str, Any]) -> BoundReward:
     return BoundReward(name=name, score=score, needs_model=reward.needs_model, columns=reward.columns)
 
 
-def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, options: Mapping[str, Mapping[str, Any]]) -> list[BoundReward]:
+def resolve_rewards(
+    references: Sequence[str], weights: Sequence[float] | None, options: Mapping[str, Mapping[str, Any]]
+) -> list[BoundReward]:
     """Every reward named, with its options; the weights (one each) are checked here and
     given to GRPO as ``reward_weights``."""
     if not references:
@@ -173,7 +181,9 @@ def resolve_rewards(references: Sequence[str], weights: Sequence[float] | None, 
     return [bind(reference, options.get(name, {})) for reference, name in zip(references, names)]
 
 
-def sample_batch(records: Sequence[Mapping[str, Any]], size: int = 2) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
+def sample_batch(
+    records: Sequence[Mapping[str, Any]], size: int = 2
+) -> tuple[list[Any], list[Any], dict[str, list[Any]]]:
     """A few prompts from the data, each with two completions (the solution when there is
     one, and a wrong answer), in the shapes GRPO hands to rewards."""
     prompts: list[Any] = []
@@ -194,16 +204,27 @@ def check_columns(rewards: Sequence[BoundReward], records: Sequence[Mapping[str,
     """Every record has the columns each reward declares it needs (``solution``, ...)."""
     for reward in rewards:
         for column in reward.columns:
-            missing = next((number for number, record in enumerate(records, start=1) if record.get(column) is None), None)
+            missing = next(
+                (number for number, record in enumerate(records, start=1) if record.get(column) is None), None
+            )
             if missing is not None:
-                raise RewardError(f"reward {reward.name!r} needs a {column!r} column, and record {missing} of the data has none")
+                raise RewardError(
+                    f"reward {reward.name!r} needs a {column!r} column, and record {missing} of the data has none"
+                )
 
 
-def check_on_sample(reward: BoundReward, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]) -> list[float]:
+def check_on_sample(
+    reward: BoundReward, prompts: Sequence[Any], completions: Sequence[Any], columns: Mapping[str, Any]
+) -> list[float]:
     """Call the reward once; one clear RewardError for anything GRPO could not use."""
     from transformers import TrainerState
 
-    extras = {"completion_ids": [[] for _ in completions], "trainer_state": TrainerState(), "log_extra": _ignore, "log_metric": _ignore}
+    extras = {
+        "completion_ids": [[] for _ in completions],
+        "trainer_state": TrainerState(),
+        "log_extra": _ignore,
+        "log_metric": _ignore,
+    }
     try:
         scores = reward.score(prompts, completions, **columns, **extras)
         if inspect.isawaitable(scores):
@@ -211,7 +232,9 @@ def check_on_sample(reward: BoundReward, prompts: Sequence[Any], completions: Se
     except RewardError:
         raise
     except Exception as error:  # noqa: BLE001 - a reward may raise anything; name it
-        raise RewardError(f"reward {reward.name!r} failed on a sample batch of {len(completions)}: {type(error).__name__}: {error}") from None
+        raise RewardError(
+            f"reward {reward.name!r} failed on a sample batch of {len(completions)}: {type(error).__name__}: {error}"
+        ) from None
     return scores
 
 
@@ -222,15 +245,23 @@ def checked_scores(name: str, scores: Any, count: int) -> list[float | None]:
     infinity would pass through the group's mean into every advantage of its group.
     """
     if isinstance(scores, (str, bytes, Mapping)) or not isinstance(scores, Sequence) and not hasattr(scores, "tolist"):
-        raise RewardError(f"reward {name!r} returned a {type(scores).__name__}; it must return a list of numbers, one per completion")
+        raise RewardError(
+            f"reward {name!r} returned a {type(scores).__name__}; it must return a list of numbers, one per completion"
+        )
     scores = list(scores.tolist() if hasattr(scores, "tolist") else scores)
     if len(scores) != count:
-        raise RewardError(f"reward {name!r} returned {len(scores)} scores for {count} completions; it must return one per completion")
+        raise RewardError(
+            f"reward {name!r} returned {len(scores)} scores for {count} completions; it must return one per completion"
+        )
     for index, score in enumerate(scores):
         if score is not None and not isinstance(score, numbers.Real):
-            raise RewardError(f"reward {name!r} returned {score!r} ({type(score).__name__}) for completion {index}; scores must be numbers (or None: not applicable)")
+            raise RewardError(
+                f"reward {name!r} returned {score!r} ({type(score).__name__}) for completion {index}; scores must be numbers (or None: not applicable)"
+            )
         if score is not None and not math.isfinite(score):
-            raise RewardError(f"reward {name!r} returned {score} for completion {index}; scores must be finite numbers (or None: not applicable)")
+            raise RewardError(
+                f"reward {name!r} returned {score} for completion {index}; scores must be finite numbers (or None: not applicable)"
+            )
     return scores
 
 

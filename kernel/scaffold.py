@@ -37,7 +37,7 @@ KINDS: dict[str, PluginKind] = {
         "model",
         "",
         ("ModelFamily",),
-        '''
+        """
 @hookimpl
 def register_models(register):
     register(
@@ -49,14 +49,14 @@ def register_models(register):
             lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         )
     )
-''',
+""",
     ),
     "template": PluginKind(
         "register_templates",
         "template",
         "",
         ("ChatTemplate",),
-        '''
+        """
 SOURCE = (
     "{% for message in messages %}<|{{ message.role }}|>\\n{{ message.content }}"
     "{% if message.tool_calls %}{{ message.tool_calls | tojson }}{% endif %}<|end|>\\n{% endfor %}"
@@ -67,7 +67,7 @@ SOURCE = (
 @hookimpl
 def register_templates(register):
     register(ChatTemplate(name="$name", description="The $name chat template.", source=SOURCE, end_of_turn=("<|end|>",)))
-''',
+""",
     ),
     "dataset-format": PluginKind(
         "register_dataset_formats",
@@ -285,7 +285,7 @@ PLUGIN_API = "$plugin_api"  # the versions of modelloop.plugin this plugin is wr
 
 $body'''
 
-PYPROJECT = '''[build-system]
+PYPROJECT = """[build-system]
 requires = ["setuptools>=64"]
 build-backend = "setuptools.build_meta"
 
@@ -305,9 +305,9 @@ $entry_name = "$module"
 
 [tool.setuptools]
 py-modules = ["$module"]
-'''
+"""
 
-README = '''# $dist
+README = """# $dist
 
 A [modelloop](https://pypi.org/project/modelloop/) $kind plugin: `$module.py` implements `$hook`.
 
@@ -318,7 +318,7 @@ A [modelloop](https://pypi.org/project/modelloop/) $kind plugin: `$module.py` im
 
 Keep heavy imports (torch, transformers, ...) inside the functions that use them, so
 that `modelloop --help` and `modelloop plugins` stay fast.
-'''
+"""
 
 CONFORMANCE_TEST = '''"""modelloop's conformance kit on this plugin: the checks `modelloop plugins check $dist` runs."""
 
@@ -400,7 +400,10 @@ def scaffold_plugin(kind: str, name: str, directory: Path) -> Path:
         "pyproject.toml": string.Template(PYPROJECT).substitute(values),
         "README.md": string.Template(README).substitute(values),
         f"{module}.py": string.Template(MODULE).substitute(
-            values, imports=f"{plugin_kind.imports}\n\n" if plugin_kind.imports else "", api=", ".join((*plugin_kind.api, "hookimpl")), body=body
+            values,
+            imports=f"{plugin_kind.imports}\n\n" if plugin_kind.imports else "",
+            api=", ".join((*plugin_kind.api, "hookimpl")),
+            body=body,
         ),
         f"tests/test_{module}.py": string.Template(TEST).substitute(values),
         "tests/test_conformance.py": string.Template(CONFORMANCE_TEST).substitute(values),

@@ -16,7 +16,9 @@ MANY_PASSES = 10
 FEW_STEPS = 30
 
 
-def schedule_advice(*, rows: int, examples: int, rows_per_step: int, max_steps: int | None, epochs: float, packed: bool) -> str | None:
+def schedule_advice(
+    *, rows: int, examples: int, rows_per_step: int, max_steps: int | None, epochs: float, packed: bool
+) -> str | None:
     """One line on a schedule that cannot learn much from ``rows`` training rows (made of
     ``examples`` examples), or None.
 

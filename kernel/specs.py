@@ -12,8 +12,8 @@ registers, not an hour into training.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -26,9 +26,7 @@ def _require_callable(spec: Spec, attribute: str, *, optional: bool = False) -> 
     if value is None and optional:
         return
     if not callable(value):
-        raise PluginError(
-            f"{type(spec).__name__} {spec.name!r}: {attribute} must be callable, got {value!r}"
-        )
+        raise PluginError(f"{type(spec).__name__} {spec.name!r}: {attribute} must be callable, got {value!r}")
 
 
 def _deprecated(spec: Spec, field_name: str, value: Any) -> None:
@@ -36,8 +34,7 @@ def _deprecated(spec: Spec, field_name: str, value: Any) -> None:
     compatibility promise in docs/plugins.md)."""
     if value:
         warnings.warn(
-            f"{type(spec).__name__} {spec.name!r}: {field_name} is deprecated and ignored; "
-            "it goes in plugin API 2.0",
+            f"{type(spec).__name__} {spec.name!r}: {field_name} is deprecated and ignored; it goes in plugin API 2.0",
             DeprecationWarning,
             stacklevel=4,
         )
@@ -115,6 +112,10 @@ class TokenizerRecipe:
     :param eos_token: ends a sequence (and, for chat models, usually an assistant turn).
     :param pad_token: padding; None means "same as eos".
     :param bos_token: prepended by the chat template, or None.
+    :param named_tokens: attribute name -> one of ``special_tokens``, saved as the
+        tokenizer's named extra special tokens (Gemma 3's ``image_token``, ``boi_token``),
+        which the family's processor reads from the tokenizer (``tokenizer.image_token``)
+        as it does from the released tokenizer's config.
     """
 
     split_regex: str
@@ -123,6 +124,12 @@ class TokenizerRecipe:
     eos_token: str
     pad_token: str | None = None
     bos_token: str | None = None
+    named_tokens: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [token for token in self.named_tokens.values() if token not in self.special_tokens]
+        if unknown:
+            raise PluginError(f"TokenizerRecipe: named token {unknown[0]!r} is not one of its special_tokens")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +281,9 @@ class Sampler(Spec):
         return tuple(
             parameter.name
             for parameter in parameters
-            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty and parameter.name not in ("batch_size", "seed")
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            and parameter.default is not inspect.Parameter.empty
+            and parameter.name not in ("batch_size", "seed")
         )
 
     @property
@@ -450,13 +459,9 @@ class Reward(Spec):
         try:
             inspect.signature(self.score).bind("prompts", "completions")
         except TypeError:
-            raise PluginError(
-                f"Reward {self.name!r}: score must accept (prompts, completions, **columns)"
-            ) from None
+            raise PluginError(f"Reward {self.name!r}: score must accept (prompts, completions, **columns)") from None
         if not _accepts_var_keywords(self.score):
-            raise PluginError(
-                f"Reward {self.name!r}: score must accept **columns (extra dataset fields)"
-            )
+            raise PluginError(f"Reward {self.name!r}: score must accept **columns (extra dataset fields)")
 
 
 # --------------------------------------------------------------------------- export and serving

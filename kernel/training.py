@@ -3,7 +3,9 @@
 The Trainer runs the loop, gradient accumulation, the scheduler, checkpoint contents,
 resume (optimizer, scheduler, RNG, data position) and the report_to integrations. Here:
 
-- datasets and collators over modelloop's tokenised data, packed or padded;
+- datasets and collators over modelloop's tokenised data, packed or padded, and over a
+  data stream (``StreamingData``: read as training goes, its position kept in each
+  checkpoint, ``modelloop.data.streaming``);
 - the registry's samplers as a seeded, epoch-aware torch sampler;
 - the optimizer from the tuner's parameter groups (per-group learning rates kept);
 - the loss computed by the output layer a chunk of labelled positions at a time, never
@@ -23,8 +25,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from modelloop.data.images import ImageTokens
 from modelloop.data.labels import IGNORE
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
+from modelloop.data.streaming import STREAM_FILE, Stream, Streamed, StreamPosition
 from modelloop.data.tokenize import TokenizedData
 from modelloop.jsonl import read_jsonl, write_record
 from modelloop.models.output_loss import OutputLayerLoss
 from modelloop.specs import Sampler, Tuner
 
 STAGING = ".partial"
+#: The batch key that carries a stream's position after the batch (not a model input).
+STREAM_POSITION = "stream_position"
 
 
 class TrainingData(torch.utils.data.Dataset):
@@ -87,6 +92,49 @@ class TrainingData(torch.utils.data.Dataset):
         return self.items[index]
 
 
+class StreamingData(torch.utils.data.IterableDataset):
+    """Training items from a ``Stream``, read as training goes, each with the stream's
+    position after it. It has no length and no end (a pass over the data ends where the
+    next begins): the Trainer runs it to ``max_steps``."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def __iter__(self):
+        if not self.stream.resumed:
+            # The draw torch's loader makes from the global generator for its seed, as the
+            # Trainer's loader of a pre-tokenised run does: both paths train with the same
+            # random numbers. (This loader seeds from its own generator, so that a resumed
+            # run, which creates it after restoring the random states, draws nothing here.)
+            torch.empty((), dtype=torch.int64).random_()
+        for item, buffer, rows in self.stream.items():
+            yield Streamed(item, StreamPosition(buffer, rows))
+
+
+def arrange_items(
+    data: TokenizedData,
+    seed: int,
+    *,
+    max_length: int,
+    packing: bool,
+    sampler: Sampler,
+    batch_size: int,
+    options: Mapping[str, Any],
+) -> list[Any]:
+    """Training items in training order, as the pre-tokenised path makes them of a whole
+    data set for the epoch of seed ``seed``: packed (or not), ordered by the sampler."""
+    train_set = TrainingData.build(data, max_length=max_length, packing=packing)
+    order = RegistrySampler(
+        sampler,
+        train_set.lengths,
+        batch_size=batch_size,
+        seed=seed,
+        options=options,
+        modalities=train_set.modalities if sampler.reads_modalities else None,
+    )
+    return [train_set.items[index] for index in order]
+
+
 class Collator:
     """Batches items and counts the real (non-padding) training tokens it has handed out.
 
@@ -96,7 +144,14 @@ class Collator:
     multimodal positions, each example's from 0.
     """
 
-    def __init__(self, pad_token_id: int, packing: bool, multiple: int = 1, images: ImageTokens | None = None, rope_index: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        packing: bool,
+        multiple: int = 1,
+        images: ImageTokens | None = None,
+        rope_index: Callable[..., Any] | None = None,
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism, oneDNN)
@@ -106,16 +161,24 @@ class Collator:
         self.counting = True  # off while the Trainer evaluates
 
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if items and isinstance(items[0], Streamed):  # the batch carries where the stream stands after it
+            batch = self([item.item for item in items])
+            batch[STREAM_POSITION] = items[-1].position
+            return batch
         if self.packing:
             self.tokens += self.counting * sum(len(row.input_ids) for row in items)
             batch = collate_packed(items, self.pad_token_id, self.multiple)
             references = [reference for row in items for example in row.images for reference in example]
             return self._with_images(batch, references, items)
         self.tokens += self.counting * sum(len(item[0]) for item in items)
-        batch = collate_padded([item[0] for item in items], [item[1] for item in items], self.pad_token_id, self.multiple)
+        batch = collate_padded(
+            [item[0] for item in items], [item[1] for item in items], self.pad_token_id, self.multiple
+        )
         return self._with_images(batch, [reference for item in items if len(item) > 2 for reference in item[2]])
 
-    def _with_images(self, batch: dict[str, Any], references: list[str], rows: Sequence[PackedRow] = ()) -> dict[str, Any]:
+    def _with_images(
+        self, batch: dict[str, Any], references: list[str], rows: Sequence[PackedRow] = ()
+    ) -> dict[str, Any]:
         if self.images is None:
             return batch
         spec = self.images.spec
@@ -124,13 +187,17 @@ class Collator:
         if references and spec.token_types:
             batch[spec.token_types] = (batch["input_ids"] == self.images.image_token_id).long()
         if rows and self.rope_index is not None:
-            per_image = {key: value for key, value in inputs.items() if value.shape[:1] == (len(references),)}  # e.g. each picture's grid
+            per_image = {
+                key: value for key, value in inputs.items() if value.shape[:1] == (len(references),)
+            }  # e.g. each picture's grid
             batch["position_ids"] = self._packed_positions(batch, rows, per_image)
         elif not rows and spec.rope_index is not None:
             batch.pop("position_ids", None)  # plain positions would misplace the images: the model places them itself
         return batch
 
-    def _packed_positions(self, batch: dict[str, Any], rows: Sequence[PackedRow], per_image: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _packed_positions(
+        self, batch: dict[str, Any], rows: Sequence[PackedRow], per_image: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         """(4, rows, width): the plain positions (which tell transformers where each packed
         example starts), then each example's multimodal rotary positions from 0, from the
         batch's per-picture inputs (its pictures are not processed again)."""
@@ -142,10 +209,16 @@ class Collator:
             start = 0
             for length, references in zip(row.lengths, row.images):
                 end = start + length
-                inputs = {key: value[taken : taken + len(references)] for key, value in per_image.items()} if references else {}
+                inputs = (
+                    {key: value[taken : taken + len(references)] for key, value in per_image.items()}
+                    if references
+                    else {}
+                )
                 taken += len(references)
                 ids = batch["input_ids"][number : number + 1, start:end]
-                positions[1:, number, start:end] = self.rope_index(ids, token_types[number : number + 1, start:end], inputs)[:, 0]
+                positions[1:, number, start:end] = self.rope_index(
+                    ids, token_types[number : number + 1, start:end], inputs
+                )[:, 0]
                 start = end
         return positions
 
@@ -179,7 +252,9 @@ class RegistrySampler(torch.utils.data.Sampler[int]):
 
     def _epoch_order(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
-            order = self.sampler.order(self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch, **self.options)
+            order = self.sampler.order(
+                self.lengths, batch_size=self.batch_size, seed=self.seed + self.epoch, **self.options
+            )
             self._order = (self.epoch, list(order))
         return self._order[1]
 
@@ -227,7 +302,9 @@ def build_optimizer(
         by_module: dict[str | None, list[torch.Tensor]] = {}
         for parameter in group["params"]:
             if parameter.requires_grad:
-                by_module.setdefault(group_of(names.get(id(parameter), ""), module_groups) if rates else None, []).append(parameter)
+                by_module.setdefault(
+                    group_of(names.get(id(parameter), ""), module_groups) if rates else None, []
+                ).append(parameter)
         for module_group, parameters in by_module.items():
             rate = dict(extra)
             base = rates.get(module_group) if module_group is not None else None
@@ -317,16 +394,50 @@ class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
     """Trainer with registry samplers, the tuner's optimizer, atomically appearing
     checkpoints, and the loss computed in the output layer (``output_loss``, see
     ``modelloop.models.output_loss``) or, without one, from the logits at labelled
-    positions only."""
+    positions only. Trained from ``StreamingData``, each checkpoint also holds the
+    stream's position after the last batch trained (``STREAM_FILE``)."""
 
     def __init__(
-        self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, output_loss: OutputLayerLoss | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        train_sampler: torch.utils.data.Sampler | None = None,
+        output_loss: OutputLayerLoss | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._train_sampler = train_sampler
         self.output_loss = output_loss
         self._logits_at_labels_only = slices_logits_by_mask(self.model)
         self._parameter_count: int | None = None
+        self.stream_position: StreamPosition | None = None  # after the last batch trained
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        position = inputs.pop(STREAM_POSITION, None)
+        if position is not None:
+            self.stream_position = position
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The random states, and where the data stream stands: what a resumed run needs to
+        draw the numbers and read the batches an uninterrupted one would."""
+        super()._save_rng_state(output_dir)
+        if self.stream_position is not None and self.args.should_save:
+            with open(os.path.join(output_dir, STREAM_FILE), "w") as out:
+                json.dump(self.stream_position.to_dict(), out, indent=1)
+
+    def get_train_dataloader(self) -> Any:
+        """For ``StreamingData``: its batches as they come, the loader seeded from its own
+        generator (see ``StreamingData.__iter__``)."""
+        if not isinstance(self.train_dataset, StreamingData):
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            pin_memory=self.args.dataloader_pin_memory,
+            generator=torch.Generator(),
+        )
+        return self.accelerator.prepare(loader)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """transformers' estimate (6 x tokens x parameters) with the parameters counted once,
@@ -338,7 +449,9 @@ class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
             self._parameter_count = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._parameter_count
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """The loss from the output layer, without the full logits; else the model's own,
         with the vocabulary projection skipped where no label is."""
         if "labels" in inputs and "shift_labels" not in inputs:
@@ -348,7 +461,9 @@ class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
                 inputs = logits_at_labels(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _loss_in_output_layer(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+    def _loss_in_output_layer(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any
+    ) -> Any:
         """The same loss the model would return, and the same scaling as the Trainer gives
         it (per labelled token of the accumulated batch, across processes), but computed
         by the output layer."""
@@ -361,7 +476,11 @@ class ModelloopTrainer(AtomicCheckpoints, TunerOptimizer, Trainer):
         loss = outputs.logits
         if getattr(outputs, "aux_loss", None) is not None:  # a mixture of experts' router balancing
             loss = loss + self.model.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
             loss = loss * self.accelerator.num_processes  # the gradients are averaged over the processes
         return (loss, outputs) if return_outputs else loss
 
@@ -404,7 +523,10 @@ def slices_logits_by_mask(model: torch.nn.Module) -> bool:
     states with it, and a mask there raises IndexError)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     forward = getattr(base.forward, "__func__", base.forward)
-    return forward.__module__.startswith("transformers.models.") and "logits_to_keep" in inspect.signature(forward).parameters
+    return (
+        forward.__module__.startswith("transformers.models.")
+        and "logits_to_keep" in inspect.signature(forward).parameters
+    )
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
@@ -430,7 +552,11 @@ def resume_point(resume: Any, run_dir: Path) -> Path | None:
         return None
     checkpoint = resume[1] or latest_checkpoint(run_dir / "checkpoints")
     if is_main_process():
-        print(f"modelloop: resuming from {checkpoint}" if checkpoint else f"modelloop: resuming {run_dir}: no checkpoint was saved, so from the first step")
+        print(
+            f"modelloop: resuming from {checkpoint}"
+            if checkpoint
+            else f"modelloop: resuming {run_dir}: no checkpoint was saved, so from the first step"
+        )
     return checkpoint
 
 
@@ -466,7 +592,11 @@ class ReportCallback(TrainerCallback):
     """Progress bar, metrics.jsonl and the lifecycle ``on_log`` hook."""
 
     def __init__(
-        self, metrics_path: Path, log_hook: Callable[[int, Mapping[str, float]], None], *, tokens: Callable[[], int] | None = None
+        self,
+        metrics_path: Path,
+        log_hook: Callable[[int, Mapping[str, float]], None],
+        *,
+        tokens: Callable[[], int] | None = None,
     ) -> None:
         self.metrics_path = metrics_path
         self.log_hook = log_hook
@@ -485,10 +615,17 @@ class ReportCallback(TrainerCallback):
         self._forget_after(state.global_step)
         speed = [TextColumn("{task.fields[speed]} tok/s")] if self.tokens else []
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), *speed, TimeRemainingColumn()
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            *speed,
+            TimeRemainingColumn(),
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="-", speed="-")
+        self.task = self.progress.add_task(
+            "train", total=state.max_steps, completed=state.global_step, loss="-", speed="-"
+        )
         self.started = time.perf_counter()
         self.tokens_at_start = self.tokens() if self.tokens else 0
         self.last_log = (self.started, self.tokens_at_start)

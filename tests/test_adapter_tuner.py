@@ -122,10 +122,22 @@ class NormShiftPlugin:
 def norm_shift_run(tiny_models, tmp_path):
     get_plugin_manager().add_plugin(NormShiftPlugin(), PluginInfo("modelloop-plugin-norm-shift", "1.0", builtin=False))
     data = tmp_path / "data.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"say {n}"}, {"role": "assistant", "content": f"{n} {n} {n}"}]} for n in range(32)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {n}"}, {"role": "assistant", "content": f"{n} {n} {n}"}]}
+        for n in range(32)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     base = tiny_models("qwen2")
-    settings = {"model": str(base), "data": [str(data)], "tuner": "norm-shift", "max_length": 32, "batch_size": 8, "lr": 5e-2, "max_steps": 8, "logging_steps": 1}
+    settings = {
+        "model": str(base),
+        "data": [str(data)],
+        "tuner": "norm-shift",
+        "max_length": 32,
+        "batch_size": 8,
+        "lr": 5e-2,
+        "max_steps": 8,
+        "logging_steps": 1,
+    }
     result = modelloop.sft({**settings, "output_dir": str(tmp_path / "run")})
     return base, Path(result["run_dir"])
 
@@ -146,16 +158,27 @@ def test_an_adapter_tuner_that_is_not_peft_trains_loads_serves_and_merges(norm_s
     tuned = logits(loaded.model, ids)
     assert not torch.allclose(tuned, logits(plain, ids), atol=1e-4), "the adapter learned nothing"
 
-    session = HFSession(loaded.model.eval(), loaded.tokenizer, _chat(loaded), served_name="run", options={"inline": True}, tuner=loaded.tuner)
+    session = HFSession(
+        loaded.model.eval(),
+        loaded.tokenizer,
+        _chat(loaded),
+        served_name="run",
+        options={"inline": True},
+        tuner=loaded.tuner,
+    )
     session.load_adapter("again", str(run / "model"))
     session.load_adapter("zero", str(zero_shift(tmp_path / "zero", final_norm(plain).weight)))
     assert session.models == ["run", "again", "zero"]
     scored = session.generate([first_token(name) for name in ("run", "again", "zero")])
-    plain_session = HFSession(plain.eval(), loaded.tokenizer, _chat(loaded), served_name="base", options={"inline": True})
+    plain_session = HFSession(
+        plain.eval(), loaded.tokenizer, _chat(loaded), served_name="base", options={"inline": True}
+    )
     (as_base,) = plain_session.generate([first_token("base")])
     as_run, as_again, as_zero = (generation.choices[0].logprobs[0] for generation in scored)
     assert as_run == pytest.approx(as_again)  # the same adapter, attached twice
-    assert as_zero == pytest.approx(as_base.choices[0].logprobs[0], abs=1e-5)  # each request computed as its own adapter
+    assert as_zero == pytest.approx(
+        as_base.choices[0].logprobs[0], abs=1e-5
+    )  # each request computed as its own adapter
     assert as_run != pytest.approx(as_zero, abs=1e-4)
     session.unload_adapter("again")
     session.unload_adapter("zero")
@@ -174,14 +197,18 @@ def test_serving_a_folder_no_installed_tuner_wrote_is_one_clear_error(tiny_model
     from modelloop.errors import EngineError
 
     loaded = load_model(tiny_models("qwen2"))
-    session = HFSession(loaded.model.eval(), loaded.tokenizer, _chat(loaded), served_name="base", options={"inline": True})
+    session = HFSession(
+        loaded.model.eval(), loaded.tokenizer, _chat(loaded), served_name="base", options={"inline": True}
+    )
     with pytest.raises(EngineError, match="is not an adapter folder of an installed tuner .*adapter_config.json"):
         session.load_adapter("stray", str(tmp_path))
     session.close()
 
 
 def first_token(model: str) -> GenerationRequest:
-    return GenerationRequest(prompt="say 3", model=model, params=SamplingParams(max_tokens=1, temperature=0.0, logprobs=True))
+    return GenerationRequest(
+        prompt="say 3", model=model, params=SamplingParams(max_tokens=1, temperature=0.0, logprobs=True)
+    )
 
 
 def zero_shift(folder: Path, like: torch.Tensor) -> Path:

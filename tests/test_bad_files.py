@@ -79,7 +79,9 @@ def test_a_damaged_datasets_folder_is_one_line_exit_2(tmp_path, damage):
     damage(folder)
     result = check(folder)
     assert result.exit_code == 2, result.output
-    assert result.stderr.startswith(f"Error: {folder}: not a folder written by datasets' save_to_disk, or a damaged one (")
+    assert result.stderr.startswith(
+        f"Error: {folder}: not a folder written by datasets' save_to_disk, or a damaged one ("
+    )
     assert result.stderr.count("\n") == 1
 
 
@@ -114,18 +116,50 @@ NESTED_TWICE = '{"messages": [{"role": "user", "content": "a"}, {"role": "assist
     [
         ("deep.jsonl", f"{GOOD_LINE}\n{DEEP}\n{GOOD_LINE}\n", 2, "malformed JSON: nested too deeply", 2),
         ("deep.json", f"[\n{GOOD_LINE},\n{DEEP},\n{GOOD_LINE}\n]", 3, "malformed JSON: nested too deeply", 1),
-        ("digits.jsonl", f'{GOOD_LINE}\n{{"text": "a", "n": {"9" * 5000}}}\n{GOOD_LINE}\n', 2, "malformed JSON: Exceeds the limit (4300 digits)", 2),
-        ("twice.jsonl", f"{GOOD_LINE}\n{TWICE}\n{GOOD_LINE}\n", 2, "malformed JSON: the key 'messages' appears twice in one object", 2),
-        ("nested-twice.jsonl", f"{GOOD_LINE}\n{NESTED_TWICE}\n{GOOD_LINE}\n", 2, "malformed JSON: the key 'role' appears twice in one object", 2),
-        ("twice.json", f"[\n{GOOD_LINE},\n{GOOD_LINE},\n{TWICE}\n]", 4, "malformed JSON: the key 'messages' appears twice in one object", 2),
+        (
+            "digits.jsonl",
+            f'{GOOD_LINE}\n{{"text": "a", "n": {"9" * 5000}}}\n{GOOD_LINE}\n',
+            2,
+            "malformed JSON: Exceeds the limit (4300 digits)",
+            2,
+        ),
+        (
+            "twice.jsonl",
+            f"{GOOD_LINE}\n{TWICE}\n{GOOD_LINE}\n",
+            2,
+            "malformed JSON: the key 'messages' appears twice in one object",
+            2,
+        ),
+        (
+            "nested-twice.jsonl",
+            f"{GOOD_LINE}\n{NESTED_TWICE}\n{GOOD_LINE}\n",
+            2,
+            "malformed JSON: the key 'role' appears twice in one object",
+            2,
+        ),
+        (
+            "twice.json",
+            f"[\n{GOOD_LINE},\n{GOOD_LINE},\n{TWICE}\n]",
+            4,
+            "malformed JSON: the key 'messages' appears twice in one object",
+            2,
+        ),
         ("latin1.json", f"[\n{GOOD_LINE},\n".encode() + b'{"text": "caf\xe9"}\n]', 3, "not UTF-8 text", 0),
         ("latin1.csv", b"instruction,output\nq1,a1\nq2,caf\xe9\nq3,a3\n", 3, "not UTF-8 text", 2),
         ("nul.csv", b"instruction,output\nq1,a1\nq2,a\x002\nq3,a3\n", 3, "a NUL byte in text", 2),
         ("utf16.csv", "instruction,output\nq1,a1\n".encode("utf-16-le"), 1, "a NUL byte in text", 0),
-        ("huge-header.csv", f"instruction,{'x' * 200_000}\nq1,a1\n", 1, "malformed CSV: field larger than field limit", 0),
+        (
+            "huge-header.csv",
+            f"instruction,{'x' * 200_000}\nq1,a1\n",
+            1,
+            "malformed CSV: field larger than field limit",
+            0,
+        ),
     ],
 )
-def test_a_record_that_cannot_be_parsed_is_located_and_the_others_still_count(tmp_path, name, content, line, reason, good):
+def test_a_record_that_cannot_be_parsed_is_located_and_the_others_still_count(
+    tmp_path, name, content, line, reason, good
+):
     path = written(tmp_path / name, content)
     result = check(path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
@@ -144,7 +178,12 @@ def test_a_line_longer_than_the_limit_is_refused_unread_and_the_next_is_read(tmp
 
 def peak_memory(args: list[object], env: dict[str, str]) -> tuple[int, int]:
     """The exit code and peak resident memory (bytes) of ``modelloop *args`` in a process of its own."""
-    process = subprocess.Popen([sys.executable, "-m", "modelloop", *map(str, args)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modelloop", *map(str, args)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, usage.ru_maxrss * 1024
@@ -155,7 +194,10 @@ def test_a_huge_record_costs_what_a_long_one_does(tmp_path, tiny_models, subproc
     whole it took 1.5 GB more than a small file, and 7 s more; reading and rendering it
     take a few copies of it."""
     text = "The quick brown fox jumps over the lazy dog; naïve café 日本語 42.\n" * 120_000
-    huge = written(tmp_path / "huge.jsonl", json.dumps({"messages": [{"role": "user", "content": "Say a lot"}, {"role": "assistant", "content": text}]}))
+    huge = written(
+        tmp_path / "huge.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "Say a lot"}, {"role": "assistant", "content": text}]}),
+    )
     small = written(tmp_path / "small.jsonl", GOOD_LINE)
     model = tiny_models("qwen2")
     _, baseline = peak_memory(["data", "check", small, "--model", model, "--max-length", 512], subprocess_env)

@@ -27,7 +27,11 @@ def chat_for(model_dir, **kwargs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rendering_matches_the_tokenizers_own_template(family, tiny_models):
     tokenizer, chat = chat_for(tiny_models(family))
-    for messages, add_generation_prompt in [(CONVERSATION, False), (CONVERSATION[:4], True), (CONVERSATION[1:3], False)]:
+    for messages, add_generation_prompt in [
+        (CONVERSATION, False),
+        (CONVERSATION[:4], True),
+        (CONVERSATION[1:3], False),
+    ]:
         expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         assert chat.render(messages, add_generation_prompt=add_generation_prompt) == expected
 
@@ -58,7 +62,11 @@ def test_tool_calls_and_responses_render_and_only_assistant_turns_train(tiny_mod
     _, chat = chat_for(tiny_models("qwen2"))
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "18C"},
         {"role": "assistant", "content": "It is 18C."},
     ]

@@ -45,7 +45,9 @@ class Counter:
 
 def test_the_conversation_is_kept_until_reset():
     get_plugin_manager().add_plugin(Counter(), PluginInfo("counter", "1.0", builtin=False))
-    result = CliRunner().invoke(build_cli(), ["chat", "some-model", "--engine", "counter"], input="hi\nand again\n/reset\nfresh\n/exit\n")
+    result = CliRunner().invoke(
+        build_cli(), ["chat", "some-model", "--engine", "counter"], input="hi\nand again\n/reset\nfresh\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     answers = [line.split("model> ", 1)[1] for line in result.stdout.splitlines() if "model> " in line]
     assert answers == ["1 user turn", "2 user turns", "1 user turn"]
@@ -54,7 +56,17 @@ def test_the_conversation_is_kept_until_reset():
 
 def test_chat_with_a_real_model_ends_at_end_of_input(tiny_models, subprocess_env):
     completed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "chat", str(tiny_models("qwen2")), "--max-tokens", "5", "--temperature", "0"],
+        [
+            sys.executable,
+            "-m",
+            "modelloop",
+            "chat",
+            str(tiny_models("qwen2")),
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ],
         input="hello\nwhat now\n",
         env=subprocess_env,
         capture_output=True,

@@ -62,7 +62,11 @@ def test_no_gradient_is_computed_for_the_frozen_embeddings_output(tiny_models, b
 
 def test_a_layer_fed_inputs_that_need_no_gradient_still_trains(tiny_models, batch):
     """As a vision tower's blocks are: a frozen patch embedding before them, adapters inside."""
-    expected = gradients(load(tiny_models), inputs_embeds=load(tiny_models).get_input_embeddings()(batch["input_ids"]).detach(), labels=batch["labels"])
+    expected = gradients(
+        load(tiny_models),
+        inputs_embeds=load(tiny_models).get_input_embeddings()(batch["input_ids"]).detach(),
+        labels=batch["labels"],
+    )
     model = load(tiny_models)
     checkpoint_layers(model)
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach()

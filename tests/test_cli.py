@@ -123,7 +123,10 @@ def test_plugins_shows_each_clash_under_the_plugins_in_it(manager):
     manager.add_plugin(Rewards(), PluginInfo("modelloop-plugin-also-brevity", "0.1", builtin=False))
     output = invoke("plugins").output
     clash = "  clash: reward 'brevity' is registered by both modelloop-plugin-rewards and modelloop-plugin-also-brevity, so neither is used"
-    assert output.count(clash) == 2 and "modelloop-plugin-commands 0.4\n  hooks: register_commands\n  command: hello, fail\n" in output
+    assert (
+        output.count(clash) == 2
+        and "modelloop-plugin-commands 0.4\n  hooks: register_commands\n  command: hello, fail\n" in output
+    )
     assert "MODELLOOP_BLOCK_PLUGINS=modelloop-plugin-rewards" in output
 
 
@@ -158,7 +161,16 @@ def test_training_help_shows_what_most_runs_set_first_and_explains_every_option(
         help_text = CliRunner().invoke(build_cli(), [stage, "--help"]).output
         command = build_cli().get_command(click.Context(build_cli()), stage)
         names = [parameter.opts[0] for parameter in command.params]
-        assert names[:8] == ["--model", "--data", "--tuner", "--max-steps", "--epochs", "--batch-size", "--lr", "--max-length"]
+        assert names[:8] == [
+            "--model",
+            "--data",
+            "--tuner",
+            "--max-steps",
+            "--epochs",
+            "--batch-size",
+            "--lr",
+            "--max-length",
+        ]
         assert all(parameter.help for parameter in command.params), [p.opts[0] for p in command.params if not p.help]
         assert ("--packing" in help_text) is (stage != "rlhf")  # rlhf does not pack
         assert "[default: 1024]" in help_text
@@ -181,6 +193,9 @@ def test_a_spec_whose_library_is_missing_is_refused_in_one_line(manager, tmp_pat
     manager.add_plugin(NeedsALibrary(), PluginInfo("modelloop-plugin-needy", "1.0", builtin=False))
     result = invoke("export", str(tmp_path), "--quant", "needy", "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == "Error: the needy export needs no_such_library_here: pip install no_such_library_here"
+    assert (
+        result.output.strip().splitlines()[-1]
+        == "Error: the needy export needs no_such_library_here: pip install no_such_library_here"
+    )
     with pytest.raises(MissingLibraryError, match="^the needy tuner needs no_such_library_here"):
         require_libraries(type("Spec", (), {"name": "needy", "requires": ("no_such_library_here",)})(), "tuner")

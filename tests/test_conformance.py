@@ -10,8 +10,8 @@ import random
 
 import pytest
 from click.testing import CliRunner
-from conftest import repo_plugin_distributions
 
+from conftest import repo_plugin_distributions
 from modelloop.cli import build_cli
 from modelloop.plugin import (
     TINY,

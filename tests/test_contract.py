@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 from conftest import REPO
-
 from modelloop import hooks
 from modelloop.hooks import HOOK_NAMES
 

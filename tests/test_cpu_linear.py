@@ -82,12 +82,28 @@ def test_training_with_onednn_reaches_the_weights_of_blas(tiny_models, tmp_path)
     import modelloop
 
     data = tmp_path / "data.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]} for i in range(40)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(40)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     weights = {}
     for matmul in ("blas", "onednn"):
         out = tmp_path / matmul
-        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "tuner": "lora", "max_steps": 6, "batch_size": 4, "lr": 2e-3, "packing": False, "gradient_checkpointing": True, "cpu_matmul": matmul, "output_dir": str(out)})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2")),
+                "data": [str(data)],
+                "tuner": "lora",
+                "max_steps": 6,
+                "batch_size": 4,
+                "lr": 2e-3,
+                "packing": False,
+                "gradient_checkpointing": True,
+                "cpu_matmul": matmul,
+                "output_dir": str(out),
+            }
+        )
         weights[matmul] = load_file(out / "model" / "adapter_model.safetensors")
     assert any(not torch.equal(weights["onednn"][name], tensor) for name, tensor in weights["blas"].items())
     for name, tensor in weights["blas"].items():

@@ -34,7 +34,10 @@ def test_check_reports_every_bad_line_and_exits_1(tmp_path, tiny_models):
     result = invoke("data", "check", path, "--model", tiny_models("qwen2"), "--max-length", 64)
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert lines[:2] == [f"{path}:2: messages[2] is an empty assistant turn", f"{path}:3: malformed JSON: Expecting property name enclosed in double quotes (column 2)"]
+    assert lines[:2] == [
+        f"{path}:2: messages[2] is an empty assistant turn",
+        f"{path}:3: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
+    ]
     assert f"{path}: messages, 2 records" in lines
     assert "2 good records (2 conversation), 2 bad" in lines
     assert lines[-1].startswith("1 records longer than 64 tokens would be truncated (longest: ")
@@ -49,7 +52,11 @@ def test_check_passes_good_data_of_several_files_and_kinds(tmp_path):
 
 
 def test_check_fails_on_a_file_with_no_records_and_names_it(tmp_path):
-    empty, blank, good = tmp_path / "empty.jsonl", write(tmp_path / "blank.jsonl", ""), write(tmp_path / "good.jsonl", GOOD)
+    empty, blank, good = (
+        tmp_path / "empty.jsonl",
+        write(tmp_path / "blank.jsonl", ""),
+        write(tmp_path / "good.jsonl", GOOD),
+    )
     empty.write_text("")
     result = invoke("data", "check", good, empty, blank)
     assert result.exit_code == 1
@@ -75,7 +82,9 @@ def test_check_with_truncation_error_names_each_record_too_long(tmp_path, tiny_m
 
 def test_check_of_a_missing_file_is_one_line_exit_2(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "modelloop", "data", "check", str(tmp_path / "nope.jsonl")], capture_output=True, text=True
+        [sys.executable, "-m", "modelloop", "data", "check", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr == f"Error: {tmp_path / 'nope.jsonl'}: no such file or folder\n"

@@ -28,7 +28,15 @@ def one(tmp_path, record, **kwargs):
 def test_hook_register_dataset_formats_builtins_in_detection_order():
     from modelloop.registry import DATASET_FORMATS, get_registry
 
-    assert get_registry(DATASET_FORMATS).names() == ["preference", "kto", "messages", "sharegpt", "alpaca", "prompt", "text"]
+    assert get_registry(DATASET_FORMATS).names() == [
+        "preference",
+        "kto",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt",
+        "text",
+    ]
 
 
 def test_messages_keep_tool_calls_and_tools(tmp_path):
@@ -49,7 +57,10 @@ def test_messages_keep_tool_calls_and_tools(tmp_path):
 
 
 def test_sharegpt_roles_are_mapped(tmp_path):
-    record = {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    record = {
+        "system": "Be brief.",
+        "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}],
+    }
     assert one(tmp_path, record).record["messages"] == [{"role": "system", "content": "Be brief."}, *USER_ASSISTANT]
 
 
@@ -67,7 +78,11 @@ def test_alpaca_with_input_and_history(tmp_path):
     "record",
     [
         {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": [USER_ASSISTANT[0]], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
+        {
+            "prompt": [USER_ASSISTANT[0]],
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
         {"chosen": [*USER_ASSISTANT], "rejected": [USER_ASSISTANT[0], {"role": "assistant", "content": "5"}]},
     ],
     ids=["strings", "message-lists", "implicit-prompt"],
@@ -82,7 +97,11 @@ def test_preference_forms_agree(tmp_path, record):
 
 def test_kto_and_prompt_only_with_extra_columns(tmp_path):
     kto = one(tmp_path, {"prompt": "2+2?", "completion": "4", "label": "true"})
-    assert (kto.kind, kto.record["label"], kto.record["completion"]) == ("kto", True, [{"role": "assistant", "content": "4"}])
+    assert (kto.kind, kto.record["label"], kto.record["completion"]) == (
+        "kto",
+        True,
+        [{"role": "assistant", "content": "4"}],
+    )
     prompt = one(tmp_path, {"prompt": "2+2?", "solution": "4"})
     assert prompt.kind == "prompt"
     assert prompt.record == {"prompt": [USER_ASSISTANT[0]], "solution": "4"}
@@ -99,14 +118,38 @@ GOOD_MESSAGES = {"messages": USER_ASSISTANT}
     "first, line, reason",
     [
         (GOOD_MESSAGES, '{"messages": [{"role": "user", "content": "hi"}', "malformed JSON"),
-        (GOOD_MESSAGES, '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}', "messages[2] is an empty assistant turn"),
-        (GOOD_MESSAGES, '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}', "messages[2] has unknown role 'robot'"),
-        (GOOD_MESSAGES, '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "a user turn cannot come after a user turn"),
+        (
+            GOOD_MESSAGES,
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+            "messages[2] is an empty assistant turn",
+        ),
+        (
+            GOOD_MESSAGES,
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}',
+            "messages[2] has unknown role 'robot'",
+        ),
+        (
+            GOOD_MESSAGES,
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "a user turn cannot come after a user turn",
+        ),
         (GOOD_MESSAGES, '{"messages": [{"role": "user", "content": "hi"}]}', "must end with an assistant turn"),
         (GOOD_MESSAGES, "[1, 2]", "record is a list, not an object"),
-        ({"prompt": "q", "chosen": "a", "rejected": "b"}, '{"prompt": "q", "chosen": "same", "rejected": "same"}', "chosen and rejected are identical"),
-        ({"prompt": "q", "completion": "a", "label": True}, '{"prompt": "q", "completion": "a", "label": "maybe"}', "label must be true or false"),
-        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, '{"conversations": [{"from": "alien", "value": "x"}]}', "unknown role 'alien'"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b"},
+            '{"prompt": "q", "chosen": "same", "rejected": "same"}',
+            "chosen and rejected are identical",
+        ),
+        (
+            {"prompt": "q", "completion": "a", "label": True},
+            '{"prompt": "q", "completion": "a", "label": "maybe"}',
+            "label must be true or false",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            '{"conversations": [{"from": "alien", "value": "x"}]}',
+            "unknown role 'alien'",
+        ),
     ],
 )
 def test_bad_record_is_named_by_file_and_line(tmp_path, first, line, reason):
@@ -156,7 +199,9 @@ def test_csv_without_the_needed_column_is_one_problem(tmp_path):
         writer.writerow(["instruction", "answer"])
         writer.writerows([["a", "b"], ["c", "d"]])
     records = read_records([path], format="alpaca")
-    assert [str(p) for p in records.problems] == [f"{path}:1: no column 'output' for format alpaca (columns: instruction, answer)"]
+    assert [str(p) for p in records.problems] == [
+        f"{path}:1: no column 'output' for format alpaca (columns: instruction, answer)"
+    ]
 
 
 def test_csv_json_parquet_and_datasets_folder_read_alike(tmp_path):
@@ -175,8 +220,12 @@ def test_csv_json_parquet_and_datasets_folder_read_alike(tmp_path):
     for source in ["a.csv", "a.json", "a.parquet", "folder"]:
         records = read_records([tmp_path / source])
         assert records.problems == []
-        assert [e.record for e in records.examples] == [e.record for e in read_records([write_jsonl(tmp_path / "a.jsonl", rows)]).examples]
-    assert [e.location for e in read_records([tmp_path / "a.json"]).examples] == [f"{tmp_path / 'a.json'}:{n}" for n in (2, 7, 12)]
+        assert [e.record for e in records.examples] == [
+            e.record for e in read_records([write_jsonl(tmp_path / "a.jsonl", rows)]).examples
+        ]
+    assert [e.location for e in read_records([tmp_path / "a.json"]).examples] == [
+        f"{tmp_path / 'a.json'}:{n}" for n in (2, 7, 12)
+    ]
     assert read_records([tmp_path / "a.csv"]).examples[1].location == f"{tmp_path / 'a.csv'}:3"
 
 
@@ -184,9 +233,16 @@ def test_format_is_detected_per_file_and_can_be_forced(tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])
     messages = write_jsonl(tmp_path / "messages.jsonl", [{"messages": USER_ASSISTANT}])
     records = read_records([alpaca, messages])
-    assert {path.name: name for path, name in records.formats.items()} == {"alpaca.jsonl": "alpaca", "messages.jsonl": "messages"}
+    assert {path.name: name for path, name in records.formats.items()} == {
+        "alpaca.jsonl": "alpaca",
+        "messages.jsonl": "messages",
+    }
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [USER_ASSISTANT[0]]}])
-    assert read_records([prompts], format="messages").problems[0].reason.startswith("messages must end with an assistant turn")
+    assert (
+        read_records([prompts], format="messages")
+        .problems[0]
+        .reason.startswith("messages must end with an assistant turn")
+    )
 
 
 def test_a_file_of_the_wrong_kind_is_refused_whole(tmp_path):
@@ -205,11 +261,16 @@ def test_sampling_ratios_mix_files(tmp_path):
     assert texts == [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=1).examples]
     # another seed draws another 3 of 10 (the same 3 one time in 120: the draw is seeded by
     # the file's path too, which changes with every run, so several seeds are asked)
-    assert any(texts != [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=seed).examples] for seed in range(2, 7))
+    assert any(
+        texts != [e.record["text"] for e in read_records([f"{a}#0.3", f"{b}#2"], seed=seed).examples]
+        for seed in range(2, 7)
+    )
 
 
 def test_ratio_syntax():
-    assert DataSource.parse("data/x.jsonl#0.25") == DataSource(path=__import__("pathlib").Path("data/x.jsonl"), ratio=0.25)
+    assert DataSource.parse("data/x.jsonl#0.25") == DataSource(
+        path=__import__("pathlib").Path("data/x.jsonl"), ratio=0.25
+    )
     with pytest.raises(DataError, match="must be positive"):
         DataSource.parse("x.jsonl#0")
 
@@ -281,6 +342,13 @@ def test_csv_rows_are_located_where_they_start(tmp_path):
 
 
 def test_a_tool_turn_must_answer_tool_calls(tmp_path):
-    record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "tool", "content": "z"}, {"role": "assistant", "content": "w"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "tool", "content": "z"},
+            {"role": "assistant", "content": "w"},
+        ]
+    }
     (problem,) = read_records([write_jsonl(tmp_path / "a.jsonl", [record])]).problems
     assert "a tool turn must follow an assistant turn with tool_calls" in problem.reason

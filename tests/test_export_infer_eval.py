@@ -11,11 +11,10 @@ import time
 
 import pytest
 import torch
-
-import modelloop
 from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import modelloop
 from modelloop.cli import build_cli
 from modelloop.registry import REWARDS, get_registry
 
@@ -36,7 +35,9 @@ def greedy(model, tokenizer, prompts):
     tokenizer.padding_side = "left"
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
-        return model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id).tolist()
+        return model.generate(
+            **encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        ).tolist()
 
 
 def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_adapter(lora_run, tmp_path):
@@ -51,12 +52,19 @@ def test_merged_export_loads_in_plain_transformers_and_answers_like_base_plus_ad
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     base = json.loads((run / "manifest.json").read_text())["base_model"]
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "model")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {i}+1?"}], tokenize=False, add_generation_prompt=True) for i in range(5)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {i}+1?"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(5)
+    ]
     assert greedy(merged, tokenizer, prompts) == greedy(adapted, tokenizer, prompts)
     assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
     assert (manifest["stage"], manifest["parent"], manifest["format"]) == ("export", "tuned", "merged")
-    assert str((tmp_path / "merged").resolve()) in json.loads((run / "manifest.json").read_text())["exports"]  # for the lineage
+    assert (
+        str((tmp_path / "merged").resolve()) in json.loads((run / "manifest.json").read_text())["exports"]
+    )  # for the lineage
 
 
 def test_export_refuses_what_the_engine_cannot_load(lora_run, tmp_path):
@@ -85,7 +93,23 @@ def test_nf4_export_reloads_and_generates(tiny_models, tmp_path):
 def test_infer_killed_half_way_writes_every_row_exactly_once(lora_run, tmp_path, subprocess_env):
     run, data = lora_run
     output = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "modelloop", "infer", str(run), "--input", str(data), "--output", str(output), "--batch-size", "2", "--max-tokens", "48", "--temperature", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "infer",
+        str(run),
+        "--input",
+        str(data),
+        "--output",
+        str(output),
+        "--batch-size",
+        "2",
+        "--max-tokens",
+        "48",
+        "--temperature",
+        "1",
+    ]
     process = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not output.exists() or output.read_text().count("\n") < 6:
@@ -106,7 +130,19 @@ def test_infer_killed_half_way_writes_every_row_exactly_once(lora_run, tmp_path,
 def test_eval_scores_models_side_by_side_and_records_it(lora_run, tiny_models, tmp_path, monkeypatch):
     run, data = lora_run
     monkeypatch.chdir(tmp_path)
-    result = invoke("eval", tiny_models("qwen2"), run, "--data", data, "--metric", "accuracy", "--metric", "reward:exact", "--max-tokens", "4")
+    result = invoke(
+        "eval",
+        tiny_models("qwen2"),
+        run,
+        "--data",
+        data,
+        "--metric",
+        "accuracy",
+        "--metric",
+        "reward:exact",
+        "--max-tokens",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     header, base_line, run_line = result.stdout.strip().splitlines()
     assert header.split()[:3] == ["model", "accuracy", "reward:exact"]
@@ -151,11 +187,21 @@ def run_on_a_quantizable_model(tiny_models, lora_run, tmp_path):
     config.intermediate_size = 512
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(source)
-    modelloop.sft({"model": str(source), "data": [str(lora_run[1])], "max_steps": 2, "max_length": 64, "output_dir": str(tmp_path / "run")})
+    modelloop.sft(
+        {
+            "model": str(source),
+            "data": [str(lora_run[1])],
+            "max_steps": 2,
+            "max_length": 64,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     return tmp_path / "run"
 
 
-@pytest.mark.skipif(not LLMCOMPRESSOR_PYTHON, reason="set MODELLOOP_LLMCOMPRESSOR_PYTHON to a Python with llmcompressor")
+@pytest.mark.skipif(
+    not LLMCOMPRESSOR_PYTHON, reason="set MODELLOOP_LLMCOMPRESSOR_PYTHON to a Python with llmcompressor"
+)
 @pytest.mark.parametrize(
     "quant",
     [
@@ -165,14 +211,18 @@ def run_on_a_quantizable_model(tiny_models, lora_run, tmp_path):
             "awq-int4",
             marks=[
                 pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="llmcompressor 0.14's AWQ pins memory, which needs a GPU"),
+                pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="llmcompressor 0.14's AWQ pins memory, which needs a GPU"
+                ),
             ],
         ),
     ],
 )
 def test_llmcompressor_exports_reload_and_generate(quant, run_on_a_quantizable_model, tmp_path):
     out = tmp_path / quant
-    result = invoke("export", run_on_a_quantizable_model, "--out", out, "--quant", quant, "--quant-python", LLMCOMPRESSOR_PYTHON)
+    result = invoke(
+        "export", run_on_a_quantizable_model, "--out", out, "--quant", quant, "--quant-python", LLMCOMPRESSOR_PYTHON
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
@@ -183,5 +233,14 @@ def test_llmcompressor_exports_reload_and_generate(quant, run_on_a_quantizable_m
 
 
 def test_calibrated_exports_need_calibration_data_for_a_plain_model(tiny_models, tmp_path):
-    result = invoke("export", tiny_models("qwen2"), "--out", tmp_path / "g", "--quant", "gptq-int4", "--quant-python", sys.executable)
+    result = invoke(
+        "export",
+        tiny_models("qwen2"),
+        "--out",
+        tmp_path / "g",
+        "--quant",
+        "gptq-int4",
+        "--quant-python",
+        sys.executable,
+    )
     assert result.exit_code == 2 and "give calibration data with --calibration FILE" in result.output

@@ -44,7 +44,9 @@ def test_greedy_is_deterministic_and_respects_max_tokens(session):
 
 def test_the_prompt_is_the_training_prompt(session):
     prompt = session.chat.render(QUESTION, add_generation_prompt=True)
-    assert session.check(GenerationRequest(messages=QUESTION)) == len(session.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert session.check(GenerationRequest(messages=QUESTION)) == len(
+        session.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_a_stop_string_ends_the_text_and_is_not_returned(session):
@@ -52,14 +54,22 @@ def test_a_stop_string_ends_the_text_and_is_not_returned(session):
     stop = whole[3:5]
     cut = ask(session, max_tokens=20, temperature=0, stop=(stop,)).choices[0]
     assert cut.text == whole[: whole.index(stop)] and cut.finish_reason == "stop"
-    streamed = "".join(delta.text for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))))
+    streamed = "".join(
+        delta.text
+        for delta in session.stream(
+            GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=20, temperature=0, stop=(stop,)))
+        )
+    )
     assert streamed == cut.text
 
 
 def test_n_choices_seeded_sampling_and_logprobs(session):
     generation = ask(session, max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=True)
     assert len(generation.choices) == 3
-    assert all(len(choice.logprobs) == len(choice.token_ids) and all(p <= 0 for p in choice.logprobs) for choice in generation.choices)
+    assert all(
+        len(choice.logprobs) == len(choice.token_ids) and all(p <= 0 for p in choice.logprobs)
+        for choice in generation.choices
+    )
     assert ask(session, max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=True) == generation
 
 
@@ -93,7 +103,9 @@ def test_a_lora_run_is_served_as_trained_even_beside_other_adapters(lora_run, ti
     from modelloop.inference.hf import HFSession
 
     def answer(session, model=None):
-        request = GenerationRequest(messages=QUESTION, model=model, params=SamplingParams(max_tokens=4, temperature=0, logprobs=True))
+        request = GenerationRequest(
+            messages=QUESTION, model=model, params=SamplingParams(max_tokens=4, temperature=0, logprobs=True)
+        )
         return session.generate([request])[0].choices[0].logprobs
 
     alone = HFSession.load(lora_run[0], options={"served_name": "tuned"})
@@ -114,7 +126,9 @@ def test_a_lora_run_is_served_as_trained_even_beside_other_adapters(lora_run, ti
 def test_unloading_the_last_adapter_leaves_the_base_serving(lora_run, tiny_models):
     from modelloop.inference.hf import HFSession
 
-    session = HFSession.load(tiny_models("qwen2"), adapters={"a": lora_run[0] / "model"}, options={"served_name": "tiny"})
+    session = HFSession.load(
+        tiny_models("qwen2"), adapters={"a": lora_run[0] / "model"}, options={"served_name": "tiny"}
+    )
     try:
         session.unload_adapter("a")
         assert session.models == ["tiny"]
@@ -147,7 +161,10 @@ def test_a_short_request_is_answered_before_a_long_one_in_the_same_batch(tiny_mo
         finished[name] = (time.monotonic(), len(result.choices[0].token_ids))
 
     try:
-        threads = [threading.Thread(target=client, args=("short", 1)), threading.Thread(target=client, args=("long", 300))]
+        threads = [
+            threading.Thread(target=client, args=("short", 1)),
+            threading.Thread(target=client, args=("long", 300)),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -160,13 +177,19 @@ def test_a_short_request_is_answered_before_a_long_one_in_the_same_batch(tiny_mo
 
 
 def test_a_token_id_prompt_is_used_as_it_is_and_the_end_of_turn_token_is_kept(session):
-    prompt = session.tokenizer(session.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    by_ids = session.generate([GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=40, temperature=0))])[0]
+    prompt = session.tokenizer(session.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)[
+        "input_ids"
+    ]
+    by_ids = session.generate([GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=40, temperature=0))])[
+        0
+    ]
     by_messages = ask(session, max_tokens=40, temperature=0)
     assert by_ids.choices == by_messages.choices and by_ids.prompt_tokens == len(prompt)
     word = session.tokenizer("hello", add_special_tokens=False)["input_ids"]
     ended = session._complete([*word, session.eos_ids[0], *word], SamplingParams(max_tokens=40), None)
-    assert ended.token_ids == (*word, session.eos_ids[0]) and ended.finish_reason == "stop"  # the end-of-turn token kept
+    assert (
+        ended.token_ids == (*word, session.eos_ids[0]) and ended.finish_reason == "stop"
+    )  # the end-of-turn token kept
     assert ended.text == session.tokenizer.decode(word)  # but not in the text
     with pytest.raises(EngineError, match="ids outside the vocabulary"):
         session.generate([GenerationRequest(prompt=[1, 10**9])])
@@ -178,13 +201,21 @@ def test_attached_to_a_model_in_training_it_generates_inline_and_leaves_it_train
 
     loaded = load_model(tiny_models("qwen2"))
     policy = loaded.model.train()
-    session = get_registry(ENGINES).get("hf").attach(policy, loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family))
+    session = (
+        get_registry(ENGINES)
+        .get("hf")
+        .attach(policy, loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family))
+    )
     try:
         assert session.inline and session._worker is None
-        generation = session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=5, temperature=1.0, n=4, seed=1))])[0]
+        generation = session.generate(
+            [GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=5, temperature=1.0, n=4, seed=1))]
+        )[0]
         assert len(generation.choices) == 4 and session.batches == 1
         assert policy.training
-        assert [delta for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=3)))][-1].finish_reason
+        assert [
+            delta for delta in session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=3)))
+        ][-1].finish_reason
     finally:
         session.close()
 
@@ -194,10 +225,14 @@ def test_a_stream_closed_early_stops_generating(tiny_models):
 
     session = HFSession.load(tiny_models("qwen2"))
     try:
-        stream = session.stream(GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1500, temperature=1.0, seed=0)))
+        stream = session.stream(
+            GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1500, temperature=1.0, seed=0))
+        )
         next(stream)
         stream.close()  # the reader goes away after the first piece of text
-        session.generate([GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1))])  # waits for the worker
+        session.generate(
+            [GenerationRequest(messages=QUESTION, params=SamplingParams(max_tokens=1))]
+        )  # waits for the worker
         assert session.steps < 100  # not the 1500 tokens asked for
     finally:
         session.close()

@@ -32,7 +32,9 @@ class Recorder:
 
 @pytest.fixture
 def recorder():
-    manager = make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": "modelloop-plugin-tuner-lora"})  # the LoRA run loads through its tuner
+    manager = make_plugin_manager(
+        {"MODELLOOP_LOAD_PLUGINS": "modelloop-plugin-tuner-lora"}
+    )  # the LoRA run loads through its tuner
     recorder = Recorder()
     manager.add_plugin(recorder, PluginInfo("recorder", "1.0", builtin=False))
     return manager, recorder
@@ -86,7 +88,12 @@ def test_export_and_serve_run_inside_the_lifecycle(recorder, lora_run, tiny_mode
     monkeypatch.setattr("uvicorn.run", lambda app, **options: None)  # a server stopped as soon as it started
     served = CliRunner().invoke(build_cli(), ["serve", str(tiny_models("qwen2")), "--served-name", "tiny"])
     assert served.exit_code == 0, served.output
-    assert [call[:2] for call in plugin.calls] == [("before", "export"), ("after", "export"), ("before", "serve"), ("after", "serve")]
+    assert [call[:2] for call in plugin.calls] == [
+        ("before", "export"),
+        ("after", "export"),
+        ("before", "serve"),
+        ("after", "serve"),
+    ]
     assert plugin.calls[0][3] == tmp_path / "merged" and plugin.calls[0][2]["quant"] == "merged"
     assert plugin.calls[1][2] == {"out": str(tmp_path / "merged"), "format": "merged"}
     assert plugin.calls[3][2] == {"models": ["tiny"]}

@@ -36,11 +36,16 @@ def test_unknown_model_type_lists_installed_families(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match=r"^Qwen/Qwen2.5-0.5B: HF_HUB_OFFLINE is set and the model is not in the hub cache \(.*\); download it where there is a network \(hf download Qwen/Qwen2.5-0.5B\) or give a model folder instead of the id$"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"^Qwen/Qwen2.5-0.5B: HF_HUB_OFFLINE is set and the model is not in the hub cache \(.*\); set HF_HUB_OFFLINE=0 to download it, set HF_HUB_CACHE to a cache that holds it \(hf download Qwen/Qwen2.5-0.5B where there is a network\), or give a model folder instead of the id$",
+    ):
         read_config("Qwen/Qwen2.5-0.5B")
 
 
-@pytest.mark.parametrize("dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, expected", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("auto", torch.float32)]
+)
 def test_dtype(dtype, expected, tiny_models):
     assert load_model(tiny_models("qwen2"), dtype=dtype).model.dtype == expected
 
@@ -73,7 +78,9 @@ def test_unclaimed_model_type_uses_the_generic_family_with_one_warning(tmp_path,
 
 
 def test_remote_code_is_refused_unless_asked(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {"AutoConfig": "code.Config"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "custom", "auto_map": {"AutoConfig": "code.Config"}})
+    )
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         read_config(tmp_path)
 
@@ -83,7 +90,9 @@ def test_new_model_writes_a_complete_folder_whose_tokenizer_matches_its_json(tmp
     loaded = load_model(out)
     raw = Tokenizer.from_file(str(out / "tokenizer.json"))
     text = "Reverse the string: Ünïcode 12345 -> 54321"
-    assert loaded.tokenizer(text, add_special_tokens=False)["input_ids"] == raw.encode(text, add_special_tokens=False).ids
+    assert (
+        loaded.tokenizer(text, add_special_tokens=False)["input_ids"] == raw.encode(text, add_special_tokens=False).ids
+    )
     assert loaded.tokenizer.decode(raw.encode(text).ids) == text
     assert loaded.model.config.vocab_size == len(loaded.tokenizer)
     assert loaded.model.generation_config.eos_token_id == [loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -137,7 +146,15 @@ def test_a_preset_with_the_released_vocabulary_size_builds(tmp_path):
     class Family:
         @hookimpl
         def register_models(self, register):
-            register(type(qwen)(name="toy", model_types=("toy",), template="qwen2", presets={"released": preset}, tokenizer=qwen.tokenizer))
+            register(
+                type(qwen)(
+                    name="toy",
+                    model_types=("toy",),
+                    template="qwen2",
+                    presets={"released": preset},
+                    tokenizer=qwen.tokenizer,
+                )
+            )
 
     manager.add_plugin(Family(), PluginInfo("toy", "1.0", builtin=False))
     loaded = load_model(new_model("toy", "released", tmp_path / "m"))
@@ -160,10 +177,16 @@ def test_attention_auto_takes_the_fastest_kernel_installed_for_the_device(tiny_m
     hopper = (9, 0)
     assert choose_attention("auto", text, family, gpu=None, packing=True) == "sdpa"  # a CPU
     if importlib.util.find_spec("flash_attn") is None:
-        assert choose_attention("auto", text, family, gpu=hopper, packing=True) == "flex_attention"  # packed rows, no quadratic mask
+        assert (
+            choose_attention("auto", text, family, gpu=hopper, packing=True) == "flex_attention"
+        )  # packed rows, no quadratic mask
         assert choose_attention("auto", text, family, gpu=hopper, packing=False) == "sdpa"
-        assert choose_attention("auto", vision, vision_family, gpu=hopper, packing=True) == "sdpa"  # Qwen2-VL has no flex attention
-        assert choose_attention("auto", text, family, gpu=hopper, packing=True, half=False) == "sdpa"  # fp32: no flex kernel compiled
+        assert (
+            choose_attention("auto", vision, vision_family, gpu=hopper, packing=True) == "sdpa"
+        )  # Qwen2-VL has no flex attention
+        assert (
+            choose_attention("auto", text, family, gpu=hopper, packing=True, half=False) == "sdpa"
+        )  # fp32: no flex kernel compiled
     installed = {"flash_attn_interface", "flash_attn"}
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: object() if name in installed else None)
     assert choose_attention("auto", text, family, gpu=hopper, packing=True) == "flash_attention_3"
@@ -197,7 +220,9 @@ def test_a_cached_hub_id_loads_without_network_and_without_retries(tmp_path, tin
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(tiny_models("qwen2"), repo / "snapshots" / commit)
     data = tmp_path / "chats.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}) + "\n"
+    )
     env = {key: value for key, value in subprocess_env.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     command = [sys.executable, "-m", "modelloop", "data", "check", str(data), "--model"]
@@ -209,5 +234,6 @@ def test_a_cached_hub_id_loads_without_network_and_without_retries(tmp_path, tin
     assert missing.returncode == 2
     assert missing.stderr.strip() == (
         f"Error: acme/other: the hub ({env['HF_ENDPOINT']}) cannot be reached and the model is not in the hub cache "
-        f"({tmp_path / 'hf' / 'hub'}); download it where there is a network (hf download acme/other) or give a model folder instead of the id"
+        f"({tmp_path / 'hf' / 'hub'}); set HF_ENDPOINT to a mirror that answers, set HF_HUB_CACHE to a cache that holds it "
+        "(hf download acme/other where there is a network), or give a model folder instead of the id"
     )

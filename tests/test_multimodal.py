@@ -38,8 +38,18 @@ def test_image_parts_placeholders_and_data_urls_become_one_canonical_form(tmp_pa
         turn([{"type": "text", "text": "Color? "}, {"type": "image_url", "image_url": {"url": "pictures/red.png"}}]),
         turn([{"type": "image", "image": data_url}, {"type": "text", "text": "Color?"}]),
     ])  # fmt: skip
-    write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "<image>Color?"}, {"from": "gpt", "value": "red"}], "images": ["pictures/red.png"]}])
-    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "<image>Color?", "output": "red", "images": "pictures/red.png"}])
+    write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {
+                "conversations": [{"from": "human", "value": "<image>Color?"}, {"from": "gpt", "value": "red"}],
+                "images": ["pictures/red.png"],
+            }
+        ],
+    )
+    write_jsonl(
+        tmp_path / "alpaca.jsonl", [{"instruction": "<image>Color?", "output": "red", "images": "pictures/red.png"}]
+    )
     records = read_records([tmp_path / "parts.jsonl", tmp_path / "sharegpt.jsonl", tmp_path / "alpaca.jsonl"])
     assert records.problems == []
     first, second, shared, alpaca = (example.record for example in records.examples)
@@ -64,7 +74,10 @@ def test_bad_images_are_named_by_file_and_line(tmp_path):
     assert problems[1].startswith(f"{data}:2: cannot read image {(tmp_path / 'broken.png').resolve()}")
     assert problems[2] == f"{data}:3: 2 <image> placeholder(s) but 1 image(s)"
     assert problems[3].startswith(f"{data}:4: image https://example.com/a.png: remote URLs are not fetched")
-    assert problems[4] == f"{data}:5: messages[1].content[1]: unknown content part type 'video' (expected text, image_url or image)"
+    assert (
+        problems[4]
+        == f"{data}:5: messages[1].content[1]: unknown content part type 'video' (expected text, image_url or image)"
+    )
     assert problems[5] == f"{data}:6: give images as content parts or in the images column, not both"
 
 
@@ -91,18 +104,31 @@ def test_data_preview_shows_where_each_pictures_tokens_go(tiny_models, tmp_path)
 
     from modelloop.cli import build_cli
 
-    data = write_jsonl(tmp_path / "one.jsonl", [turn([{"type": "text", "text": "Color? "}, {"type": "image", "image": str(PICTURE)}])])
+    data = write_jsonl(
+        tmp_path / "one.jsonl", [turn([{"type": "text", "text": "Color? "}, {"type": "image", "image": str(PICTURE)}])]
+    )
     result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", str(tiny_models("qwen2_vl"))])
     assert result.exit_code == 0, result.output
     assert "Color? <|vision_start|><|image_pad|>×4 [red-square-64.png]<|vision_end|>" in result.output
     assert ", 4 image tokens" in result.output
-    checked = CliRunner().invoke(build_cli(), ["data", "check", str(data), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"])
+    checked = CliRunner().invoke(
+        build_cli(), ["data", "check", str(data), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"]
+    )
     assert checked.exit_code == 0, checked.output
 
 
 def test_a_text_model_refuses_image_records(tiny_models, tmp_path):
-    with pytest.raises(modelloop.errors.ModelloopError, match=r"shapes.jsonl:\d+: the record has images, and this model takes none"):
-        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(SHAPES)], "max_steps": 1, "output_dir": str(tmp_path / "run")})
+    with pytest.raises(
+        modelloop.errors.ModelloopError, match=r"shapes.jsonl:\d+: the record has images, and this model takes none"
+    ):
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2")),
+                "data": [str(SHAPES)],
+                "max_steps": 1,
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
 
 
 # --------------------------------------------------------------------------- per-module training
@@ -134,36 +160,77 @@ def data_loss(model_folder: Path, data: Path) -> float:
     collate = Collator(tokenizer.pad_token_id, packing=False, images=images)
     model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
     with torch.no_grad():
-        losses = [model(**collate([items[i] for i in range(start, min(start + 8, len(items)))])).loss.item() for start in range(0, len(items), 8)]
+        losses = [
+            model(**collate([items[i] for i in range(start, min(start + 8, len(items)))])).loss.item()
+            for start in range(0, len(items), 8)
+        ]
     return sum(losses) / len(losses)
 
 
 def test_vision_frozen_aligner_and_llm_at_their_own_rates_move_only_what_they_should(tiny_models, tmp_path):
     base = tiny_models("qwen2_vl")
-    settings = {"model": str(base), "data": [str(SHAPES)], "tuner": "full", "max_steps": 12, "batch_size": 8, "max_length": 256, "packing": False}
-    result = modelloop.sft({**settings, "freeze": ["vision"], "group_lr": {"aligner": 1e-5, "llm": 2e-5}, "scheduler": "constant", "output_dir": str(tmp_path / "run")})
+    settings = {
+        "model": str(base),
+        "data": [str(SHAPES)],
+        "tuner": "full",
+        "max_steps": 12,
+        "batch_size": 8,
+        "max_length": 256,
+        "packing": False,
+    }
+    result = modelloop.sft(
+        {
+            **settings,
+            "freeze": ["vision"],
+            "group_lr": {"aligner": 1e-5, "llm": 2e-5},
+            "scheduler": "constant",
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     run = Path(result["run_dir"])
     groups = json.loads((run / "manifest.json").read_text())["module_groups"]
     assert groups["vision"]["trainable"] == 0 and groups["aligner"]["lr"] == 1e-5 and groups["llm"]["lr"] == 2e-5
     assert groups["aligner"]["trainable"] == groups["aligner"]["parameters"] > 0
     before, after = weights(base), weights(run / "model")
     changed = {name for name in before if not before[name].equal(after[name])}
-    assert changed and all(name.startswith(("model.visual.merger.", "model.language_model.", "lm_head.")) for name in changed)
+    assert changed and all(
+        name.startswith(("model.visual.merger.", "model.language_model.", "lm_head.")) for name in changed
+    )
     assert any(name.startswith("model.visual.merger.") for name in changed)
-    assert not any(name.startswith("model.visual.blocks.") or name.startswith("model.visual.patch_embed.") for name in changed)
+    assert not any(
+        name.startswith("model.visual.blocks.") or name.startswith("model.visual.patch_embed.") for name in changed
+    )
     assert data_loss(run / "model", SHAPES) < data_loss(base, SHAPES)
     assert (run / "model" / "preprocessor_config.json").is_file()  # the next stage reads pictures the same way
 
 
 def test_unknown_groups_are_refused_before_loading(tiny_models, tmp_path):
-    with pytest.raises(ConfigError, match="the qwen2_vl family has no module group 'vison'; groups: vision, aligner, llm"):
-        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "freeze": ["vison"], "output_dir": str(tmp_path / "run")})
+    with pytest.raises(
+        ConfigError, match="the qwen2_vl family has no module group 'vison'; groups: vision, aligner, llm"
+    ):
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2_vl")),
+                "data": [str(SHAPES)],
+                "freeze": ["vison"],
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
 
 
 @pytest.mark.parametrize("vision_lora", [False, True], ids=["llm-only", "llm-and-vision"])
 def test_lora_goes_on_the_language_model_and_on_request_on_the_vision_tower(tiny_models, tmp_path, vision_lora):
-    settings = {"model": str(tiny_models("qwen2_5_vl")), "data": [str(SHAPES)], "tuner": "lora", "max_steps": 1, "batch_size": 4, "max_length": 256}
-    result = modelloop.sft({**settings, "tuner_options": {"vision_lora": vision_lora}, "output_dir": str(tmp_path / "run")})
+    settings = {
+        "model": str(tiny_models("qwen2_5_vl")),
+        "data": [str(SHAPES)],
+        "tuner": "lora",
+        "max_steps": 1,
+        "batch_size": 4,
+        "max_length": 256,
+    }
+    result = modelloop.sft(
+        {**settings, "tuner_options": {"vision_lora": vision_lora}, "output_dir": str(tmp_path / "run")}
+    )
     groups = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["module_groups"]
     assert groups["llm"]["trainable"] > 0 and groups["aligner"]["trainable"] == 0
     assert (groups["vision"]["trainable"] > 0) == vision_lora  # Qwen2.5-VL's vision MLP shares the LLM's layer names
@@ -187,12 +254,16 @@ def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_mo
     config, tokenizer = read_config(folder), load_tokenizer(folder)
     spec = resolve_family(family).vision
     images = ImageTokens(spec, load_image_processor(folder), config, tokenizer)
-    tokenized = prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, resolve_family(family)), max_length=256, images=images)
+    tokenized = prepare_data(
+        [SHAPES], tokenizer, resolve_chat_format(tokenizer, resolve_family(family)), max_length=256, images=images
+    )
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     packed_rows = TrainingData.build(tokenized, max_length=120, packing=True)
     row = max(packed_rows.items, key=lambda row: sum(bool(pictures) for pictures in row.images))
     assert sum(bool(pictures) for pictures in row.images) >= 2  # several pictured examples share the row
-    packed = Collator(tokenizer.pad_token_id, packing=True, images=images, rope_index=lambda *args: spec.rope_index(model, *args))([row])
+    packed = Collator(
+        tokenizer.pad_token_id, packing=True, images=images, rope_index=lambda *args: spec.rope_index(model, *args)
+    )([row])
     assert packed["position_ids"].shape[0] == 4  # the plain positions first, then the multimodal ones
     alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
     with torch.no_grad():
@@ -211,7 +282,9 @@ def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_mo
 def batches_of(modalities: list[str], batch_size: int, **options) -> list[list[int]]:
     from modelloop.builtin.samplers import modality_balanced_order
 
-    order = list(modality_balanced_order([1] * len(modalities), batch_size=batch_size, seed=3, modalities=modalities, **options))
+    order = list(
+        modality_balanced_order([1] * len(modalities), batch_size=batch_size, seed=3, modalities=modalities, **options)
+    )
     assert len(order) % batch_size == 0
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
@@ -222,9 +295,14 @@ def test_every_batch_holds_its_share_of_pictures_even_when_the_data_is_skewed(sh
     batches = batches_of(modalities, 4, image_share=share)
     assert all(sum(modalities[i] == "image" for i in batch) == images_per_batch for batch in batches)
     texts = [i for batch in batches for i in batch if modalities[i] == "text"]
-    assert sorted(set(texts)) == list(range(6, 48)) and len(texts) - len(set(texts)) < 4 - images_per_batch  # each text once (the last batch may top up)
+    assert (
+        sorted(set(texts)) == list(range(6, 48)) and len(texts) - len(set(texts)) < 4 - images_per_batch
+    )  # each text once (the last batch may top up)
     images = [i for batch in batches for i in batch if modalities[i] == "image"]
-    assert set(images) == set(range(6)) and max(images.count(i) for i in range(6)) - min(images.count(i) for i in range(6)) <= 1  # drawn in rounds
+    assert (
+        set(images) == set(range(6))
+        and max(images.count(i) for i in range(6)) - min(images.count(i) for i in range(6)) <= 1
+    )  # drawn in rounds
 
 
 def test_a_share_a_batch_cannot_hold_exactly_is_kept_on_average():
@@ -245,9 +323,20 @@ def test_the_training_set_tells_the_sampler_which_rows_have_pictures(tiny_models
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
     images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
-    data = TrainingData.build(prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images), max_length=256, packing=False)
+    data = TrainingData.build(
+        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images),
+        max_length=256,
+        packing=False,
+    )
     assert data.modalities.count("image") == 32 and data.modalities.count("text") == 16
-    sampler = RegistrySampler(get_registry(SAMPLERS).get("modality_balanced"), data.lengths, batch_size=4, seed=0, options={"image_share": 0.75}, modalities=data.modalities)
+    sampler = RegistrySampler(
+        get_registry(SAMPLERS).get("modality_balanced"),
+        data.lengths,
+        batch_size=4,
+        seed=0,
+        options={"image_share": 0.75},
+        modalities=data.modalities,
+    )
     order = list(sampler)
     assert len(sampler) == len(order) == 64  # the 16 texts, one to a batch, last longest: 16 batches
     assert all(sum(data.modalities[i] == "image" for i in order[start : start + 4]) == 3 for start in range(0, 64, 4))
@@ -255,11 +344,40 @@ def test_the_training_set_tells_the_sampler_which_rows_have_pictures(tiny_models
 
 def test_the_sampler_checks_its_options_before_loading(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="sampler_options.share: the modality_balanced sampler takes image_share"):
-        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "sampler": "modality_balanced", "sampler_options": {"share": 0.5}})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2_vl")),
+                "data": [str(SHAPES)],
+                "sampler": "modality_balanced",
+                "sampler_options": {"share": 0.5},
+            }
+        )
     with pytest.raises(ConfigError, match="image_share must be between 0 and 1"):
-        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "sampler": "modality_balanced", "sampler_options": {"image_share": 1.5}})
-    settings = {"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "tuner": "lora", "max_steps": 2, "batch_size": 4, "max_length": 256, "packing": False}
-    result = modelloop.sft({**settings, "sampler": "modality_balanced", "sampler_options": {"image_share": 0.75}, "output_dir": str(tmp_path / "run")})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2_vl")),
+                "data": [str(SHAPES)],
+                "sampler": "modality_balanced",
+                "sampler_options": {"image_share": 1.5},
+            }
+        )
+    settings = {
+        "model": str(tiny_models("qwen2_vl")),
+        "data": [str(SHAPES)],
+        "tuner": "lora",
+        "max_steps": 2,
+        "batch_size": 4,
+        "max_length": 256,
+        "packing": False,
+    }
+    result = modelloop.sft(
+        {
+            **settings,
+            "sampler": "modality_balanced",
+            "sampler_options": {"image_share": 0.75},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     assert json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["status"] == "completed"
 
 
@@ -272,7 +390,15 @@ def data_url(path: Path) -> str:
 
 def picture_question(path: Path | str) -> list[dict]:
     url = path if isinstance(path, str) else data_url(path)
-    return [{"role": "user", "content": [{"type": "text", "text": "What color is the shape?"}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What color is the shape?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
 
 
 def test_the_openai_client_sends_a_picture_to_modelloop_serve(tiny_models, subprocess_env):
@@ -283,15 +409,25 @@ def test_the_openai_client_sends_a_picture_to_modelloop_serve(tiny_models, subpr
     process = start_server(tiny_models("qwen2_vl"), port, subprocess_env, "--served-name", "vl")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        small = client.chat.completions.create(model="vl", messages=picture_question(PICTURE), max_tokens=4, temperature=0)
-        large = client.chat.completions.create(model="vl", messages=picture_question(PICTURE.with_name("red-square-96.png")), max_tokens=4, temperature=0)
+        small = client.chat.completions.create(
+            model="vl", messages=picture_question(PICTURE), max_tokens=4, temperature=0
+        )
+        large = client.chat.completions.create(
+            model="vl", messages=picture_question(PICTURE.with_name("red-square-96.png")), max_tokens=4, temperature=0
+        )
         assert small.choices[0].message.content is not None and small.usage.completion_tokens > 0
-        assert large.usage.prompt_tokens - small.usage.prompt_tokens == 9 - 4  # the 96 px picture's tokens against the 64 px one's
+        assert (
+            large.usage.prompt_tokens - small.usage.prompt_tokens == 9 - 4
+        )  # the 96 px picture's tokens against the 64 px one's
         with pytest.raises(openai.BadRequestError, match="remote URLs are not fetched"):
-            client.chat.completions.create(model="vl", messages=picture_question("https://example.com/a.png"), max_tokens=2)
+            client.chat.completions.create(
+                model="vl", messages=picture_question("https://example.com/a.png"), max_tokens=2
+            )
         with pytest.raises(openai.BadRequestError, match="send pictures as base64 data URLs"):
             client.chat.completions.create(model="vl", messages=picture_question(str(PICTURE)), max_tokens=2)
-        assert client.chat.completions.create(model="vl", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices  # text still works
+        assert client.chat.completions.create(
+            model="vl", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        ).choices  # text still works
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -305,10 +441,15 @@ def test_the_engine_batches_pictures_with_text_and_refuses_them_for_a_text_model
     greedy = SamplingParams(max_tokens=3, temperature=0)
     session = HFSession.load(tiny_models("qwen2_vl"), options={"inline": True})
     try:
-        requests = [GenerationRequest(messages=picture_question(PICTURE), params=greedy), GenerationRequest(messages=[{"role": "user", "content": "Hi"}], params=greedy)]
+        requests = [
+            GenerationRequest(messages=picture_question(PICTURE), params=greedy),
+            GenerationRequest(messages=[{"role": "user", "content": "Hi"}], params=greedy),
+        ]
         together = session.generate(requests)
         alone = [session.generate([request])[0] for request in requests]
-        assert [g.choices[0].token_ids for g in together] == [g.choices[0].token_ids for g in alone]  # left padding moves no picture
+        assert [g.choices[0].token_ids for g in together] == [
+            g.choices[0].token_ids for g in alone
+        ]  # left padding moves no picture
     finally:
         session.close()
     text = HFSession.load(tiny_models("qwen2"), options={"inline": True})
@@ -325,7 +466,9 @@ def test_the_engine_batches_pictures_with_text_and_refuses_them_for_a_text_model
 def test_eval_asks_about_each_picture_and_keeps_the_paths_in_its_results(tiny_models, tmp_path):
     from modelloop.stages.evaluate import evaluate
 
-    summary = evaluate(str(tiny_models("qwen2_vl")), SHAPES, metrics=["exact"], max_tokens=3, output_dir=tmp_path / "eval")
+    summary = evaluate(
+        str(tiny_models("qwen2_vl")), SHAPES, metrics=["exact"], max_tokens=3, output_dir=tmp_path / "eval"
+    )
     rows = [json.loads(line) for line in (Path(summary["run_dir"]) / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 48
     pictured = [row for row in rows if isinstance(row["prompt"][-1]["content"], list)]
@@ -335,24 +478,59 @@ def test_eval_asks_about_each_picture_and_keeps_the_paths_in_its_results(tiny_mo
 
 
 def test_alignment_other_than_dpo_and_grpo_and_text_models_refuse_pictures(tiny_models, tmp_path):
-    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}]
+    question = [
+        {"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}
+    ]
     kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": question, "completion": "red", "label": True}])
     with pytest.raises(ConfigError, match=r"kto.jsonl:1: kto does not take pictures yet"):
-        modelloop.rlhf({"method": "kto", "model": str(tiny_models("qwen2_vl")), "data": [str(kto)], "output_dir": str(tmp_path / "kto")})
+        modelloop.rlhf(
+            {
+                "method": "kto",
+                "model": str(tiny_models("qwen2_vl")),
+                "data": [str(kto)],
+                "output_dir": str(tmp_path / "kto"),
+            }
+        )
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": question, "chosen": "red", "rejected": "blue"}])
     with pytest.raises(ConfigError, match=r"the data has pictures, and .* \(family qwen2\) takes none"):
-        modelloop.rlhf({"method": "dpo", "model": str(tiny_models("qwen2")), "data": [str(pairs)], "output_dir": str(tmp_path / "dpo")})
+        modelloop.rlhf(
+            {
+                "method": "dpo",
+                "model": str(tiny_models("qwen2")),
+                "data": [str(pairs)],
+                "output_dir": str(tmp_path / "dpo"),
+            }
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_dpo_on_pictures_trains_a_vision_language_model(tiny_models, tmp_path, family):
-    color = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}]}]
-    rows = [{"prompt": color, "chosen": "red", "rejected": "blue"}, {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}] * 4
+    color = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}],
+        }
+    ]
+    rows = [
+        {"prompt": color, "chosen": "red", "rejected": "blue"},
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    ] * 4
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    settings = {"method": "dpo", "model": str(tiny_models(family)), "data": [str(pairs)], "tuner": "lora", "max_steps": 2, "batch_size": 2, "max_length": 128}
+    settings = {
+        "method": "dpo",
+        "model": str(tiny_models(family)),
+        "data": [str(pairs)],
+        "tuner": "lora",
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_length": 128,
+    }
     result = modelloop.rlhf({**settings, "output_dir": str(tmp_path / "dpo")})
     manifest = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())
-    assert manifest["status"] == "completed" and (Path(result["run_dir"]) / "model" / "adapter_model.safetensors").is_file()
+    assert (
+        manifest["status"] == "completed"
+        and (Path(result["run_dir"]) / "model" / "adapter_model.safetensors").is_file()
+    )
     logged = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/margins" in record or "loss" in record for record in logged)
 
@@ -368,8 +546,17 @@ def test_dpo_batches_carry_the_pictures_as_the_model_counts_them(tiny_models):
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
     tokenizer.chat_template = resolve_chat_format(tokenizer, family).source
     processor = family.vision.processor(tokenizer, load_image_processor(folder), read_config(folder))
-    pictured = {"prompt": [{"role": "user", "content": "What color? <image>"}], "chosen": [{"role": "assistant", "content": "red"}], "rejected": [{"role": "assistant", "content": "blue"}], "images": [str(PICTURE)]}
-    plain = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    pictured = {
+        "prompt": [{"role": "user", "content": "What color? <image>"}],
+        "chosen": [{"role": "assistant", "content": "red"}],
+        "rejected": [{"role": "assistant", "content": "blue"}],
+        "images": [str(PICTURE)],
+    }
+    plain = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
     batch = DataCollatorForVisionPreference(processor)([with_pictures(pictured), with_pictures(plain)])
     image_token = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (batch["input_ids"] == image_token).sum(-1).tolist() == [4, 0, 4, 0]  # chosen and rejected rows of each pair
@@ -377,10 +564,21 @@ def test_dpo_batches_carry_the_pictures_as_the_model_counts_them(tiny_models):
 
 
 def test_grpo_rolls_out_on_pictures_through_the_engine_and_trains(tiny_models, tmp_path):
-    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}]}]
+    question = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "What color is the shape?"}],
+        }
+    ]
     rows = [{"prompt": question, "solution": "red"}, {"prompt": "What is 2+2?", "solution": "4"}] * 2
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    settings = {"method": "grpo", "model": str(tiny_models("qwen2_vl")), "data": [str(prompts)], "rewards": ["exact"], "tuner": "lora"}
+    settings = {
+        "method": "grpo",
+        "model": str(tiny_models("qwen2_vl")),
+        "data": [str(prompts)],
+        "rewards": ["exact"],
+        "tuner": "lora",
+    }
     settings.update(max_steps=2, batch_size=4, num_generations=2, max_completion_length=4, max_length=128)
     result = modelloop.rlhf({**settings, "output_dir": str(tmp_path / "grpo")})
     run = Path(result["run_dir"])
@@ -394,24 +592,40 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
     from modelloop.chat import resolve_chat_format
     from modelloop.data.images import ImageTokens
     from modelloop.inference.hf import HFSession
+    from modelloop.inference.types import SamplingParams
     from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
     from modelloop.registry import ENGINES, get_registry
     from modelloop.stages.rollouts import EngineRollouts
-    from modelloop.inference.types import SamplingParams
 
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
     chat = resolve_chat_format(tokenizer, family)
     images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
-    rollouts = EngineRollouts(get_registry(ENGINES).get("hf"), tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=2), base_model=str(folder), tuner=FULL, sync_dir=Path("unused"), images=images)
+    rollouts = EngineRollouts(
+        get_registry(ENGINES).get("hf"),
+        tokenizer=tokenizer,
+        chat=chat,
+        sampling=SamplingParams(max_tokens=2),
+        base_model=str(folder),
+        tuner=FULL,
+        sync_dir=Path("unused"),
+        images=images,
+    )
     with Image.open(PICTURE) as opened:
-        prompt = [{"role": "user", "content": [{"type": "image", "image": opened.convert("RGB")}, {"type": "text", "text": "Color?"}]}]
+        prompt = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": opened.convert("RGB")}, {"type": "text", "text": "Color?"}],
+            }
+        ]
     ids = rollouts.prompt_ids(prompt)
     assert ids.count(images.image_token_id) == 4
     session = HFSession.load(folder, options={"inline": True})
     try:
         request = rollouts._request(prompt, ids, 2)
-        assert request.prompt is None and request.messages[0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert request.prompt is None and request.messages[0]["content"][0]["image_url"]["url"].startswith(
+            "data:image/png;base64,"
+        )
         assert session.prompt_ids(request) == ids  # what the engine renders is what the policy is scored on
     finally:
         session.close()
@@ -422,12 +636,38 @@ def test_two_processes_train_a_vision_model_when_some_batches_have_no_picture(ti
     import sys
 
     out = tmp_path / "ddp"
-    argv = [sys.executable, "-m", "modelloop", "sft", "--model", str(tiny_models("qwen2_vl")), "--data", str(SHAPES), "--tuner", "full"]
-    argv += ["--no-packing", "--batch-size", "1", "--max-steps", "4", "--max-length", "256", "--nproc", "2", "--output-dir", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "sft",
+        "--model",
+        str(tiny_models("qwen2_vl")),
+        "--data",
+        str(SHAPES),
+        "--tuner",
+        "full",
+    ]
+    argv += [
+        "--no-packing",
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "4",
+        "--max-length",
+        "256",
+        "--nproc",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     done = subprocess.run(argv, env=subprocess_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]  # a text-only batch leaves the vision tower without gradients
     parallel = json.loads((out / "manifest.json").read_text())["parallel"]
-    assert parallel["wrapped_as"] == "DistributedDataParallel" and parallel["trainer_arguments"]["ddp_find_unused_parameters"] is True
+    assert (
+        parallel["wrapped_as"] == "DistributedDataParallel"
+        and parallel["trainer_arguments"]["ddp_find_unused_parameters"] is True
+    )
 
 
 def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_refused(tiny_models, tmp_path):
@@ -435,12 +675,18 @@ def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_r
     from modelloop.data.tokenize import Encoder
     from modelloop.models.loading import load_image_tokens, load_tokenizer, read_config, resolve_family
 
-    data = write_jsonl(tmp_path / "text.jsonl", [turn("Render <image> in HTML?", "use <img>"), turn("Say <|image_pad|>", "no")])
+    data = write_jsonl(
+        tmp_path / "text.jsonl", [turn("Render <image> in HTML?", "use <img>"), turn("Say <|image_pad|>", "no")]
+    )
     records = read_records([data])
     assert records.problems == [] and records.examples[0].record["messages"][0]["content"] == "Render <image> in HTML?"
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
-    encoder = Encoder(tokenizer, resolve_chat_format(tokenizer, family), load_image_tokens(family, folder, read_config(folder), tokenizer))
+    encoder = Encoder(
+        tokenizer,
+        resolve_chat_format(tokenizer, family),
+        load_image_tokens(family, folder, read_config(folder), tokenizer),
+    )
     literal, stray = encoder.encode(records.examples)
     assert isinstance(literal, list) and len(literal) == 1  # encoded: "<image>" in text is text
     assert str(stray) == f"{data}:2: the rendered text holds 1 image token(s) for 0 image(s)"  # it would have no pixels
@@ -451,14 +697,30 @@ def test_pictures_belong_in_the_prompt_and_data_check_counts_them_there(tiny_mod
 
     from modelloop.cli import build_cli
 
-    question = [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}]
+    question = [
+        {"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Color?"}]}
+    ]
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": question, "chosen": "red", "rejected": "blue"}])
-    checked = CliRunner().invoke(build_cli(), ["data", "check", str(pairs), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"])
+    checked = CliRunner().invoke(
+        build_cli(), ["data", "check", str(pairs), "--model", str(tiny_models("qwen2_vl")), "--max-length", "64"]
+    )
     assert checked.exit_code == 0, checked.output
-    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Which?", "chosen": "this <image>", "rejected": "no", "images": [str(PICTURE)]}])
-    assert [problem.reason for problem in read_records([answers]).problems] == ["pictures go in the prompt, not in the answers"]
+    answers = write_jsonl(
+        tmp_path / "answers.jsonl",
+        [{"prompt": "Which?", "chosen": "this <image>", "rejected": "no", "images": [str(PICTURE)]}],
+    )
+    assert [problem.reason for problem in read_records([answers]).problems] == [
+        "pictures go in the prompt, not in the answers"
+    ]
 
 
 def test_the_full_tuner_points_an_old_freeze_option_at_the_stage_setting(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="freeze is a stage setting now: --freeze GROUP"):
-        modelloop.sft({"model": str(tiny_models("qwen2_vl")), "data": [str(SHAPES)], "tuner": "full", "tuner_options": {"freeze": ["vision"]}})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2_vl")),
+                "data": [str(SHAPES)],
+                "tuner": "full",
+                "tuner_options": {"freeze": ["vision"]},
+            }
+        )

@@ -26,7 +26,18 @@ def test_third_party_reward_plugin_installs_and_is_found(tmp_path, subprocess_en
     package = tmp_path / "modelloop-plugin-my-reward"
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", site, package],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            site,
+            package,
+        ],
         check=True,
         capture_output=True,
     )
@@ -121,7 +132,9 @@ def check_parallel_strategy(strategy, tmp_path):
     from modelloop.parallel.plan import PlanRequest
     from modelloop.parallel.world import World
 
-    request = PlanRequest(World(nproc=4), None, None, FULL, {}, batch_size=1, max_length=8, gradient_checkpointing=False, cuda=False)
+    request = PlanRequest(
+        World(nproc=4), None, None, FULL, {}, batch_size=1, max_length=8, gradient_checkpointing=False, cuda=False
+    )
     plan = strategy.plan(request)
     assert plan.mesh == {"dp": 4}
     assert plan.trainer_arguments["ddp_bucket_cap_mb"] == 100

@@ -40,7 +40,10 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_its_gradients(small_chu
     offset = torch.randn(2000, requires_grad=True) if bias else None
     labels = torch.randint(0, 2000, (45,))
 
-    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, offset), labels, reduction="sum") / 3
+    plain = (
+        torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, offset), labels, reduction="sum")
+        / 3
+    )
     wanted = torch.autograd.grad(plain, [t for t in (hidden, weight, offset) if t is not None and t.requires_grad])
     chunked = chunked_linear_cross_entropy(hidden, weight, offset, labels) / 3
     got = torch.autograd.grad(chunked, [t for t in (hidden, weight, offset) if t is not None and t.requires_grad])
@@ -58,14 +61,20 @@ def test_chunked_cross_entropy_multiplies_in_the_autocast_type_and_keeps_the_inp
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = chunked_linear_cross_entropy(hidden, weight, None, labels)
     loss.backward()
-    plain = torch.nn.functional.cross_entropy(hidden.bfloat16().float() @ weight.bfloat16().float().t(), labels, reduction="sum")
+    plain = torch.nn.functional.cross_entropy(
+        hidden.bfloat16().float() @ weight.bfloat16().float().t(), labels, reduction="sum"
+    )
     assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, plain, rtol=1e-2, atol=1e-2)
 
 
 def test_without_gradients_the_loss_is_the_same_and_no_gradient_is_computed(small_chunks, monkeypatch):
     """Evaluation runs under no_grad: the same loss, and the softmax is never turned into a gradient."""
-    hidden, weight, labels = torch.randn(10, 32, requires_grad=True), torch.randn(2000, 32, requires_grad=True), torch.randint(0, 2000, (10,))
+    hidden, weight, labels = (
+        torch.randn(10, 32, requires_grad=True),
+        torch.randn(2000, 32, requires_grad=True),
+        torch.randint(0, 2000, (10,)),
+    )
     with_gradients = chunked_linear_cross_entropy(hidden, weight, None, labels)
     exponentials = []
     monkeypatch.setattr(torch.Tensor, "exp_", lambda self: exponentials.append(self) or torch.exp(self, out=self))
@@ -101,7 +110,9 @@ def model_and_batch(folder: Path, data: Path, *, packed: bool, tuner: str, untie
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
     model = prepared(model, tuner, loaded.family)
     tokenizer = loaded.tokenizer
-    tokens = prepare_data([data], tokenizer, resolve_chat_format(tokenizer, loaded.family), max_length=96, use_cache=False)
+    tokens = prepare_data(
+        [data], tokenizer, resolve_chat_format(tokenizer, loaded.family), max_length=96, use_cache=False
+    )
     if packed:
         batch = collate_packed(pack(tokens.input_ids, tokens.labels, max_length=96), tokenizer.pad_token_id)
     else:
@@ -161,7 +172,9 @@ def test_a_vision_language_model_on_pictures(small_chunks, tiny_models):
     loaded = load_model(folder, dtype="fp32")
     family = resolve_family("qwen2_vl")
     images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), loaded.tokenizer)
-    tokens = prepare_data([SHAPES], loaded.tokenizer, resolve_chat_format(loaded.tokenizer, family), max_length=256, images=images)
+    tokens = prepare_data(
+        [SHAPES], loaded.tokenizer, resolve_chat_format(loaded.tokenizer, family), max_length=256, images=images
+    )
     items = list(zip(tokens.input_ids, tokens.labels, tokens.images))[:4]
     assert any(pictures for *_, pictures in items)
     batch = Collator(loaded.tokenizer.pad_token_id, packing=False, images=images)(items)
@@ -176,11 +189,17 @@ def liger_like_forward(self, input_ids=None, labels=None, logits_to_keep=0, **kw
     hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
     kept = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep, :]
     logits = self.lm_head(kept)
-    loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size) if labels is not None else None
+    loss = (
+        self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        if labels is not None
+        else None
+    )
     return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
-def test_a_forward_an_accelerator_put_on_the_instance_gets_no_mask_and_the_same_loss(small_chunks, tiny_models, tmp_path):
+def test_a_forward_an_accelerator_put_on_the_instance_gets_no_mask_and_the_same_loss(
+    small_chunks, tiny_models, tmp_path
+):
     from types import MethodType
 
     model, batch = model_and_batch(tiny_models("qwen2"), chats(tmp_path), packed=True, tuner="lora")
@@ -209,13 +228,23 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def test_sft_trains_the_same_with_the_loss_in_the_output_layer(tiny_models, tmp_path, monkeypatch):
     data = chats(tmp_path)
-    settings = {"model": str(tiny_models("qwen2")), "data": [str(data)], "tuner": "full", "max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 64}
+    settings = {
+        "model": str(tiny_models("qwen2")),
+        "data": [str(data)],
+        "tuner": "full",
+        "max_steps": 4,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "max_length": 64,
+    }
     modelloop.sft({**settings, "output_dir": str(tmp_path / "chunked")})
     manifest = json.loads((tmp_path / "chunked" / "manifest.json").read_text())
     assert manifest["compute"]["loss"] == "in the output layer, chunked linear cross-entropy"
     assert manifest["compute"]["attention"] == "sdpa" and manifest["compute"]["precision"]["compute"] == "auto"
 
-    monkeypatch.setattr("modelloop.stages.train.output_layer_loss", lambda model, checked: (None, "from the model's logits"))
+    monkeypatch.setattr(
+        "modelloop.stages.train.output_layer_loss", lambda model, checked: (None, "from the model's logits")
+    )
     modelloop.sft({**settings, "output_dir": str(tmp_path / "logits")})
     chunked, logits = final_weights(tmp_path / "chunked"), final_weights(tmp_path / "logits")
     assert chunked.keys() == logits.keys()
@@ -261,16 +290,31 @@ def register_accelerators(register):
 )
 
 
-def test_an_accelerators_fused_loss_is_used_and_its_forward_gets_no_mask(tiny_models, tmp_path, install_plugin, monkeypatch):
+def test_an_accelerators_fused_loss_is_used_and_its_forward_gets_no_mask(
+    tiny_models, tmp_path, install_plugin, monkeypatch
+):
     import importlib
     import os
 
     dist = install_plugin("modelloop-plugin-fused", FUSED_ACCELERATOR)
     monkeypatch.setenv("MODELLOOP_LOAD_PLUGINS", os.environ["MODELLOOP_LOAD_PLUGINS"] + "," + dist)
     result = modelloop.sft(
-        {"model": str(tiny_models("qwen2")), "data": [str(chats(tmp_path))], "accelerators": ["fused"], "max_steps": 2, "batch_size": 4, "max_length": 64, "output_dir": str(tmp_path / "run")}
+        {
+            "model": str(tiny_models("qwen2")),
+            "data": [str(chats(tmp_path))],
+            "accelerators": ["fused"],
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_length": 64,
+            "output_dir": str(tmp_path / "run"),
+        }
     )
-    plugin = importlib.import_module(next(name for name in __import__("sys").modules if name.startswith("modelloop_plugin_fused")))
+    plugin = importlib.import_module(
+        next(name for name in __import__("sys").modules if name.startswith("modelloop_plugin_fused"))
+    )
     assert len(plugin.CALLS) == 2 and all(rows > 0 for rows in plugin.CALLS)
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["compute"]["loss"] == "in the output layer, fused's fused linear cross-entropy"
+    assert (
+        json.loads((tmp_path / "run" / "manifest.json").read_text())["compute"]["loss"]
+        == "in the output layer, fused's fused linear cross-entropy"
+    )
     assert result["metrics"]["train_loss"] > 0

@@ -53,7 +53,12 @@ def test_loss_per_example_is_the_same_packed_and_unpacked(tmp_path, tiny_models)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     chat = resolve_chat_format(tokenizer, loaded.family)
     rows = [
-        {"messages": [{"role": "user", "content": f"Reverse {word * n}"}, {"role": "assistant", "content": (word * n)[::-1]}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"Reverse {word * n}"},
+                {"role": "assistant", "content": (word * n)[::-1]},
+            ]
+        }
         for n, word in enumerate(["abc", "river", "tiger", "xy", "banana", "q"], start=1)
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -61,7 +66,9 @@ def test_loss_per_example_is_the_same_packed_and_unpacked(tmp_path, tiny_models)
 
     with torch.no_grad():
         alone = [
-            per_token_losses(model(input_ids=as_long(ids)[None], use_cache=False).logits[0], as_long(ids), as_long(labels))
+            per_token_losses(
+                model(input_ids=as_long(ids)[None], use_cache=False).logits[0], as_long(ids), as_long(labels)
+            )
             for ids, labels in zip(data.input_ids, data.labels)
         ]
         packed = pack(data.input_ids, data.labels, max_length=96)
@@ -82,7 +89,10 @@ def test_loss_per_example_is_the_same_packed_and_unpacked(tmp_path, tiny_models)
         together = per_token_losses(logits[row, start:end], ids, labels)
         torch.testing.assert_close(together.mean(), alone[index].mean(), atol=1e-5, rtol=0)
         if start > 0:
-            worst_leak = max(worst_leak, (per_token_losses(mixed[row, start:end], ids, labels).mean() - alone[index].mean()).abs().item())
+            worst_leak = max(
+                worst_leak,
+                (per_token_losses(mixed[row, start:end], ids, labels).mean() - alone[index].mean()).abs().item(),
+            )
     assert worst_leak > 1e-3  # without restarted positions the examples do see each other
 
 
@@ -125,7 +135,9 @@ def test_logits_only_at_labels_give_the_same_loss_and_gradients(packed, tmp_path
         for word in ["abc", "river", "tiger", "xy", "banana", "q"]
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    data = prepare_data([tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, loaded.family), max_length=96, use_cache=False)
+    data = prepare_data(
+        [tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, loaded.family), max_length=96, use_cache=False
+    )
     if packed:
         batch = collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id)
     else:
@@ -156,15 +168,21 @@ def test_collated_batches_own_their_memory_and_survive_pinning(packing):
     rows) made the first unpacked batch fail there."""
     from modelloop.training import Collator
 
-    examples = [([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]), ([5, 6, 7], [IGNORE, 6, 7]), ([4] * 11, [IGNORE] * 5 + [4] * 6)]
-    items = pack([ids for ids, _ in examples], [labels for _, labels in examples], max_length=16) if packing else examples
+    examples = [
+        ([5, 6, 7, 8, 9], [IGNORE, IGNORE, 7, 8, 9]),
+        ([5, 6, 7], [IGNORE, 6, 7]),
+        ([4] * 11, [IGNORE] * 5 + [4] * 6),
+    ]
+    items = (
+        pack([ids for ids, _ in examples], [labels for _, labels in examples], max_length=16) if packing else examples
+    )
     batch = Collator(pad_token_id=0, packing=packing, multiple=8)(items)
     tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
     assert {"input_ids", "labels", "position_ids"} <= set(tensors)
     for key, tensor in tensors.items():
         assert owns_its_memory(tensor), f"{key} shares memory between its elements (strides {tensor.stride()})"
     if torch.cuda.is_available():
-        for key, tensor in tensors.items():
+        for tensor in tensors.values():
             assert torch.equal(tensor.pin_memory(), tensor)
 
 
@@ -174,7 +192,9 @@ def chat_tokens(tmp_path, tokenizer, family):
         for word in ["abc", "river", "tiger", "xy", "banana", "q", "violet"]
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return prepare_data([tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, family), max_length=96, use_cache=False)
+    return prepare_data(
+        [tmp_path / "d.jsonl"], tokenizer, resolve_chat_format(tokenizer, family), max_length=96, use_cache=False
+    )
 
 
 def test_flex_attention_keeps_packed_examples_apart_without_a_mask(tmp_path, tiny_models):
@@ -203,15 +223,21 @@ def test_flex_attention_trains_packed_rows_as_sdpa_trains_them_alone(tmp_path, t
     from modelloop.data.packing import collate_padded
 
     def loss_and_grad(implementation, batch):
-        model = load_model(tiny_models("qwen2"), dtype="fp32", attn_implementation=implementation, device_map="cuda").model.train()
+        model = load_model(
+            tiny_models("qwen2"), dtype="fp32", attn_implementation=implementation, device_map="cuda"
+        ).model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**{key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}).loss
+            loss = model(
+                **{key: value.cuda() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            ).loss
         loss.backward()
         return loss.detach().float(), model.model.embed_tokens.weight.grad.flatten()
 
     tokenizer = load_model(tiny_models("qwen2")).tokenizer
     data = chat_tokens(tmp_path, tokenizer, load_model(tiny_models("qwen2")).family)
     alone = loss_and_grad("sdpa", collate_padded(data.input_ids, data.labels, tokenizer.pad_token_id))
-    together = loss_and_grad("flex_attention", collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id))
+    together = loss_and_grad(
+        "flex_attention", collate_packed(pack(data.input_ids, data.labels, max_length=96), tokenizer.pad_token_id)
+    )
     torch.testing.assert_close(together[0], alone[0], rtol=2e-2, atol=2e-2)
     assert torch.nn.functional.cosine_similarity(together[1], alone[1], dim=0) > 0.99

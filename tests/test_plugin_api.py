@@ -9,9 +9,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 import modelloop.plugin
+from conftest import REPO
 
 PLUGINS = sorted(path.parent for path in REPO.glob("plugins/*/pyproject.toml"))
 
@@ -36,7 +36,9 @@ def kernel_imports(source: str) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.append((node.lineno, node.module))
-    return [(line, name) for line, name in found if name == "modelloop" or name.startswith(("modelloop.", "modelloop_"))]
+    return [
+        (line, name) for line, name in found if name == "modelloop" or name.startswith(("modelloop.", "modelloop_"))
+    ]
 
 
 @pytest.mark.parametrize("folder", PLUGINS, ids=lambda folder: folder.name)
@@ -44,14 +46,18 @@ def test_a_shipped_plugin_imports_the_kernel_only_through_the_plugin_api(folder)
     by_distribution = {project(other)["project"]["name"]: modules_of(other) for other in PLUGINS}
     allowed = {"modelloop.plugin", *modules_of(folder)}
     for requirement in project(folder)["project"]["dependencies"]:
-        allowed |= by_distribution.get(distribution_name(requirement), set())  # a plugin it depends on: its public names
+        allowed |= by_distribution.get(
+            distribution_name(requirement), set()
+        )  # a plugin it depends on: its public names
     wrong = [
         f"{path.relative_to(REPO)}:{line}: {name}"
         for path in sorted(folder.glob("*.py"))
         for line, name in kernel_imports(path.read_text())
         if name not in allowed
     ]
-    assert wrong == [], "import from modelloop.plugin (or a plugin declared as a dependency) instead:\n" + "\n".join(wrong)
+    assert wrong == [], "import from modelloop.plugin (or a plugin declared as a dependency) instead:\n" + "\n".join(
+        wrong
+    )
 
 
 def test_every_public_name_resolves_and_nothing_else_does():

@@ -9,6 +9,7 @@ from modelloop.plugin import API_VERSION
 from modelloop.plugins import BUILTIN_PLUGINS, make_plugin_manager
 from modelloop.registry import REWARDS, get_registry
 
+
 def manager_loading(*distributions: str, **environ: str):
     """A manager that sees only the named installed plugins, whatever else is installed."""
     return make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": ",".join(distributions), **environ})
@@ -50,9 +51,7 @@ def test_load_plugins_selects_and_empty_loads_none(install_plugin):
 def test_block_plugins_blocks(install_plugin):
     install_plugin("modelloop-plugin-a", GOOD.format(name="a"))
     install_plugin("modelloop-plugin-b", GOOD.format(name="b"))
-    manager = manager_loading(
-        "modelloop-plugin-a", "modelloop-plugin-b", MODELLOOP_BLOCK_PLUGINS="modelloop-plugin-a"
-    )
+    manager = manager_loading("modelloop-plugin-a", "modelloop-plugin-b", MODELLOOP_BLOCK_PLUGINS="modelloop-plugin-a")
     assert "modelloop-plugin-a" not in manager.info
     assert "modelloop-plugin-b" in manager.info
 
@@ -127,15 +126,24 @@ def test_a_plugin_written_for_another_plugin_api_is_reported_and_skipped(install
     install_plugin("modelloop-plugin-garbled", GOOD.format(name="garbled") + '    PLUGIN_API = "two"\n')
     install_plugin("modelloop-plugin-good", GOOD.format(name="good") + '    PLUGIN_API = ">=1.0,<2"\n')
     manager = manager_loading("modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good")
-    assert set(manager.info) & {"modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good"} == {"modelloop-plugin-good"}
+    assert set(manager.info) & {"modelloop-plugin-future", "modelloop-plugin-garbled", "modelloop-plugin-good"} == {
+        "modelloop-plugin-good"
+    }
     err = capsys.readouterr().err
-    assert f"modelloop-plugin-future 1.0: not loaded: it is written for plugin API >=2.0,<3, and this modelloop has {API_VERSION}" in err
-    assert "modelloop-plugin-garbled 1.0: not loaded: its PLUGIN_API 'two' is not a version range like '>=1.0,<2'" in err
+    assert (
+        f"modelloop-plugin-future 1.0: not loaded: it is written for plugin API >=2.0,<3, and this modelloop has {API_VERSION}"
+        in err
+    )
+    assert (
+        "modelloop-plugin-garbled 1.0: not loaded: its PLUGIN_API 'two' is not a version range like '>=1.0,<2'" in err
+    )
 
 
 def test_names_in_the_plugin_settings_that_nothing_is_called_are_reported(install_plugin, capsys):
     install_plugin("modelloop-plugin-good", GOOD.format(name="good"))
-    manager_loading("modelloop-plugin-good", "modelloop-plugin-godo", MODELLOOP_BLOCK_PLUGINS="templates,modelloop-plugin-bda")
+    manager_loading(
+        "modelloop-plugin-good", "modelloop-plugin-godo", MODELLOOP_BLOCK_PLUGINS="templates,modelloop-plugin-bda"
+    )
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "modelloop: MODELLOOP_LOAD_PLUGINS names modelloop-plugin-godo, which no installed plugin is called",

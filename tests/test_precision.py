@@ -44,7 +44,10 @@ def test_mixed_precision_loads_master_weights_for_full_tuning_and_16_bits_under_
 
 
 def chats(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]} for i in range(16)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+        for i in range(16)
+    ]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -60,11 +63,23 @@ def test_lora_adapters_train_in_fp32_over_a_bf16_base(tiny_models, tmp_path, mon
         model = prepare(*args, **kwargs)
         seen.update({name: p.dtype for name, p in model.named_parameters()})
         seen["trainable"] = {name for name, p in model.named_parameters() if p.requires_grad}
-        seen["casting"] = {module.cast_input_dtype_enabled for module in model.modules() if hasattr(module, "_cast_input_dtype")}
+        seen["casting"] = {
+            module.cast_input_dtype_enabled for module in model.modules() if hasattr(module, "_cast_input_dtype")
+        }
         return model
 
     monkeypatch.setattr(stage, "load_trainable", spy)
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(chats(tmp_path))], "dtype": "bf16", "max_steps": 2, "batch_size": 4, "max_length": 64, "output_dir": str(tmp_path / "run")})
+    modelloop.sft(
+        {
+            "model": str(tiny_models("qwen2")),
+            "data": [str(chats(tmp_path))],
+            "dtype": "bf16",
+            "max_steps": 2,
+            "batch_size": 4,
+            "max_length": 64,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
     trainable = seen.pop("trainable")
     assert seen.pop("casting") == {False}  # autocast picks the product's type: no fp32 copy of each input
     assert trainable and all(seen[name] == torch.float32 for name in trainable)
@@ -79,7 +94,16 @@ def test_full_tuning_in_bf16_keeps_updates_a_bf16_weight_would_round_away(tiny_m
     pure bf16 weights would not move at all; fp32 master weights do."""
     from safetensors.torch import load_file
 
-    settings = {"model": str(tiny_models("qwen2")), "data": [str(chats(tmp_path))], "tuner": "full", "dtype": "bf16", "lr": 1e-6, "max_steps": 2, "batch_size": 4, "max_length": 64}
+    settings = {
+        "model": str(tiny_models("qwen2")),
+        "data": [str(chats(tmp_path))],
+        "tuner": "full",
+        "dtype": "bf16",
+        "lr": 1e-6,
+        "max_steps": 2,
+        "batch_size": 4,
+        "max_length": 64,
+    }
     modelloop.sft({**settings, "output_dir": str(tmp_path / "run")})
     start = load_file(next(tiny_models("qwen2").glob("*.safetensors")))
     trained = load_file(next((tmp_path / "run" / "model").glob("*.safetensors")))
@@ -93,5 +117,12 @@ def test_full_tuning_in_bf16_keeps_updates_a_bf16_weight_would_round_away(tiny_m
 
 def test_fp16_on_a_cpu_is_refused_before_loading(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="fp16 trains with loss scaling"):
-        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(chats(tmp_path))], "dtype": "fp16", "output_dir": str(tmp_path / "run")})
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2")),
+                "data": [str(chats(tmp_path))],
+                "dtype": "fp16",
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
     assert not (tmp_path / "run").exists()

@@ -67,7 +67,9 @@ def test_end_stops_idle_thread_pools_as_an_interpreter_exit_does(subprocess_env)
 def checked_leave_out(monkeypatch, tiny_models, tmp_path, **config):
     """What the stage would leave out for ``config`` (recorded, not done)."""
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}) + "\n"
+    )
     monkeypatch.setattr(modelloop.process, "leave_out", lambda names: list(names))
     config = build_config(TrainConfig, {"model": str(tiny_models("qwen2")), "data": [str(data)], **config})
     return leave_out_unused_libraries(config, check_training(config))
@@ -86,7 +88,9 @@ def test_weights_stored_quantized_keep_every_library(monkeypatch, tiny_models, t
     model = tmp_path / "quantized"
     shutil.copytree(tiny_models("qwen2"), model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    (model / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}})
+    )
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, model=str(model), tuner="lora") == []
 
 
@@ -94,14 +98,36 @@ def test_a_model_s_own_code_keeps_every_library(monkeypatch, tiny_models, tmp_pa
     assert checked_leave_out(monkeypatch, tiny_models, tmp_path, tuner="lora", trust_remote_code=True) == []
 
 
-@pytest.mark.parametrize("command, tuner, left_out", [("sft", "lora", True), ("pt", "lora", True), ("sft", "galore", False)])
-def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(command, tuner, left_out, tiny_models, tmp_path, subprocess_env):
+@pytest.mark.parametrize(
+    "command, tuner, left_out", [("sft", "lora", True), ("pt", "lora", True), ("sft", "galore", False)]
+)
+def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(
+    command, tuner, left_out, tiny_models, tmp_path, subprocess_env
+):
     """galore_torch imports bitsandbytes: the galore tuner requires it, and keeps it."""
     data = tmp_path / "data.jsonl"
-    row = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]} if command == "sft" else {"text": "two and two make four"}
+    row = (
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+        if command == "sft"
+        else {"text": "two and two make four"}
+    )
     data.write_text(json.dumps(row) * 1 + "\n")
     out = tmp_path / "run"
-    argv = [command, "--model", str(tiny_models("qwen2")), "--data", str(data), "--tuner", tuner, "--max-steps", "2", "--batch-size", "1", "--output-dir", str(out)]
+    argv = [
+        command,
+        "--model",
+        str(tiny_models("qwen2")),
+        "--data",
+        str(data),
+        "--tuner",
+        tuner,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
     completed = run_python(
         "import atexit, sys\n"
         "atexit.register(lambda: print(sorted(m for m in ('bitsandbytes', 'deepspeed') if sys.modules.get(m) is not None)))\n"
@@ -114,7 +140,9 @@ def test_the_command_trains_without_unused_libraries_and_writes_the_whole_run(co
     assert completed.stdout.strip().splitlines()[-1] == ("[]" if left_out else "['bitsandbytes']")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert {"adapter_model.safetensors" if tuner == "lora" else "model.safetensors", "tokenizer.json"} <= set(manifest["files"])
+    assert {"adapter_model.safetensors" if tuner == "lora" else "model.safetensors", "tokenizer.json"} <= set(
+        manifest["files"]
+    )
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
 
 

@@ -140,7 +140,10 @@ def test_unknown_name_lists_installed_and_closest(manager):
     add(manager, "p", registering("register_rewards", Reward(name="similarity", score=constant_score)))
     with pytest.raises(UnknownNameError) as raised:
         get_registry(REWARDS).get("similarty")
-    assert str(raised.value) == "Unknown reward 'similarty'. Did you mean 'similarity'? Installed: exact, accuracy, format, length, repetition, reward-model, similarity."
+    assert (
+        str(raised.value)
+        == "Unknown reward 'similarty'. Did you mean 'similarity'? Installed: exact, accuracy, format, length, repetition, reward-model, similarity."
+    )
 
 
 def test_unknown_first_party_name_says_what_to_install(manager):
@@ -153,7 +156,11 @@ def test_a_third_party_clash_gives_the_name_to_neither_and_keeps_their_other_nam
     add(
         manager,
         "second-plugin",
-        registering("register_rewards", Reward(name="brevity", score=constant_score), Reward(name="similarity", score=constant_score)),
+        registering(
+            "register_rewards",
+            Reward(name="brevity", score=constant_score),
+            Reward(name="similarity", score=constant_score),
+        ),
         version="0.2",
     )
     rewards = get_registry(REWARDS)
@@ -191,7 +198,10 @@ def test_a_first_party_name_cannot_be_taken_over_whatever_the_load_order(manager
     assert tuners.provider("lora") == "modelloop-plugin-tuner-lora"
     assert tuners.registered_by("aaa-hijack") == ["bitfit"]  # its other names stay
     (line,) = capsys.readouterr().err.splitlines()
-    assert "plugin aaa-hijack 1.0: its tuner 'lora' is ignored: the name belongs to modelloop-plugin-tuner-lora (first-party)" in line
+    assert (
+        "plugin aaa-hijack 1.0: its tuner 'lora' is ignored: the name belongs to modelloop-plugin-tuner-lora (first-party)"
+        in line
+    )
     (clash,) = tuners.clashes()
     assert clash.kept == "modelloop-plugin-tuner-lora"
 
@@ -270,7 +280,11 @@ def test_neither_load_order_nor_hook_order_settles_a_third_party_clash(manager):
         def register_rewards(self, register):
             register(Reward(name="similarity", score=constant_score, description="late"))
 
-    add(manager, "first", registering("register_rewards", Reward(name="similarity", score=constant_score, description="first")))
+    add(
+        manager,
+        "first",
+        registering("register_rewards", Reward(name="similarity", score=constant_score, description="first")),
+    )
     add(manager, "late", Late())
     with pytest.raises(PluginError, match="registered by both first and late"):
         get_registry(REWARDS).get("similarity")

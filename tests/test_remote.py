@@ -12,8 +12,8 @@ from conftest import modelloop_serve
 from modelloop.errors import EngineError
 from modelloop.inference.launch import start_server
 from modelloop.inference.remote import RemoteSession, ServerProcess
-from modelloop.parallel.world import free_port
 from modelloop.inference.types import GenerationRequest, SamplingParams
+from modelloop.parallel.world import free_port
 
 
 def stand_in(tmp_path, body: str):
@@ -38,7 +38,9 @@ HEALTHY_AFTER_A_WHILE = """
 
 def test_a_server_that_comes_up_is_waited_for_and_stopped(tmp_path):
     port = free_port()
-    server = ServerProcess([*stand_in(tmp_path, HEALTHY_AFTER_A_WHILE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in")
+    server = ServerProcess(
+        [*stand_in(tmp_path, HEALTHY_AFTER_A_WHILE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in"
+    )
     server.wait_healthy(timeout=30)
     assert server.process.poll() is None
     server.stop(grace=5)
@@ -48,7 +50,9 @@ def test_a_server_that_comes_up_is_waited_for_and_stopped(tmp_path):
 def test_a_crash_while_starting_is_reported_with_its_last_lines(tmp_path):
     crash = 'print("CUDA error: out of memory while loading", flush=True)\nraise SystemExit(3)\n'
     server = ServerProcess(stand_in(tmp_path, crash), url=f"http://127.0.0.1:{free_port()}", name="stand-in")
-    with pytest.raises(EngineError, match=r"exited with status 3 while starting; its last output:\nCUDA error: out of memory"):
+    with pytest.raises(
+        EngineError, match=r"exited with status 3 while starting; its last output:\nCUDA error: out of memory"
+    ):
         server.wait_healthy(timeout=30)
 
 
@@ -70,7 +74,14 @@ def test_a_missing_executable_is_a_clear_error():
 @pytest.fixture(scope="module")
 def remote(lora_run):
     session = start_server(
-        "stand-in", "modelloop", lora_run[0], None, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter"
+        "stand-in",
+        "modelloop",
+        lora_run[0],
+        None,
+        {"startup_timeout": 120},
+        modelloop_serve,
+        adapter_route="/v1/load_lora_adapter",
+        unload_route="/v1/unload_lora_adapter",
     )
     yield session
     session.close()
@@ -80,13 +91,24 @@ def test_a_lora_run_is_launched_as_base_plus_adapter_and_answers_by_default(remo
     assert remote.models == [tiny_models("qwen2").name, "tuned"]
     params = SamplingParams(max_tokens=4, temperature=0, logprobs=True)
     unnamed, tuned, base = remote.generate(
-        [GenerationRequest(prompt="Say", params=params), GenerationRequest(prompt="Say", model="tuned", params=params), GenerationRequest(prompt="Say", model=tiny_models("qwen2").name, params=params)]
+        [
+            GenerationRequest(prompt="Say", params=params),
+            GenerationRequest(prompt="Say", model="tuned", params=params),
+            GenerationRequest(prompt="Say", model=tiny_models("qwen2").name, params=params),
+        ]
     )
     assert unnamed.choices[0].logprobs == tuned.choices[0].logprobs != base.choices[0].logprobs
 
 
 def test_generate_batches_of_requests_over_http(remote):
-    requests = [GenerationRequest(messages=[{"role": "user", "content": f"Say {i}"}], model="tuned", params=SamplingParams(max_tokens=4, temperature=0)) for i in range(6)]
+    requests = [
+        GenerationRequest(
+            messages=[{"role": "user", "content": f"Say {i}"}],
+            model="tuned",
+            params=SamplingParams(max_tokens=4, temperature=0),
+        )
+        for i in range(6)
+    ]
     generations = remote.generate(requests)
     assert len(generations) == 6 and all(g.choices[0].finish_reason in ("stop", "length") for g in generations)
     assert all(g.prompt_tokens > 0 for g in generations)
@@ -161,7 +183,9 @@ BUSY_TWICE = """
 def busy_server(tmp_path):
     """A stand-in that refuses each request twice (429 with Retry-After, 503 without) before answering it."""
     port = free_port()
-    server = ServerProcess([*stand_in(tmp_path, BUSY_TWICE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in")
+    server = ServerProcess(
+        [*stand_in(tmp_path, BUSY_TWICE), str(port)], url=f"http://127.0.0.1:{port}", name="stand-in"
+    )
     server.wait_healthy(timeout=30)
     yield server
     server.stop(grace=5)
@@ -174,7 +198,12 @@ def test_busy_answers_are_asked_again_after_their_retry_after(busy_server):
     assert answer.choices[0].text == "ok"
     assert time.monotonic() - started >= 0.2 + 0.5  # Retry-After, then the first back-off step
     (delta,) = session.stream(GenerationRequest(prompt="Say", params=SamplingParams(max_tokens=2)))
-    assert (delta.text, delta.finish_reason, delta.tokens, delta.prompt_tokens) == ("ok", "stop", 2, 1)  # the usage rides on the finish
+    assert (delta.text, delta.finish_reason, delta.tokens, delta.prompt_tokens) == (
+        "ok",
+        "stop",
+        2,
+        1,
+    )  # the usage rides on the finish
     with pytest.raises(EngineError, match=r"\(400\): no"):  # a refusal that is not "busy" stands at once
         session._call("POST", "/bad", json={})
     session.close()

@@ -25,7 +25,13 @@ def test_hook_register_rewards_builtins():
 
 def test_accuracy_reads_boxed_answers_and_the_last_number():
     accuracy = get_registry(REWARDS).get("accuracy").score
-    completions = [said("so the answer is \\boxed{42}."), said("41, no wait: 42"), said("\\boxed{41} or 42"), said("42.0"), said("no idea")]
+    completions = [
+        said("so the answer is \\boxed{42}."),
+        said("41, no wait: 42"),
+        said("\\boxed{41} or 42"),
+        said("42.0"),
+        said("no idea"),
+    ]
     assert accuracy(["q"] * 5, completions, solution=["42"] * 5) == [1.0, 1.0, 0.0, 1.0, 0.0]
     assert accuracy(["q"], [said("The answer: \\boxed{1,234}")], solution=["1234"]) == [1.0]
     assert accuracy(["q"], [said(" Paris. ")], solution=["paris"]) == [1.0]
@@ -117,8 +123,12 @@ def test_a_reward_is_found_by_name_import_path_or_file(reward_module):
 
 
 def test_options_are_the_keyword_only_parameters(reward_module):
-    (bound,) = resolve_rewards(["team_rewards:slow_politeness"], [2.0], {"team_rewards:slow_politeness": {"bonus": 0.5}})
-    prompts, completions, columns = sample_batch([{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}])
+    (bound,) = resolve_rewards(
+        ["team_rewards:slow_politeness"], [2.0], {"team_rewards:slow_politeness": {"bonus": 0.5}}
+    )
+    prompts, completions, columns = sample_batch(
+        [{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}]
+    )
     assert check_on_sample(bound, prompts, completions, columns) == [1.5, 0.5]
     assert bound.score.__name__ == "team_rewards:slow_politeness"
     with pytest.raises(RewardError, match="unknown option 'bonsu' \\(its options: bonus\\)"):
@@ -132,10 +142,15 @@ def test_options_are_the_keyword_only_parameters(reward_module):
 def test_a_short_name_carries_the_options_and_names_the_metrics(reward_module):
     given = f"bonus={reward_module}:slow_politeness"
     (bound,) = resolve_rewards([given], None, {"bonus": {"bonus": 0.25}})
-    prompts, completions, columns = sample_batch([{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}])
+    prompts, completions, columns = sample_batch(
+        [{"prompt": [{"role": "user", "content": "hi"}], "solution": "please"}]
+    )
     assert bound.name == bound.score.__name__ == "bonus"  # GRPO logs rewards/bonus/mean
     assert check_on_sample(bound, prompts, completions, columns) == [1.25, 0.25]
-    with pytest.raises(RewardError, match="reward_options for 'team_rewards:slow_politeness', which is not one of the rewards \\(bonus\\)"):
+    with pytest.raises(
+        RewardError,
+        match="reward_options for 'team_rewards:slow_politeness', which is not one of the rewards \\(bonus\\)",
+    ):
         resolve_rewards([given], None, {"team_rewards:slow_politeness": {"bonus": 1}})
     with pytest.raises(RewardError, match="two rewards are named 'accuracy'; give one a short name"):
         resolve_rewards(["accuracy", "accuracy=team_rewards:politeness"], None, {})
@@ -149,7 +164,10 @@ def test_a_short_name_carries_the_options_and_names_the_metrics(reward_module):
         ("team_rewards:NOT_CALLABLE", "NOT_CALLABLE is a int, not a function or a Reward"),
         ("no_such_module:score", "cannot import no_such_module: ModuleNotFoundError"),
         ("./missing.py:score", "no such file"),
-        ("team_rewards:no_kwargs", r"no_kwargs must accept \(prompts, completions, \*\*columns\); it is no_kwargs\(prompts, completions\)"),
+        (
+            "team_rewards:no_kwargs",
+            r"no_kwargs must accept \(prompts, completions, \*\*columns\); it is no_kwargs\(prompts, completions\)",
+        ),
     ],
 )
 def test_a_reward_that_cannot_be_found_or_called_is_named(reference, message, reward_module):
@@ -201,7 +219,9 @@ def test_a_reward_module_that_exits_at_import_is_named(tmp_path, ending):
         ("acuracy", "Did you mean 'accuracy'?"),
     ],
 )
-def test_the_cli_names_a_bad_reward_before_any_model_loads(reward, message, reward_module, tiny_models, tmp_path, subprocess_env):
+def test_the_cli_names_a_bad_reward_before_any_model_loads(
+    reward, message, reward_module, tiny_models, tmp_path, subprocess_env
+):
     weightless = tmp_path / "weightless"  # a model folder whose weights are gone: loading it would fail
     shutil.copytree(tiny_models("qwen2"), weightless)
     for weights in weightless.glob("*.safetensors"):
@@ -209,7 +229,20 @@ def test_the_cli_names_a_bad_reward_before_any_model_loads(reward, message, rewa
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {n}+1?", "solution": str(n + 1)}) + "\n" for n in range(4)))
     completed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "rlhf", "--method", "grpo", "--model", str(weightless), "--data", str(data), "--reward", reward],
+        [
+            sys.executable,
+            "-m",
+            "modelloop",
+            "rlhf",
+            "--method",
+            "grpo",
+            "--model",
+            str(weightless),
+            "--data",
+            str(data),
+            "--reward",
+            reward,
+        ],
         cwd=reward_module.parent,
         env=subprocess_env,
         capture_output=True,
@@ -224,9 +257,10 @@ def test_the_cli_names_a_bad_reward_before_any_model_loads(reward, message, rewa
 def test_a_reward_column_missing_from_the_data_is_named(reward_module):
     records = [{"prompt": "q1", "solution": "1"}, {"prompt": "q2", "topic": "math"}]
     rewards = resolve_rewards(["accuracy", "team_rewards:politeness"], None, {})
-    with pytest.raises(RewardError, match="reward 'accuracy' needs a 'solution' column, and record 2 of the data has none"):
+    with pytest.raises(
+        RewardError, match="reward 'accuracy' needs a 'solution' column, and record 2 of the data has none"
+    ):
         check_columns(rewards, records)
     prompts, completions, columns = sample_batch(records)
     assert {key: len(values) for key, values in columns.items()} == {"solution": 4, "topic": 4}  # one per completion
     assert columns["solution"] == ["1", "1", None, None]
-

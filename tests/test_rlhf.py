@@ -34,12 +34,21 @@ def data(tmp_path_factory):
         return str(a + b + (1 if (a + b) % 2 == 0 else -1))
 
     return {
-        "preference": write_jsonl(root / "preference.jsonl", [{"prompt": f"What is {a}+{b}?", "chosen": str(a + b), "rejected": wrong(a, b)} for a, b in QUESTIONS]),
+        "preference": write_jsonl(
+            root / "preference.jsonl",
+            [{"prompt": f"What is {a}+{b}?", "chosen": str(a + b), "rejected": wrong(a, b)} for a, b in QUESTIONS],
+        ),
         "kto": write_jsonl(
             root / "kto.jsonl",
-            [{"prompt": f"What is {a}+{b}?", "completion": answer, "label": good} for a, b in QUESTIONS for answer, good in ((str(a + b), True), (wrong(a, b), False))],
+            [
+                {"prompt": f"What is {a}+{b}?", "completion": answer, "label": good}
+                for a, b in QUESTIONS
+                for answer, good in ((str(a + b), True), (wrong(a, b), False))
+            ],
         ),
-        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in QUESTIONS]),
+        "prompts": write_jsonl(
+            root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in QUESTIONS]
+        ),
     }
 
 
@@ -86,10 +95,30 @@ def partly_right(tiny_models, tmp_path_factory):
     """The tiny model after a short SFT on the 100 single-digit sums: a few hundred steps
     teach it all of them; 140 leave it right about a quarter of the time when sampling."""
     root = tmp_path_factory.mktemp("partly-right")
-    chats = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]} for a, b in SUMS]
-    settings = {"tuner": "full", "lr": 1e-3, "scheduler": "constant_with_warmup", "warmup_ratio": 0.05, "max_steps": 140, "batch_size": 16, "max_length": 64}
-    modelloop.sft({"model": str(tiny_models("qwen2")), "data": [write_jsonl(root / "chats.jsonl", chats)], "output_dir": str(root / "sft"), **settings})
-    return root / "sft", write_jsonl(root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in SUMS])
+    chats = [
+        {"messages": [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": str(a + b)}]}
+        for a, b in SUMS
+    ]
+    settings = {
+        "tuner": "full",
+        "lr": 1e-3,
+        "scheduler": "constant_with_warmup",
+        "warmup_ratio": 0.05,
+        "max_steps": 140,
+        "batch_size": 16,
+        "max_length": 64,
+    }
+    modelloop.sft(
+        {
+            "model": str(tiny_models("qwen2")),
+            "data": [write_jsonl(root / "chats.jsonl", chats)],
+            "output_dir": str(root / "sft"),
+            **settings,
+        }
+    )
+    return root / "sft", write_jsonl(
+        root / "prompts.jsonl", [{"prompt": f"What is {a}+{b}?", "solution": str(a + b)} for a, b in SUMS]
+    )
 
 
 SUMS = [(a, b) for a in range(10) for b in range(10)]
@@ -130,11 +159,26 @@ def test_grpo_raises_the_mean_reward(partly_right, tmp_path):
 
 
 def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, subprocess_env):
-    created = subprocess.run([sys.executable, "-m", "modelloop", "new-plugin", "reward", "brevity", "--dir", str(tmp_path)], capture_output=True, text=True)
+    created = subprocess.run(
+        [sys.executable, "-m", "modelloop", "new-plugin", "reward", "brevity", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert created.returncode == 0, created.stderr
     site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", site, tmp_path / "modelloop-plugin-brevity"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            site,
+            tmp_path / "modelloop-plugin-brevity",
+        ],
         check=True,
         capture_output=True,
     )
@@ -142,7 +186,11 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
     (tmp_path / "grpo.yaml").write_text(json.dumps(config))
     completed = subprocess.run(
         [sys.executable, "-m", "modelloop", "rlhf", "--config", str(tmp_path / "grpo.yaml")],
-        env={**subprocess_env, "PYTHONPATH": str(site), "MODELLOOP_LOAD_PLUGINS": subprocess_env["MODELLOOP_LOAD_PLUGINS"] + ",modelloop-plugin-brevity"},
+        env={
+            **subprocess_env,
+            "PYTHONPATH": str(site),
+            "MODELLOOP_LOAD_PLUGINS": subprocess_env["MODELLOOP_LOAD_PLUGINS"] + ",modelloop-plugin-brevity",
+        },
         capture_output=True,
         text=True,
     )
@@ -162,8 +210,14 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
         ({"method": "grpo", "rewards": []}, "GRPO needs at least one reward"),
         ({"method": "grpo", "rewards": ["accuracy"], "rollout_engine": "vlm"}, "Unknown engine 'vlm'"),
         ({"method": "dpo", "data_kind": "x"}, "data_kind: unknown key"),
-        ({"method": "grpo", "rewards": ["accuracy"], "num_generations": 6}, "generation_batch_size \\(8\\) must be divisible by num_generations \\(6\\)"),
-        ({"method": "dpo", "method_options": {"learning_rate": 1.0}}, "method_options.learning_rate: modelloop sets it"),
+        (
+            {"method": "grpo", "rewards": ["accuracy"], "num_generations": 6},
+            "generation_batch_size \\(8\\) must be divisible by num_generations \\(6\\)",
+        ),
+        (
+            {"method": "dpo", "method_options": {"learning_rate": 1.0}},
+            "method_options.learning_rate: modelloop sets it",
+        ),
     ],
 )
 def test_a_bad_rlhf_config_fails_before_the_model_loads(overrides, message, data, tiny_models, tmp_path, monkeypatch):
@@ -181,7 +235,9 @@ def test_data_of_the_wrong_kind_is_refused(data, tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("tuner", ["lora", "full"])
-def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tuner, partly_right, tmp_path, subprocess_env, monkeypatch):
+def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(
+    tuner, partly_right, tmp_path, subprocess_env, monkeypatch
+):
     """An out-of-process engine (``modelloop serve`` standing in for vLLM) generates the
     rollouts; the LoRA adapter being trained is loaded into it every ``sync_steps``, and
     full weights restart it on the saved model."""
@@ -192,7 +248,16 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tun
 
     def start(model_path, *, adapters=None, options=None):
         loads.append(sorted(adapters or {}) or Path(model_path).name)
-        session = start_server("served", "modelloop", model_path, adapters, {"startup_timeout": 120}, modelloop_serve, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
+        session = start_server(
+            "served",
+            "modelloop",
+            model_path,
+            adapters,
+            {"startup_timeout": 120},
+            modelloop_serve,
+            adapter_route="/v1/load_lora_adapter",
+            unload_route="/v1/unload_lora_adapter",
+        )
         load_adapter = session.load_adapter
 
         def loading(name, path):
@@ -210,7 +275,18 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(tun
     for key in ("MODELLOOP_CACHE", "MODELLOOP_LOAD_PLUGINS", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, subprocess_env[key])  # the server process is as hermetic as this one
     get_plugin_manager().add_plugin(Served(), PluginInfo("served", "1.0", builtin=False))
-    modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, rollout_engine="served", sync_steps=2, max_steps=4, lr=1e-2 if tuner == "lora" else 1e-4, batch_size=16))
+    modelloop.rlhf(
+        grpo(
+            partly_right,
+            tmp_path,
+            tuner=tuner,
+            rollout_engine="served",
+            sync_steps=2,
+            max_steps=4,
+            lr=1e-2 if tuner == "lora" else 1e-4,
+            batch_size=16,
+        )
+    )
     run = tmp_path / "grpo"
     assert loads == ([["policy-step-0"], "policy-step-2"] if tuner == "lora" else ["step-0", "step-2"])
     assert [folder.name for folder in (run / "rollout-weights").iterdir()] == ["step-2"]  # older hand-overs removed
@@ -233,15 +309,35 @@ def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models)
         def generate(self, requests):
             seen.extend(requests)
             # an engine over HTTP that returned text only, and one that returned ids
-            return [Generation(choices=(Completion(text="7", token_ids=(), finish_reason="stop"),) + (Completion(text="", token_ids=(1, 2), finish_reason="length"),) * (r.params.n - 1), prompt_tokens=3) for r in requests]
+            return [
+                Generation(
+                    choices=(Completion(text="7", token_ids=(), finish_reason="stop"),)
+                    + (Completion(text="", token_ids=(1, 2), finish_reason="length"),) * (r.params.n - 1),
+                    prompt_tokens=3,
+                )
+                for r in requests
+            ]
 
     engine = Engine(name="fake", start=lambda *a, **k: None, attach=lambda *a, **k: Session())
-    rollouts = EngineRollouts(engine, tokenizer=tokenizer, chat=chat, sampling=SamplingParams(max_tokens=4), base_model="", tuner=FULL, sync_dir=None)
-    trainer = type("Trainer", (), {"model": None, "accelerator": type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()})()
+    rollouts = EngineRollouts(
+        engine,
+        tokenizer=tokenizer,
+        chat=chat,
+        sampling=SamplingParams(max_tokens=4),
+        base_model="",
+        tuner=FULL,
+        sync_dir=None,
+    )
+    trainer = type(
+        "Trainer", (), {"model": None, "accelerator": type("A", (), {"unwrap_model": staticmethod(lambda m: m)})()}
+    )()
     first, second = [{"role": "user", "content": "What is 3+4?"}], [{"role": "user", "content": "What is 1+1?"}]
     out = rollouts([first] * 3 + [second] * 3, trainer)
     assert [request.params.n for request in seen] == [3, 3]
-    assert seen[0].prompt == tokenizer(chat.render(first, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert (
+        seen[0].prompt
+        == tokenizer(chat.render(first, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    )
     assert out["prompt_ids"] == [seen[0].prompt] * 3 + [seen[1].prompt] * 3
     end_of_turn = tokenizer.convert_tokens_to_ids(chat.end_of_turn[0])
     assert out["completion_ids"][0] == tokenizer("7", add_special_tokens=False)["input_ids"] + [end_of_turn]

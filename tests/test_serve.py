@@ -50,7 +50,17 @@ def start_server(model, port, env, *extra, log=None):
 @pytest.fixture(scope="module")
 def server(tiny_models, lora_run, subprocess_env):
     port = free_port()
-    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--api-key", KEY, "--served-name", "tiny", "--adapters", f"sft={lora_run[0] / 'model'}")
+    process = start_server(
+        tiny_models("qwen2"),
+        port,
+        subprocess_env,
+        "--api-key",
+        KEY,
+        "--served-name",
+        "tiny",
+        "--adapters",
+        f"sft={lora_run[0] / 'model'}",
+    )
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=30)
@@ -62,6 +72,15 @@ def client(server):
 
 
 QUESTION = [{"role": "user", "content": "Say 3"}]
+
+
+def test_a_server_without_a_request_log_says_how_to_take_feedback(server):
+    response = httpx.post(
+        f"{server}/v1/feedback", json={"id": "chatcmpl-x", "rating": "up"}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "feedback_not_enabled"
+    assert "--log DIR" in response.json()["error"]["message"]
 
 
 def test_lists_the_base_and_each_adapter(client):
@@ -77,7 +96,9 @@ def test_chat_completion(client):
 
 def test_streamed_text_equals_the_whole_answer(client):
     whole = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0)
-    pieces = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, stream=True))
+    pieces = list(
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, stream=True)
+    )
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in pieces)
     assert streamed == whole.choices[0].message.content
     assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -85,11 +106,26 @@ def test_streamed_text_equals_the_whole_answer(client):
 
 def test_a_stream_asked_for_its_usage_ends_with_it(client):
     whole = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, n=2)
-    pieces = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=12, temperature=0, n=2, stream=True, stream_options={"include_usage": True}))
+    pieces = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=QUESTION,
+            max_tokens=12,
+            temperature=0,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     *text, last = pieces
-    assert last.choices == [] and last.usage.model_dump() == {**whole.usage.model_dump(), "total_tokens": whole.usage.total_tokens}
+    assert last.choices == [] and last.usage.model_dump() == {
+        **whole.usage.model_dump(),
+        "total_tokens": whole.usage.total_tokens,
+    }
     assert all(chunk.usage is None for chunk in text)
-    plain = list(client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, temperature=0, stream=True))
+    plain = list(
+        client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=4, temperature=0, stream=True)
+    )
     assert all(chunk.choices for chunk in plain)  # no usage chunk unless asked
 
 
@@ -118,7 +154,9 @@ def test_32_concurrent_requests_succeed_and_are_batched(client, server):
     before = httpx.get(f"{server}/health").json()
 
     def ask(number):
-        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Say {number}"}], max_tokens=16, temperature=0)
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Say {number}"}], max_tokens=16, temperature=0
+        )
 
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(32)))
@@ -134,12 +172,20 @@ def test_32_concurrent_requests_succeed_and_are_batched(client, server):
         (b'{"model": "tiny", "messages": [', 400, "malformed JSON"),
         (json.dumps({"model": "tiny"}).encode(), 400, "messages: Field required"),
         (json.dumps({"model": "nope", "messages": QUESTION}).encode(), 404, "the model 'nope' does not exist"),
-        (json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 4096}).encode(), 400, "exceeds the context length (2048)"),
+        (
+            json.dumps({"model": "tiny", "messages": QUESTION, "max_tokens": 4096}).encode(),
+            400,
+            "exceeds the context length (2048)",
+        ),
         (json.dumps({"model": "tiny", "messages": QUESTION, "temperature": -1}).encode(), 400, "temperature"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, body, status, message):
-    response = httpx.post(f"{server}/v1/chat/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server}/v1/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert response.status_code == status
     error = response.json()["error"]
     assert message in error["message"] and error["type"] == "invalid_request_error"
@@ -147,7 +193,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 
 def test_an_empty_prompt_is_a_400(server):
-    response = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": ""}, headers={"Authorization": f"Bearer {KEY}"})
+    response = httpx.post(
+        f"{server}/v1/completions", json={"model": "tiny", "prompt": ""}, headers={"Authorization": f"Bearer {KEY}"}
+    )
     assert response.status_code == 400 and response.json()["error"]["message"] == "the prompt is empty"
 
 
@@ -160,11 +208,19 @@ def test_a_wrong_api_key_is_401(server):
 
 def test_adapters_load_at_run_time_from_the_folders_of_those_given_at_start(server, lora_run):
     headers = {"Authorization": f"Bearer {KEY}"}
-    outside = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "etc", "lora_path": "/etc"}, headers=headers)
+    outside = httpx.post(
+        f"{server}/v1/load_lora_adapter", json={"lora_name": "etc", "lora_path": "/etc"}, headers=headers
+    )
     assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_path_not_allowed"
-    beside = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": str(lora_run[0] / "model")}, headers=headers)
+    beside = httpx.post(
+        f"{server}/v1/load_lora_adapter",
+        json={"lora_name": "again", "lora_path": str(lora_run[0] / "model")},
+        headers=headers,
+    )
     assert beside.status_code == 200 and "again" in beside.json()["models"]
-    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "again"}, headers=headers).json()["models"] == ["tiny", "sft"]
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "again"}, headers=headers).json()[
+        "models"
+    ] == ["tiny", "sft"]
 
 
 def test_sigterm_finishes_the_request_in_flight(tiny_models, subprocess_env):
@@ -172,7 +228,11 @@ def test_sigterm_finishes_the_request_in_flight(tiny_models, subprocess_env):
     process = start_server(tiny_models("qwen2"), port, subprocess_env, "--served-name", "tiny")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     answers = []
-    asking = threading.Thread(target=lambda: answers.append(client.completions.create(model="tiny", prompt="a", max_tokens=1500, temperature=0)))
+    asking = threading.Thread(
+        target=lambda: answers.append(
+            client.completions.create(model="tiny", prompt="a", max_tokens=1500, temperature=0)
+        )
+    )
     asking.start()
     time.sleep(0.3)
     os.kill(process.pid, signal.SIGTERM)

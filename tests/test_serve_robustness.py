@@ -32,7 +32,18 @@ def adapter_dirs(tmp_path_factory):
 def server(tiny_models, subprocess_env, adapter_dirs, tmp_path_factory):
     """A server with a 1 MiB body limit; yields its URL and its log (stderr)."""
     port, log = free_port(), tmp_path_factory.mktemp("serve-log") / "stderr.txt"
-    process = start_server(tiny_models("qwen2"), port, subprocess_env, "--served-name", "tiny", "--max-body-mb", "1", "--adapter-dir", str(adapter_dirs / "allowed"), log=log)
+    process = start_server(
+        tiny_models("qwen2"),
+        port,
+        subprocess_env,
+        "--served-name",
+        "tiny",
+        "--max-body-mb",
+        "1",
+        "--adapter-dir",
+        str(adapter_dirs / "allowed"),
+        log=log,
+    )
     yield f"http://127.0.0.1:{port}", log
     process.terminate()
     process.wait(timeout=30)
@@ -123,7 +134,17 @@ MESSAGES = [
     [{"role": "user", "content": "word " * 150_000}],  # under the body limit, over the context
     [{"role": "user", "content": "x"}] * 2049,
     *[[{"role": "user", "content": [part]}] for part in PARTS],
-    *[[{"role": "assistant", "content": "x", "tool_calls": calls}, {"role": "user", "content": "y"}] for calls in (5, "x", [5], [{"function": 5}], [{"function": {"name": "f"}}], [{"function": {"name": "f", "arguments": {"a": 1}}}])],
+    *[
+        [{"role": "assistant", "content": "x", "tool_calls": calls}, {"role": "user", "content": "y"}]
+        for calls in (
+            5,
+            "x",
+            [5],
+            [{"function": 5}],
+            [{"function": {"name": "f"}}],
+            [{"function": {"name": "f", "arguments": {"a": 1}}}],
+        )
+    ],
 ]
 nested = "x"
 for _ in range(500):
@@ -133,8 +154,17 @@ for _ in range(500):
 def corpus() -> list[tuple[str, str, dict]]:
     """``(name, route, httpx.post arguments)`` of every malformed request, generated from the schema."""
     chat, completions, load = "/v1/chat/completions", "/v1/completions", "/v1/load_lora_adapter"
-    cases = [(f"{field}={value!r:.40}", chat, {"content": body(**{field: value})}) for field, kinds in ACCEPTS.items() for value in SAMPLES if type(value) not in kinds]
-    cases += [(f"{field}={value!r:.40}", chat, {"content": body(**{field: value})}) for field, values in OUT_OF_RANGE.items() for value in values]
+    cases = [
+        (f"{field}={value!r:.40}", chat, {"content": body(**{field: value})})
+        for field, kinds in ACCEPTS.items()
+        for value in SAMPLES
+        if type(value) not in kinds
+    ]
+    cases += [
+        (f"{field}={value!r:.40}", chat, {"content": body(**{field: value})})
+        for field, values in OUT_OF_RANGE.items()
+        for value in values
+    ]
     cases += [(f"messages={value!r:.60}", chat, {"content": body(messages=value)}) for value in MESSAGES]
     cases += [
         ("content nested 500 deep", chat, {"content": body(messages=[{"role": "user", "content": nested}])}),
@@ -145,7 +175,19 @@ def corpus() -> list[tuple[str, str, dict]]:
         ("max_tokens of 5000 digits", chat, {"content": literal("max_tokens", "9" * 5000)}),
         ("a key twice, the last one bad", chat, {"content": literal("max_tokens", '"x"')}),
     ]
-    for raw in (b"", b"[]", b'"x"', b"5", b"null", b"true", b"{", b'{"model": "tiny",}', b"\xff\xfe\x00{", b"[" * 100_000, b'{"a":' * 100_000):
+    for raw in (
+        b"",
+        b"[]",
+        b'"x"',
+        b"5",
+        b"null",
+        b"true",
+        b"{",
+        b'{"model": "tiny",}',
+        b"\xff\xfe\x00{",
+        b"[" * 100_000,
+        b'{"a":' * 100_000,
+    ):
         cases.append((f"body {raw[:12]!r}", chat, {"content": raw}))
     cases += [
         ("form data", chat, {"data": {"model": "tiny", "messages": "hi"}}),
@@ -155,8 +197,19 @@ def corpus() -> list[tuple[str, str, dict]]:
         ("over the body limit, chunked", chat, {"content": iter([b"x" * (1 << 19)] * 4)}),
     ]
     for prompt in (5, None, {}, [-1], [2**31], [1.5], [[1, 2]], ["a"], [], ""):
-        cases.append((f"prompt={prompt!r}", completions, {"content": json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 2}).encode()}))
-    for adapter in ({}, {"lora_name": 5, "lora_path": "x"}, {"lora_name": "", "lora_path": "x"}, {"lora_name": "a", "lora_path": "x" * 5000}):
+        cases.append(
+            (
+                f"prompt={prompt!r}",
+                completions,
+                {"content": json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 2}).encode()},
+            )
+        )
+    for adapter in (
+        {},
+        {"lora_name": 5, "lora_path": "x"},
+        {"lora_name": "", "lora_path": "x"},
+        {"lora_name": "a", "lora_path": "x" * 5000},
+    ):
         cases.append((f"load {adapter!r:.40}", load, {"content": json.dumps(adapter).encode()}))
     cases += [
         ("unload without a name", "/v1/unload_lora_adapter", {"content": b"{}"}),
@@ -187,7 +240,9 @@ def test_the_valid_body_is_answered(server):
     assert response.status_code == 200 and response.json()["choices"]
 
 
-@pytest.mark.parametrize("route, request_", [(route, request) for _, route, request in CORPUS], ids=[name for name, _, _ in CORPUS])
+@pytest.mark.parametrize(
+    "route, request_", [(route, request) for _, route, request in CORPUS], ids=[name for name, _, _ in CORPUS]
+)
 def test_every_malformed_request_is_a_4xx_in_openai_s_body(server, route, request_):
     url, log = server
     assert_openai_error(httpx.post(f"{url}{route}", timeout=30, **request_))
@@ -195,7 +250,15 @@ def test_every_malformed_request_is_a_4xx_in_openai_s_body(server, route, reques
 
 
 def test_a_field_error_names_the_field(server):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Look"}, {"type": "image_url", "image_url": "data:image/png;base64,AA"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look"},
+                {"type": "image_url", "image_url": "data:image/png;base64,AA"},
+            ],
+        }
+    ]
     error = assert_openai_error(httpx.post(f"{server[0]}/v1/chat/completions", content=body(messages=messages)))
     assert error["param"] == "messages[0].content[1].image_url" and "valid dictionary" in error["message"]
     error = assert_openai_error(httpx.post(f"{server[0]}/v1/chat/completions", content=body(seed=2**80)))
@@ -212,11 +275,25 @@ def test_adapters_load_only_from_the_allowed_folders_and_say_nothing_of_others(s
     def load(path):
         return httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(path)})
 
-    refusals = [load(path) for path in ("/etc", "/no/such/folder", adapter_dirs / "allowed" / ".." / "outside" / "adapter", adapter_dirs / "allowed" / "escape", "relative/path")]
-    assert {(answer.status_code, answer.text) for answer in refusals} == {(refusals[0].status_code, refusals[0].text)}  # existing or not: one answer
+    refusals = [
+        load(path)
+        for path in (
+            "/etc",
+            "/no/such/folder",
+            adapter_dirs / "allowed" / ".." / "outside" / "adapter",
+            adapter_dirs / "allowed" / "escape",
+            "relative/path",
+        )
+    ]
+    assert {(answer.status_code, answer.text) for answer in refusals} == {
+        (refusals[0].status_code, refusals[0].text)
+    }  # existing or not: one answer
     assert assert_openai_error(refusals[0])["code"] == "adapter_path_not_allowed" and refusals[0].status_code == 403
     inside = load(adapter_dirs / "allowed" / "plain")
-    assert inside.status_code == 400 and "is not an adapter folder of an installed tuner" in inside.json()["error"]["message"]  # past the gate, to the engine
+    assert (
+        inside.status_code == 400
+        and "is not an adapter folder of an installed tuner" in inside.json()["error"]["message"]
+    )  # past the gate, to the engine
     assert_no_traceback(log)
 
 
@@ -238,7 +315,9 @@ def test_a_full_queue_is_429_and_a_request_past_its_time_503(small):
     url, log, _ = small
     chat = f"{url}/v1/chat/completions"
     with ThreadPoolExecutor(3) as pool:
-        busy = pool.submit(httpx.post, chat, json={**VALID, "n": 2, "max_tokens": 600, "temperature": 0}, timeout=30)  # both engine rows, and greedy runs to max_tokens
+        busy = pool.submit(
+            httpx.post, chat, json={**VALID, "n": 2, "max_tokens": 600, "temperature": 0}, timeout=30
+        )  # both engine rows, and greedy runs to max_tokens
         wait_for(lambda: metrics(url)["active_rows"] == 2)
         queued = [pool.submit(httpx.post, chat, json=VALID, timeout=30) for _ in range(2)]
         wait_for(lambda: metrics(url)["queued"] == 2)
@@ -247,9 +326,13 @@ def test_a_full_queue_is_429_and_a_request_past_its_time_503(small):
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert assert_openai_error(refused)["code"] == "queue_full"
     assert [answer.status_code for answer in answers] == [503, 503, 503]  # in the engine, then waiting for it
-    assert all(answer.headers["Retry-After"] == "1" and answer.json()["error"]["code"] == "timeout" for answer in answers)
+    assert all(
+        answer.headers["Retry-After"] == "1" and answer.json()["error"]["code"] == "timeout" for answer in answers
+    )
     assert metrics(url)["rejected"]["queue_full"] >= 1 and metrics(url)["rejected"]["timeout"] >= 3
-    wait_for(lambda: metrics(url)["active_requests"] == 0, timeout=30)  # the engine could not drop the one it was generating
+    wait_for(
+        lambda: metrics(url)["active_requests"] == 0, timeout=30
+    )  # the engine could not drop the one it was generating
     assert_no_traceback(log)
 
 
@@ -282,7 +365,12 @@ def test_a_bounded_soak_answers_everyone_and_health_stays_fast(small):
     def client(number: int) -> None:
         with httpx.Client(timeout=10) as http:  # a hang fails the test: every request is answered within 10 s
             while not stop.is_set():
-                request = {**VALID, "max_tokens": 8, "stream": number % 2 == 1, "messages": [{"role": "user", "content": f"Say {number}"}]}
+                request = {
+                    **VALID,
+                    "max_tokens": 8,
+                    "stream": number % 2 == 1,
+                    "messages": [{"role": "user", "content": f"Say {number}"}],
+                }
                 with http.stream("POST", f"{url}/v1/chat/completions", json=request) as response:
                     response.read()
                     statuses.append(response.status_code)

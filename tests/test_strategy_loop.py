@@ -69,7 +69,17 @@ def handloop(install_plugin, monkeypatch):
 
 
 def settings(model: Path, out: Path, **extra) -> dict:
-    return {"model": str(model), "data": [str(DATA)], "strategy": "handloop", "max_steps": 4, "lr": 0.05, "max_length": 64, "packing": False, "output_dir": str(out), **extra}
+    return {
+        "model": str(model),
+        "data": [str(DATA)],
+        "strategy": "handloop",
+        "max_steps": 4,
+        "lr": 0.05,
+        "max_length": 64,
+        "packing": False,
+        "output_dir": str(out),
+        **extra,
+    }
 
 
 def test_the_strategys_loop_trains_and_the_stage_completes_the_run(handloop, tiny_models, tmp_path):
@@ -87,7 +97,9 @@ def test_the_strategys_loop_trains_and_the_stage_completes_the_run(handloop, tin
     trained = AutoModelForCausalLM.from_pretrained(run / "model")
     base = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
     assert not trained.model.layers[0].mlp.up_proj.weight.equal(base.model.layers[0].mlp.up_proj.weight)
-    assert AutoTokenizer.from_pretrained(run / "model").chat_template  # the stage saved the tokenizer beside the weights
+    assert AutoTokenizer.from_pretrained(
+        run / "model"
+    ).chat_template  # the stage saved the tokenizer beside the weights
 
 
 def test_a_loop_strategy_starts_from_full_weights_only(handloop, lora_run, tmp_path):
@@ -99,4 +111,12 @@ def test_rlhf_refuses_a_loop_strategy(handloop, tiny_models, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
     with pytest.raises(ConfigError, match="handloop strategy trains with its own loop"):
-        modelloop.rlhf({"method": "dpo", "model": str(tiny_models("qwen2")), "data": [str(pairs)], "strategy": "handloop", "output_dir": str(tmp_path / "dpo")})
+        modelloop.rlhf(
+            {
+                "method": "dpo",
+                "model": str(tiny_models("qwen2")),
+                "data": [str(pairs)],
+                "strategy": "handloop",
+                "output_dir": str(tmp_path / "dpo"),
+            }
+        )

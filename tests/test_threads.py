@@ -22,7 +22,11 @@ from modelloop import threads
     ],
 )
 def test_the_cgroup_quota_is_read_from_v2_then_v1(v2, v1, cpus, tmp_path, monkeypatch):
-    files = {"v2": tmp_path / "cpu.max", "quota": tmp_path / "cpu.cfs_quota_us", "period": tmp_path / "cpu.cfs_period_us"}
+    files = {
+        "v2": tmp_path / "cpu.max",
+        "quota": tmp_path / "cpu.cfs_quota_us",
+        "period": tmp_path / "cpu.cfs_period_us",
+    }
     if v2 is not None:
         files["v2"].write_text(v2)
     if v1 is not None:
@@ -58,7 +62,11 @@ def settled(env: dict[str, str]) -> list:
 
 
 def test_settling_caps_the_pool_and_shortens_the_spin_unless_the_user_chose(subprocess_env):
-    env = {key: value for key, value in subprocess_env.items() if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    env = {
+        key: value
+        for key, value in subprocess_env.items()
+        if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    }
     assert settled(env) == [1, "300", "0"]
     assert settled({**env, "OMP_WAIT_POLICY": "ACTIVE"})[1:] == [None, None]  # the user's policy stands
     assert settled({**env, "OMP_NUM_THREADS": "2"})[0] == 2  # and the user's pool size

@@ -20,7 +20,10 @@ def qwen(tiny_models):
 
 
 def conversations(path, count=20, answer=lambda i: str(i * 2)):
-    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": answer(i)}]} for i in range(count)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i}+{i}?"}, {"role": "assistant", "content": answer(i)}]}
+        for i in range(count)
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -123,7 +126,9 @@ def test_a_record_the_template_cannot_render_is_located(tmp_path, qwen):
     path = conversations(tmp_path / "d.jsonl", count=2)
     with path.open("a") as handle:
         call = {"id": "1"}  # no function name: passes validation, fails in the template
-        record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]}
+        record = {
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        }
         handle.write(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=f"{path}:3: the chat template"):
         prepare_data([path], tokenizer, chat, max_length=128, use_cache=False)
@@ -165,11 +170,15 @@ def test_a_cut_record_has_the_first_tokens_of_the_whole(tmp_path, qwen):
 
     tokenizer, chat = qwen
     mixed = "".join(f"Line {i}: naïve café, 日本語 😀\t{'  ' * (i % 7)}x{i * i}!\n" for i in range(800))
-    turns = [{"role": role, "content": mixed[i * 60 : (i + 1) * 60]} for i in range(20) for role in ("user", "assistant")]
+    turns = [
+        {"role": role, "content": mixed[i * 60 : (i + 1) * 60]} for i in range(20) for role in ("user", "assistant")
+    ]
     rows = [
         {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": mixed}]},
         {"messages": turns},  # cut in a later turn: the labels must follow it
-        {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": " assistant" * 4000}]},  # 10 characters a token
+        {
+            "messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": " assistant" * 4000}]
+        },  # 10 characters a token
         {"messages": [{"role": "user", "content": "Tell"}, {"role": "assistant", "content": "short"}]},
     ]
     path = tmp_path / "d.jsonl"
@@ -211,8 +220,14 @@ def test_a_huge_record_with_a_picture_past_the_cut_is_dropped_not_miscounted(tmp
     picture = Path(__file__).resolve().parent.parent / "examples" / "data" / "images" / "red-square-64.png"
     content = [{"type": "text", "text": "many words " * 100_000}, {"type": "image", "image": str(picture)}]
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "red"}]}) + "\n")
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "red"}]}) + "\n"
+    )
     counted = tokenised_characters(monkeypatch)
-    with pytest.raises(DataError, match="no usable examples"):  # dropped: a cut through a picture's tokens would not match its features
-        prepare_data([path], tokenizer, resolve_chat_format(tokenizer, family), max_length=64, truncation="drop", images=images)
+    with pytest.raises(
+        DataError, match="no usable examples"
+    ):  # dropped: a cut through a picture's tokens would not match its features
+        prepare_data(
+            [path], tokenizer, resolve_chat_format(tokenizer, family), max_length=64, truncation="drop", images=images
+        )
     assert max(counted) < 10_000

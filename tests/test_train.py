@@ -24,7 +24,11 @@ from modelloop.plugins import PluginInfo, get_plugin_manager
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, REPO / "examples" / "make_demo_data.py", out, "--count", "200"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, REPO / "examples" / "make_demo_data.py", out, "--count", "200"],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -72,7 +76,9 @@ def test_logs_carry_the_speed_of_each_window(tiny_models, demo, tmp_path):
     assert len(speeds) == 2 and all(speed > 0 for speed in speeds)
 
 
-def test_a_step_that_takes_the_whole_data_is_warned_about_before_training(tiny_models, demo, tmp_path, capsys, monkeypatch):
+def test_a_step_that_takes_the_whole_data_is_warned_about_before_training(
+    tiny_models, demo, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setattr("modelloop.log._said", set())
     modelloop.sft(settings(tiny_models, demo, tmp_path, max_length=1024, max_steps=2))
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "takes the whole data" in line]
@@ -86,18 +92,27 @@ def test_a_step_that_takes_the_whole_data_is_warned_about_before_training(tiny_m
 def test_sft_trains_on_a_gpu_in_mixed_precision(tuner, packing, tiny_models, demo, tmp_path):
     """The GPU path: batches pinned (unpacked ones crashed there), bf16 mixed precision,
     the loss in the output layer, packed rows without a quadratic mask."""
-    result = modelloop.sft(settings(tiny_models, demo, tmp_path, tuner=tuner, packing=packing, lr=1e-3 if tuner == "full" else 2e-3))
+    result = modelloop.sft(
+        settings(tiny_models, demo, tmp_path, tuner=tuner, packing=packing, lr=1e-3 if tuner == "full" else 2e-3)
+    )
     logged = losses(tmp_path / "run")
     assert logged[-1] < logged[0] * 0.9, logged
     compute = json.loads((tmp_path / "run" / "manifest.json").read_text())["compute"]
     assert compute["precision"] == {"compute": "bf16", "mixed": True, "trainable": "fp32"}
     assert compute["loss"] == "in the output layer, chunked linear cross-entropy"
-    assert compute["attention"] in (("flash_attention_3", "flash_attention_2", "flex_attention") if packing else ("flash_attention_3", "flash_attention_2", "sdpa"))
+    assert compute["attention"] in (
+        ("flash_attention_3", "flash_attention_2", "flex_attention")
+        if packing
+        else ("flash_attention_3", "flash_attention_2", "sdpa")
+    )
     assert result["metrics"]["peak_memory_mib"] > 0
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None, reason="needs a CUDA GPU and liger-kernel")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+    reason="needs a CUDA GPU and liger-kernel",
+)
 @pytest.mark.parametrize("packing", [True, False])
 def test_sft_with_liger_trains_through_its_fused_loss(packing, tiny_models, demo, tmp_path):
     modelloop.sft(settings(tiny_models, demo, tmp_path, accelerators=["liger"], packing=packing))
@@ -135,7 +150,9 @@ def test_the_run_folder_is_complete(tiny_models, demo, tmp_path):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "config.json").read_text())["max_steps"] == 10
     tokenizer_config = json.loads((run / "model" / "tokenizer_config.json").read_text())
-    assert "<|im_start|>" in (tokenizer_config.get("chat_template") or (run / "model" / "chat_template.jinja").read_text())
+    assert "<|im_start|>" in (
+        tokenizer_config.get("chat_template") or (run / "model" / "chat_template.jinja").read_text()
+    )
 
 
 def test_adapter_reloads_with_plain_peft_and_gives_the_same_loss(tiny_models, demo, tmp_path):
@@ -149,7 +166,9 @@ def test_adapter_reloads_with_plain_peft_and_gives_the_same_loss(tiny_models, de
 
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join((demo / "tasks_eval.jsonl").read_text().splitlines(keepends=True)[:8]))
-    result = modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=15, eval_data=[str(eval_file)], packing=False))
+    result = modelloop.sft(
+        settings(tiny_models, demo, tmp_path, max_steps=15, eval_data=[str(eval_file)], packing=False)
+    )
     base = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2"))
     model = PeftModel.from_pretrained(base, tmp_path / "run" / "model").eval()
     tokenizer = load_tokenizer(tmp_path / "run" / "model")
@@ -169,7 +188,11 @@ def test_a_full_run_loads_as_a_model_and_becomes_the_next_base(tiny_models, demo
     modelloop.sft(settings(tiny_models, demo, tmp_path, tuner="full", max_steps=5, lr=1e-3))
     loaded = modelloop.load_model(tmp_path / "run")
     assert loaded.family.name == "qwen2" and not hasattr(loaded.model, "peft_config")
-    second = modelloop.sft(settings(tiny_models, demo, tmp_path, model=str(tmp_path / "run"), max_steps=5, output_dir=str(tmp_path / "next")))
+    second = modelloop.sft(
+        settings(
+            tiny_models, demo, tmp_path, model=str(tmp_path / "run"), max_steps=5, output_dir=str(tmp_path / "next")
+        )
+    )
     manifest = json.loads((tmp_path / "next" / "manifest.json").read_text())
     assert manifest["parent"] == "run"
     assert second["metrics"]["train_loss"] > 0
@@ -186,7 +209,10 @@ def test_pretraining_on_text_learns(tiny_models, tmp_path, demo):
 def test_eval_split_reports_eval_loss(tiny_models, demo, tmp_path):
     result = modelloop.sft(settings(tiny_models, demo, tmp_path, max_steps=10, eval_split=0.1, eval_steps=5))
     assert result["metrics"]["eval_loss"] > 0
-    assert sum("eval_loss" in json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) >= 2
+    assert (
+        sum("eval_loss" in json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        >= 2
+    )
 
 
 def test_lifecycle_hooks_fire_around_a_real_stage(tiny_models, demo, tmp_path):
@@ -241,7 +267,9 @@ def test_qlora_without_bitsandbytes_is_a_clear_error(tiny_models, demo, tmp_path
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(MissingLibraryError, match="the qlora tuner needs bitsandbytes: pip install bitsandbytes"):
         modelloop.sft(settings(tiny_models, demo, tmp_path, tuner="qlora"))
 
@@ -291,7 +319,9 @@ def final_adapter(run):
 def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, subprocess_env):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(sft_process(tiny_models, demo, whole), env=subprocess_env, check=True, capture_output=True)
-    process = subprocess.Popen(sft_process(tiny_models, demo, killed), env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        sft_process(tiny_models, demo, killed), env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (killed / "checkpoints" / "checkpoint-20").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -301,7 +331,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, s
     assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
     assert not (killed / "model").exists()
     resumed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "sft", "--resume", str(killed)], env=subprocess_env, capture_output=True, text=True
+        [sys.executable, "-m", "modelloop", "sft", "--resume", str(killed)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((killed / "manifest.json").read_text())["status"] == "completed"
@@ -324,7 +357,10 @@ def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_
         env=subprocess_env, capture_output=True, text=True,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"metrics.jsonl:{len(first_attempt) + 1}: the last line was cut short (a write interrupted); left out" in resumed.stderr
+    assert (
+        f"metrics.jsonl:{len(first_attempt) + 1}: the last line was cut short (a write interrupted); left out"
+        in resumed.stderr
+    )
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in logged if "loss" in record] == [10, 20]  # steps 11-20 ran again, logged once
     assert logged[0] == first_attempt[0] and logged[-1] != first_attempt[-1]  # up to step 10 kept, the rest replaced
@@ -339,9 +375,21 @@ def test_an_adapter_trained_on_an_adapter_run_keeps_the_first_adapter(lora_run, 
     """LoRA on top of a LoRA run: the first adapter is merged into a base the run keeps."""
     tuned, data = lora_run
     second = tmp_path / "second"
-    modelloop.sft({"model": str(tuned), "data": [str(data)], "max_steps": 2, "lr": 1e-12, "max_length": 64, "output_dir": str(second)})
+    modelloop.sft(
+        {
+            "model": str(tuned),
+            "data": [str(data)],
+            "max_steps": 2,
+            "lr": 1e-12,
+            "max_length": 64,
+            "output_dir": str(second),
+        }
+    )
     manifest = json.loads((second / "manifest.json").read_text())
-    assert manifest["base_model"] == str((second / "base").resolve()) and manifest["parent"] == json.loads((tuned / "manifest.json").read_text())["id"]
+    assert (
+        manifest["base_model"] == str((second / "base").resolve())
+        and manifest["parent"] == json.loads((tuned / "manifest.json").read_text())["id"]
+    )
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         first_logits = modelloop.load_model(tuned).model(input_ids=ids).logits

@@ -57,7 +57,9 @@ def _with_system(record: Record, messages: list[dict[str, Any]]) -> list[dict[st
 def _prompt_with_images(record: Record) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The prompt's messages, and its pictures (``{"images": [...]}`` or nothing)."""
     prompt, images = take_image_parts(as_messages(_decoded(record.get("prompt")), "user", "prompt"))
-    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt"), _images(record, images)
+    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt"), _images(
+        record, images
+    )
 
 
 def _images(record: Record, from_parts: list[str]) -> dict[str, Any]:
@@ -111,10 +113,15 @@ def convert_sharegpt(record: Record) -> dict[str, Any]:
                 call = json.loads(turn["value"])
             except (TypeError, json.JSONDecodeError):
                 raise ValueError(f"conversations[{number}] function_call value is not JSON") from None
-            messages.append({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]})
+            messages.append(
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
+            )
         else:
             messages.append(message(role, turn["value"]))
-    converted: dict[str, Any] = {"messages": check_messages(_with_system(record, messages), field_name="conversations"), **_images(record, [])}
+    converted: dict[str, Any] = {
+        "messages": check_messages(_with_system(record, messages), field_name="conversations"),
+        **_images(record, []),
+    }
     if record.get("tools"):
         converted["tools"] = _decoded(record["tools"])
     return converted
@@ -158,7 +165,11 @@ def _implicit_prompt(record: Record) -> list[dict[str, Any]]:
 
 
 def convert_preference(record: Record) -> dict[str, Any]:
-    prompt, images = _prompt_with_images(record) if record.get("prompt") is not None else (_implicit_prompt(record), _images(record, []))
+    prompt, images = (
+        _prompt_with_images(record)
+        if record.get("prompt") is not None
+        else (_implicit_prompt(record), _images(record, []))
+    )
     chosen = _answer(record, "chosen", prompt)
     rejected = _answer(record, "rejected", prompt)
     if chosen == rejected:

@@ -47,19 +47,26 @@ def plan_ddp(request: PlanRequest) -> ParallelPlan:
 def plan_fsdp(request: PlanRequest) -> ParallelPlan:
     """FSDP2: each decoder layer's weights, gradients and optimizer states sharded over
     the ranks and gathered for its forward and backward."""
-    options = complete(request.options, {"offload": False, "activation_checkpointing": False, "mixed_precision": None, "reshard_after_forward": True})
+    options = complete(
+        request.options,
+        {"offload": False, "activation_checkpointing": False, "mixed_precision": None, "reshard_after_forward": True},
+    )
     if options["mixed_precision"] not in (None, "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be bf16, fp16 or null, not {options['mixed_precision']!r}")
     if options["offload"] and not request.cuda:
         raise ValueError("offload moves weights and optimizer states to host memory; on CPUs they are there already")
     if options["activation_checkpointing"] and request.tuner.adapter:
         # FSDP's checkpoint wrapper renames modules, and an adapter saved by name is then empty
-        raise ValueError("FSDP's own activation checkpointing renames the modules an adapter is saved by; use --gradient-checkpointing for adapters")
+        raise ValueError(
+            "FSDP's own activation checkpointing renames the modules an adapter is saved by; use --gradient-checkpointing for adapters"
+        )
     mesh = sequence_parallel_mesh(request)
     environment = {}
     if request.sequence_parallel > 1:
         if not request.cuda:
-            raise ValueError("context parallelism (torch's ring attention) runs on CUDA GPUs only; on CPUs use deepspeed's Ulysses")
+            raise ValueError(
+                "context parallelism (torch's ring attention) runs on CUDA GPUs only; on CPUs use deepspeed's Ulysses"
+            )
         environment = parallelism_environment(dp_shard_size=mesh["dp"], cp_size=mesh["cp"], cp_backend="torch")
     layers = decoder_layers(request.model_config)
     arguments: dict[str, Any] = {
@@ -97,18 +104,30 @@ def plan_tp(request: PlanRequest) -> ParallelPlan:
     it loads it."""
     options = complete(request.options, {"size": request.world.size})
     if not request.tuner.trains_all_weights:
-        raise ValueError(f"tp splits every layer and trains all its weights; tuner {request.tuner.name!r} trains only some (adapters on split layers are not supported)")
+        raise ValueError(
+            f"tp splits every layer and trains all its weights; tuner {request.tuner.name!r} trains only some (adapters on split layers are not supported)"
+        )
     size, world = options["size"], request.world.size
     if not isinstance(size, int) or size < 2 or world % size:
         raise ValueError(f"size must be at least 2 and divide the {world} processes, got {size!r}")
-    tp_plan = request.family.tp_plan if request.family is not None and request.family.tp_plan else getattr(request.model_config, "base_model_tp_plan", None)
+    tp_plan = (
+        request.family.tp_plan
+        if request.family is not None and request.family.tp_plan
+        else getattr(request.model_config, "base_model_tp_plan", None)
+    )
     if not tp_plan:
-        raise ValueError(f"model type {request.model_config.model_type!r} has no tensor-parallel plan (its family sets none, nor does its transformers config)")
+        raise ValueError(
+            f"model type {request.model_config.model_type!r} has no tensor-parallel plan (its family sets none, nor does its transformers config)"
+        )
     heads = getattr(request.model_config, "num_key_value_heads", None) or request.model_config.num_attention_heads
     if heads % size:
         raise ValueError(f"{heads} key/value heads cannot be split over {size} ranks")
     dp = world // size
-    distributed = {"tp_plan": dict(tp_plan) if request.family is not None and request.family.tp_plan else "auto", "tp_size": size, "fsdp_size": dp}
+    distributed = {
+        "tp_plan": dict(tp_plan) if request.family is not None and request.family.tp_plan else "auto",
+        "tp_size": size,
+        "fsdp_size": dp,
+    }
     return ParallelPlan(
         strategy="tp",
         world=request.world,
@@ -147,11 +166,22 @@ def decoder_layers(model_config: Any) -> tuple[str, ...]:
 
 STRATEGIES = (
     ParallelStrategy(name="single", description="one process, no parallelism", plan=plan_single),
-    ParallelStrategy(name="ddp", description="data parallel: a replica per rank, gradients averaged (torch DDP)", plan=plan_ddp),
     ParallelStrategy(
-        name="fsdp", description="FSDP2 fully_shard: weights, gradients and optimizer states sharded per layer", plan=plan_fsdp, apply=open_fsdp_on_cpu
+        name="ddp", description="data parallel: a replica per rank, gradients averaged (torch DDP)", plan=plan_ddp
     ),
-    ParallelStrategy(name="tp", description="tensor parallel (DTensor) along the model's TP plan", plan=plan_tp, apply=open_tp_on_cpu, min_world_size=2),
+    ParallelStrategy(
+        name="fsdp",
+        description="FSDP2 fully_shard: weights, gradients and optimizer states sharded per layer",
+        plan=plan_fsdp,
+        apply=open_fsdp_on_cpu,
+    ),
+    ParallelStrategy(
+        name="tp",
+        description="tensor parallel (DTensor) along the model's TP plan",
+        plan=plan_tp,
+        apply=open_tp_on_cpu,
+        min_world_size=2,
+    ),
 )
 
 
@@ -159,4 +189,3 @@ STRATEGIES = (
 def register_parallel_strategies(register):
     for strategy in STRATEGIES:
         register(strategy)
-

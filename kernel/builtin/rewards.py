@@ -35,7 +35,9 @@ def _solutions(columns: dict[str, Any], count: int) -> list[str]:
 
 def exact(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
     """1.0 when the answer, stripped, equals the solution."""
-    return [float(answer_text(c).strip() == s.strip()) for c, s in zip(completions, _solutions(columns, len(completions)))]
+    return [
+        float(answer_text(c).strip() == s.strip()) for c, s in zip(completions, _solutions(columns, len(completions)))
+    ]
 
 
 def _normalized(text: str) -> str:
@@ -67,7 +69,9 @@ def accuracy(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any)
 THINK_ANSWER = r"<think>.*?</think>\s*<answer>.*?</answer>"
 
 
-def format_match(prompts: Sequence[Any], completions: Sequence[Any], *, pattern: str = THINK_ANSWER, **columns: Any) -> list[float]:
+def format_match(
+    prompts: Sequence[Any], completions: Sequence[Any], *, pattern: str = THINK_ANSWER, **columns: Any
+) -> list[float]:
     """1.0 when the whole completion (stripped) matches ``pattern`` (``.`` matches newlines)."""
     compiled = _compiled(pattern)
     return [float(compiled.fullmatch(answer_text(c).strip()) is not None) for c in completions]
@@ -112,7 +116,13 @@ def repetition(prompts: Sequence[Any], completions: Sequence[Any], *, ngram: int
 
 
 def reward_model(
-    prompts: Sequence[Any], completions: Sequence[Any], *, path: str = "", batch_size: int = 16, max_length: int = 1024, **columns: Any
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    *,
+    path: str = "",
+    batch_size: int = 16,
+    max_length: int = 1024,
+    **columns: Any,
 ) -> list[float]:
     """The first logit of a sequence-classification model over prompt + completion, batched."""
     if not path:
@@ -124,7 +134,14 @@ def reward_model(
     scores: list[float] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False)
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                add_special_tokens=False,
+            )
             scores += model(**batch.to(model.device)).logits[:, 0].float().tolist()
     return scores
 
@@ -162,8 +179,14 @@ REWARDS = (
         score=accuracy,
         columns=("solution",),
     ),
-    Reward(name="format", description="1 when the completion matches a regular expression (option: pattern)", score=format_match),
-    Reward(name="length", description="penalty outside a band of characters (options: min_chars, max_chars)", score=length),
+    Reward(
+        name="format",
+        description="1 when the completion matches a regular expression (option: pattern)",
+        score=format_match,
+    ),
+    Reward(
+        name="length", description="penalty outside a band of characters (options: min_chars, max_chars)", score=length
+    ),
     Reward(name="repetition", description="penalty for repeated word n-grams (option: ngram)", score=repetition),
     Reward(
         name="reward-model",

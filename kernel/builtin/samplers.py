@@ -43,11 +43,15 @@ def length_grouped_order(lengths: Sequence[int], *, batch_size: int, seed: int) 
     return (index for batch in batches for index in batch)
 
 
-def modality_balanced_order(lengths: Sequence[int], *, batch_size: int, seed: int, modalities: Sequence[str], image_share: float = 0.5) -> Iterator[int]:
+def modality_balanced_order(
+    lengths: Sequence[int], *, batch_size: int, seed: int, modalities: Sequence[str], image_share: float = 0.5
+) -> Iterator[int]:
     if not 0 < image_share < 1:
         raise ValueError(f"image_share must be between 0 and 1, got {image_share}")
     rng = random.Random(seed)
-    pools = {kind: [index for index, modality in enumerate(modalities) if modality == kind] for kind in ("image", "text")}
+    pools = {
+        kind: [index for index, modality in enumerate(modalities) if modality == kind] for kind in ("image", "text")
+    }
     if not pools["image"] or not pools["text"]:  # one modality: nothing to balance
         return random_order(lengths, batch_size=batch_size, seed=seed)
     shares = {"image": image_share, "text": 1 - image_share}
@@ -58,7 +62,9 @@ def modality_balanced_order(lengths: Sequence[int], *, batch_size: int, seed: in
         # images in batch ``number``: the whole part of the running share, so that any
         # batch_size (even 1) averages exactly ``image_share``
         images = math.floor((number + 1) * image_share * batch_size) - math.floor(number * image_share * batch_size)
-        batch = [next(draws["image"]) for _ in range(images)] + [next(draws["text"]) for _ in range(batch_size - images)]
+        batch = [next(draws["image"]) for _ in range(images)] + [
+            next(draws["text"]) for _ in range(batch_size - images)
+        ]
         rng.shuffle(batch)
         order += batch
     return iter(order)
@@ -75,7 +81,11 @@ def _rounds(pool: list[int], rng: random.Random) -> Iterator[int]:
 SAMPLERS = (
     Sampler(name="random", description="seeded shuffle", order=random_order),
     Sampler(name="length_grouped", description="batches of similar length (less padding)", order=length_grouped_order),
-    Sampler(name="modality_balanced", description="a set share of pictured examples in every batch", order=modality_balanced_order),
+    Sampler(
+        name="modality_balanced",
+        description="a set share of pictured examples in every batch",
+        order=modality_balanced_order,
+    ),
 )
 
 

@@ -114,7 +114,9 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     click.echo(f"{len(good)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
     if longer:
         action = "truncated" if truncation == "truncate" else "dropped"
-        click.echo(f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {_longest(longer).measured()})")
+        click.echo(
+            f"{len(longer)} records longer than {max_length} tokens would be {action} (longest: {_longest(longer).measured()})"
+        )
     if problems:
         sys.exit(1)
 
@@ -151,7 +153,11 @@ def preview_command(file, model, count, format_name, template) -> None:
         if isinstance(sequences, Problem):
             console.print(str(sequences), style="red", markup=False)
             continue
-        pictures = list(zip(example.record.get("images") or [], encoder.images.counts(example.record["images"]))) if example.record.get("images") else []
+        pictures = (
+            list(zip(example.record.get("images") or [], encoder.images.counts(example.record["images"])))
+            if example.record.get("images")
+            else []
+        )
         for sequence, encoded in zip(encoder.pieces(example), sequences):
             text = Text()
             shown = iter(pictures)
@@ -159,7 +165,10 @@ def preview_command(file, model, count, format_name, template) -> None:
                 for number, part in enumerate(piece.split(encoder.images.spec.image_token) if pictures else [piece]):
                     if number:
                         picture, count = next(shown)
-                        text.append(f"{encoder.images.spec.image_token}×{count} [{Path(picture).name if not picture.startswith('data:') else 'data URL'}]", style="magenta")
+                        text.append(
+                            f"{encoder.images.spec.image_token}×{count} [{Path(picture).name if not picture.startswith('data:') else 'data URL'}]",
+                            style="magenta",
+                        )
                     if trained and not console.is_terminal:
                         text.append(f"«{part}»")
                     else:
@@ -167,4 +176,42 @@ def preview_command(file, model, count, format_name, template) -> None:
             console.print(text, soft_wrap=True)  # a line as the model sees it, not folded at the terminal width
             trained_tokens = sum(label != IGNORE for label in encoded.labels)
             image_tokens = sum(count for _, count in pictures)
-            console.print(f"{len(encoded)} tokens, {trained_tokens} trained" + (f", {image_tokens} image tokens" if image_tokens else ""), style="cyan")
+            console.print(
+                f"{len(encoded)} tokens, {trained_tokens} trained"
+                + (f", {image_tokens} image tokens" if image_tokens else ""),
+                style="cyan",
+            )
+
+
+@data_command.command("from-logs")
+@click.argument("log", type=click.Path(file_okay=False))
+@click.option(
+    "--as",
+    "kind",
+    type=click.Choice(["sft", "kto", "preference"]),
+    required=True,
+    help="sft: liked and corrected answers; kto: judged answers labelled; preference: corrections and liked answers "
+    "chosen over the answers they beat.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The JSONL file to write.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="A score (0 to 1) at or above it is liked.",
+)
+def from_logs_command(log: str, kind: str, out: str, threshold: float) -> None:
+    """Training data from what a served model answered and what its users thought of it
+    (LOG: the folder `serve --log` wrote)."""
+    from modelloop.data.from_logs import collect, make, write
+
+    answers, left_out = collect(log, threshold=threshold)
+    made = make(answers, kind)  # type: ignore[arg-type]
+    made.left_out.update(left_out)
+    origin = write(made, Path(out), log=Path(log), kind=kind)  # type: ignore[arg-type]
+    runs = ", ".join(sorted(made.runs)) or "no run (a model folder was served)"
+    click.echo(f"wrote {len(made.records)} {kind} records to {out} from {len(answers)} logged answers of {runs}")
+    for why, count in made.left_out.most_common():
+        click.echo(f"  left out: {count} {why}")
+    click.echo(f"origin: {origin} (a run trained on {out} records it)")

@@ -13,9 +13,21 @@ import click
 @click.option("--merge", is_flag=True, help="Fold a LoRA adapter into the base weights (implied by --quant).")
 @click.option("--quant", default="none", show_default=True, help="none, or a registered exporter: bnb-nf4, ...")
 @click.option("--for", "engine", help="Check first that this engine (hf, vllm, sglang) can load the result.")
-@click.option("--quant-python", type=click.Path(dir_okay=False, exists=True), help="Python of the environment with llmcompressor (fp8, gptq-int4, awq-int4).")
+@click.option(
+    "--quant-python",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Python of the environment with llmcompressor (fp8, gptq-int4, awq-int4).",
+)
 @click.option("--calibration", multiple=True, help="Calibration data for gptq/awq (default: the run's training data).")
-def export_command(source: str, out: Path, merge: bool, quant: str, engine: str | None, quant_python: str | None, calibration: tuple[str, ...]) -> None:
+def export_command(
+    source: str,
+    out: Path,
+    merge: bool,
+    quant: str,
+    engine: str | None,
+    quant_python: str | None,
+    calibration: tuple[str, ...],
+) -> None:
     """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
     from modelloop.artifacts import is_run
     from modelloop.errors import require_libraries
@@ -25,11 +37,15 @@ def export_command(source: str, out: Path, merge: bool, quant: str, engine: str 
 
     exporter = get_registry(EXPORTERS).get(quant)
     if engine is not None and engine not in exporter.engines:
-        raise click.UsageError(f"the {engine} engine cannot load a {exporter.name} export; it loads: "
-                               + ", ".join(e.name for e in get_registry(EXPORTERS) if engine in e.engines))
+        raise click.UsageError(
+            f"the {engine} engine cannot load a {exporter.name} export; it loads: "
+            + ", ".join(e.name for e in get_registry(EXPORTERS) if engine in e.engines)
+        )
     require_libraries(exporter, "export")
     if is_run(source) and resolve_model_source(source).adapter and not merge and exporter.name == "merged":
-        raise click.UsageError(f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)")
+        raise click.UsageError(
+            f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)"
+        )
     options = {"python": quant_python} if quant_python else {}
     if calibration:
         options["calibration"] = list(calibration)

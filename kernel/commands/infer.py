@@ -9,8 +9,19 @@ import click
 
 @click.command("infer")
 @click.argument("model")
-@click.option("--input", "input_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Prompts, in any data format.")
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSONL results; rows already there are skipped.")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Prompts, in any data format.",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSONL results; rows already there are skipped.",
+)
 @click.option("--engine", default="hf", show_default=True)
 @click.option("--format", "format_name", help="Force the input's data format.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
@@ -50,11 +61,22 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
 
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Prompts with reference answers.")
-@click.option("--metric", "metrics", multiple=True, default=("accuracy",), show_default=True, help="accuracy, exact, or reward:NAME (repeatable).")
+@click.option(
+    "--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Prompts with reference answers."
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    default=("accuracy",),
+    show_default=True,
+    help="accuracy, exact, or reward:NAME (repeatable).",
+)
 @click.option("--engine", default="hf", show_default=True)
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), help="The eval run folder (one model only).")
+@click.option(
+    "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="The eval run folder (one model only)."
+)
 def eval_command(models, data, metrics, engine, max_tokens, output_dir) -> None:
     """Score each of MODELS on --data; two or more are compared side by side."""
     from modelloop.stages.evaluate import evaluate, resolve_metrics
@@ -62,7 +84,10 @@ def eval_command(models, data, metrics, engine, max_tokens, output_dir) -> None:
     if output_dir is not None and len(models) > 1:
         raise click.UsageError("--output-dir takes one model")
     resolve_metrics(list(metrics))
-    results = {model: evaluate(model, data, metrics=list(metrics), engine=engine, output_dir=output_dir, max_tokens=max_tokens) for model in models}
+    results = {
+        model: evaluate(model, data, metrics=list(metrics), engine=engine, output_dir=output_dir, max_tokens=max_tokens)
+        for model in models
+    }
     width = max(len(model) for model in models)
     click.echo(f"{'model':{width}}  " + "  ".join(f"{metric:>10}" for metric in metrics) + "  run")
     for model, result in results.items():

@@ -9,7 +9,9 @@ import click
 
 @click.command("new-model")
 @click.option("--family", required=True, help="Model family (see `modelloop plugins --hook register_models`).")
-@click.option("--preset", default="tiny", show_default=True, help="Architecture preset of the family (tiny, qwen2.5-0.5b, ...).")
+@click.option(
+    "--preset", default="tiny", show_default=True, help="Architecture preset of the family (tiny, qwen2.5-0.5b, ...)."
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option(
     "--corpus",
@@ -19,9 +21,23 @@ import click
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for the weights and the generated corpus.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="What the weights are saved in.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the weights are drawn (cuda: a 7B shape in seconds).")
-def new_model_command(family: str, preset: str, out: Path, corpus: tuple[Path, ...], seed: int, overwrite: bool, dtype: str, device: str) -> None:
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="What the weights are saved in.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the weights are drawn (cuda: a 7B shape in seconds).",
+)
+def new_model_command(
+    family: str, preset: str, out: Path, corpus: tuple[Path, ...], seed: int, overwrite: bool, dtype: str, device: str
+) -> None:
     """Build a model with random weights, its tokenizer and chat template, into --out."""
     import torch
 

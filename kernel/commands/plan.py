@@ -26,7 +26,13 @@ FLAGS = {
 NO_DATA = {"data": ["(not read by modelloop plan)"]}
 
 
-def plan_command_body(config: Path | None, assignments: tuple[str, ...], gpu_memory: str | None, gradient_checkpointing: bool | None, **flags: Any) -> None:
+def plan_command_body(
+    config: Path | None,
+    assignments: tuple[str, ...],
+    gpu_memory: str | None,
+    gradient_checkpointing: bool | None,
+    **flags: Any,
+) -> None:
     """Print the plan and per-device memory estimate of a training config: weights,
     gradients, optimizer states, activations and buffers, whether it fits, and the
     cheapest change that makes it fit.
@@ -74,8 +80,12 @@ def _build() -> click.Command:
         command = click.option(flag, type=kind, default=None)(command)
     command = click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)(command)
     command = click.option("--gpu-memory", help="Memory of each GPU to plan for, e.g. 80GiB or 24GB.")(command)
-    command = click.option("--set", "assignments", multiple=True, help="Override a config key: --set strategy_options.stage=3.")(command)
-    command = click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="A training config (YAML).")(command)
+    command = click.option(
+        "--set", "assignments", multiple=True, help="Override a config key: --set strategy_options.stage=3."
+    )(command)
+    command = click.option(
+        "--config", type=click.Path(dir_okay=False, path_type=Path), help="A training config (YAML)."
+    )(command)
     return click.command("plan")(command)
 
 

@@ -17,7 +17,14 @@ def runs_command(ctx: click.Context, stage: str | None) -> None:
     from modelloop.lineage import find_runs
 
     rows = [
-        [run.id, run.stage, str(run.manifest.get("status", "")), str(run.parent or ""), run.key_metric(), str(run.manifest.get("started", ""))]
+        [
+            run.id,
+            run.stage,
+            str(run.manifest.get("status", "")),
+            str(run.parent or ""),
+            run.key_metric(),
+            str(run.manifest.get("started", "")),
+        ]
         for run in find_runs()
         if not stage or run.stage == stage
     ]
@@ -53,10 +60,14 @@ def diff_command(first: str, second: str) -> None:
 
     runs = find_runs()
     one, two = find_run(first, runs), find_run(second, runs)
-    _print_columns(["key", one.id, two.id], [[key, json.dumps(left), json.dumps(right)] for key, left, right in diff(one, two)])
+    _print_columns(
+        ["key", one.id, two.id], [[key, json.dumps(left), json.dumps(right)] for key, left, right in diff(one, two)]
+    )
 
 
 def _print_columns(header: list[str], rows: list[list[str]]) -> None:
     """Aligned plain columns: quick for thousands of rows, and an id is never cut."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    click.echo("\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]))
+    click.echo(
+        "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+    )

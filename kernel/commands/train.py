@@ -51,13 +51,24 @@ GROUP_LR_FLAGS = {"--vision-lr": "vision", "--aligner-lr": "aligner", "--llm-lr"
 
 #: How the nodes of a multi-node job meet: per launch, not part of a run's config (each
 #: node has its own rank). Left out, they come from SLURM's or torchrun's environment.
-RENDEZVOUS = {"--node-rank": ("NODE_RANK", int), "--master-addr": ("MASTER_ADDR", str), "--master-port": ("MASTER_PORT", int)}
+RENDEZVOUS = {
+    "--node-rank": ("NODE_RANK", int),
+    "--master-addr": ("MASTER_ADDR", str),
+    "--master-port": ("MASTER_PORT", int),
+}
 
 
 def rendezvous_options(command: Any) -> Any:
     """Add ``--node-rank``, ``--master-addr`` and ``--master-port`` to a click command."""
     for flag, (variable, kind) in RENDEZVOUS.items():
-        command = click.option(flag, type=kind, default=None, expose_value=False, callback=_export, help=f"Multi-node rendezvous (default: ${variable}).")(command)
+        command = click.option(
+            flag,
+            type=kind,
+            default=None,
+            expose_value=False,
+            callback=_export,
+            help=f"Multi-node rendezvous (default: ${variable}).",
+        )(command)
     return command
 
 
@@ -103,7 +114,9 @@ def training_command(stage: str, summary: str) -> click.Command:
             output_dir = flags.get("output_dir")
             found = run_to_resume(stage, True if resume == "latest" else resume, output_dir)
             if found is not None:
-                layers.append({key: value for key, value in read_manifest(found[0])["config"].items() if key != "resume"})
+                layers.append(
+                    {key: value for key, value in read_manifest(found[0])["config"].items() if key != "resume"}
+                )
         if config is not None:
             layers.append(read_yaml(config))
         layers.append(parse_assignments(assignments))
@@ -127,7 +140,9 @@ def training_command(stage: str, summary: str) -> click.Command:
             try:
                 given["reward_weights"] = [float(weight) for weight in reward_weights.split(",")]
             except ValueError:
-                raise ConfigError(f"--reward-weights {reward_weights!r}: expected numbers separated by commas") from None
+                raise ConfigError(
+                    f"--reward-weights {reward_weights!r}: expected numbers separated by commas"
+                ) from None
         layers.append(given)
         source = str(config) if config is not None else "options"
         owns_process = bool((click.get_current_context().obj or {}).get("owns_process"))
@@ -158,25 +173,55 @@ def training_command(stage: str, summary: str) -> click.Command:
         options += [flag(name, kind) for name, kind in RLHF_FLAGS.items()]
         options += [
             click.option(
-                "--reward", "rewards", multiple=True, help="GRPO reward (repeatable): a name, module:function or file.py:function; NAME=... gives it a short name for --set reward_options.NAME.* and its metrics."
+                "--reward",
+                "rewards",
+                multiple=True,
+                help="GRPO reward (repeatable): a name, module:function or file.py:function; NAME=... gives it a short name for --set reward_options.NAME.* and its metrics.",
             ),
             click.option("--reward-weights", help="GRPO: one weight per --reward, comma-separated (default 1 each)."),
         ]
     options += [
         click.option("--eval-data", multiple=True, help="Evaluation data file (repeatable)."),
-        click.option("--resume", is_flag=False, flag_value="latest", default=None, help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint."),
+        click.option(
+            "--resume",
+            is_flag=False,
+            flag_value="latest",
+            default=None,
+            help="Continue the latest unfinished run (or the run/checkpoint given) from its last complete checkpoint.",
+        ),
         click.option("--config", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file."),
         click.option("--set", "assignments", multiple=True, help="Override a config key: --set tuner_options.rank=16."),
         *(flag(name, kind) for name, kind in FLAGS.items()),
-        click.option("--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation."),
+        click.option(
+            "--skip-bad-records", is_flag=True, default=None, help="Train without the records that fail validation."
+        ),
     ]
     if stage != "rlhf":
-        options.append(click.option("--packing/--no-packing", default=None, help="Pack examples into full rows [default: on]."))
+        options += [
+            click.option("--packing/--no-packing", default=None, help="Pack examples into full rows [default: on]."),
+            click.option(
+                "--streaming/--no-streaming", default=None, help=sentence(fields["streaming"].description or "")
+            ),
+            flag("--stream-buffer", int),
+        ]
     options += [
-        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None, help=sentence(fields["gradient_checkpointing"].description or "")),
-        click.option("--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable)."),
-        *(click.option(name, type=float, default=None, help=f"Learning rate of the {group} module group (default: --lr).") for name, group in GROUP_LR_FLAGS.items()),
-        click.option("--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable)."),
+        click.option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            default=None,
+            help=sentence(fields["gradient_checkpointing"].description or ""),
+        ),
+        click.option(
+            "--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable)."
+        ),
+        *(
+            click.option(
+                name, type=float, default=None, help=f"Learning rate of the {group} module group (default: --lr)."
+            )
+            for name, group in GROUP_LR_FLAGS.items()
+        ),
+        click.option(
+            "--accelerator", "accelerators", multiple=True, help="Swap in faster kernels, e.g. liger (repeatable)."
+        ),
     ]
     decorated: Any = rendezvous_options(command)  # last in --help: per launch, not per run
     for option in reversed(options):
@@ -191,4 +236,6 @@ def sentence(text: str) -> str:
 
 sft_command = training_command("sft", "Supervised fine-tuning on conversations: loss on the assistant turns.")
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
-rlhf_command = training_command("rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards).")
+rlhf_command = training_command(
+    "rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards)."
+)

@@ -72,7 +72,9 @@ def resolve_image(reference: str, base: Path | None, *, allow_remote: bool = Fal
         return reference
     if reference.startswith(REMOTE):
         if not allow_remote:
-            raise ValueError(f"image {reference[:80]}: remote URLs are not fetched (use a local path or a base64 data URL)")
+            raise ValueError(
+                f"image {reference[:80]}: remote URLs are not fetched (use a local path or a base64 data URL)"
+            )
         return reference
     path = Path(reference.removeprefix("file://")).expanduser()
     if not path.is_absolute() and base is not None:
@@ -142,7 +144,9 @@ def check_record_images(record: dict[str, Any], base: Path | None) -> dict[str, 
     return {**record, "images": resolved}
 
 
-def record_texts(record: Mapping[str, Any], keys: Sequence[str] = ("messages", "prompt", "chosen", "rejected", "completion")) -> list[str]:
+def record_texts(
+    record: Mapping[str, Any], keys: Sequence[str] = ("messages", "prompt", "chosen", "rejected", "completion")
+) -> list[str]:
     """Every message text of a canonical record (where its image marks are)."""
     texts = []
     for key in keys:
@@ -171,7 +175,9 @@ class ImageTokens:
         """Image tokens per picture (a path, a data URL, or an opened image)."""
         if not pictures:
             return []
-        _, counts = self.spec.image_inputs(self.image_processor, [_opened(picture) for picture in pictures], self.model_config)
+        _, counts = self.spec.image_inputs(
+            self.image_processor, [_opened(picture) for picture in pictures], self.model_config
+        )
         return list(counts)
 
     def inputs(self, pictures: Sequence[Any]) -> dict[str, Any]:
@@ -179,7 +185,9 @@ class ImageTokens:
         (none for none)."""
         if not pictures:
             return {}
-        inputs, _ = self.spec.image_inputs(self.image_processor, [_opened(picture) for picture in pictures], self.model_config)
+        inputs, _ = self.spec.image_inputs(
+            self.image_processor, [_opened(picture) for picture in pictures], self.model_config
+        )
         return dict(inputs)
 
     def expand(self, input_ids: list[int], labels: list[int], counts: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -246,4 +254,7 @@ def _inlined(part: Mapping[str, Any]) -> Mapping[str, Any]:
     import mimetypes
 
     kind = mimetypes.guess_type(url)[0] or "image/png"
-    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64," + base64.b64encode(Path(url).read_bytes()).decode()}}
+    return {
+        "type": "image_url",
+        "image_url": {"url": f"data:{kind};base64," + base64.b64encode(Path(url).read_bytes()).decode()},
+    }

@@ -63,7 +63,10 @@ class PackedRow:
 
 
 def pack(
-    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], max_length: int, images: Sequence[tuple[str, ...]] | None = None
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    max_length: int,
+    images: Sequence[tuple[str, ...]] | None = None,
 ) -> list[PackedRow]:
     """Pack tokenised examples into rows of at most ``max_length`` tokens (numpy int32 arrays)."""
     import numpy
@@ -129,7 +132,9 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int, multiple: int =
     }
 
 
-def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1) -> dict[str, Any]:
+def collate_padded(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int, multiple: int = 1
+) -> dict[str, Any]:
     """A batch of unpacked examples, right-padded (to a multiple of ``multiple`` tokens),
     with an attention mask and the position ids (which sequence parallelism needs once
     a row is split).

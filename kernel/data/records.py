@@ -51,39 +51,75 @@ def detect_format(record: Any) -> DatasetFormat:
     raise DataError(f"no data format fits this record (fields: {found}). Formats: {expected}")
 
 
-def _convert_file(source: DataSource, format_name: str | None, records: Records, allowed: Sequence[str] | None) -> list[Example]:
-    opened = open_source(source.path)
-    chosen: DatasetFormat | None = get_registry(DATASET_FORMATS).get(format_name) if format_name else None
-    examples: list[Example] = []
-    settled = False
-    for item in opened.records:
+class FileFormat:
+    """One file's records made canonical: its format is the one forced (or ``detected``
+    from an earlier reading), else detected from its first record; every record is then
+    checked against it. ``done`` once the file cannot give a record (its columns lack one
+    the format needs); ``name`` is the format once settled."""
+
+    def __init__(
+        self,
+        where: str | Path,
+        format_name: str | None,
+        allowed: Sequence[str] | None,
+        columns: Sequence[str] | None,
+        *,
+        base: Path,
+        detected: str | None = None,
+    ) -> None:
+        self.where = where
+        self.allowed = allowed
+        self.columns = columns
+        self.base = base
+        name = format_name or detected
+        self.chosen: DatasetFormat | None = get_registry(DATASET_FORMATS).get(name) if name else None
+        self.name: str | None = detected
+        self.done = False
+
+    def convert(self, item: RawRecord | Problem) -> Example | Problem:
+        """The canonical record, or what is wrong with it; a file of a kind the caller
+        cannot use is refused as a whole (DataError)."""
         if isinstance(item, Problem):
-            records.problems.append(item)
-            continue
-        if not settled:
-            if chosen is None:
+            return item
+        if self.name is None:
+            if self.chosen is None:
                 try:
-                    chosen = detect_format(item.data)
+                    self.chosen = detect_format(item.data)
                 except DataError as error:  # this record is bad; the next may still tell the format
-                    records.problems.append(Problem(item.location, str(error)))
-                    continue
-            missing = [column for column in chosen.columns if column not in (opened.columns or chosen.columns)]
+                    return Problem(item.location, str(error))
+            chosen = self.chosen
+            missing = [column for column in chosen.columns if column not in (self.columns or chosen.columns)]
             if missing:
-                records.problems.append(
-                    Problem(f"{source.path}:1", f"no column {missing[0]!r} for format {chosen.name} (columns: {', '.join(opened.columns or ())})")
+                self.done = True
+                return Problem(
+                    f"{self.where}:1",
+                    f"no column {missing[0]!r} for format {chosen.name} (columns: {', '.join(self.columns or ())})",
                 )
-                return examples
-            if allowed is not None and chosen.kind not in allowed:
+            if self.allowed is not None and chosen.kind not in self.allowed:
                 raise DataError(
-                    f"{source.path}: holds {chosen.kind} records (format {chosen.name}); this stage needs {' or '.join(allowed)} data"
+                    f"{self.where}: holds {chosen.kind} records (format {chosen.name}); this stage needs {' or '.join(self.allowed)} data"
                 )
-            records.formats[source.path] = chosen.name
-            settled = True
-        example = _convert(chosen, item, source.path.parent)
+            self.name = chosen.name
+        assert self.chosen is not None
+        return _convert(self.chosen, item, self.base)
+
+
+def _convert_file(
+    source: DataSource, format_name: str | None, records: Records, allowed: Sequence[str] | None
+) -> list[Example]:
+    opened = open_source(source.path)
+    converter = FileFormat(source.path, format_name, allowed, opened.columns, base=source.path.parent)
+    examples: list[Example] = []
+    for item in opened.records:
+        example = converter.convert(item)
         if isinstance(example, Problem):
             records.problems.append(example)
         else:
             examples.append(example)
+        if converter.done:
+            break
+    if converter.name is not None:
+        records.formats[source.path] = converter.name
     return examples
 
 

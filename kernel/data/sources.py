@@ -133,25 +133,35 @@ def _lines(handle: BinaryIO) -> Iterator[bytes | None]:
 
 
 def _jsonl(path: Path) -> Iterator[RawRecord | Problem]:
+    return (item for item, _, _ in read_jsonl_from(path))
+
+
+def read_jsonl_from(path: Path, offset: int = 0, line: int = 1) -> Iterator[tuple[RawRecord | Problem, int, int]]:
+    """Each record of a JSONL file from byte ``offset`` (the start of line ``line``), with
+    the byte offset and line number of what follows it: where to read on from later."""
     with path.open("rb") as handle:
-        for number, raw in enumerate(_lines(handle), start=1):
-            location = f"{path}:{number}"
-            if raw is None:
-                yield Problem(location, f"a line longer than {MAX_LINE >> 20} MiB")
-                continue
-            try:
-                line = raw.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is no content
-            except UnicodeDecodeError:
-                yield Problem(location, NOT_UTF8)
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = JSON.decode(line)
-            except (ValueError, RecursionError) as error:
-                yield Problem(location, _unparsed(error))
-                continue
-            yield RawRecord(location, record)
+        handle.seek(offset)
+        for number, raw in enumerate(_lines(handle), start=line):
+            offset = offset + len(raw) if raw is not None else handle.tell()
+            item = _jsonl_record(f"{path}:{number}", raw)
+            if item is not None:
+                yield item, offset, number + 1
+
+
+def _jsonl_record(location: str, raw: bytes | None) -> RawRecord | Problem | None:
+    """One JSONL line as a record, a Problem, or None for a blank line."""
+    if raw is None:
+        return Problem(location, f"a line longer than {MAX_LINE >> 20} MiB")
+    try:
+        line = raw.decode("utf-8-sig")  # a byte-order mark (Windows Notepad) is no content
+    except UnicodeDecodeError:
+        return Problem(location, NOT_UTF8)
+    if not line.strip():
+        return None
+    try:
+        return RawRecord(location, JSON.decode(line))
+    except (ValueError, RecursionError) as error:
+        return Problem(location, _unparsed(error))
 
 
 def _json_array(path: Path) -> Iterator[RawRecord | Problem]:
@@ -174,7 +184,10 @@ def _json_array(path: Path) -> Iterator[RawRecord | Problem]:
 
     position = whitespace.match(text, 0).end()
     if not text.startswith("[", position):
-        yield Problem(f"{path}:{line_at(position)}", "a .json data file must hold an array of records (use .jsonl for one per line)")
+        yield Problem(
+            f"{path}:{line_at(position)}",
+            "a .json data file must hold an array of records (use .jsonl for one per line)",
+        )
         return
     position = whitespace.match(text, position + 1).end()
     first = True
@@ -213,7 +226,8 @@ def _not_text(cells: Iterable[str | None]) -> str | None:
 
 
 def _csv(path: Path) -> SourceFile:
-    handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")  # a byte-order mark (Excel) is no column name
+    # a byte-order mark (Excel) is no column name
+    handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(handle)
     try:
         columns = tuple(reader.fieldnames or ())
@@ -267,7 +281,12 @@ def _datasets_folder(path: Path) -> SourceFile:
 
     try:
         dataset = datasets.load_from_disk(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as error:  # what datasets raises on a missing, damaged or foreign file in it
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as error:  # what datasets raises on a missing, damaged or foreign file in it
         raise _unreadable(path, "not a folder written by datasets' save_to_disk, or a damaged one", error) from None
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:

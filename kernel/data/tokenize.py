@@ -29,7 +29,7 @@ from modelloop.data.sources import DataError, DataSource, Problem
 from modelloop.paths import cache_home
 
 #: Bump when the encoding changes, so old cache entries are not reused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 BATCH = 1024
 SHOWN_PROBLEMS = 20
 #: A sequence is tokenised as far as this many times max_length: its length is exact up
@@ -62,7 +62,9 @@ class Encoded:
 
     def cut_at(self, limit: int) -> Encoded:
         """Its first ``limit`` tokens, marked ``cut`` when there are more."""
-        return self if len(self) <= limit else Encoded(self.input_ids[:limit], self.labels[:limit], self.images, cut=True)
+        return (
+            self if len(self) <= limit else Encoded(self.input_ids[:limit], self.labels[:limit], self.images, cut=True)
+        )
 
 
 class Encoder:
@@ -92,7 +94,10 @@ class Encoder:
         if example.kind == "prompt":
             return [self._placed([(chat.render(record["prompt"], add_generation_prompt=True), False)], record)]
         if example.kind == "preference":
-            return [self._placed(chat.segments([*record["prompt"], *record[side]]), record) for side in ("chosen", "rejected")]
+            return [
+                self._placed(chat.segments([*record["prompt"], *record[side]]), record)
+                for side in ("chosen", "rejected")
+            ]
         return [self._placed(chat.segments([*record["prompt"], *record["completion"]]), record)]
 
     def _placed(self, pieces: list[tuple[str, bool]], record: Any) -> list[tuple[str, bool]]:
@@ -134,7 +139,9 @@ class Encoder:
             encoded.append(self._with_images(example, [next(tokenised) for _ in sequences]))
         return encoded
 
-    def each(self, examples: Sequence[Example], max_length: int | None = None) -> Iterator[tuple[Example, list[Encoded] | Problem]]:
+    def each(
+        self, examples: Sequence[Example], max_length: int | None = None
+    ) -> Iterator[tuple[Example, list[Encoded] | Problem]]:
         """Each example with what ``encode`` makes of it, ``BATCH`` examples at a time."""
         for start in range(0, len(examples), BATCH):
             batch = examples[start : start + BATCH]
@@ -181,7 +188,10 @@ class Encoder:
             return [replace(sequence, images=images) for sequence in sequences]
         try:
             counts = self.images.counts(images)
-            return [Encoded(*self.images.expand(sequence.input_ids, sequence.labels, counts), images=images) for sequence in sequences]
+            return [
+                Encoded(*self.images.expand(sequence.input_ids, sequence.labels, counts), images=images)
+                for sequence in sequences
+            ]
         except ValueError as error:
             return Problem(example.location, str(error))
 
@@ -215,7 +225,11 @@ class DataStats:
         parts = [f"{self.examples} examples", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
         if self.images:
             parts.append(f"{self.images} images")
-        for label, count in (("truncated", self.truncated), ("dropped", self.dropped), ("bad records skipped", self.skipped_bad)):
+        for label, count in (
+            ("truncated", self.truncated),
+            ("dropped", self.dropped),
+            ("bad records skipped", self.skipped_bad),
+        ):
             if count:
                 parts.append(f"{count} {label}")
         return ", ".join(parts)
@@ -385,7 +399,13 @@ def _save(path: Path, data: TokenizedData) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"locations": data.locations, "stats": asdict(data.stats)}).encode()
     with atomic_file(path, "wb") as out:
-        numpy.savez(out, ids=data.flat_ids, labels=data.flat_labels, offsets=data.offsets, meta=numpy.frombuffer(meta, dtype=numpy.uint8))
+        numpy.savez(
+            out,
+            ids=data.flat_ids,
+            labels=data.flat_labels,
+            offsets=data.offsets,
+            meta=numpy.frombuffer(meta, dtype=numpy.uint8),
+        )
 
 
 def _load(path: Path) -> TokenizedData:
@@ -394,7 +414,12 @@ def _load(path: Path) -> TokenizedData:
     with numpy.load(path) as stored:
         meta = json.loads(stored["meta"].tobytes().decode())
         return TokenizedData(
-            stored["ids"], stored["labels"], stored["offsets"], meta["locations"], DataStats(**meta["stats"]), from_cache=True
+            stored["ids"],
+            stored["labels"],
+            stored["offsets"],
+            meta["locations"],
+            DataStats(**meta["stats"]),
+            from_cache=True,
         )
 
 
@@ -430,7 +455,14 @@ def prepare_data(
             raise DataError(f"{source.path}: no such file or folder")
     encoder = Encoder(tokenizer, chat if kind == "conversation" else None, images)
     use_cache = use_cache and images is None
-    settings = {"max_length": max_length, "kind": kind, "format": format, "truncation": truncation, "skip_bad": skip_bad_records, "seed": seed}
+    settings = {
+        "max_length": max_length,
+        "kind": kind,
+        "format": format,
+        "truncation": truncation,
+        "skip_bad": skip_bad_records,
+        "seed": seed,
+    }
     cached = cache_home() / "tokenized" / f"{cache_key(parsed, encoder, settings)}.npz" if use_cache else None
     if cached is not None and cached.exists():
         return _load(cached)

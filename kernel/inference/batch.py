@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelloop.data.images import as_content_parts, inline_images
 from modelloop.data.records import Example
 from modelloop.data.sources import DataError
-from modelloop.data.images import as_content_parts, inline_images
 from modelloop.inference.types import GenerationRequest, SamplingParams
 from modelloop.jsonl import read_jsonl, repair, write_record
 
@@ -38,16 +38,26 @@ def prompts_from(examples: Sequence[Example]) -> list[Prompt]:
     for index, example in enumerate(examples):
         record = example.record
         if example.kind == "conversation":
-            messages = as_content_parts(record["messages"], record["images"]) if record.get("images") else record["messages"]
+            messages = (
+                as_content_parts(record["messages"], record["images"]) if record.get("images") else record["messages"]
+            )
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = Prompt(index, example.location, messages[:last], None, messages[last]["content"], {})
         elif example.kind == "text":
             prompt = Prompt(index, example.location, None, record["text"], None, {})
         else:
-            columns = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "completion", "label", "images")}
+            columns = {
+                k: v
+                for k, v in record.items()
+                if k not in ("prompt", "chosen", "rejected", "completion", "label", "images")
+            }
             reference = columns.get("solution")
-            messages = as_content_parts(record["prompt"], record["images"]) if record.get("images") else record["prompt"]
-            prompt = Prompt(index, example.location, messages, None, None if reference is None else str(reference), columns)
+            messages = (
+                as_content_parts(record["prompt"], record["images"]) if record.get("images") else record["prompt"]
+            )
+            prompt = Prompt(
+                index, example.location, messages, None, None if reference is None else str(reference), columns
+            )
         prompts.append(prompt)
     return prompts
 
@@ -73,7 +83,12 @@ def run_inference(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             requests = [
-                GenerationRequest(messages=inline_images(p.messages) if p.messages is not None else None, prompt=p.text, model=model, params=params)
+                GenerationRequest(
+                    messages=inline_images(p.messages) if p.messages is not None else None,
+                    prompt=p.text,
+                    model=model,
+                    params=params,
+                )
                 for p in batch
             ]
             for prompt, generation in zip(batch, session.generate(requests)):

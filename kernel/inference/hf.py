@@ -98,7 +98,13 @@ class HFSession:
             self._worker.start()
 
     @classmethod
-    def load(cls, model_path: str | Path, *, adapters: Mapping[str, str | Path] | None = None, options: Mapping[str, Any] | None = None) -> HFSession:
+    def load(
+        cls,
+        model_path: str | Path,
+        *,
+        adapters: Mapping[str, str | Path] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> HFSession:
         """A session over a model folder or run folder, loaded for inference."""
         from modelloop.chat import resolve_chat_format
         from modelloop.models.loading import load_model
@@ -112,7 +118,15 @@ class HFSession:
             folder = resolve_model_source(model_path).tokenizer
             options["images"] = load_image_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
         served_name = str(options.get("served_name") or Path(str(model_path)).name)
-        return cls(loaded.model.eval(), loaded.tokenizer, chat, served_name=served_name, adapters=adapters, options=options, tuner=loaded.tuner)
+        return cls(
+            loaded.model.eval(),
+            loaded.tokenizer,
+            chat,
+            served_name=served_name,
+            adapters=adapters,
+            options=options,
+            tuner=loaded.tuner,
+        )
 
     # ------------------------------------------------------------------ protocol
 
@@ -127,9 +141,13 @@ class HFSession:
         tuner = saved_adapter(path)
         if tuner is None:
             markers = sorted({spec.adapters.marker for spec in get_registry(TUNERS) if spec.adapters is not None})
-            raise EngineError(f"{path} is not an adapter folder of an installed tuner (it has no {' or '.join(markers) or 'adapter marker file'})")
+            raise EngineError(
+                f"{path} is not an adapter folder of an installed tuner (it has no {' or '.join(markers) or 'adapter marker file'})"
+            )
         if self._format is not None and tuner.adapters is not self._format:
-            raise EngineError(f"{path} is an adapter of tuner {tuner.name!r}, which does not attach beside the adapters served")
+            raise EngineError(
+                f"{path} is an adapter of tuner {tuner.name!r}, which does not attach beside the adapters served"
+            )
         with self._lock:
             self.model = tuner.adapters.attach(self.model, path, name=name).eval()
             self._format = tuner.adapters
@@ -196,7 +214,10 @@ class HFSession:
             for reference in references:
                 if not reference.startswith(("data:", *REMOTE)):
                     raise ValueError("images are sent as base64 data URLs (local paths are not read)")
-            opened = tuple(open_image(resolve_image(reference, None, allow_remote=self.allow_remote_images)) for reference in references)
+            opened = tuple(
+                open_image(resolve_image(reference, None, allow_remote=self.allow_remote_images))
+                for reference in references
+            )
         except ValueError as error:
             raise EngineError(str(error)) from None
         return flattened, opened
@@ -306,7 +327,9 @@ class HFSession:
         width = max(len(job.prompt_ids) for job, _ in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(job.prompt_ids)) + job.prompt_ids for job, _ in rows])
-        attention_mask = torch.tensor([[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows])
+        attention_mask = torch.tensor(
+            [[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows]
+        )
         pictures = self._image_inputs(input_ids, [job.images for job, _ in rows])
         streamer = _BatchStreamer(self, rows)
         options: dict[str, Any] = {
@@ -376,13 +399,22 @@ class HFSession:
         if cut is not None:
             text, reason, end = text[:cut], "stop", []
             # the shortest prefix of the tokens that still decodes to the kept text
-            length = next((n for n in range(len(kept) + 1) if len(self.tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text)), len(kept))
+            length = next(
+                (
+                    n
+                    for n in range(len(kept) + 1)
+                    if len(self.tokenizer.decode(kept[:n], skip_special_tokens=True)) >= len(text)
+                ),
+                len(kept),
+            )
             kept = kept[:length]
         kept += end
         if logprobs is None:
             return Completion(text=text, token_ids=tuple(kept), finish_reason=reason)
         tokens = tuple(self.tokenizer.decode([token]) for token in kept)
-        return Completion(text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=tuple(logprobs[: len(kept)]), tokens=tokens)
+        return Completion(
+            text=text, token_ids=tuple(kept), finish_reason=reason, logprobs=tuple(logprobs[: len(kept)]), tokens=tokens
+        )
 
     def _adapter(self, name: str | None) -> Any:
         """A context in which the model generates as ``name`` (an adapter, or the served base)."""
@@ -477,7 +509,11 @@ class _BatchStreamer:
         if job.request.params.logprobs or any(self.open[i] for i in mine):
             return
         completions = [
-            self.session._complete(self.tokens[i] + ([self.end_token[i]] if self.end_token[i] is not None else []), job.request.params, None)
+            self.session._complete(
+                self.tokens[i] + ([self.end_token[i]] if self.end_token[i] is not None else []),
+                job.request.params,
+                None,
+            )
             for i in mine
         ]
         self.answer(job, completions)
@@ -492,7 +528,14 @@ class _BatchStreamer:
             if rest:
                 job.deltas.put(Delta(index=choice, text=rest))
             prompt_tokens = len(job.prompt_ids) if choice == 0 else 0
-            job.deltas.put(Delta(index=choice, finish_reason=final.finish_reason, tokens=len(final.token_ids), prompt_tokens=prompt_tokens))
+            job.deltas.put(
+                Delta(
+                    index=choice,
+                    finish_reason=final.finish_reason,
+                    tokens=len(final.token_ids),
+                    prompt_tokens=prompt_tokens,
+                )
+            )
         job.result = Generation(choices=tuple(completions), prompt_tokens=len(job.prompt_ids))
         job.deltas.put(_DONE)
         job.done.set()

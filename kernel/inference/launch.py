@@ -15,8 +15,8 @@ from typing import Any
 
 from modelloop.errors import EngineError
 from modelloop.inference.remote import RemoteSession, ServerProcess
-from modelloop.parallel.world import free_port
 from modelloop.options import complete
+from modelloop.parallel.world import free_port
 
 #: Options every launched engine takes (``--engine-option KEY=VALUE`` on the command line).
 DEFAULTS: dict[str, Any] = {

@@ -37,7 +37,9 @@ RETRIED = frozenset({429, 503})
 class ServerProcess:
     """An engine's server in its own process group, with its recent output kept for errors."""
 
-    def __init__(self, command: Sequence[str], *, url: str, env: Mapping[str, str] | None = None, name: str = "engine") -> None:
+    def __init__(
+        self, command: Sequence[str], *, url: str, env: Mapping[str, str] | None = None, name: str = "engine"
+    ) -> None:
         self.command = list(command)
         self.url = url.rstrip("/")
         self.name = name
@@ -73,7 +75,9 @@ class ServerProcess:
             code = self.process.poll()
             if code is not None:
                 self._reader.join(timeout=2)
-                raise EngineError(f"the {self.name} server exited with status {code} while starting; its last output:\n{self.last_lines()}")
+                raise EngineError(
+                    f"the {self.name} server exited with status {code} while starting; its last output:\n{self.last_lines()}"
+                )
             try:
                 if httpx.get(self.url + path, timeout=2).status_code == 200:
                     return
@@ -81,7 +85,9 @@ class ServerProcess:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise EngineError(f"the {self.name} server was not healthy after {timeout:.0f} s; its last output:\n{self.last_lines()}")
+                raise EngineError(
+                    f"the {self.name} server was not healthy after {timeout:.0f} s; its last output:\n{self.last_lines()}"
+                )
             time.sleep(0.25)
 
     def stop(self, grace: float = 30.0) -> None:
@@ -172,7 +178,9 @@ class RemoteSession:
         route, body = self._body(request)
         deadline = time.monotonic() + self.timeout
         for attempt in itertools.count():
-            with self.http.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+            with self.http.stream(
+                "POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}
+            ) as response:
                 if response.status_code == 200:
                     yield from self._deltas(response)
                     return
@@ -273,7 +281,9 @@ class RemoteSession:
                 response = self.http.request(method, route, **kwargs)
             except httpx.HTTPError as error:
                 detail = f"; its last output:\n{self.process.last_lines()}" if self.process else ""
-                raise EngineError(f"the engine at {self.url} did not answer {method} {route}: {error}{detail}") from None
+                raise EngineError(
+                    f"the engine at {self.url} did not answer {method} {route}: {error}{detail}"
+                ) from None
             if response.status_code == 200:
                 return response.json() if response.content else {}
             if not self._wait_to_retry(response, attempt, deadline):

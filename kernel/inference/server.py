@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API in front of an engine session.
 
 ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions`` (both streamed as server-sent events when ``stream`` is true).
+``POST /v1/completions`` (both streamed as server-sent events when ``stream`` is true),
+and, with a request log (``serve --log``), ``POST /v1/feedback`` about an answer, named by
+the ``id`` it carried (``modelloop.inference.request_log``).
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with the
 status a client expects: 400 for a bad request (malformed JSON, a field of the wrong type
 or out of range, named in ``param``), 401 for a wrong or missing API key, 403 for an
@@ -30,7 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +43,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from modelloop.errors import EngineError, ModelloopError
+from modelloop.inference.request_log import RequestLog
 from modelloop.inference.types import Delta, GenerationRequest, SamplingParams
 
 INT32 = 2**31 - 1  # the largest count or token id an engine's tensors hold
@@ -72,7 +75,14 @@ class OpenAIError(Exception):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code, self.headers = status, message, kind, param, code, headers
+        self.status, self.message, self.kind, self.param, self.code, self.headers = (
+            status,
+            message,
+            kind,
+            param,
+            code,
+            headers,
+        )
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -182,6 +192,18 @@ class AdapterRequest(Strict):
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
+class FeedbackRequest(Strict):
+    """What a user thought of an answer: ``id`` is the one the answer carried, ``index``
+    its choice; a rating, a score from 0 (worst) to 1 (best), a corrected answer, or several."""
+
+    id: str = Field(min_length=1, max_length=256)
+    index: int = Field(0, ge=0, lt=16)
+    rating: Literal["up", "down"] | None = None
+    score: float | None = Field(None, ge=0.0, le=1.0)
+    correction: str | None = Field(None, min_length=1, max_length=1 << 20)
+    comment: str | None = Field(None, max_length=4096)
+
+
 class Load:
     """What the server has taken on: the gate in front of the engine, and what ``/metrics`` shows.
 
@@ -232,7 +254,9 @@ class Load:
         return OpenAIError(status, message, kind, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     def timed_out(self) -> OpenAIError:
-        return self.shed(503, "timeout", f"the request was not answered within {self.timeout:g} s (--request-timeout); retry later")
+        return self.shed(
+            503, "timeout", f"the request was not answered within {self.timeout:g} s (--request-timeout); retry later"
+        )
 
     def produced(self, tokens: int) -> None:
         now = time.monotonic()
@@ -260,7 +284,11 @@ class Load:
         self.requests += 1
 
     def _queue_full(self) -> OpenAIError:
-        return self.shed(429, "queue_full", f"the server is busy: {self.max_queued} requests are waiting already (--max-queued); retry later")
+        return self.shed(
+            429,
+            "queue_full",
+            f"the server is busy: {self.max_queued} requests are waiting already (--max-queued); retry later",
+        )
 
     async def _wait(self, rows: int, deadline: float) -> None:
         if len(self.line) >= self.max_queued:
@@ -302,15 +330,21 @@ def create_app(
     allow_remote_images: bool = False,
     adapter_dirs: Sequence[str | Path] = (),
     limits: Limits = Limits(),
+    request_log: RequestLog | None = None,
+    origin: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """The API over ``session`` (an EngineSession); ``api_key`` guards every /v1 route.
+
+    With ``request_log`` every answered request is logged, with ``origin`` (what is served:
+    its ``source`` and ``run``), and ``/v1/feedback`` takes what users thought of the answers.
 
     Pictures in chat requests are base64 data URLs, or http(s) URLs with
     ``allow_remote_images``, whatever the engine (vLLM would otherwise fetch any URL, and
     read server paths where allowed). Adapters are loaded at run time from under
     ``adapter_dirs`` only (none: never), so that the route reads no other server path."""
     load = Load(limits)
-    pool = ThreadPoolExecutor(max_workers=load.capacity, thread_name_prefix="modelloop-serve")  # a thread per request in the engine
+    # a thread per request in the engine
+    pool = ThreadPoolExecutor(max_workers=load.capacity, thread_name_prefix="modelloop-serve")
     allowed = [Path(folder).resolve() for folder in adapter_dirs]
 
     @contextlib.asynccontextmanager
@@ -318,6 +352,8 @@ def create_app(
         yield
         session.close()  # after uvicorn has answered the requests in flight
         pool.shutdown(wait=False, cancel_futures=True)
+        if request_log is not None:
+            request_log.close()
 
     app = FastAPI(title="modelloop", docs_url=None, redoc_url=None, lifespan=lifespan)
     if api_key:
@@ -343,14 +379,21 @@ def create_app(
             body += chunk
             if len(body) > limits.max_body_bytes:
                 load.rejected["too_large"] += 1
-                raise OpenAIError(413, f"the request body is over {limits.max_body_bytes} bytes (--max-body-mb)", code="request_too_large")
+                raise OpenAIError(
+                    413,
+                    f"the request body is over {limits.max_body_bytes} bytes (--max-body-mb)",
+                    code="request_too_large",
+                )
         return bytes(body)
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
         """The body as ``model``, whatever content type the client declared (curl -d says form data)."""
         try:
             data = json.loads(await read(request))
-        except (ValueError, RecursionError) as error:  # bad JSON or UTF-8, a 5,000-digit number, nesting past Python's stack
+        except (
+            ValueError,
+            RecursionError,
+        ) as error:  # bad JSON or UTF-8, a 5,000-digit number, nesting past Python's stack
             raise OpenAIError(400, f"malformed JSON: {error}") from None
         if not isinstance(data, dict):
             raise OpenAIError(400, "the request body must be a JSON object")
@@ -363,7 +406,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": session.models, "requests": getattr(session, "requests", None), "batches": getattr(session, "batches", None)}
+        return {
+            "status": "ok",
+            "models": session.models,
+            "requests": getattr(session, "requests", None),
+            "batches": getattr(session, "batches", None),
+        }
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
@@ -372,11 +420,21 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "modelloop"} for name in session.models]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": created, "owned_by": "modelloop"} for name in session.models
+            ],
+        }
 
     async def engine_request(body: Sampling, **content: Any) -> GenerationRequest:
         if body.model not in session.models:
-            raise OpenAIError(404, f"the model {body.model!r} does not exist; served: {', '.join(session.models)}", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"the model {body.model!r} does not exist; served: {', '.join(session.models)}",
+                param="model",
+                code="model_not_found",
+            )
         request = GenerationRequest(model=body.model, params=body.params(), **content)
         try:
             await asyncio.to_thread(session.check, request)  # it may read pictures: off the event loop
@@ -397,11 +455,39 @@ def create_app(
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
-        in_engine(rows, _pump, session.stream(request), lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item), stop)
+        in_engine(
+            rows, _pump, session.stream(request), lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item), stop
+        )
         return _until_end(deltas, stop, deadline)
 
+    def log(identity: str, request: GenerationRequest, kind: str, started: float, stream: bool) -> Callable[..., None]:
+        """What logs the request once it is answered: ``(answers, prompt tokens, completion tokens)``."""
+
+        def answered(answers: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int) -> None:
+            if request_log is None:
+                return
+            content = {"messages": request.messages} if kind == "chat" else {"prompt": request.prompt}
+            request_log.request(
+                {
+                    "id": identity,
+                    "model": request.model,
+                    **(origin or {}),
+                    "kind": kind,
+                    **content,
+                    "answers": answers,
+                    "sampling": asdict(request.params),
+                    "latency_s": round(time.monotonic() - started, 4),
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "stream": stream,
+                }
+            )
+
+        return answered
+
     async def respond(raw: Request, body: Sampling, request: GenerationRequest, kind: Literal["chat", "text"]) -> Any:
-        deadline = time.monotonic() + limits.request_timeout
+        started = time.monotonic()
+        deadline = started + limits.request_timeout
         rows = await load.enter(body.n, deadline)
         if await raw.is_disconnected():  # its client left while it waited: the engine never sees it
             load.leave(rows)
@@ -410,22 +496,42 @@ def create_app(
         identity = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _events(engine_stream(rows, request, deadline), request, identity, kind, load, usage=usage)
+            answered = log(identity, request, kind, started, stream=True)
+            events = _events(
+                engine_stream(rows, request, deadline), request, identity, kind, load, usage=usage, answered=answered
+            )
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            (generation,) = await asyncio.wait_for(asyncio.shield(in_engine(rows, session.generate, [request])), deadline - time.monotonic())
+            (generation,) = await asyncio.wait_for(
+                asyncio.shield(in_engine(rows, session.generate, [request])), deadline - time.monotonic()
+            )
         except TimeoutError:
             raise load.timed_out() from None
         except ModelloopError as error:
             raise OpenAIError(400, str(error)) from None
         load.produced(generation.completion_tokens)
+        log(identity, request, kind, started, stream=False)(
+            [{"text": choice.text, "finish_reason": choice.finish_reason} for choice in generation.choices],
+            generation.prompt_tokens,
+            generation.completion_tokens,
+        )
         choices = []
         for index, choice in enumerate(generation.choices):
             logprobs = _logprobs(choice, kind) if body.logprobs else None
             if kind == "chat":
-                answer = {"index": index, "message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.finish_reason, "logprobs": logprobs}
+                answer = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": choice.text},
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": logprobs,
+                }
             else:
-                answer = {"index": index, "text": choice.text, "finish_reason": choice.finish_reason, "logprobs": logprobs}
+                answer = {
+                    "index": index,
+                    "text": choice.text,
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": logprobs,
+                }
             if body.return_token_ids:
                 answer["token_ids"] = list(choice.token_ids)
             choices.append(answer)
@@ -457,8 +563,16 @@ def create_app(
     async def load_lora_adapter(raw: Request) -> Any:
         """Serve another LoRA adapter from now on (vLLM's route and body)."""
         body = await parse(raw, AdapterRequest)
-        if not _inside(body.lora_path, allowed):  # decided before the path is looked at: the answer tells nothing about it
-            raise OpenAIError(403, "lora_path is not in a folder adapters may be loaded from (serve --adapter-dir)", "permission_error", param="lora_path", code="adapter_path_not_allowed")
+        if not _inside(
+            body.lora_path, allowed
+        ):  # decided before the path is looked at: the answer tells nothing about it
+            raise OpenAIError(
+                403,
+                "lora_path is not in a folder adapters may be loaded from (serve --adapter-dir)",
+                "permission_error",
+                param="lora_path",
+                code="adapter_path_not_allowed",
+            )
         try:
             await asyncio.to_thread(session.load_adapter, body.lora_name, body.lora_path)
         except (EngineError, OSError, ValueError) as error:
@@ -480,6 +594,23 @@ def create_app(
         load.refuse_if_full()
         body = await parse(raw, CompletionRequest)
         return await respond(raw, body, await engine_request(body, prompt=body.prompt), "text")
+
+    @app.post("/v1/feedback")
+    async def feedback(raw: Request) -> Any:
+        """What a user thought of a logged answer, logged beside it (``serve --log``)."""
+        if request_log is None:
+            raise OpenAIError(
+                404,
+                "this server keeps no request log, so it takes no feedback: serve it with --log DIR",
+                code="feedback_not_enabled",
+            )
+        body = await parse(raw, FeedbackRequest)
+        if body.rating is None and body.score is None and body.correction is None:
+            raise OpenAIError(400, "give a rating (up or down), a score (0 to 1) or a correction", param="rating")
+        if not request_log.knows(body.id):
+            raise OpenAIError(404, f"no request {body.id!r} in the log", param="id", code="request_not_found")
+        request_log.feedback(body.model_dump(exclude_none=True))
+        return {"id": body.id, "object": "feedback", "status": "recorded"}
 
     return app
 
@@ -521,8 +652,16 @@ def _check_picture_urls(messages: Sequence[Message], allow_remote: bool) -> None
             url = part.image_url.url
             if url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://"))):
                 continue
-            reason = "remote URLs are not fetched (serve with --allow-remote-images)" if url.startswith(("http://", "https://")) else "send pictures as base64 data URLs"
-            raise OpenAIError(400, f"messages[{number}]: image {url[:80]}: {reason}", param=f"messages[{number}].content[{index}].image_url.url")
+            reason = (
+                "remote URLs are not fetched (serve with --allow-remote-images)"
+                if url.startswith(("http://", "https://"))
+                else "send pictures as base64 data URLs"
+            )
+            raise OpenAIError(
+                400,
+                f"messages[{number}]: image {url[:80]}: {reason}",
+                param=f"messages[{number}].content[{index}].image_url.url",
+            )
 
 
 def _logprobs(choice: Any, kind: str) -> Any:
@@ -565,12 +704,27 @@ async def _until_end(deltas: asyncio.Queue[Any], stop: threading.Event, deadline
         stop.set()
 
 
-async def _events(deltas: AsyncGenerator[Delta, None], request: GenerationRequest, identity: str, kind: str, load: Load, *, usage: bool) -> AsyncIterator[str]:
+async def _events(
+    deltas: AsyncGenerator[Delta, None],
+    request: GenerationRequest,
+    identity: str,
+    kind: str,
+    load: Load,
+    *,
+    usage: bool,
+    answered: Callable[[list[dict[str, Any]], int, int], None],
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; with
     ``usage`` (``stream_options.include_usage``), every chunk carries ``"usage": null`` and a
-    last one with no choices carries the stream's usage."""
+    last one with no choices carries the stream's usage. A stream that ends whole is handed
+    to ``answered`` (its answers, prompt and completion tokens)."""
     created = int(time.time())
-    base = {"id": identity, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created, "model": request.model}
+    base = {
+        "id": identity,
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": request.model,
+    }
     if usage:
         base["usage"] = None
 
@@ -588,14 +742,25 @@ async def _events(deltas: AsyncGenerator[Delta, None], request: GenerationReques
         for index in range(request.params.n):
             yield event(index, None, None, role=True)
     tokens = prompt_tokens = 0
+    texts: dict[int, list[str]] = collections.defaultdict(list)
+    finishes: dict[int, str] = {}
     async with contextlib.aclosing(deltas):  # closed whenever this stream ends: the engine stops too
         try:
             async for delta in deltas:
                 tokens, prompt_tokens = tokens + delta.tokens, prompt_tokens + delta.prompt_tokens
+                texts[delta.index].append(delta.text)
+                if delta.finish_reason:
+                    finishes[delta.index] = delta.finish_reason
                 if delta.text or delta.finish_reason:
                     yield event(delta.index, delta.text, delta.finish_reason)
         except Exception as error:  # the status line is sent: report in the stream, then end it
             yield f"data: {json.dumps(_stream_failure(error, load).body())}\n\n"
+        else:
+            answers = [
+                {"text": "".join(texts[index]), "finish_reason": finishes.get(index)}
+                for index in range(request.params.n)
+            ]
+            answered(answers, prompt_tokens, tokens)
     load.produced(tokens)
     if usage:
         counts = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}

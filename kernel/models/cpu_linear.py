@@ -44,7 +44,11 @@ def multiply_with_onednn(model: Any) -> int:
     for module in model.modules():
         if module is output:
             continue
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+        if (
+            type(module) is torch.nn.Linear
+            and module.weight.dtype == torch.float32
+            and module.weight.device.type == "cpu"
+        ):
             module.__class__ = OneDNNLinear
             count += 1
     return count

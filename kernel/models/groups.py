@@ -31,7 +31,9 @@ def check_groups(names: list[str], groups: Mapping[str, tuple[str, ...]], family
     """ValueError naming the first group that is not one of the family's."""
     unknown = [name for name in names if name not in groups]
     if unknown:
-        raise ValueError(f"the {family_name} family has no module group {unknown[0]!r}; groups: {', '.join(groups) or 'none'}")
+        raise ValueError(
+            f"the {family_name} family has no module group {unknown[0]!r}; groups: {', '.join(groups) or 'none'}"
+        )
 
 
 def parameter_groups(model: Any, groups: Mapping[str, tuple[str, ...]]) -> dict[str | None, list[tuple[str, Any]]]:
@@ -49,7 +51,9 @@ def freeze(model: Any, groups: Mapping[str, tuple[str, ...]], names: list[str]) 
             parameter.requires_grad = False
 
 
-def describe(model: Any, groups: Mapping[str, tuple[str, ...]], rates: Mapping[str, float], lr: float) -> dict[str, dict[str, Any]]:
+def describe(
+    model: Any, groups: Mapping[str, tuple[str, ...]], rates: Mapping[str, float], lr: float
+) -> dict[str, dict[str, Any]]:
     """Per group: its parameters, how many train, and at what rate (for the log and the
     manifest); parameters in no group are listed as ``other``."""
     summary: dict[str, dict[str, Any]] = {}

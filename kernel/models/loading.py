@@ -10,7 +10,6 @@ otherwise. Each way this can fail for a reason the user can fix is a one-line
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,24 @@ DTYPES = {
 }
 
 #: attention implementation -> the package it needs, if any (flex attention is torch's own).
-ATTENTION = {"sdpa": None, "eager": None, "flex_attention": None, "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+ATTENTION = {
+    "sdpa": None,
+    "eager": None,
+    "flex_attention": None,
+    "flash_attention_2": "flash_attn",
+    "flash_attention_3": "flash_attn_interface",
+}
 
 #: attention implementation -> the model class's flag saying it supports it.
-SUPPORT_FLAG = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn"}
+SUPPORT_FLAG = {
+    "sdpa": "_supports_sdpa",
+    "flex_attention": "_supports_flex_attn",
+    "flash_attention_2": "_supports_flash_attn",
+    "flash_attention_3": "_supports_flash_attn",
+}
 
 #: the name a run's own adapter is attached under (served as the run's model).
 OWN_ADAPTER = "default"
-
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class ModelSource:
     :param adapter: an adapter folder to put on the base, or None.
     :param tuner: the tuner whose adapter that is (it attaches it), or None.
     :param parent: the run this model came from, or None.
+    :param hub: where ``base`` came from when a hub id named it (``hub``, ``id`` and the
+        ``revision`` resolved, as a run's manifest records it in ``base_model_hub``), or None.
     """
 
     base: str
@@ -58,10 +68,13 @@ class ModelSource:
     adapter: str | None = None
     tuner: str | None = None
     parent: str | None = None
+    hub: dict[str, str | None] | None = None
 
 
-def resolve_model_source(name_or_path: str | Path) -> ModelSource:
-    """A run folder resolves to its ``model/`` (and, for an adapter, the base it was trained on)."""
+def resolve_model_source(name_or_path: str | Path, *, weights: bool = True) -> ModelSource:
+    """A run folder resolves to its ``model/`` (and, for an adapter, the base it was trained
+    on); a hub id to its folder in the hub's cache (``weights``: with the weights, else
+    only what a config or tokenizer needs, see ``modelloop.models.hub.resolve``)."""
     from modelloop.artifacts import is_run, read_manifest
 
     if is_run(name_or_path):
@@ -69,11 +82,26 @@ def resolve_model_source(name_or_path: str | Path) -> ModelSource:
         manifest = read_manifest(run)
         model_dir = run / "model" if (run / "model").is_dir() else run  # a stage's run, or an export
         if manifest.get("status") != "completed" or not model_dir.is_dir():
-            raise ModelLoadError(f"{run} is a run that did not finish (status {manifest.get('status')!r}): nothing to load")
+            raise ModelLoadError(
+                f"{run} is a run that did not finish (status {manifest.get('status')!r}): nothing to load"
+            )
         parent = str(manifest.get("id", run.name))
         tuner = saved_adapter(model_dir)
         if tuner is not None:
-            return ModelSource(base=manifest["base_model"], tokenizer=str(model_dir), adapter=str(model_dir), tuner=tuner.name, parent=parent)
+            base, hub = manifest["base_model"], manifest.get("base_model_hub")
+            if not Path(base).is_dir():  # a hub id, or a run from another machine: its base from the hub, pinned
+                from modelloop.models.hub import hub_id_of
+
+                base, resolved = _locate(hub_id_of(hub) if hub else base, needs_config=True, weights=weights)
+                hub = hub or (resolved.record() if resolved else None)
+            return ModelSource(
+                base=base,
+                tokenizer=str(model_dir),
+                adapter=str(model_dir),
+                tuner=tuner.name,
+                parent=parent,
+                hub=hub,
+            )
         if not (model_dir / "config.json").is_file():
             trained_with = manifest.get("config", {}).get("tuner")
             raise ModelLoadError(
@@ -81,8 +109,8 @@ def resolve_model_source(name_or_path: str | Path) -> ModelSource:
                 + (f" (it was trained with --tuner {trained_with}: is its plugin installed?)" if trained_with else "")
             )
         return ModelSource(base=str(model_dir), tokenizer=str(model_dir), parent=parent)
-    location = locate(name_or_path)
-    return ModelSource(base=location, tokenizer=location)
+    location, hub = _locate(name_or_path, needs_config=True, weights=weights)
+    return ModelSource(base=location, tokenizer=location, hub=hub.record() if hub else None)
 
 
 def saved_adapter(folder: str | Path) -> Tuner | None:
@@ -112,16 +140,27 @@ def merged_model(loaded: LoadedModel) -> Any:
     if loaded.tuner is None:
         return loaded.model
     if loaded.tuner.merge is None:
-        raise ModelLoadError(f"tuner {loaded.tuner.name!r} gives no merge: its adapter cannot be folded into the base model")
+        raise ModelLoadError(
+            f"tuner {loaded.tuner.name!r} gives no merge: its adapter cannot be folded into the base model"
+        )
     return loaded.tuner.merge(loaded.model)
 
 
-def locate(name_or_path: str | Path, *, needs_config: bool = True) -> str:
-    """A local folder (checked) or a hub id, as a string transformers accepts.
+def locate(name_or_path: str | Path, *, needs_config: bool = True, weights: bool = False) -> str:
+    """A local folder (checked), or the folder in the hub's cache a hub id resolves to.
 
     :param needs_config: the folder must hold a model's config.json (a tokenizer-only
         folder, such as a run's adapter folder, need not).
+    :param weights: a hub id's weights are needed too (else the config, tokenizer and
+        other small files are enough: ``modelloop.models.hub.resolve``).
     """
+    return _locate(name_or_path, needs_config=needs_config, weights=weights)[0]
+
+
+def _locate(name_or_path: str | Path, *, needs_config: bool, weights: bool) -> tuple[str, Any]:
+    """``locate``, and the hub id's resolution (``modelloop.models.hub.Resolved``) or None."""
+    from modelloop.models.hub import HubId, resolve
+
     text = str(name_or_path)
     path = Path(text).expanduser()
     if path.exists():
@@ -129,13 +168,17 @@ def locate(name_or_path: str | Path, *, needs_config: bool = True) -> str:
             raise ModelLoadError(f"{path} is a file; give the model's folder")
         if needs_config and not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json: it is not a model folder")
-        return str(path.resolve())  # absolute: run manifests must point at it from anywhere
-    if _HUB_ID.fullmatch(text) and not text.startswith((".", "~")) and not path.parent.is_dir():
-        from modelloop.models.hub import check_hub_id
-
-        check_hub_id(text)
-        return text
-    raise ModelLoadError(f"{text}: no such model folder (and not a hub id like Qwen/Qwen2.5-0.5B)")
+        return str(path.resolve()), None  # absolute: run manifests must point at it from anywhere
+    hub_id = HubId.parse(text)
+    # ``runs/tiny`` with runs/ there is a mistyped folder, not a hub id
+    if hub_id is not None and (hub_id.explicit or (not text.startswith("~") and not path.parent.is_dir())):
+        resolved = resolve(hub_id, weights=weights)
+        if needs_config and not (Path(resolved.folder) / "config.json").is_file():
+            raise ModelLoadError(f"{hub_id}: {resolved.folder} has no config.json: it is not a transformers model")
+        return resolved.folder, resolved
+    raise ModelLoadError(
+        f"{text}: no such model folder (and not a hub id like Qwen/Qwen2.5-0.5B or modelscope://Qwen/Qwen2.5-0.5B)"
+    )
 
 
 def read_config(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
@@ -179,7 +222,11 @@ def model_class(family: ModelFamily | None) -> Any:
     families, causal LM otherwise."""
     import transformers
 
-    return transformers.AutoModelForImageTextToText if family is not None and family.vision is not None else transformers.AutoModelForCausalLM
+    return (
+        transformers.AutoModelForImageTextToText
+        if family is not None and family.vision is not None
+        else transformers.AutoModelForCausalLM
+    )
 
 
 def load_image_processor(name_or_path: str | Path) -> Any:
@@ -229,13 +276,23 @@ def _torch_dtype(dtype: str) -> Any:
 
 def check_attention(attn_implementation: str) -> None:
     if attn_implementation not in ATTENTION:
-        raise ModelLoadError(f"unknown attention implementation {attn_implementation!r}; use one of: auto, {', '.join(ATTENTION)}")
+        raise ModelLoadError(
+            f"unknown attention implementation {attn_implementation!r}; use one of: auto, {', '.join(ATTENTION)}"
+        )
     package = ATTENTION[attn_implementation]
     if package and importlib.util.find_spec(package) is None:
         raise ModelLoadError(f"{attn_implementation} needs the {package} package (CUDA only); use sdpa on this machine")
 
 
-def choose_attention(requested: str, model_config: Any, family: ModelFamily | None, *, gpu: tuple[int, int] | None, packing: bool, half: bool = True) -> str:
+def choose_attention(
+    requested: str,
+    model_config: Any,
+    family: ModelFamily | None,
+    *,
+    gpu: tuple[int, int] | None,
+    packing: bool,
+    half: bool = True,
+) -> str:
     """The attention implementation a training stage loads the model with (``gpu``: the
     CUDA device's compute capability, None on a CPU; ``half``: the products are bf16 or
     fp16, as under mixed precision).
@@ -251,21 +308,36 @@ def choose_attention(requested: str, model_config: Any, family: ModelFamily | No
     if requested != "auto":
         check_attention(requested)
         if requested == "flex_attention" and gpu is None:
-            raise ModelLoadError("flex_attention trains on CUDA GPUs only (torch has no backward pass for it on a CPU); use sdpa")
+            raise ModelLoadError(
+                "flex_attention trains on CUDA GPUs only (torch has no backward pass for it on a CPU); use sdpa"
+            )
         if requested in ("flex_attention", "flash_attention_2", "flash_attention_3") and not half:
-            raise ModelLoadError(f"{requested} computes in bf16 or fp16, and this run computes in fp32: use sdpa, or dtype bf16")
+            raise ModelLoadError(
+                f"{requested} computes in bf16 or fp16, and this run computes in fp32: use sdpa, or dtype bf16"
+            )
         if not _model_supports(model_config, family, requested):
-            raise ModelLoadError(f"{model_config.model_type} models do not support attn_impl {requested}; use sdpa")
+            raise ModelLoadError(
+                f"{model_config.model_type} models do not support attn_impl {requested}; "
+                f"use {plain_attention(model_config, family)}"
+            )
         return requested
     if gpu is None or not half:
-        return "sdpa"
+        return plain_attention(model_config, family)
     candidates = ["flash_attention_3"] if gpu[0] >= 9 else []
     candidates += ["flash_attention_2", "flex_attention"] if packing else ["flash_attention_2"]
     for name in candidates:
         package = ATTENTION[name]
-        if (package is None or importlib.util.find_spec(package) is not None) and _model_supports(model_config, family, name):
+        if (package is None or importlib.util.find_spec(package) is not None) and _model_supports(
+            model_config, family, name
+        ):
             return name
-    return "sdpa"
+    return plain_attention(model_config, family)
+
+
+def plain_attention(model_config: Any, family: ModelFamily | None) -> str:
+    """torch's sdpa, or eager attention for a model that takes no sdpa (Gemma 2's
+    soft-capped attention scores), as transformers itself chooses when asked nothing."""
+    return "sdpa" if _model_supports(model_config, family, "sdpa") else "eager"
 
 
 def _model_supports(model_config: Any, family: ModelFamily | None, attn_implementation: str) -> bool:
@@ -297,7 +369,8 @@ def load_model(
         model: full weights, or the base with the run's adapter on it).
     :param dtype: ``auto`` (as saved), ``bf16``, ``fp16`` or ``fp32``.
     :param device_map: passed to transformers (``auto`` spreads over the GPUs).
-    :param attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` or ``_3``.
+    :param attn_implementation: ``sdpa`` (eager for a model that has none), ``eager``,
+        ``flash_attention_2`` or ``_3``.
     :param trust_remote_code: run code shipped with the checkpoint (off unless asked).
     :param model_options: more ``from_pretrained`` arguments (a tuner's quantization config,
         a parallel plan's ``distributed_config``, given as a plain mapping).
@@ -311,6 +384,8 @@ def load_model(
     source = resolve_model_source(name_or_path)
     config = read_config(source.base, trust_remote_code=trust_remote_code)
     family = resolve_family(config.model_type)
+    if attn_implementation == "sdpa":  # the default: eager where the model has no sdpa
+        attn_implementation = plain_attention(config, family)
     options = {
         "dtype": torch_dtype,
         "device_map": device_map,

@@ -72,7 +72,7 @@ def corpus_from_files(paths: Iterable[Path]) -> Iterator[str]:
         with path.open(encoding="utf-8") as lines:
             number = 0
             try:
-                for number, line in enumerate(lines, start=1):
+                for number, line in enumerate(lines, start=1):  # noqa: B007 - the error below names the line
                     if path.suffix == ".jsonl" and line.strip():
                         yield from strings(json.loads(line))
                     else:
@@ -111,8 +111,11 @@ def train_tokenizer(recipe: TokenizerRecipe, corpus: Iterable[str], vocab_size: 
         pad_token=recipe.pad_token or recipe.eos_token,
         bos_token=recipe.bos_token,
         model_max_length=1 << 30,
+        extra_special_tokens=dict(recipe.named_tokens),
     )
-    others = [token for token in recipe.special_tokens if token not in (recipe.eos_token, recipe.pad_token, recipe.bos_token)]
+    others = [
+        token for token in recipe.special_tokens if token not in (recipe.eos_token, recipe.pad_token, recipe.bos_token)
+    ]
     wrapped.add_special_tokens({"additional_special_tokens": others})
     return wrapped
 
@@ -177,7 +180,9 @@ def new_model(
     tokenizer = train_tokenizer(family.tokenizer, corpus, tokenizer_vocab)
     chat = resolve_chat_format(tokenizer, family)
     tokenizer.chat_template = chat.source
-    eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in dict.fromkeys((*chat.end_of_turn, tokenizer.eos_token))]
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids(token) for token in dict.fromkeys((*chat.end_of_turn, tokenizer.eos_token))
+    ]
     if family.vision:  # a vision family's language model has the vocabulary (a copy: the preset stays as registered)
         text = fields["text_config"] = dict(fields.get("text_config", {}))
     else:
@@ -189,7 +194,9 @@ def new_model(
         pad_token_id=tokenizer.pad_token_id,
     )
     if family.vision:
-        fields.update({field: tokenizer.convert_tokens_to_ids(token) for field, token in family.vision.config_tokens.items()})
+        fields.update(
+            {field: tokenizer.convert_tokens_to_ids(token) for field, token in family.vision.config_tokens.items()}
+        )
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -46,7 +46,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     backward, as Liger's fused kernel does."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        with_grad: bool,
+    ) -> torch.Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
@@ -55,8 +62,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             offset = bias.to(dtype) if bias is not None else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(inputs) if with_grad and hidden.requires_grad else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad and weight.requires_grad else None
-            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if with_grad and bias is not None and bias.requires_grad else None
+            grad_weight = (
+                torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                if with_grad and weight.requires_grad
+                else None
+            )
+            grad_bias = (
+                torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+                if with_grad and bias is not None and bias.requires_grad
+                else None
+            )
             for start in range(0, inputs.shape[0], rows):
                 piece, target = inputs[start : start + rows], labels[start : start + rows]
                 logits = (piece @ matrix.t() if offset is None else torch.addmm(offset, piece, matrix.t())).float()
@@ -80,16 +95,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
-        scaled = [None if grad is None else (grad * grad_output).to(dtype) for grad, dtype in zip(ctx.grads, ctx.dtypes)]
+        scaled = [
+            None if grad is None else (grad * grad_output).to(dtype) for grad, dtype in zip(ctx.grads, ctx.dtypes)
+        ]
         ctx.grads = ()
         return (*scaled, None, None)
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
     """The summed cross-entropy of the projection of ``hidden`` (rows, hidden size) onto
     ``weight`` (vocabulary, hidden size) against ``labels`` (rows; none ignored), without
     ever holding more than ``CHUNK_ELEMENTS`` logits."""
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    with_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, with_grad)
 
 
@@ -114,7 +135,13 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if isinstance(head.weight, DTensor):
         return "its output layer's weight is split over processes"
     configs = [model.config, getattr(model.config, "text_config", None)]
-    transforms = [name for config in configs if config is not None for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    transforms = [
+        name
+        for config in configs
+        if config is not None
+        for name in LOGIT_TRANSFORMS
+        if getattr(config, name, None) not in (None, 1, 1.0)
+    ]
     if transforms:
         return f"the model transforms its logits after the output layer ({transforms[0]})"
     return None
@@ -150,7 +177,9 @@ class OutputLayerLoss:
 
         def loss(hidden: torch.Tensor) -> torch.Tensor:
             if hidden.shape[:-1] != keep.shape:
-                raise RuntimeError(f"the output layer got hidden states of shape {tuple(hidden.shape)} for labels of shape {tuple(keep.shape)}")
+                raise RuntimeError(
+                    f"the output layer got hidden states of shape {tuple(hidden.shape)} for labels of shape {tuple(keep.shape)}"
+                )
             summed = self.function(hidden[keep], self.head.weight, self.head.bias, shift_labels[keep])
             count = keep.sum() if divisor is None else divisor
             return summed / (count.to(summed.device) if isinstance(count, torch.Tensor) else count)

@@ -23,4 +23,11 @@ TINY = {
 #: About 24 M parameters: big enough that a run's memory is its tensors rather than the
 #: libraries around them (the memory planner's tests and ``bench/parallel_throughput.py``
 #: measure with it), still a few seconds a step on a CPU.
-SMALL = {**TINY, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4}
+SMALL = {
+    **TINY,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}

@@ -59,7 +59,9 @@ def launch(stage: str, config: Any, plan: ParallelPlan, run_dir: Path) -> dict[s
         rdzv_endpoint=f"{world.master_addr}:{world.master_port}",
         rdzv_configs={"rank": world.node_rank, "timeout": config.hang_timeout},
         max_restarts=0,
-        logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter={0} if world.node_rank == 0 else set()),
+        logs_specs=DefaultLogsSpecs(
+            log_dir=str(logs), redirects=Std.ALL, tee=Std.ALL, local_ranks_filter={0} if world.node_rank == 0 else set()
+        ),
     )
     print(f"modelloop: {stage} on {world.size} processes ({plan.strategy}); logs of every rank: {logs}", flush=True)
     try:
@@ -97,7 +99,9 @@ def failure_message(error: Any, node_ranks: Any) -> str:
     others are the ones that time out), and the last lines the failed rank wrote."""
     # elastic stamps failures to the second and stops the other workers with SIGTERM: in
     # a tie, the worker it stopped did not fail first
-    rank, failure = min(error.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM))
+    rank, failure = min(
+        error.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM)
+    )
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
     else:

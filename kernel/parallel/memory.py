@@ -62,7 +62,9 @@ class ModelCounts:
     quantized_bits: int = 16
 
 
-def count_parameters(model_config: Any, tuner: Any, tuner_options: Mapping[str, Any], family: Any, *, trust_remote_code: bool = False) -> ModelCounts:
+def count_parameters(
+    model_config: Any, tuner: Any, tuner_options: Mapping[str, Any], family: Any, *, trust_remote_code: bool = False
+) -> ModelCounts:
     """Build the model on the meta device (no memory, no weights read), let the tuner
     prepare it, and count."""
     import torch
@@ -118,7 +120,8 @@ def estimate(
     shard_group = plan.dp * plan.mesh.get("cp", 1)  # sharding spans the sequence-parallel ranks too
     plain = counts.total - counts.quantized
     frozen = plain - counts.trainable
-    weights = frozen * element + counts.trainable * trained + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)  # plus a scale per 64-value block
+    # plus a scale per 64-value block
+    weights = frozen * element + counts.trainable * trained + counts.quantized * (counts.quantized_bits / 8 + 4 / 64)
     weights /= split * (shard_group if plan.shard >= 3 else 1)
     gradients = counts.trainable * trained / (split * (shard_group if plan.shard >= 2 else 1))
     if "parameters" in plan.offload:  # weights and their gradients live in host memory; the gathered layers are buffers
@@ -126,18 +129,34 @@ def estimate(
     # torch's AdamW keeps two states in the weights' dtype; DeepSpeed keeps an fp32 master
     # copy of its partition (a clone even when the weights are fp32) and two fp32 states
     per_parameter = 12 if plan.master_weights else 2 * trained
-    optimizer = 0 if "optimizer" in plan.offload else counts.trainable * per_parameter / (split * (shard_group if plan.shard >= 1 else 1))
+    optimizer = (
+        0
+        if "optimizer" in plan.offload
+        else counts.trainable * per_parameter / (split * (shard_group if plan.shard >= 1 else 1))
+    )
     recompute = gradient_checkpointing or plan.activation_checkpointing
-    activations = activation_bytes(model_config, batch_size, max_length, element, recompute, plan.mesh.get("tp", 1), loss_in_output_layer) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
-    buffers = counts.trainable * trained / (split * (shard_group if plan.shard >= 1 else 1))  # the optimizer step's temporaries
+    activations = activation_bytes(
+        model_config, batch_size, max_length, element, recompute, plan.mesh.get("tp", 1), loss_in_output_layer
+    ) // plan.mesh.get("cp", 1)  # each rank holds its share of a row
+    # the optimizer step's temporaries
+    buffers = counts.trainable * trained / (split * (shard_group if plan.shard >= 1 else 1))
     if plan.strategy == "ddp" and plan.dp > 1:
         buffers += counts.trainable * trained  # DDP's gradient buckets
     if plan.shard >= 3 and shard_group > 1:
-        buffers += counts.largest_layer * element * 2 / plan.mesh.get("tp", 1)  # one layer gathered, the next prefetched
+        # one layer gathered, the next prefetched
+        buffers += counts.largest_layer * element * 2 / plan.mesh.get("tp", 1)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), int(buffers))
 
 
-def activation_bytes(model_config: Any, rows: int, length: int, element: int, recompute: bool, tp: int = 1, loss_in_output_layer: bool = False) -> int:
+def activation_bytes(
+    model_config: Any,
+    rows: int,
+    length: int,
+    element: int,
+    recompute: bool,
+    tp: int = 1,
+    loss_in_output_layer: bool = False,
+) -> int:
     """What the forward pass keeps for the backward: every layer's saved tensors, or with
     recomputation each layer's input plus one layer's tensors, and the logits (all of
     them, or with ``loss_in_output_layer`` one chunk and the input gradient of all rows)."""
@@ -169,10 +188,21 @@ def element_bytes(dtype: str, model_config: Any) -> int:
 
 def parse_size(text: str) -> int:
     """``80GiB``, ``24GB``, ``512MiB`` or a plain number of bytes."""
-    units = {"kib": 2**10, "mib": MIB, "gib": GIB, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1, "": 1}
+    units = {
+        "kib": 2**10,
+        "mib": MIB,
+        "gib": GIB,
+        "tib": 2**40,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "tb": 10**12,
+        "b": 1,
+        "": 1,
+    }
     cleaned = text.strip().lower().replace(" ", "")
     number = cleaned.rstrip("kmgtib")
-    unit = cleaned[len(number):]
+    unit = cleaned[len(number) :]
     if unit not in units or not number:
         raise ValueError(f"{text!r} is not a size like 80GiB or 24GB")
     return int(float(number) * units[unit])

@@ -23,7 +23,12 @@ MESH_DIMENSIONS = ("dp", "tp", "pp", "ep", "cp")
 
 #: what each sharding level spreads over the data-parallel ranks (ZeRO's stages; FSDP's
 #: full shard is 3, its shard-grad-op is 2).
-SHARD_LEVELS = {0: "nothing (every rank holds everything)", 1: "optimizer states", 2: "optimizer states and gradients", 3: "optimizer states, gradients and weights"}
+SHARD_LEVELS = {
+    0: "nothing (every rank holds everything)",
+    1: "optimizer states",
+    2: "optimizer states and gradients",
+    3: "optimizer states, gradients and weights",
+}
 
 
 class PlanError(ModelloopError):
@@ -89,12 +94,16 @@ class ParallelPlan:
     def __post_init__(self) -> None:
         unknown = set(self.mesh) - set(MESH_DIMENSIONS)
         if unknown:
-            raise PlanError(f"{self.strategy}: unknown mesh dimension {sorted(unknown)[0]!r} (known: {', '.join(MESH_DIMENSIONS)})")
+            raise PlanError(
+                f"{self.strategy}: unknown mesh dimension {sorted(unknown)[0]!r} (known: {', '.join(MESH_DIMENSIONS)})"
+            )
         product = 1
         for size in self.mesh.values():
             product *= size
         if product != self.world.size:
-            raise PlanError(f"{self.strategy}: the mesh {self.mesh_text()} needs {product} processes, the world has {self.world.size}")
+            raise PlanError(
+                f"{self.strategy}: the mesh {self.mesh_text()} needs {product} processes, the world has {self.world.size}"
+            )
         if self.shard not in SHARD_LEVELS:
             raise PlanError(f"{self.strategy}: shard level {self.shard} is not one of {sorted(SHARD_LEVELS)}")
 
@@ -121,9 +130,15 @@ class ParallelPlan:
         world = self.world
         rows = [
             ("strategy", self.strategy),
-            ("world", f"{world.size} process{'es' if world.size > 1 else ''} ({world.nproc} per node x {world.nnodes} node{'s' if world.nnodes > 1 else ''}), {self.backend}"),
+            (
+                "world",
+                f"{world.size} process{'es' if world.size > 1 else ''} ({world.nproc} per node x {world.nnodes} node{'s' if world.nnodes > 1 else ''}), {self.backend}",
+            ),
             ("mesh", self.mesh_text()),
-            ("sharded", SHARD_LEVELS[self.shard] + (f" over {self.dp * self.mesh.get('cp', 1)} ranks" if self.shard else "")),
+            (
+                "sharded",
+                SHARD_LEVELS[self.shard] + (f" over {self.dp * self.mesh.get('cp', 1)} ranks" if self.shard else ""),
+            ),
             ("offload", ", ".join(self.offload) or "none"),
             ("precision", self.mixed_precision or "as loaded"),
             ("checkpointing", "by the strategy" if self.activation_checkpointing else "by the stage's setting"),
@@ -169,7 +184,10 @@ def sequence_parallel_mesh(request: PlanRequest) -> dict[str, int]:
 def parallelism_environment(**sizes: Any) -> dict[str, str]:
     """accelerate's ``ParallelismConfig`` as the variables it reads (``PARALLELISM_CONFIG_*``):
     the plan stays plain data, and the Trainer builds the config in every worker."""
-    return {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", **{f"PARALLELISM_CONFIG_{key.upper()}": str(value) for key, value in sizes.items()}}
+    return {
+        "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+        **{f"PARALLELISM_CONFIG_{key.upper()}": str(value) for key, value in sizes.items()},
+    }
 
 
 @contextmanager
@@ -198,7 +216,9 @@ def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan
     strategy = get_registry(PARALLEL_STRATEGIES).get(name or default_strategy(request.world))
     require_libraries(strategy, "strategy")
     if request.world.size < strategy.min_world_size:
-        raise PlanError(f"the {strategy.name} strategy needs at least {strategy.min_world_size} processes (--nproc), the world has {request.world.size}")
+        raise PlanError(
+            f"the {strategy.name} strategy needs at least {strategy.min_world_size} processes (--nproc), the world has {request.world.size}"
+        )
     if strategy.needs_cuda and not request.cuda:
         raise PlanError(f"the {strategy.name} strategy runs on CUDA GPUs only, and this machine has none")
     try:
@@ -208,5 +228,7 @@ def make_plan(name: str | None, request: PlanRequest) -> tuple[Any, ParallelPlan
     if not isinstance(plan, ParallelPlan):
         raise PlanError(f"the {strategy.name} strategy returned {type(plan).__name__}, not a ParallelPlan")
     if plan.mesh.get("cp", 1) != request.sequence_parallel:
-        raise PlanError(f"the {strategy.name} strategy does not split sequences (--sequence-parallel): fsdp and deepspeed do")
+        raise PlanError(
+            f"the {strategy.name} strategy does not split sequences (--sequence-parallel): fsdp and deepspeed do"
+        )
     return strategy, plan

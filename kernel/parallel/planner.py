@@ -40,7 +40,9 @@ class Change:
     update: dict[str, Any]
 
 
-def plan_training(config: TrainConfig, model_config: Any, family: Any, *, cuda: bool | None = None) -> tuple[ParallelStrategy, ParallelPlan]:
+def plan_training(
+    config: TrainConfig, model_config: Any, family: Any, *, cuda: bool | None = None
+) -> tuple[ParallelStrategy, ParallelPlan]:
     """The parallel strategy and its plan for this config on the world it runs on: the
     one torchrun described to this worker, or the one ``nproc``/``nnodes`` ask for.
     ``cuda`` plans for GPUs (or not) whatever this machine has (``modelloop plan``)."""
@@ -89,14 +91,18 @@ def plan_memory(config: TrainConfig, *, cuda: bool | None = None) -> MemoryPlan:
     from modelloop.models.output_loss import reason_plan_keeps_it
 
     tuner, options = check_tuner(config)
-    model_config = read_config(resolve_model_source(config.model).base, trust_remote_code=config.trust_remote_code)
+    model_config = read_config(
+        resolve_model_source(config.model, weights=False).base, trust_remote_code=config.trust_remote_code
+    )
     family = resolve_family(model_config.model_type)
     strategy, plan = plan_training(config, model_config, family, cuda=cuda)
     counts = count_parameters(model_config, tuner, options, family, trust_remote_code=config.trust_remote_code)
     on_gpu = torch.cuda.is_available() if cuda is None else cuda
     # a strategy with its own training loop keeps its own precision (megatron: the weights'
     # dtype, its optimizer's fp32 master copy counted by the plan's master_weights)
-    precision = Precision.resolve(config.dtype, cuda=on_gpu) if strategy.train is None else Precision(config.dtype, mixed=False)
+    precision = (
+        Precision.resolve(config.dtype, cuda=on_gpu) if strategy.train is None else Precision(config.dtype, mixed=False)
+    )
     needed = estimate(
         plan,
         counts,
@@ -155,18 +161,34 @@ def changes(planned: MemoryPlan, cuda: bool) -> Iterator[Change]:
     utilisation, offload host transfers; QLoRA changes what is trained."""
     config, plan = planned.config, planned.plan
     if plan.world.size > 1 and plan.shard < 3:
-        yield Change("shard weights, gradients and optimizer states over the ranks", "--strategy fsdp", {"strategy": "fsdp", "strategy_options": {}})
+        yield Change(
+            "shard weights, gradients and optimizer states over the ranks",
+            "--strategy fsdp",
+            {"strategy": "fsdp", "strategy_options": {}},
+        )
     if not config.gradient_checkpointing and not plan.activation_checkpointing:
-        yield Change("recompute activations in the backward pass", "--gradient-checkpointing", {"gradient_checkpointing": True})
+        yield Change(
+            "recompute activations in the backward pass", "--gradient-checkpointing", {"gradient_checkpointing": True}
+        )
     batch, accumulation = config.batch_size, config.grad_accum
     while batch > 1:
         batch, accumulation = batch // 2, accumulation * 2
-        yield Change("a smaller micro-batch, the same global batch", f"--batch-size {batch} --grad-accum {accumulation}", {"batch_size": batch, "grad_accum": accumulation})
+        yield Change(
+            "a smaller micro-batch, the same global batch",
+            f"--batch-size {batch} --grad-accum {accumulation}",
+            {"batch_size": batch, "grad_accum": accumulation},
+        )
     if cuda and plan.world.size > 1 and "optimizer" not in plan.offload:
-        yield Change("keep weights and optimizer states in host memory", "--strategy fsdp --set strategy_options.offload=true", {"strategy": "fsdp", "strategy_options": {"offload": True}})
+        yield Change(
+            "keep weights and optimizer states in host memory",
+            "--strategy fsdp --set strategy_options.offload=true",
+            {"strategy": "fsdp", "strategy_options": {"offload": True}},
+        )
     tuners = get_registry(TUNERS)
     if "qlora" in tuners and tuners.get(config.tuner).load_options is None:  # the base is not quantized yet
-        yield Change("train LoRA adapters on a 4-bit base (QLoRA)", "--tuner qlora", {"tuner": "qlora", "tuner_options": {}})
+        yield Change(
+            "train LoRA adapters on a 4-bit base (QLoRA)", "--tuner qlora", {"tuner": "qlora", "tuner_options": {}}
+        )
 
 
 def suggest(planned: MemoryPlan, capacity: int, *, cuda: bool) -> tuple[list[Change], MemoryPlan] | None:
@@ -212,7 +234,13 @@ def describe(planned: MemoryPlan, capacity: int, *, cuda: bool) -> list[str]:
         "",
         f"memory per {'GPU' if cuda else 'process'} (estimate, batch {planned.config.batch_size} x {planned.config.max_length} tokens)",
     ]
-    for name, value in (("weights", needed.weights), ("gradients", needed.gradients), ("optimizer", needed.optimizer), ("activations", needed.activations), ("buffers", needed.buffers)):
+    for name, value in (
+        ("weights", needed.weights),
+        ("gradients", needed.gradients),
+        ("optimizer", needed.optimizer),
+        ("activations", needed.activations),
+        ("buffers", needed.buffers),
+    ):
         lines.append(f"  {name:<12}{value / MIB:>12,.1f} MiB")
     share = needed.total / capacity
     lines.append(f"  {'total':<12}{needed.total / MIB:>12,.1f} MiB of {capacity / MIB:,.0f} MiB ({share:.0%})")

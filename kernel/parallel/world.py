@@ -30,7 +30,9 @@ class World:
 
     def __post_init__(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
-            raise ValueError(f"a world needs at least one process on one node, not nproc={self.nproc} nnodes={self.nnodes}")
+            raise ValueError(
+                f"a world needs at least one process on one node, not nproc={self.nproc} nnodes={self.nnodes}"
+            )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node rank {self.node_rank} is outside 0..{self.nnodes - 1}")
 
@@ -56,7 +58,9 @@ class World:
         ``MASTER_ADDR`` / ``MASTER_PORT`` (where the command line's rendezvous flags put
         them), then SLURM's variables. A single node with no port gets a free one."""
         nnodes = _first(nnodes, _int(environ, "NNODES"), _int(environ, "SLURM_NNODES"), 1)
-        node_rank = _first(node_rank, _int(environ, "NODE_RANK"), _int(environ, "SLURM_NODEID"), _int(environ, "GROUP_RANK"), 0)
+        node_rank = _first(
+            node_rank, _int(environ, "NODE_RANK"), _int(environ, "SLURM_NODEID"), _int(environ, "GROUP_RANK"), 0
+        )
         master_addr = master_addr or environ.get("MASTER_ADDR") or _first_host(environ.get("SLURM_JOB_NODELIST", ""))
         if master_addr is None:
             if nnodes > 1:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelloop.config import ConfigError, TrainConfig, check_tuner
-from modelloop.data.sources import DataSource
+from modelloop.data.sources import DataError, DataSource
+from modelloop.data.streaming import StreamSource, is_hub_id
 from modelloop.errors import ModelloopError, require_libraries
 from modelloop.models.loading import choose_attention, read_config, resolve_family, resolve_model_source
 from modelloop.models.precision import Precision
@@ -54,13 +55,19 @@ def check_training(config: TrainConfig, *, packed_rows: bool = False) -> Checked
     accelerators = check_accelerators(config, model_config.model_type)
     strategy, plan = plan_training(config, model_config, family)
     if strategy.train is not None and source.adapter:
-        raise ConfigError(f"the {strategy.name} strategy starts from full weights, and {config.model} is an adapter run: merge it first (modelloop export)")
+        raise ConfigError(
+            f"the {strategy.name} strategy starts from full weights, and {config.model} is an adapter run: merge it first (modelloop export)"
+        )
     if strategy.train is not None and (config.freeze or config.group_lr):
-        raise ConfigError(f"the {strategy.name} strategy trains with its own optimizer: --freeze and per-group rates are not applied there")
+        raise ConfigError(
+            f"the {strategy.name} strategy trains with its own optimizer: --freeze and per-group rates are not applied there"
+        )
     try:
         precision = Precision.for_this_machine(config.dtype)
         half = precision.compute in ("bf16", "fp16")
-        attention = choose_attention(config.attn_impl, model_config, family, gpu=_cuda_capability(), packing=packed_rows, half=half)
+        attention = choose_attention(
+            config.attn_impl, model_config, family, gpu=_cuda_capability(), packing=packed_rows, half=half
+        )
     except ModelloopError as error:
         raise ConfigError(str(error)) from None
     return Checked(tuner, options, source, family, model_config, accelerators, strategy, plan, precision, attention)
@@ -68,7 +75,9 @@ def check_training(config: TrainConfig, *, packed_rows: bool = False) -> Checked
 
 def check_names(config: TrainConfig) -> None:
     if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
-        raise ConfigError(f"--report-to {config.report_to} needs the {config.report_to} package: pip install {config.report_to}")
+        raise ConfigError(
+            f"--report-to {config.report_to} needs the {config.report_to} package: pip install {config.report_to}"
+        )
     check_sampler(config)
     if config.format:
         get_registry(DATASET_FORMATS).get(config.format)
@@ -78,8 +87,16 @@ def check_names(config: TrainConfig) -> None:
 
 def check_data_files(config: TrainConfig) -> None:
     """Every data file is there before a run folder is made for it (a typo in --data must
-    not leave a failed run behind)."""
+    not leave a failed run behind). A hub dataset (``hf://``) is training data streamed."""
     for text in [*config.data, *config.eval_data]:
+        if is_hub_id(text):
+            if not config.streaming or text in config.eval_data:
+                raise ConfigError(f"{text}: a hub dataset is read as a stream: train on it with --streaming")
+            try:
+                StreamSource.parse(text)
+            except DataError as error:
+                raise ConfigError(str(error)) from None
+            continue
         path = DataSource.parse(text).path
         if not path.exists():
             raise ConfigError(f"{path}: no such data file or folder")
@@ -91,7 +108,9 @@ def check_sampler(config: TrainConfig) -> None:
     sampler = get_registry(SAMPLERS).get(config.sampler)
     unknown = sorted(set(config.sampler_options) - set(sampler.option_names))
     if unknown:
-        raise ConfigError(f"sampler_options.{unknown[0]}: the {sampler.name} sampler takes {', '.join(sampler.option_names) or 'no options'}")
+        raise ConfigError(
+            f"sampler_options.{unknown[0]}: the {sampler.name} sampler takes {', '.join(sampler.option_names) or 'no options'}"
+        )
     probe = {"modalities": ["image", "text"]} if sampler.reads_modalities else {}
     try:
         list(sampler.order([1, 1], batch_size=2, seed=0, **config.sampler_options, **probe))
@@ -109,7 +128,9 @@ def check_accelerators(config: TrainConfig, model_type: str) -> list[Accelerator
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError(f"the {accelerator.name} accelerator runs on CUDA GPUs only, and this machine has none")
+                raise ConfigError(
+                    f"the {accelerator.name} accelerator runs on CUDA GPUs only, and this machine has none"
+                )
         if model_type not in accelerator.model_types:
             raise ConfigError(
                 f"the {accelerator.name} accelerator does not support model type {model_type!r} "

@@ -28,7 +28,9 @@ from modelloop.artifacts import (
     write_json_atomic,
 )
 from modelloop.config import ConfigError, TrainConfig
+from modelloop.data.from_logs import read_origin
 from modelloop.data.sources import DataSource
+from modelloop.data.streaming import is_hub_id
 from modelloop.lifecycle import StageContext, stage_lifecycle
 from modelloop.models.precision import Precision
 from modelloop.parallel.launch import launch, launched_worker
@@ -58,11 +60,17 @@ def leave_out_unused_libraries(config: TrainConfig, checked: Checked) -> list[st
 
     if config.trust_remote_code or getattr(checked.model_config, "quantization_config", None) is not None:
         return []
-    needed = {module.split(".")[0] for spec in (checked.tuner, checked.strategy, *checked.accelerators) for module in spec.requires}
+    needed = {
+        module.split(".")[0]
+        for spec in (checked.tuner, checked.strategy, *checked.accelerators)
+        for module in spec.requires
+    }
     return leave_out(name for name in EAGERLY_IMPORTED if name not in needed)
 
 
-def run_to_resume(stage: str, resume: bool | str | Path, output_dir: Path | None = None) -> tuple[Path, Path | None] | None:
+def run_to_resume(
+    stage: str, resume: bool | str | Path, output_dir: Path | None = None
+) -> tuple[Path, Path | None] | None:
     """The run folder to continue and, when one was named, the checkpoint to start from.
 
     ``resume`` is False (start afresh), True (``output_dir`` if it is a run, else the
@@ -91,7 +99,9 @@ def run_to_resume(stage: str, resume: bool | str | Path, output_dir: Path | None
     return unfinished[-1], None
 
 
-def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[[Path, Any, Any], dict[str, Any]]) -> dict[str, Any]:
+def run_stage(
+    stage: str, config: TrainConfig, checked: Checked, body: Callable[[Path, Any, Any], dict[str, Any]]
+) -> dict[str, Any]:
     """Open (or reopen, to resume) the run folder, run ``body`` inside the stage's lifecycle
     hooks, and record a failure in the manifest.
 
@@ -104,17 +114,24 @@ def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[
     world = plan.world
     launching = world.size > 1 and not in_worker()
     if world.size > 1 and config.output_dir is None and (in_worker() or world.node_rank > 0):
-        raise ConfigError("every rank must write to one run folder: give --output-dir (on a filesystem every node shares)")
+        raise ConfigError(
+            "every rank must write to one run folder: give --output-dir (on a filesystem every node shares)"
+        )
     with plan_environment(plan):
         if launching and world.node_rank > 0:  # another node's launcher: node 0 keeps the run folder
             return launch(stage, config, plan, config.output_dir)
         continuing = run_to_resume(stage, config.resume, config.output_dir)
         if in_worker() and rank() > 0:
-            return body(config.output_dir, StageContext(stage, config.model_dump(mode="json"), config.output_dir, get_plugin_manager()), continuing)
+            return body(
+                config.output_dir,
+                StageContext(stage, config.model_dump(mode="json"), config.output_dir, get_plugin_manager()),
+                continuing,
+            )
         run_dir = continuing[0] if continuing else new_run_dir(stage, config.output_dir)
         resolved = config.model_dump(mode="json")
         manager = get_plugin_manager()
-        recorded = {} if launched_worker() else {"config": resolved}  # the launcher recorded the config as the user gave it
+        # the launcher recorded the config as the user gave it
+        recorded = {} if launched_worker() else {"config": resolved}
         update_manifest(
             run_dir,
             id=run_id(run_dir),
@@ -122,6 +139,7 @@ def run_stage(stage: str, config: TrainConfig, checked: Checked, body: Callable[
             status="running",
             parent=checked.source.parent,
             base_model=checked.source.base,
+            base_model_hub=checked.source.hub,
             parallel=plan.to_dict(),
             started=time.strftime("%Y-%m-%dT%H:%M:%S"),
             **recorded,
@@ -160,14 +178,20 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, oned
     tuner, options, plan, precision = checked.tuner, checked.options, checked.plan, checked.precision
     extra = {**(tuner.load_options(options) if tuner.load_options else {}), **plan.load_options}
     dtype = precision.load_dtype(trains_base_weights=not tuner.adapter)
-    loaded = load_model(config.model, dtype=dtype, attn_implementation=checked.attention, trust_remote_code=config.trust_remote_code, **extra)
+    loaded = load_model(
+        config.model,
+        dtype=dtype,
+        attn_implementation=checked.attention,
+        trust_remote_code=config.trust_remote_code,
+        **extra,
+    )
     model = loaded.model
     if loaded.tuner is not None:  # continuing from an adapter run: train on its merged weights
         model = merged_model(loaded)
         if tuner.adapter:
             if is_main_process():
                 model.save_pretrained(merged_base(run_dir), safe_serialization=True)
-                update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()))
+                update_manifest(run_dir, base_model=str(merged_base(run_dir).resolve()), base_model_hub=None)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()  # rollouts read base/ on every rank
     for accelerator in checked.accelerators:
@@ -204,11 +228,15 @@ def record_module_groups(model: Any, config: TrainConfig, checked: Checked, run_
     summary = describe(model, groups, config.group_lr, config.lr)
     for name, numbers in summary.items():
         state = f"trained at lr {numbers['lr']:g}" if numbers["trainable"] else "frozen"
-        print(f"modelloop: group {name}: {numbers['parameters']:,} parameters, {numbers['trainable']:,} trainable, {state}")
+        print(
+            f"modelloop: group {name}: {numbers['parameters']:,} parameters, {numbers['trainable']:,} trainable, {state}"
+        )
     update_manifest(run_dir, module_groups=summary)
 
 
-def advise_schedule(config: TrainConfig, plan: ParallelPlan, *, rows: int, examples: int, rows_a_batch_row: int = 1) -> None:
+def advise_schedule(
+    config: TrainConfig, plan: ParallelPlan, *, rows: int, examples: int, rows_a_batch_row: int = 1
+) -> None:
     """Warn, before the first step, when the schedule cannot learn much from the data
     (``modelloop.schedule``). ``rows_a_batch_row``: batch rows one training row takes
     (GRPO's batch counts completions, ``num_generations`` to a prompt)."""
@@ -216,12 +244,21 @@ def advise_schedule(config: TrainConfig, plan: ParallelPlan, *, rows: int, examp
     from modelloop.schedule import schedule_advice
 
     rows_per_step = max(1, config.batch_size * config.grad_accum * plan.dp // rows_a_batch_row)
-    advice = schedule_advice(rows=rows, examples=examples, rows_per_step=rows_per_step, max_steps=config.max_steps, epochs=config.epochs, packed=config.packing)
+    advice = schedule_advice(
+        rows=rows,
+        examples=examples,
+        rows_per_step=rows_per_step,
+        max_steps=config.max_steps,
+        epochs=config.epochs,
+        packed=config.packing,
+    )
     if advice and is_main_process():
         warn_once(advice)
 
 
-def trainer_arguments(config: TrainConfig, run_dir: Path, *, evaluating: bool, plan: ParallelPlan | None = None) -> dict[str, Any]:
+def trainer_arguments(
+    config: TrainConfig, run_dir: Path, *, evaluating: bool, plan: ParallelPlan | None = None
+) -> dict[str, Any]:
     """The transformers ``TrainingArguments`` every stage shares (TRL's configs extend
     them), with the parallel plan's on top."""
     import torch
@@ -263,7 +300,9 @@ def record_compute(run_dir: Path, checked: Checked, loss: str) -> None:
     if not is_main_process():
         return
     print(f"modelloop: compute: {checked.precision.describe()}, attention {checked.attention}, loss {loss}")
-    update_manifest(run_dir, compute={"precision": checked.precision.to_dict(), "attention": checked.attention, "loss": loss})
+    update_manifest(
+        run_dir, compute={"precision": checked.precision.to_dict(), "attention": checked.attention, "loss": loss}
+    )
 
 
 def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], Any]:
@@ -306,7 +345,11 @@ def run_trainer(trainer: Any, resume: Any, run_dir: Path) -> tuple[dict[str, Any
     outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
-    metrics.update(whole_run_losses(run_dir / "metrics.jsonl", outcome.training_loss, step_of(checkpoint), trainer.state.global_step))
+    metrics.update(
+        whole_run_losses(
+            run_dir / "metrics.jsonl", outcome.training_loss, step_of(checkpoint), trainer.state.global_step
+        )
+    )
     return metrics, seconds
 
 
@@ -338,10 +381,21 @@ def finish_run(
     if not is_main_process():
         return {"run_dir": str(run_dir), "metrics": metrics}
     if gathered:
-        (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # the trainer's, not the model's (config.json holds ours)
+        # the trainer's, not the model's (config.json holds ours)
+        (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
     else:
         save_trained(checked.tuner, trainer.accelerator.unwrap_model(trainer.model), model_dir)
-    return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=stats, metrics=metrics, wrapped_as=type(trainer.model_wrapped).__name__)
+    return complete_run(
+        run_dir,
+        stage,
+        config,
+        checked,
+        tokenizer,
+        chat,
+        stats=stats,
+        metrics=metrics,
+        wrapped_as=type(trainer.model_wrapped).__name__,
+    )
 
 
 def complete_run(
@@ -370,7 +424,8 @@ def complete_run(
 
         load_image_processor(checked.source.tokenizer).save_pretrained(model_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-    sources = [DataSource.parse(f).path for f in [*config.data, *config.eval_data]]
+    # a hub dataset (streamed) is named as given: it has no file to hash
+    sources = [DataSource.parse(f).path for f in [*config.data, *config.eval_data] if not is_hub_id(f)]
     update_manifest(
         run_dir,
         status="completed",
@@ -378,14 +433,20 @@ def complete_run(
         adapter=checked.tuner.adapter,
         data={
             "files": {str(path.resolve()): sha256_path(path) for path in sources},
-            "train": [str(DataSource.parse(f).path.resolve()) for f in config.data],
+            "train": [f if is_hub_id(f) else str(DataSource.parse(f).path.resolve()) for f in config.data],
+            # data made of a served model's answers (data from-logs): the runs they came from
+            "origins": {str(path.resolve()): origin for path in sources if (origin := read_origin(path)) is not None},
             "stats": dict(stats),
         },
         metrics=metrics,
         files=hashed_files(model_dir),
         parallel={**plan.to_dict(), "wrapped_as": wrapped_as},
     )
-    losses = f"train loss: mean {metrics['train_loss']:.4f}, last {metrics['train_loss_last']:.4f}" if "train_loss_last" in metrics else "no train loss logged"
+    losses = (
+        f"train loss: mean {metrics['train_loss']:.4f}, last {metrics['train_loss_last']:.4f}"
+        if "train_loss_last" in metrics
+        else "no train loss logged"
+    )
     print(f"modelloop: {stage} finished: {run_dir} ({losses})")
     return {"run_dir": str(run_dir), "metrics": metrics}
 

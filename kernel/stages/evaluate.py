@@ -50,15 +50,30 @@ def evaluate(
     prompts = prompts_from(records.examples)
     missing = [p.location for p in prompts if p.reference is None]
     if missing and any("solution" in reward.columns for reward in scorers.values()):
-        raise ConfigError(f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)")
+        raise ConfigError(
+            f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)"
+        )
     run_dir = new_run_dir("eval", output_dir)
     config = {"model": model, "data": str(data), "metrics": metrics, "engine": engine, "max_tokens": max_tokens}
-    update_manifest(run_dir, id=run_id(run_dir), stage="eval", status="running", parent=read_manifest(model).get("id") if is_run(model) else None, config=config)
+    update_manifest(
+        run_dir,
+        id=run_id(run_dir),
+        stage="eval",
+        status="running",
+        parent=read_manifest(model).get("id") if is_run(model) else None,
+        config=config,
+    )
     with stage_lifecycle("eval", config, run_dir) as context:
         session = chosen.start(model, options={"served_name": "model"})
         try:
             started = time.perf_counter()
-            rows = run_inference(session, prompts, run_dir / "results.jsonl", SamplingParams(max_tokens=max_tokens, temperature=0), batch_size=batch_size)
+            rows = run_inference(
+                session,
+                prompts,
+                run_dir / "results.jsonl",
+                SamplingParams(max_tokens=max_tokens, temperature=0),
+                batch_size=batch_size,
+            )
             seconds = time.perf_counter() - started
         finally:
             session.close()
@@ -76,7 +91,9 @@ def evaluate(
         (run_dir / "scored.jsonl").write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         summary["examples"] = len(rows)
         summary["seconds"] = round(seconds, 3)
-        update_manifest(run_dir, status="completed", metrics=summary, data={"file": str(data), "sha256": sha256_path(Path(data))})
+        update_manifest(
+            run_dir, status="completed", metrics=summary, data={"file": str(data), "sha256": sha256_path(Path(data))}
+        )
         if is_run(model):
             evaluations = read_manifest(model).get("evaluations", {})
             evaluations[str(data)] = {**summary, "run": run_id(run_dir)}

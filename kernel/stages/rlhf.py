@@ -57,12 +57,35 @@ METHODS: dict[str, Method] = {
         "trl",
         "DPOTrainer",
         "DPOConfig",
-        loss_types=("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"),
+        loss_types=(
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sigmoid_norm",
+        ),
     ),
     "kto": Method("kto", "trl", "KTOTrainer", "KTOConfig", loss_types=("kto", "apo_zero_unpaired")),
-    "simpo": Method("preference", "trl.experimental.cpo", "CPOTrainer", "CPOConfig", fixed={"loss_type": "simpo", "cpo_alpha": 0.0}),
+    "simpo": Method(
+        "preference", "trl.experimental.cpo", "CPOTrainer", "CPOConfig", fixed={"loss_type": "simpo", "cpo_alpha": 0.0}
+    ),
     "orpo": Method("preference", "trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
-    "grpo": Method("prompt", "trl", "GRPOTrainer", "GRPOConfig", loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")),
+    "grpo": Method(
+        "prompt",
+        "trl",
+        "GRPOTrainer",
+        "GRPOConfig",
+        loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    ),
 }
 
 
@@ -86,22 +109,32 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
     if owns_process:
         settle_owned_process(config, checked)
     if checked.strategy.train is not None:
-        raise ConfigError(f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)")
-    trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))  # TRL's own checks, before loading
+        raise ConfigError(
+            f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)"
+        )
+    # TRL's own checks, before loading
+    trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
     records = read_data(config.data, config, method.kind)
     eval_records = read_data(config.eval_data, config, method.kind) if config.eval_data else None
     if any(record.get("images") for record in [*records, *(eval_records or [])]):
         if checked.family.vision is None:
             raise ConfigError(f"the data has pictures, and {config.model} (family {checked.family.name}) takes none")
         if checked.family.vision.processor is None:
-            raise ConfigError(f"the {checked.family.name} family gives TRL no processor, which its trainers need for pictures")
+            raise ConfigError(
+                f"the {checked.family.name} family gives TRL no processor, which its trainers need for pictures"
+            )
     rewards = []
     if config.method == "grpo":
         rewards = check_rewards(config, records)
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
     return run_stage(
-        "rlhf", config, checked, lambda run_dir, context, continuing: _run(config, method, checked, (records, eval_records), rewards, run_dir, context, continuing)
+        "rlhf",
+        config,
+        checked,
+        lambda run_dir, context, continuing: _run(
+            config, method, checked, (records, eval_records), rewards, run_dir, context, continuing
+        ),
     )
 
 
@@ -112,7 +145,9 @@ def check_method(config: RLHFConfig) -> None:
 
     method = METHODS[config.method]
     if config.loss_type is not None and config.loss_type not in method.loss_types:
-        raise ConfigError(f"loss_type {config.loss_type!r} is not one of {config.method}'s: {', '.join(method.loss_types) or 'none'}")
+        raise ConfigError(
+            f"loss_type {config.loss_type!r} is not one of {config.method}'s: {', '.join(method.loss_types) or 'none'}"
+        )
     if config.method_options:
         trl_config = _trl_class(method, method.config)
         known = {f.name for f in fields(trl_config)}
@@ -130,10 +165,15 @@ def trl_arguments(config: RLHFConfig, run_dir: Path, *, evaluating: bool, plan: 
     then ``method_options``. Building it runs TRL's own checks (GRPO's batch size must be a
     multiple of num_generations, ...), so it is done once before the model loads."""
     method = METHODS[config.method]
-    shared = {**trainer_arguments(config, run_dir, evaluating=evaluating, plan=plan), "activation_checkpointing": False}  # the stage set it up
+    shared = {
+        **trainer_arguments(config, run_dir, evaluating=evaluating, plan=plan),
+        "activation_checkpointing": False,
+    }  # the stage set it up
     clash = sorted(set(config.method_options) & set(shared))
     if clash:
-        raise ConfigError(f"method_options.{clash[0]}: modelloop sets it from its own keys (lr, max_steps, batch_size, ...)")
+        raise ConfigError(
+            f"method_options.{clash[0]}: modelloop sets it from its own keys (lr, max_steps, batch_size, ...)"
+        )
     try:
         return _trl_class(method, method.config)(**shared, **method_arguments(config))
     except (ValueError, TypeError) as error:
@@ -146,9 +186,17 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
     if config.beta is not None:
         arguments["beta"] = config.beta
     if config.method == "dpo":
-        arguments.update(loss_type=[config.loss_type or "sigmoid"], label_smoothing=config.label_smoothing, max_length=config.max_length)
+        arguments.update(
+            loss_type=[config.loss_type or "sigmoid"],
+            label_smoothing=config.label_smoothing,
+            max_length=config.max_length,
+        )
     elif config.method == "kto":
-        arguments.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight, max_length=config.max_length)
+        arguments.update(
+            desirable_weight=config.desirable_weight,
+            undesirable_weight=config.undesirable_weight,
+            max_length=config.max_length,
+        )
         if config.loss_type:
             arguments["loss_type"] = config.loss_type
     elif config.method in ("simpo", "orpo"):
@@ -183,10 +231,16 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
     if records.problems and not config.skip_bad_records:
         raise problems_error(records.problems, "Fix them, or pass --skip-bad-records to train without them.")
     if not records.examples:
-        raise ConfigError(f"no usable examples in {', '.join(files)} ({len(records.problems)} bad records skipped)" if records.problems else f"no records in {', '.join(files)}")
+        raise ConfigError(
+            f"no usable examples in {', '.join(files)} ({len(records.problems)} bad records skipped)"
+            if records.problems
+            else f"no records in {', '.join(files)}"
+        )
     pictured = next((example for example in records.examples if example.record.get("images")), None)
     if pictured is not None and config.method not in ("dpo", "grpo"):
-        raise ConfigError(f"{pictured.location}: {config.method} does not take pictures yet (dpo, grpo, sft, serve, infer and eval do)")
+        raise ConfigError(
+            f"{pictured.location}: {config.method} does not take pictures yet (dpo, grpo, sft, serve, infer and eval do)"
+        )
     keys = {key: None for example in records.examples for key in example.record}  # every column in every row
     return [{**keys, **example.record} for example in records.examples]
 
@@ -234,10 +288,14 @@ def _run(
     records, eval_records = data
     processing_class: Any = tokenizer
     padding_side = tokenizer.padding_side
-    if any(record.get("images") for record in [*records, *(eval_records or [])]):  # TRL's vision trainers take the family's processor
+    if any(
+        record.get("images") for record in [*records, *(eval_records or [])]
+    ):  # TRL's vision trainers take the family's processor
         from modelloop.models.loading import load_image_processor
 
-        processing_class = checked.family.vision.processor(tokenizer, load_image_processor(checked.source.tokenizer), checked.model_config)
+        processing_class = checked.family.vision.processor(
+            tokenizer, load_image_processor(checked.source.tokenizer), checked.model_config
+        )
         tokenizer.padding_side = "left"  # GRPO lines the processor's prompts up with the rollouts' left-padded ids
         records = [with_pictures(record) for record in records]
         eval_records = [with_pictures(record) for record in eval_records] if eval_records else None
@@ -248,7 +306,13 @@ def _run(
         dataset, eval_dataset = split["train"], split["test"]
     if is_main_process():
         print(f"modelloop: data: {len(dataset)} {method.kind} examples")
-    advise_schedule(config, checked.plan, rows=len(dataset), examples=len(dataset), rows_a_batch_row=config.num_generations if config.method == "grpo" else 1)
+    advise_schedule(
+        config,
+        checked.plan,
+        rows=len(dataset),
+        examples=len(dataset),
+        rows_a_batch_row=config.num_generations if config.method == "grpo" else 1,
+    )
 
     memory = PeakMemory()
     model = load_trainable(config, checked, run_dir)
@@ -283,8 +347,20 @@ def _run(
     if config.method == "grpo":
         metrics.update(reward_summary(run_dir / "metrics.jsonl"))
     if is_main_process():
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin")
-    return finish_run(run_dir, "rlhf", config, checked, trainer, tokenizer, chat, stats={"examples": len(dataset), "kind": method.kind}, metrics=metrics)
+        plot_metrics(
+            run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin"
+        )
+    return finish_run(
+        run_dir,
+        "rlhf",
+        config,
+        checked,
+        trainer,
+        tokenizer,
+        chat,
+        stats={"examples": len(dataset), "kind": method.kind},
+        metrics=metrics,
+    )
 
 
 def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +373,11 @@ def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
     prompt = []
     for message in as_content_parts(record["prompt"], images):
         content = message["content"]
-        parts = [{"type": "image"} if part["type"] == "image_url" else part for part in content] if isinstance(content, list) else [{"type": "text", "text": content}]
+        parts = (
+            [{"type": "image"} if part["type"] == "image_url" else part for part in content]
+            if isinstance(content, list)
+            else [{"type": "text", "text": content}]
+        )
         prompt.append({**message, "content": parts})
     return {**record, "prompt": prompt, "images": [open_image(image) for image in images]}
 
@@ -309,7 +389,10 @@ def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
     logged = [record["reward"] for record in read_jsonl(metrics_path) if record.get("reward") is not None]
     if not logged:
         return {}
-    return {"reward_first": sum(logged[:window]) / len(logged[:window]), "reward": sum(logged[-window:]) / len(logged[-window:])}
+    return {
+        "reward_first": sum(logged[:window]) / len(logged[:window]),
+        "reward": sum(logged[-window:]) / len(logged[-window:]),
+    }
 
 
 def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
@@ -317,7 +400,9 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     chosen-rejected margin (and accuracy) for the preference methods, KTO's rewards."""
     if config.method == "grpo":
         weights = config.reward_weights or [1.0] * len(rewards)
-        total = "weighted sum: " + " + ".join(f"{weight:g} x {reward.name}" for weight, reward in zip(weights, rewards, strict=True))
+        total = "weighted sum: " + " + ".join(
+            f"{weight:g} x {reward.name}" for weight, reward in zip(weights, rewards, strict=True)
+        )
         return {"reward": total, **{f"rewards/{r.name}/mean": r.name for r in rewards}}
     if config.method == "kto":
         return {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"}
@@ -328,7 +413,9 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
     from modelloop.inference.types import SamplingParams
     from modelloop.stages.rollouts import EngineRollouts
 
-    sampling = SamplingParams(max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p)
+    sampling = SamplingParams(
+        max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p
+    )
     return EngineRollouts(
         get_registry(ENGINES).get(config.rollout_engine),
         tokenizer=tokenizer,
@@ -336,7 +423,9 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         sampling=sampling,
         base_model=str(merged_base(run_dir)) if merged_base(run_dir).is_dir() else checked.source.base,
         tuner=checked.tuner,
-        sync_dir=run_dir / "rollout-weights" / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
+        sync_dir=run_dir
+        / "rollout-weights"
+        / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
         sync_steps=config.sync_steps,
         options=config.rollout_options,
         images=image_tokens(checked, tokenizer),

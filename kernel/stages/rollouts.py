@@ -83,7 +83,9 @@ class EngineRollouts:
     def prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        ids = self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
         pictures = _pictures(prompt)
         if pictures:
             ids = self.images.expand_ids(ids, self.images.counts(pictures))
@@ -114,7 +116,10 @@ class EngineRollouts:
         if self.engine.attach is not None:
             if self.session is None:
                 policy = trainer.accelerator.unwrap_model(trainer.model)
-                options = {**self.options, **({"images": self.images} if self.images is not None else {})}  # in this process only
+                options = {
+                    **self.options,
+                    **({"images": self.images} if self.images is not None else {}),
+                }  # in this process only
                 self.session = self.engine.attach(policy, self.tokenizer, self.chat, options=options)
             return self.session
         step = trainer.state.global_step
@@ -149,16 +154,31 @@ class EngineRollouts:
 
 def _pictures(prompt: Sequence[Mapping[str, Any]]) -> list[Any]:
     """The opened images of a prompt's image parts (TRL puts them there), in order."""
-    return [part["image"] for message in prompt if isinstance(message.get("content"), list) for part in message["content"] if part.get("type") == "image"]
+    return [
+        part["image"]
+        for message in prompt
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image"
+    ]
 
 
 def _with_data_urls(prompt: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     from modelloop.data.images import data_url
 
     def part(item: Mapping[str, Any]) -> Mapping[str, Any]:
-        return {"type": "image_url", "image_url": {"url": data_url(item["image"])}} if item.get("type") == "image" else item
+        return (
+            {"type": "image_url", "image_url": {"url": data_url(item["image"])}}
+            if item.get("type") == "image"
+            else item
+        )
 
-    return [{**message, "content": [part(item) for item in message["content"]]} if isinstance(message.get("content"), list) else dict(message) for message in prompt]
+    return [
+        {**message, "content": [part(item) for item in message["content"]]}
+        if isinstance(message.get("content"), list)
+        else dict(message)
+        for message in prompt
+    ]
 
 
 def _end_of_turn_id(tokenizer: Any, chat: Any) -> int:

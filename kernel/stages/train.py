@@ -10,10 +10,15 @@ chat template it was trained with), ``config.json`` (resolved), ``metrics.jsonl`
 
 The checks live in ``modelloop.stages.checks``; the run folder, the trainable model and
 the end of a run, which ``rlhf`` shares, in ``modelloop.stages.common``.
+
+With ``streaming`` the data is not read before training: a ``modelloop.data.streaming.Stream``
+reads, checks and tokenises it as training goes, in one process, and each checkpoint
+keeps where it stands, for ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -22,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from modelloop.config import TrainConfig, build_config
+from modelloop.config import ConfigError, TrainConfig, build_config
 from modelloop.parallel.memory import PeakMemory
 from modelloop.parallel.plan import ParallelPlan
 from modelloop.parallel.world import in_worker, is_main_process
@@ -54,9 +59,83 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any], *, owns_process
         config = build_config(TrainConfig, config)
     config = settle_memory_settings(config)
     checked = check_training(config, packed_rows=config.packing)
+    if config.streaming:
+        check_streaming(stage, config, checked)
     if owns_process:
         settle_owned_process(config, checked)
-    return run_stage(stage, config, checked, lambda run_dir, context, continuing: _run(stage, config, checked, run_dir, context, resume=continuing))
+
+    def body(run_dir: Path, context: Any, continuing: Any) -> dict[str, Any]:
+        with contextlib.ExitStack() as cleanup:  # a data stream's reader stops with the stage
+            return _run(stage, config, checked, run_dir, context, resume=continuing, cleanup=cleanup)
+
+    return run_stage(stage, config, checked, body)
+
+
+def check_streaming(stage: Stage, config: TrainConfig, checked: Checked) -> None:
+    """What a streaming run needs, before a run folder is made: one process training with
+    the Trainer's loop, and every source readable up to its first good record."""
+    from modelloop.data.streaming import check_sources
+
+    if checked.plan.world.size > 1:
+        raise ConfigError(
+            f"streaming reads the data in one process, and this plan has {checked.plan.world.size}: train with --nproc 1, or without streaming"
+        )
+    if checked.strategy.train is not None:
+        raise ConfigError(
+            f"the {checked.strategy.name} strategy trains with its own loop over data read beforehand: leave streaming off"
+        )
+    check_sources(config.data, kind=KIND[stage], format=config.format, skip_bad_records=config.skip_bad_records)
+
+
+def open_stream(config: TrainConfig, kind: str, encoder: Any, run_dir: Path, resume: Any) -> Any:
+    """The data stream of a streaming run, at the position its checkpoint saved when the run
+    resumes from one; packed and ordered as the pre-tokenised path would (``arrange_items``)."""
+    from modelloop.data.streaming import Stream, read_position
+    from modelloop.training import arrange_items, latest_checkpoint
+
+    checkpoint = (resume[1] or latest_checkpoint(run_dir / "checkpoints")) if resume else None
+    settings = {
+        "packing": config.packing,
+        "batch_size": config.batch_size,
+        "sampler": config.sampler,
+        "sampler_options": config.sampler_options,
+    }
+    arrange = functools.partial(
+        arrange_items,
+        max_length=config.max_length,
+        packing=config.packing,
+        sampler=get_registry(SAMPLERS).get(config.sampler),
+        batch_size=config.batch_size,
+        options=config.sampler_options,
+    )
+    return Stream(
+        config.data,
+        encoder,
+        arrange,
+        kind=kind,
+        max_length=config.max_length,
+        buffer_size=config.stream_buffer,
+        format=config.format,
+        truncation=config.truncation,
+        skip_bad_records=config.skip_bad_records,
+        seed=config.seed,
+        settings=settings,
+        position=read_position(checkpoint) if checkpoint else None,
+    )
+
+
+def streamed_stats(trainer: Any) -> dict[str, Any]:
+    """What the stream read, up to the end of the buffer the last batch trained came from
+    (its counts cover every pass over the data; bad records are counted on the first)."""
+    from dataclasses import asdict
+
+    from modelloop.data.tokenize import DataStats
+
+    position = trainer.stream_position
+    if position is None:
+        return {**asdict(DataStats()), "streamed": True}
+    start = position.buffer.start
+    return {**asdict(position.buffer.stats), "streamed": True, "pass": start.epoch + 1, "buffer": start.number + 1}
 
 
 def settle_memory_settings(config: TrainConfig) -> TrainConfig:
@@ -68,7 +147,11 @@ def settle_memory_settings(config: TrainConfig) -> TrainConfig:
     from modelloop.parallel.planner import choose_unset
 
     if not torch.cuda.is_available() or in_worker():  # a worker runs the settings its launcher chose
-        return config.model_copy(update={"gradient_checkpointing": False}) if config.gradient_checkpointing is None else config
+        return (
+            config.model_copy(update={"gradient_checkpointing": False})
+            if config.gradient_checkpointing is None
+            else config
+        )
     settled, chosen = choose_unset(config, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
     if chosen and is_main_process():
         print(f"modelloop: memory plan: {', '.join(chosen)}")
@@ -85,7 +168,9 @@ def multiplies_with_onednn(config: TrainConfig, plan: ParallelPlan) -> bool:
 
     from modelloop.models.cpu_linear import AUTO_UNPACKED_LENGTH, onednn_available
 
-    if config.cpu_matmul == "blas" or (config.cpu_matmul == "auto" and not config.packing and config.max_length > AUTO_UNPACKED_LENGTH):
+    if config.cpu_matmul == "blas" or (
+        config.cpu_matmul == "auto" and not config.packing and config.max_length > AUTO_UNPACKED_LENGTH
+    ):
         return False
     return not torch.cuda.is_available() and plan.shard == 0 and plan.mesh.get("tp", 1) == 1 and onednn_available()
 
@@ -99,30 +184,74 @@ def output_layer_loss(model: Any, checked: Checked) -> tuple[Any, str]:
     reason = reason_plan_keeps_it(checked.plan) or unsupported_reason(model)
     if reason is not None:
         return None, f"from the model's logits at labelled positions ({reason})"
-    fused = next((accelerator for accelerator in checked.accelerators if accelerator.linear_cross_entropy is not None), None)
+    fused = next(
+        (accelerator for accelerator in checked.accelerators if accelerator.linear_cross_entropy is not None), None
+    )
     if fused is not None:
-        return OutputLayerLoss(model, fused.linear_cross_entropy), f"in the output layer, {fused.name}'s fused linear cross-entropy"
+        return OutputLayerLoss(
+            model, fused.linear_cross_entropy
+        ), f"in the output layer, {fused.name}'s fused linear cross-entropy"
     return OutputLayerLoss(model), "in the output layer, chunked linear cross-entropy"
 
 
-def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, context: Any, *, resume: Any) -> dict[str, Any]:
+def _run(
+    stage: Stage,
+    config: TrainConfig,
+    checked: Checked,
+    run_dir: Path,
+    context: Any,
+    *,
+    resume: Any,
+    cleanup: contextlib.ExitStack,
+) -> dict[str, Any]:
     from transformers import TrainingArguments
 
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.tokenize import prepare_data
+    from modelloop.data.tokenize import Encoder, prepare_data
     from modelloop.models.cpu_linear import ROW_MULTIPLE
     from modelloop.models.loading import load_tokenizer
-    from modelloop.training import Collator, MeasureFromFirstStep, ModelloopTrainer, ReportCallback, TrainingData
+    from modelloop.training import (
+        Collator,
+        MeasureFromFirstStep,
+        ModelloopTrainer,
+        ReportCallback,
+        StreamingData,
+        TrainingData,
+    )
 
     kind = KIND[stage]
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
-    chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options) if kind == "conversation" else None
+    chat = (
+        resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
+        if kind == "conversation"
+        else None
+    )
     images = image_tokens(checked, tokenizer)
-    data_options = {"kind": kind, "format": config.format, "truncation": config.truncation, "skip_bad_records": config.skip_bad_records, "seed": config.seed, "images": images}
-    data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
-    evaluation = prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options) if config.eval_data else None
+    data_options = {
+        "kind": kind,
+        "format": config.format,
+        "truncation": config.truncation,
+        "skip_bad_records": config.skip_bad_records,
+        "seed": config.seed,
+        "images": images,
+    }
+    stream, data = None, None
+    if config.streaming:  # read as training goes, from the background
+        encoder = Encoder(tokenizer, chat if kind == "conversation" else None, images)
+        stream = cleanup.enter_context(open_stream(config, kind, encoder, run_dir, resume))
+    else:
+        data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
+    evaluation = (
+        prepare_data(config.eval_data, tokenizer, chat, max_length=config.max_length, **data_options)
+        if config.eval_data
+        else None
+    )
     if is_main_process():
-        print(f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}")
+        print(
+            f"modelloop: data: {stream.describe()}"
+            if stream is not None
+            else f"modelloop: data: {data.stats.summary()}{' (cached)' if data.from_cache else ''}"
+        )
 
     memory = PeakMemory()
     if checked.strategy.train is not None:
@@ -130,18 +259,31 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
     onednn = multiplies_with_onednn(config, checked.plan)
     model = load_trainable(config, checked, run_dir, onednn=onednn)
     record_module_groups(model, config, checked, run_dir)
-    train_set = TrainingData.build(data, max_length=config.max_length, packing=config.packing)
-    eval_set = TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
+    train_set = (
+        StreamingData(stream)
+        if stream is not None
+        else TrainingData.build(data, max_length=config.max_length, packing=config.packing)
+    )
+    eval_set = (
+        TrainingData.build(evaluation, max_length=config.max_length, packing=config.packing) if evaluation else None
+    )
     if config.eval_split:
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
-    advise_schedule(config, checked.plan, rows=len(train_set), examples=data.stats.examples)
+    if data is not None:
+        advise_schedule(config, checked.plan, rows=len(train_set), examples=data.stats.examples)
     rope_index = None
     if images is not None and config.packing and images.spec.rope_index is not None:
         rope_index = functools.partial(images.spec.rope_index, model)
     multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if onednn else 1)
     collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, images=images, rope_index=rope_index)
-    sampler = registry_sampler(config, train_set)
-    arguments = TrainingArguments(**trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan), prediction_loss_only=True)
+    sampler = registry_sampler(config, train_set) if stream is None else None
+    # a stream is resumed from the position its checkpoint keeps, not by skipping batches
+    streamed = {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}} if stream else {}
+    arguments = TrainingArguments(
+        **trainer_arguments(config, run_dir, evaluating=eval_set is not None, plan=checked.plan),
+        prediction_loss_only=True,
+        **streamed,
+    )
     report = ReportCallback(run_dir / "metrics.jsonl", context.log, tokens=lambda: collator.tokens)
     output_loss, loss = output_layer_loss(model, checked)
     record_compute(run_dir, checked, loss)
@@ -156,23 +298,46 @@ def _run(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, con
         output_loss=output_loss,
         callbacks=[report, MeasureFromFirstStep(memory)],
     )
+    if stream is not None:
+        stream.wait_ready()
     metrics, train_seconds = run_trainer(trainer, resume, run_dir)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
-        report.on_log(arguments, trainer.state, trainer.control, logs={key: v for key, v in metrics.items() if key.startswith("eval_")})
-    metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp / train_seconds if train_seconds else 0.0  # each dp rank reads its own batches
+        report.on_log(
+            arguments,
+            trainer.state,
+            trainer.control,
+            logs={key: v for key, v in metrics.items() if key.startswith("eval_")},
+        )
+    # each dp rank reads its own batches
+    metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp / train_seconds if train_seconds else 0.0
     metrics.update(memory.measured())
-    return finish_run(run_dir, stage, config, checked, trainer, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics)
+    stats = data.stats.__dict__ if data is not None else streamed_stats(trainer)
+    if trainer.stream_position is not None and is_main_process():
+        print(f"modelloop: data: read as it streamed: {trainer.stream_position.buffer.stats.summary()}")
+    return finish_run(run_dir, stage, config, checked, trainer, tokenizer, chat, stats=stats, metrics=metrics)
 
 
-def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_dir: Path, context: Any, tokenizer: Any, chat: Any, data: Any, memory: PeakMemory) -> dict[str, Any]:
+def _run_strategy_loop(
+    stage: Stage,
+    config: TrainConfig,
+    checked: Checked,
+    run_dir: Path,
+    context: Any,
+    tokenizer: Any,
+    chat: Any,
+    data: Any,
+    memory: PeakMemory,
+) -> dict[str, Any]:
     """Train with the strategy's own loop (``ParallelStrategy.train``), which writes ``model/``."""
     from modelloop.training import Collator, ReportCallback, TrainingData, TrainingJob
 
     if is_main_process():
         shutil.rmtree(run_dir / "model", ignore_errors=True)  # an earlier attempt's weights are not this run's
     train_set = TrainingData.build(data, max_length=config.max_length, packing=False)
-    advise_schedule(config.model_copy(update={"packing": False}), checked.plan, rows=len(train_set), examples=data.stats.examples)
+    advise_schedule(
+        config.model_copy(update={"packing": False}), checked.plan, rows=len(train_set), examples=data.stats.examples
+    )
     collator = Collator(tokenizer.pad_token_id, packing=False)
     job = TrainingJob(
         config=config,
@@ -190,10 +355,22 @@ def _run_strategy_loop(stage: Stage, config: TrainConfig, checked: Checked, run_
     started = time.perf_counter()
     metrics = dict(checked.strategy.train(job))
     seconds = time.perf_counter() - started
-    metrics["train_tokens_per_second"] = collator.tokens * checked.plan.dp * checked.plan.mesh.get("ep", 1) / seconds if seconds else 0.0
+    metrics["train_tokens_per_second"] = (
+        collator.tokens * checked.plan.dp * checked.plan.mesh.get("ep", 1) / seconds if seconds else 0.0
+    )
     if not is_main_process():
         return {"run_dir": str(run_dir), "metrics": metrics}
-    return complete_run(run_dir, stage, config, checked, tokenizer, chat, stats=data.stats.__dict__, metrics=metrics, wrapped_as=checked.strategy.name)
+    return complete_run(
+        run_dir,
+        stage,
+        config,
+        checked,
+        tokenizer,
+        chat,
+        stats=data.stats.__dict__,
+        metrics=metrics,
+        wrapped_as=checked.strategy.name,
+    )
 
 
 def registry_sampler(config: TrainConfig, train_set: Any) -> Any:
@@ -201,4 +378,11 @@ def registry_sampler(config: TrainConfig, train_set: Any) -> Any:
 
     sampler = get_registry(SAMPLERS).get(config.sampler)
     modalities = train_set.modalities if sampler.reads_modalities else None
-    return RegistrySampler(sampler, train_set.lengths, batch_size=config.batch_size, seed=config.seed, options=config.sampler_options, modalities=modalities)
+    return RegistrySampler(
+        sampler,
+        train_set.lengths,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        options=config.sampler_options,
+        modalities=modalities,
+    )

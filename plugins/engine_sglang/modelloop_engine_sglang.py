@@ -10,7 +10,9 @@ from modelloop.plugin import Engine, hookimpl
 PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
 
 
-def command(python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+def command(
+    python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]
+) -> tuple[list[str], dict[str, str]]:
     """modelloop's engine options as SGLang's server flags (``sglang.launch_server``)."""
     argv = [
         python, "-m", "sglang.launch_server",
@@ -35,7 +37,16 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     from modelloop.plugin import start_server
 
-    return start_server("SGLang", "sglang", model_path, adapters, options, command, adapter_route="/load_lora_adapter", unload_route="/unload_lora_adapter")
+    return start_server(
+        "SGLang",
+        "sglang",
+        model_path,
+        adapters,
+        options,
+        command,
+        adapter_route="/load_lora_adapter",
+        unload_route="/unload_lora_adapter",
+    )
 
 
 SGLANG = Engine(name="sglang", description="SGLang's OpenAI server in its own process (CUDA)", start=start)

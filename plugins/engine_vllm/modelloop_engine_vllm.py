@@ -11,7 +11,9 @@ from modelloop.plugin import Engine, hookimpl
 PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
 
 
-def command(python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+def command(
+    python: str, model: str, adapters: Mapping[str, str], options: Mapping[str, Any]
+) -> tuple[list[str], dict[str, str]]:
     """modelloop's engine options as vLLM's server flags (vLLM 0.x ``vllm.entrypoints.openai.api_server``)."""
     argv = [
         python, "-m", "vllm.entrypoints.openai.api_server",
@@ -38,7 +40,16 @@ def command(python: str, model: str, adapters: Mapping[str, str], options: Mappi
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Any:
     from modelloop.plugin import start_server
 
-    return start_server("vLLM", "vllm", model_path, adapters, options, command, adapter_route="/v1/load_lora_adapter", unload_route="/v1/unload_lora_adapter")
+    return start_server(
+        "vLLM",
+        "vllm",
+        model_path,
+        adapters,
+        options,
+        command,
+        adapter_route="/v1/load_lora_adapter",
+        unload_route="/v1/unload_lora_adapter",
+    )
 
 
 VLLM = Engine(name="vllm", description="vLLM's OpenAI server in its own process (CUDA)", start=start)

@@ -11,9 +11,7 @@ from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, h
 PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: Llama 3's pre-tokenizer split (digits in groups of up to three).
-LLAMA3_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 EOT = "<|eot_id|>"
 
 LLAMA3_TEMPLATE = ChatTemplate(
@@ -52,7 +50,9 @@ def _inst_template(name: str, description: str, *, system_block: bool) -> ChatTe
             + ("" if system_block else "{{ bos_token }}")
             + "{%- for message in turns %}"
             "{%- if message['role'] == 'user' %}"
-            "{%- set content = (" + system + " + message['content']) if loop.first and system else message['content'] %}"
+            "{%- set content = ("
+            + system
+            + " + message['content']) if loop.first and system else message['content'] %}"
             "{{ " + bos_each_turn + "'[INST] ' + content | trim + ' [/INST]' }}"
             "{%- elif message['role'] == 'assistant' %}"
             "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
@@ -84,7 +84,11 @@ MISTRAL_TOKENIZER = TokenizerRecipe(
 )
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-GROUPS = {"embeddings": ("model.embed_tokens",), "language_model": ("model.layers", "model.norm"), "lm_head": ("lm_head",)}
+GROUPS = {
+    "embeddings": ("model.embed_tokens",),
+    "language_model": ("model.layers", "model.norm"),
+    "lm_head": ("lm_head",),
+}
 
 FAMILIES = (
     ModelFamily(

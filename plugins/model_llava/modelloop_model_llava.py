@@ -19,9 +19,7 @@ LLAVA_TEMPLATE = ChatTemplate(
     name="llava",
     description="LLaVA-1.5: USER: ... ASSISTANT: ...</s>, the system prompt first",
     source=(
-        "{{ bos_token }}"
-        + content_text_macro(IMAGE)
-        + "{%- for message in messages %}"
+        "{{ bos_token }}" + content_text_macro(IMAGE) + "{%- for message in messages %}"
         "{%- if message['role'] == 'system' %}{{ text(message['content']) + ' ' }}"
         "{%- elif message['role'] == 'user' %}{{ 'USER: ' + text(message['content']) + ' ' }}"
         "{%- elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + text(message['content']) + eos_token }}"

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import functools
 
-from modelloop.plugin import IM_END, SMALL, TINY, ChatTemplate, ModelFamily, TokenizerRecipe, VisionSpec, chatml_source, hookimpl
+from modelloop.plugin import (
+    IM_END,
+    SMALL,
+    TINY,
+    ChatTemplate,
+    ModelFamily,
+    TokenizerRecipe,
+    VisionSpec,
+    chatml_source,
+    hookimpl,
+)
 
 PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
-QWEN_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 QWEN_TOKENIZER = TokenizerRecipe(
     split_regex=QWEN_SPLIT,
@@ -41,14 +49,26 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_VL_TOKENIZER = TokenizerRecipe(
     split_regex=QWEN_SPLIT,
     nfc=True,
-    special_tokens=("<|endoftext|>", "<|im_start|>", IM_END, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+    special_tokens=(
+        "<|endoftext|>",
+        "<|im_start|>",
+        IM_END,
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ),
     eos_token=IM_END,
     pad_token="<|endoftext|>",
 )
 
 DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-LANGUAGE_MODEL = {"embeddings": ("model.embed_tokens",), "language_model": ("model.layers", "model.norm"), "lm_head": ("lm_head",)}
+LANGUAGE_MODEL = {
+    "embeddings": ("model.embed_tokens",),
+    "language_model": ("model.layers", "model.norm"),
+    "lm_head": ("lm_head",),
+}
 
 #: The vision families' parts: the ViT, the merger that maps its patches into the
 #: language model's width (Qwen3-VL's deepstack mergers too), and the language model.
@@ -78,7 +98,9 @@ def qwen_image_inputs(image_processor, images, model_config):
 def qwen_processor(tokenizer, image_processor, model_config):
     """Qwen-VL's processor for pictures (the same expansion of its image token in all three
     versions), without the video processor, which needs torchvision."""
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+    return _image_only_processor_class()(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 @functools.cache
@@ -104,7 +126,12 @@ QWEN_VISION = VisionSpec(
     image_token="<|image_pad|>",
     image_inputs=qwen_image_inputs,
     token_types="mm_token_type_ids",
-    config_tokens={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>", "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+    config_tokens={
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    },
     image_processor=qwen_image_processor,
     rope_index=qwen_rope_index,
     processor=qwen_processor,
@@ -115,13 +142,22 @@ _VL_TEXT = {key: value for key, value in TINY.items() if key != "tokenizer_vocab
 _VL_PIXELS = {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, "merge_size": 2, "temporal_patch_size": 2}
 
 
-def vl_family(model_type: str, title: str, template: str, text: dict, vision: dict, patch_size: int, aliases: tuple[str, ...] = ()) -> ModelFamily:
+def vl_family(
+    model_type: str, title: str, template: str, text: dict, vision: dict, patch_size: int, aliases: tuple[str, ...] = ()
+) -> ModelFamily:
     """A Qwen vision-language family, named after its model type; ``text`` and ``vision``
     shape its tiny preset (over TINY's language model and a two-block ViT)."""
     tiny = {
         "model_type": model_type,
         "text_config": {**_VL_TEXT, **text},
-        "vision_config": {"depth": 2, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2, **vision},
+        "vision_config": {
+            "depth": 2,
+            "num_heads": 2,
+            "patch_size": patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            **vision,
+        },
         "tie_word_embeddings": True,
         "image_processor": {**_VL_PIXELS, "patch_size": patch_size},
         "tokenizer_vocab": TINY["tokenizer_vocab"],
@@ -140,7 +176,11 @@ def vl_family(model_type: str, title: str, template: str, text: dict, vision: di
     )
 
 
-_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}  # halves of head_dim 64, as 16/24/24 of 128
+_MROPE = {
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "mrope_section": [8, 12, 12],
+}  # halves of head_dim 64, as 16/24/24 of 128
 
 TINY_MOE = {**TINY, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128}
 
@@ -264,13 +304,26 @@ FAMILIES = (
         presets={"tiny": {"model_type": "qwen3_moe", **TINY_MOE, "head_dim": 64}},
         tokenizer=QWEN3_TOKENIZER,
     ),
-    vl_family("qwen2_vl", "Qwen2-VL", "qwen2", {"rope_parameters": _MROPE}, {"embed_dim": 64, "hidden_size": 256, "mlp_ratio": 2}, 14),
+    vl_family(
+        "qwen2_vl",
+        "Qwen2-VL",
+        "qwen2",
+        {"rope_parameters": _MROPE},
+        {"embed_dim": 64, "hidden_size": 256, "mlp_ratio": 2},
+        14,
+    ),
     vl_family(
         "qwen2_5_vl",
         "Qwen2.5-VL",
         "qwen2",
         {"rope_parameters": _MROPE},
-        {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "window_size": 56, "fullatt_block_indexes": [1]},
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "out_hidden_size": 256,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        },
         14,
         aliases=("qwen2.5-vl",),
     ),
@@ -278,8 +331,22 @@ FAMILIES = (
         "qwen3_vl",
         "Qwen3-VL (dense)",
         "qwen3",
-        {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [12, 10, 10], "mrope_interleaved": True}},
-        {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": 256, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        {
+            "head_dim": 64,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [12, 10, 10],
+                "mrope_interleaved": True,
+            },
+        },
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "out_hidden_size": 256,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
         16,
     ),
 )

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, cache_home, complete, hookimpl, merge, parallelism_environment, sequence_parallel_mesh
+from modelloop.plugin import (
+    ParallelPlan,
+    ParallelStrategy,
+    PlanRequest,
+    cache_home,
+    complete,
+    hookimpl,
+    merge,
+    parallelism_environment,
+    sequence_parallel_mesh,
+)
 
 PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
 
@@ -28,7 +38,12 @@ DEFAULTS = {"stage": 2, "offload_optimizer": False, "offload_parameters": False,
 def deepspeed_config(options: Mapping[str, Any], *, cuda: bool) -> dict[str, Any]:
     """The DeepSpeed config for these options, with the user's JSON merged over it."""
     stage = options["stage"]
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": "auto"}
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size="auto", stage3_param_persistence_threshold="auto")
     if options["offload_optimizer"]:
@@ -82,10 +97,16 @@ def plan(request: PlanRequest) -> ParallelPlan:
     config = deepspeed_config(options, cuda=request.cuda)  # checked after the user's JSON is merged in
     zero = config["zero_optimization"]
     stage = zero["stage"]
-    offload = tuple(name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param")) if offloaded(zero, key))
+    offload = tuple(
+        name
+        for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_param"))
+        if offloaded(zero, key)
+    )
     environment = {"TORCH_EXTENSIONS_DIR": str(cache_home() / "torch_extensions")}
     if request.sequence_parallel > 1:  # Ulysses: heads exchanged all-to-all, through accelerate's ParallelismConfig
-        environment.update(parallelism_environment(sp_size=mesh["cp"], sp_backend="deepspeed", sp_attn_implementation="sdpa"))
+        environment.update(
+            parallelism_environment(sp_size=mesh["cp"], sp_backend="deepspeed", sp_attn_implementation="sdpa")
+        )
     if not request.cuda:
         environment["DS_ACCELERATOR"] = "cpu"
     return ParallelPlan(

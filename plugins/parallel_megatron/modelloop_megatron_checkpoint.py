@@ -52,7 +52,9 @@ class Layout:
     def from_hf(cls, config: Any) -> Layout:
         """The layout of a transformers config (``AutoConfig``) of a supported model type."""
         if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"megatron-core conversion supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {config.model_type!r}")
+            raise ValueError(
+                f"megatron-core conversion supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {config.model_type!r}"
+            )
         heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,
@@ -75,7 +77,9 @@ class Layout:
 # --------------------------------------------------------------------------- whole models
 
 
-def hf_to_megatron(hf: Mapping[str, Any], layout: Layout, *, layers: Iterable[int] | None = None, first: bool = True, last: bool = True) -> dict[str, Any]:
+def hf_to_megatron(
+    hf: Mapping[str, Any], layout: Layout, *, layers: Iterable[int] | None = None, first: bool = True, last: bool = True
+) -> dict[str, Any]:
     """A transformers state dict (``model.layers.N...``) as megatron-core's, unsharded.
 
     ``layers`` (default all), ``first`` (the embedding) and ``last`` (the final norm and
@@ -97,7 +101,10 @@ def hf_to_megatron(hf: Mapping[str, Any], layout: Layout, *, layers: Iterable[in
 
 def megatron_to_hf(megatron: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
     """The inverse of ``hf_to_megatron``: an unsharded megatron-core state dict as transformers'."""
-    out = {"model.embed_tokens.weight": megatron["embedding.word_embeddings.weight"], "model.norm.weight": megatron["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": megatron["embedding.word_embeddings.weight"],
+        "model.norm.weight": megatron["decoder.final_layernorm.weight"],
+    }
     if not layout.tied_embeddings:
         out["lm_head.weight"] = megatron["output_layer.weight"]
     layers: dict[int, dict[str, Any]] = {}
@@ -125,7 +132,10 @@ _MOVED = {
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
     "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
 }
-_QK_NORMS = {"self_attn.q_norm.weight": "self_attention.q_layernorm.weight", "self_attn.k_norm.weight": "self_attention.k_layernorm.weight"}
+_QK_NORMS = {
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+}
 _ROUTER = {"mlp.gate.weight": "mlp.router.weight"}
 
 
@@ -137,7 +147,9 @@ def _mlps(layout: Layout) -> list[tuple[str, str]]:
     """(transformers prefix, megatron-core prefix) of each SwiGLU MLP in a layer: the
     dense one, or every expert (one by one, as the checkpoint holds them)."""
     if layout.num_experts:
-        return [(f"mlp.experts.{expert}.", f"mlp.experts.local_experts.{expert}.") for expert in range(layout.num_experts)]
+        return [
+            (f"mlp.experts.{expert}.", f"mlp.experts.local_experts.{expert}.") for expert in range(layout.num_experts)
+        ]
     return [("mlp.", "mlp.")]
 
 
@@ -242,7 +254,9 @@ def shard_state_dict(full: Mapping[str, Any], layout: Layout, shard: Shard) -> d
     if shard.last_stage and layout.tied_embeddings and not shard.first_stage:
         # the last stage keeps its own copy of the shared matrix; megatron keeps the two
         # in step by all-reducing their gradients over the embedding group
-        out["output_layer.weight"] = _tp_slice("output_layer.weight", full["embedding.word_embeddings.weight"], shard.tp, shard.tp_rank)
+        out["output_layer.weight"] = _tp_slice(
+            "output_layer.weight", full["embedding.word_embeddings.weight"], shard.tp, shard.tp_rank
+        )
     return out
 
 

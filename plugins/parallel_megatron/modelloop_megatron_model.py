@@ -31,7 +31,13 @@ def rope_theta(config: Any) -> float:
 
 
 def transformer_config(
-    config: Any, *, mesh: Mapping[str, int], sequence_parallel: bool, dtype: Any, recompute: bool, moe_dispatcher: str = "alltoall"
+    config: Any,
+    *,
+    mesh: Mapping[str, int],
+    sequence_parallel: bool,
+    dtype: Any,
+    recompute: bool,
+    moe_dispatcher: str = "alltoall",
 ) -> Any:
     """megatron-core's ``TransformerConfig`` for a transformers config and this mesh;
     ``moe_dispatcher`` is how tokens reach their experts (``alltoall`` or ``allgather``)."""
@@ -93,7 +99,10 @@ def transformer_config(
 
 
 def layer_spec(layout: Layout, *, transformer_engine: bool) -> Any:
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
 
     experts = layout.num_experts or None
     if transformer_engine:
@@ -152,7 +161,10 @@ def stage_state_dict(model: Any, layout: Layout, *, transformer_engine: bool) ->
 
 
 #: the norms Transformer Engine fuses into the linear layer that follows them.
-_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_FUSED_NORMS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
 
 
 def to_spec_names(state: Mapping[str, Any], layout: Layout, *, transformer_engine: bool) -> dict[str, Any]:
@@ -165,7 +177,11 @@ def from_spec_names(state: Mapping[str, Any], layout: Layout, *, transformer_eng
 
 def _fused(layout: Layout) -> dict[str, str]:
     # an MoE layer's router and experts come after a norm of their own
-    return {plain: fused for plain, fused in _FUSED_NORMS.items() if not (layout.num_experts and plain.startswith("pre_mlp"))}
+    return {
+        plain: fused
+        for plain, fused in _FUSED_NORMS.items()
+        if not (layout.num_experts and plain.startswith("pre_mlp"))
+    }
 
 
 def _rename(state: Mapping[str, Any], suffixes: Mapping[str, str]) -> dict[str, Any]:

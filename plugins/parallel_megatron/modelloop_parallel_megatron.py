@@ -22,12 +22,26 @@ from types import SimpleNamespace
 from typing import Any
 
 from modelloop.plugin import ParallelPlan, ParallelStrategy, PlanRequest, complete, hookimpl
-from modelloop_megatron_checkpoint import SUPPORTED_MODEL_TYPES, Layout, Shard, check_divisible, join_shards, megatron_to_hf
+from modelloop_megatron_checkpoint import (
+    SUPPORTED_MODEL_TYPES,
+    Layout,
+    Shard,
+    check_divisible,
+    join_shards,
+    megatron_to_hf,
+)
 
 PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: ``sequence_parallel`` None: on wherever it can be (tp > 1 with Transformer Engine).
-DEFAULTS = {"tp": 1, "pp": 1, "ep": 1, "sequence_parallel": None, "distributed_optimizer": True, "moe_dispatcher": "alltoall"}
+DEFAULTS = {
+    "tp": 1,
+    "pp": 1,
+    "ep": 1,
+    "sequence_parallel": None,
+    "distributed_optimizer": True,
+    "moe_dispatcher": "alltoall",
+}
 
 #: transformers' scheduler names and megatron-core's.
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
@@ -42,12 +56,16 @@ def plan_megatron(request: PlanRequest) -> ParallelPlan:
             f"{'trains only some weights' if not tuner.trains_all_weights else 'brings its own optimizer'}: use fsdp or deepspeed"
         )
     if request.model_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {request.model_config.model_type!r} has no megatron-core conversion (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ValueError(
+            f"model type {request.model_config.model_type!r} has no megatron-core conversion (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if options["moe_dispatcher"] not in ("alltoall", "allgather"):
         raise ValueError(f"moe_dispatcher must be alltoall or allgather, not {options['moe_dispatcher']!r}")
     window = _sliding_window(request.model_config)
     if window and request.max_length > window:
-        raise ValueError(f"the model attends within a sliding window of {window} tokens, which megatron-core's attention does not; keep max_length at most {window}")
+        raise ValueError(
+            f"the model attends within a sliding window of {window} tokens, which megatron-core's attention does not; keep max_length at most {window}"
+        )
     tp, pp, ep = (_size(options, name) for name in ("tp", "pp", "ep"))
     cp = request.sequence_parallel
     layout = Layout.from_hf(request.model_config)
@@ -58,14 +76,22 @@ def plan_megatron(request: PlanRequest) -> ParallelPlan:
     if world % (tp * pp * cp * ep):
         raise ValueError(f"tp={tp} x pp={pp} x cp={cp} x ep={ep} does not divide the {world} processes")
     if cp > 1 and request.max_length % (2 * cp):
-        raise ValueError(f"max_length {request.max_length} does not split into {2 * cp} equal chunks (context parallelism balances 2 per rank)")
+        raise ValueError(
+            f"max_length {request.max_length} does not split into {2 * cp} equal chunks (context parallelism balances 2 per rank)"
+        )
     if cp > 1 and not _transformer_engine():
-        raise ValueError("context parallelism (--sequence-parallel) needs Transformer Engine's attention: pip install transformer_engine")
-    sequence_parallel = tp > 1 and _transformer_engine() if options["sequence_parallel"] is None else bool(options["sequence_parallel"])
+        raise ValueError(
+            "context parallelism (--sequence-parallel) needs Transformer Engine's attention: pip install transformer_engine"
+        )
+    sequence_parallel = (
+        tp > 1 and _transformer_engine() if options["sequence_parallel"] is None else bool(options["sequence_parallel"])
+    )
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel splits along the sequence within a tensor-parallel group: it needs tp > 1")
     if sequence_parallel and not _transformer_engine():
-        raise ValueError("sequence_parallel needs Transformer Engine's norms (megatron-core's own refuse it): pip install transformer_engine")
+        raise ValueError(
+            "sequence_parallel needs Transformer Engine's norms (megatron-core's own refuse it): pip install transformer_engine"
+        )
     dp = world // (tp * pp * cp * ep)
     mesh = {"dp": dp, "tp": tp, "pp": pp, "ep": ep, "cp": cp}
     notes = [f"megatron-core GPTModel, {'Transformer Engine' if _transformer_engine() else 'local'} layer spec"]
@@ -74,7 +100,9 @@ def plan_megatron(request: PlanRequest) -> ParallelPlan:
     if ep > 1:
         notes.append(f"experts spread over ep={ep} ranks; other weights replicated over dp x ep = {dp * ep} ranks")
     if pp > 1:
-        notes.append(f"{layout.num_layers // pp} layers per pipeline stage; 1F1B schedule over grad_accum micro-batches")
+        notes.append(
+            f"{layout.num_layers // pp} layers per pipeline stage; 1F1B schedule over grad_accum micro-batches"
+        )
     return ParallelPlan(
         strategy="megatron",
         world=request.world,
@@ -132,7 +160,13 @@ def train_megatron(job: Any) -> dict[str, float]:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from modelloop_megatron_model import SafetensorsFolder, build_stage, load_stage, transformer_config, transformer_engine_available
+    from modelloop_megatron_model import (
+        SafetensorsFolder,
+        build_stage,
+        load_stage,
+        transformer_config,
+        transformer_engine_available,
+    )
 
     config, plan, model_config = job.config, job.plan, job.model_config
     refuse_unsupported(config)
@@ -163,15 +197,24 @@ def train_megatron(job: Any) -> dict[str, float]:
     engine = transformer_engine_available()
     dtype = _dtype(config.dtype, model_config)
     transformer = transformer_config(
-        model_config, mesh=mesh, sequence_parallel=options["sequence_parallel"], dtype=dtype, recompute=config.gradient_checkpointing, moe_dispatcher=options["moe_dispatcher"]
+        model_config,
+        mesh=mesh,
+        sequence_parallel=options["sequence_parallel"],
+        dtype=dtype,
+        recompute=config.gradient_checkpointing,
+        moe_dispatcher=options["moe_dispatcher"],
     )
-    transformer.calculate_per_token_loss = True  # the loss is the mean over the global batch's label tokens, as the Trainer's
+    transformer.calculate_per_token_loss = (
+        True  # the loss is the mean over the global batch's label tokens, as the Trainer's
+    )
     stage = build_stage(model_config, transformer, shard, transformer_engine=engine)
     load_stage(stage, SafetensorsFolder(job.model_path), layout, shard, transformer_engine=engine)
     stage.cuda()
     model = DistributedDataParallel(
         config=transformer,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=options["distributed_optimizer"]),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=options["distributed_optimizer"]
+        ),
         module=stage,
     )
     optimizer = get_megatron_optimizer(
@@ -195,14 +238,21 @@ def train_megatron(job: Any) -> dict[str, float]:
         transformer.grad_scale_func = optimizer.scale_loss
 
     data_ranks = parallel_state.get_data_parallel_world_size()
-    batches = DataParallelBatches(job, data_ranks=data_ranks, data_rank=parallel_state.get_data_parallel_rank(), length=_row_length(config.max_length, mesh, options))
+    batches = DataParallelBatches(
+        job,
+        data_ranks=data_ranks,
+        data_rank=parallel_state.get_data_parallel_rank(),
+        length=_row_length(config.max_length, mesh, options),
+    )
     steps = config.max_steps or math.ceil(config.epochs * batches.per_epoch / config.grad_accum)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=config.lr,
         min_lr=0.0,
-        lr_warmup_steps=0 if config.scheduler == "constant" else int(config.warmup_ratio * steps),  # transformers' constant has none
+        lr_warmup_steps=0
+        if config.scheduler == "constant"
+        else int(config.warmup_ratio * steps),  # transformers' constant has none
         lr_decay_steps=steps,
         lr_decay_style=SCHEDULES[config.scheduler],
         start_wd=config.weight_decay,
@@ -235,7 +285,12 @@ def train_megatron(job: Any) -> dict[str, float]:
         state.global_step = step
         job.report.on_step_end(None, state, None)
         if step % config.logging_steps == 0 or step == steps:
-            logs = {"loss": loss, "learning_rate": scheduler.get_lr(optimizer.param_groups[0]), "grad_norm": float(grad_norm or 0.0), "epoch": batches.epoch_progress}
+            logs = {
+                "loss": loss,
+                "learning_rate": scheduler.get_lr(optimizer.param_groups[0]),
+                "grad_norm": float(grad_norm or 0.0),
+                "epoch": batches.epoch_progress,
+            }
             job.report.on_log(None, state, None, logs=logs)
     job.report.on_train_end(None, state, None)
     metrics = {"train_loss": sum(losses) / len(losses), "train_steps": float(steps), **job.memory.measured()}
@@ -284,7 +339,9 @@ class DataParallelBatches:
         self.batch_size = job.config.batch_size
         self.per_epoch = len(job.data) // (self.batch_size * data_ranks)
         if self.per_epoch == 0:
-            raise ValueError(f"{len(job.data)} rows make no batch of {self.batch_size} on each of {data_ranks} data-parallel ranks")
+            raise ValueError(
+                f"{len(job.data)} rows make no batch of {self.batch_size} on each of {data_ranks} data-parallel ranks"
+            )
         self.epoch, self.taken = 0, 0
         self._batches = self._epoch()
 
@@ -342,7 +399,13 @@ def _forward_step(data_iterator: Any, model: Any) -> tuple[Any, Any]:
 
     batch = {key: value.cuda(non_blocking=True) for key, value in next(data_iterator).items()}
     batch = get_batch_on_this_cp_rank(batch)
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"], padding_mask=batch["padding_mask"])
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=None,
+        labels=batch["labels"],
+        padding_mask=batch["padding_mask"],
+    )
     mask = batch["loss_mask"].float()
 
     def loss(per_token: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -381,7 +444,17 @@ def save_model(stage: Any, layout: Layout, shard: Shard, job: Any, *, engine: bo
     # expert-data-parallel replica holds every expert
     dense = parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
     experts = shard.ep > 1 and parallel_state.get_expert_data_parallel_rank() == 0
-    mine = (shard, {key: value.detach().cpu() for key, value in stage_state_dict(stage, layout, transformer_engine=engine).items()}) if dense or experts else None
+    mine = (
+        (
+            shard,
+            {
+                key: value.detach().cpu()
+                for key, value in stage_state_dict(stage, layout, transformer_engine=engine).items()
+            },
+        )
+        if dense or experts
+        else None
+    )
     host = torch.distributed.new_group(backend="gloo")  # through host memory: the GPUs still hold the optimizer
     gathered: list[Any] = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
     torch.distributed.gather_object(mine, gathered, dst=0, group=host)

@@ -87,7 +87,9 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool, model: A
     if options["vision_lora"] and (family is None or family.vision is None):
         raise ValueError("vision_lora puts adapters on a vision tower, and this model has none")
     if options["vision_lora"] and targets != "default":
-        raise ValueError("vision_lora chooses the targets itself: leave targets at default, or list the vision layers in targets")
+        raise ValueError(
+            "vision_lora chooses the targets itself: leave targets at default, or list the vision layers in targets"
+        )
     if targets == "default" and family is not None and family.vision is not None and model is not None:
         targets = vision_family_targets(model, family, vision=options["vision_lora"])
     elif targets == "default":
@@ -213,7 +215,9 @@ def prepare_longlora(model: Any, options: Mapping[str, Any], family: Any) -> Any
     import modelloop_tuner_lora_s2attn as s2attn
 
     if model.config.model_type not in LONGLORA_MODEL_TYPES:
-        raise ValueError(f"LongLoRA's attention is for {', '.join(LONGLORA_MODEL_TYPES)} models, not {model.config.model_type!r}")
+        raise ValueError(
+            f"LongLoRA's attention is for {', '.join(LONGLORA_MODEL_TYPES)} models, not {model.config.model_type!r}"
+        )
     s2attn.register()
     model.config.longlora_group_ratio = options["group_ratio"]
     model.set_attn_implementation(s2attn.NAME)
@@ -282,7 +286,14 @@ COMMON = {"parameter_groups": parameter_groups, "merge": merge, "adapter": True,
 
 TUNERS = (
     Tuner(name="lora", description="LoRA adapters (PEFT)", prepare=prepare, check=check, requires=("peft",), **COMMON),
-    Tuner(name="dora", description="weight-decomposed LoRA (PEFT)", prepare=prepare_dora, check=check, requires=("peft",), **COMMON),
+    Tuner(
+        name="dora",
+        description="weight-decomposed LoRA (PEFT)",
+        prepare=prepare_dora,
+        check=check,
+        requires=("peft",),
+        **COMMON,
+    ),
     Tuner(
         name="longlora",
         description="LongLoRA: LoRA with trainable embeddings and norms, shifted sparse attention in training",

@@ -33,7 +33,14 @@ def register() -> None:
 
 
 def shifted_sparse_attention(
-    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0, scaling: float | None = None, **kwargs: Any
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers' attention-function protocol: ``query`` ``[batch, heads, length, dim]``,
     ``key``/``value`` per key/value head, ``attention_mask`` None (plain causal) or the
@@ -48,13 +55,23 @@ def shifted_sparse_attention(
     length = query.shape[2]
     group = round(length * getattr(module.config, "longlora_group_ratio", 0.25))
     if not module.training or key.shape[2] != length or group == length:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if group < 2 or group % 2 or length % group:
-        warn_once(f"LongLoRA: rows of {length} tokens do not split into groups of {group}; they get full attention (pack rows, or pad them to a multiple of 2 / group_ratio)")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        warn_once(
+            f"LongLoRA: rows of {length} tokens do not split into groups of {group}; they get full attention (pack rows, or pad them to a multiple of 2 / group_ratio)"
+        )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     keep = None
     if attention_mask is not None:
-        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        keep = (
+            attention_mask
+            if attention_mask.dtype == torch.bool
+            else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        )
     repeats = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     half = query.shape[1] // 2
@@ -64,7 +81,9 @@ def shifted_sparse_attention(
     return torch.cat([plain, shifted], dim=1).transpose(1, 2).contiguous(), None
 
 
-def grouped_attention(query: Any, key: Any, value: Any, *, group: int, shift: int, scale: float | None, dropout: float, keep: Any) -> Any:
+def grouped_attention(
+    query: Any, key: Any, value: Any, *, group: int, shift: int, scale: float | None, dropout: float, keep: Any
+) -> Any:
     """Causal attention within groups of ``group`` tokens whose boundaries are moved
     ``shift`` tokens later; ``[batch, heads, length, dim]`` in and out. ``keep``
     (``[batch, 1, length, length]``, True where a query may see a key) narrows it further."""
@@ -79,15 +98,24 @@ def grouped_attention(query: Any, key: Any, value: Any, *, group: int, shift: in
     groups = padded // group
 
     def split(tensor: Any) -> Any:  # [b, h, n*g, d] -> [b*n, h, g, d]
-        return tensor.reshape(batch, heads, groups, group, dim).transpose(1, 2).reshape(batch * groups, heads, group, dim)
+        return (
+            tensor.reshape(batch, heads, groups, group, dim).transpose(1, 2).reshape(batch * groups, heads, group, dim)
+        )
 
     mask = None
     if keep is not None:
         if shift:
             keep = F.pad(keep, (front, shift, front, shift), value=False)
         # the diagonal blocks of the whole mask: [b, h', n, g, n, g] -> [b*n, h', g, g]
-        blocks = keep.reshape(batch, keep.shape[1], groups, group, groups, group).diagonal(dim1=2, dim2=4).permute(0, 4, 1, 2, 3)
-        mask = blocks.reshape(batch * groups, keep.shape[1], group, group) | torch.eye(group, dtype=torch.bool, device=query.device)  # padding sees itself, not NaN
+        blocks = (
+            keep.reshape(batch, keep.shape[1], groups, group, groups, group)
+            .diagonal(dim1=2, dim2=4)
+            .permute(0, 4, 1, 2, 3)
+        )
+        # padding sees itself, not NaN
+        mask = blocks.reshape(batch * groups, keep.shape[1], group, group) | torch.eye(
+            group, dtype=torch.bool, device=query.device
+        )
     elif shift:
         real = torch.zeros(padded, dtype=torch.bool, device=query.device)
         real[front : front + length] = True
@@ -96,6 +124,8 @@ def grouped_attention(query: Any, key: Any, value: Any, *, group: int, shift: in
         # a real query sees real keys before it; a padding query sees padding (its output is dropped)
         mask = causal & (real[:, None, :] | ~real[:, :, None])
         mask = mask[None, :, None].expand(batch, groups, 1, group, group).reshape(batch * groups, 1, group, group)
-    out = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale)
+    out = F.scaled_dot_product_attention(
+        split(query), split(key), split(value), attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale
+    )
     out = out.reshape(batch, groups, heads, group, dim).transpose(1, 2).reshape(batch, heads, padded, dim)
     return out[:, :, front : front + length]

@@ -25,8 +25,17 @@ def test_liger_is_registered_for_the_families_it_patches():
 def test_without_gpu_or_liger_training_stops_before_loading(tiny_models, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
-    with pytest.raises((MissingLibraryError, ConfigError), match="the liger accelerator (needs liger_kernel|runs on CUDA GPUs only)"):
-        modelloop.sft({"model": str(tiny_models("qwen2")), "data": [str(data)], "accelerators": ["liger"], "output_dir": str(tmp_path / "run")})
+    with pytest.raises(
+        (MissingLibraryError, ConfigError), match="the liger accelerator (needs liger_kernel|runs on CUDA GPUs only)"
+    ):
+        modelloop.sft(
+            {
+                "model": str(tiny_models("qwen2")),
+                "data": [str(data)],
+                "accelerators": ["liger"],
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
     assert not (tmp_path / "run").exists()
 
 

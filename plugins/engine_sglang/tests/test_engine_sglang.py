@@ -13,13 +13,26 @@ from modelloop.registry import ENGINES, get_registry
 
 
 def test_options_become_sglang_flags():
-    options = {**DEFAULTS, "served_name": "tuned", "port": 30000, "tensor_parallel_size": 4, "max_model_len": 8192, "gpu_memory_utilization": 0.8}
+    options = {
+        **DEFAULTS,
+        "served_name": "tuned",
+        "port": 30000,
+        "tensor_parallel_size": 4,
+        "max_model_len": 8192,
+        "gpu_memory_utilization": 0.8,
+    }
     argv, env = sglang.command("python3", "/models/base", {"sft": "/runs/a/model", "dpo": "/runs/b/model"}, options)
     assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
     flags = " ".join(argv[3:])
     for expected in [
-        "--model-path /models/base", "--served-model-name tuned", "--port 30000", "--tp-size 4", "--context-length 8192",
-        "--mem-fraction-static 0.8", "--enable-lora --max-lora-rank 64", "--lora-paths sft=/runs/a/model dpo=/runs/b/model",
+        "--model-path /models/base",
+        "--served-model-name tuned",
+        "--port 30000",
+        "--tp-size 4",
+        "--context-length 8192",
+        "--mem-fraction-static 0.8",
+        "--enable-lora --max-lora-rank 64",
+        "--lora-paths sft=/runs/a/model dpo=/runs/b/model",
     ]:
         assert expected in flags
     assert "--quantization" not in flags and env == {}

@@ -13,14 +13,31 @@ from modelloop.registry import ENGINES, get_registry
 
 
 def test_options_become_vllm_flags():
-    options = {**DEFAULTS, "served_name": "tuned", "port": 8123, "tensor_parallel_size": 2, "max_model_len": 4096, "quantization": "fp8", "max_lora_rank": 16, "extra_args": ["--enforce-eager"]}
+    options = {
+        **DEFAULTS,
+        "served_name": "tuned",
+        "port": 8123,
+        "tensor_parallel_size": 2,
+        "max_model_len": 4096,
+        "quantization": "fp8",
+        "max_lora_rank": 16,
+        "extra_args": ["--enforce-eager"],
+    }
     argv, env = vllm.command("/envs/vllm/bin/python", "/models/base", {"sft": "/runs/a/model"}, options)
     assert argv[:3] == ["/envs/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     flags = " ".join(argv[3:])
     for expected in [
-        "--model /models/base", "--served-model-name tuned", "--host 127.0.0.1", "--port 8123", "--tensor-parallel-size 2",
-        "--gpu-memory-utilization 0.9", "--dtype auto", "--max-model-len 4096", "--quantization fp8",
-        "--enable-lora --max-lora-rank 16", "--lora-modules sft=/runs/a/model",
+        "--model /models/base",
+        "--served-model-name tuned",
+        "--host 127.0.0.1",
+        "--port 8123",
+        "--tensor-parallel-size 2",
+        "--gpu-memory-utilization 0.9",
+        "--dtype auto",
+        "--max-model-len 4096",
+        "--quantization fp8",
+        "--enable-lora --max-lora-rank 16",
+        "--lora-modules sft=/runs/a/model",
     ]:
         assert expected in flags
     assert argv[-1] == "--enforce-eager"

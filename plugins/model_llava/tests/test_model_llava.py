@@ -27,7 +27,11 @@ def tokenized(folder: Path):
     config, tokenizer = read_config(folder), load_tokenizer(folder)
     family = resolve_family("llava")
     images = ImageTokens(family.vision, load_image_processor(folder), config, tokenizer)
-    return tokenizer, images, prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=128, images=images)
+    return (
+        tokenizer,
+        images,
+        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=128, images=images),
+    )
 
 
 def test_each_picture_takes_its_patches_as_image_tokens(tiny_models):
@@ -43,7 +47,9 @@ def test_packed_examples_keep_their_own_logits(tiny_models):
     folder = tiny_models("llava")
     tokenizer, images, data = tokenized(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    row = max(TrainingData.build(data, max_length=128, packing=True).items, key=lambda row: sum(bool(p) for p in row.images))
+    row = max(
+        TrainingData.build(data, max_length=128, packing=True).items, key=lambda row: sum(bool(p) for p in row.images)
+    )
     assert sum(bool(pictures) for pictures in row.images) >= 2
     packed = Collator(tokenizer.pad_token_id, packing=True, images=images)([row])
     alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
@@ -57,7 +63,16 @@ def test_packed_examples_keep_their_own_logits(tiny_models):
 
 
 def test_sft_with_the_vision_tower_frozen(tiny_models, tmp_path):
-    settings = {"model": str(tiny_models("llava")), "data": [str(SHAPES)], "tuner": "full", "max_steps": 2, "batch_size": 4, "max_length": 128}
-    result = modelloop.sft({**settings, "freeze": ["vision"], "group_lr": {"aligner": 1e-4}, "output_dir": str(tmp_path / "run")})
+    settings = {
+        "model": str(tiny_models("llava")),
+        "data": [str(SHAPES)],
+        "tuner": "full",
+        "max_steps": 2,
+        "batch_size": 4,
+        "max_length": 128,
+    }
+    result = modelloop.sft(
+        {**settings, "freeze": ["vision"], "group_lr": {"aligner": 1e-4}, "output_dir": str(tmp_path / "run")}
+    )
     groups = json.loads((Path(result["run_dir"]) / "manifest.json").read_text())["module_groups"]
     assert groups["vision"]["trainable"] == 0 and groups["aligner"]["lr"] == 1e-4 and groups["llm"]["trainable"] > 0

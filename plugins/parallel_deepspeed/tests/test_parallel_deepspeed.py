@@ -13,14 +13,21 @@ from modelloop.parallel.world import World
 
 
 def request(cuda: bool = False, **options) -> PlanRequest:
-    return PlanRequest(World(nproc=2), None, None, FULL, options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=cuda)
+    return PlanRequest(
+        World(nproc=2), None, None, FULL, options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=cuda
+    )
 
 
 def test_zero3_gathers_weights_on_save_and_leaves_batch_sizes_to_the_trainer():
     _, plan = make_plan("deepspeed", request(stage=3))
     config = plan.trainer_arguments["deepspeed"]
-    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    assert {config[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")} == {"auto"}
+    assert (
+        config["zero_optimization"]["stage"] == 3
+        and config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    )
+    assert {
+        config[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    } == {"auto"}
     assert (plan.shard, plan.master_weights, plan.mesh) == (3, True, {"dp": 2})
     assert plan.environment["DS_ACCELERATOR"] == "cpu"
     assert "DS_ACCELERATOR" not in make_plan("deepspeed", request(cuda=True))[1].environment
@@ -29,13 +36,18 @@ def test_zero3_gathers_weights_on_save_and_leaves_batch_sizes_to_the_trainer():
 def test_offload_and_a_users_json_merged_over_modelloops(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, "steps_per_print": 1}))
-    _, plan = make_plan("deepspeed", request(cuda=True, stage=3, offload_optimizer=True, offload_parameters=True, config=str(user)))
+    _, plan = make_plan(
+        "deepspeed", request(cuda=True, stage=3, offload_optimizer=True, offload_parameters=True, config=str(user))
+    )
     zero = plan.trainer_arguments["deepspeed"]["zero_optimization"]
-    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and zero["offload_param"]["device"] == "cpu"
+    assert (
+        zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} and zero["offload_param"]["device"] == "cpu"
+    )
     assert zero["reduce_bucket_size"] == 5e7 and zero["stage"] == 3  # the user's key replaced, the rest kept
     assert plan.trainer_arguments["deepspeed"]["steps_per_print"] == 1
     assert plan.offload == ("optimizer", "parameters")
-    assert plan.trainer_arguments["deepspeed"]["zero_force_ds_cpu_optimizer"] is False  # the tuner's optimizer on the host copies
+    # the tuner's optimizer on the host copies
+    assert plan.trainer_arguments["deepspeed"]["zero_force_ds_cpu_optimizer"] is False
 
 
 def test_a_users_json_choosing_stage_3_still_saves_an_ordinary_folder(tmp_path):

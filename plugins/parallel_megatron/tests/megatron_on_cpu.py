@@ -28,15 +28,37 @@ from megatron.core.tensor_parallel.random import initialize_rng_tracker  # noqa:
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from modelloop_megatron_checkpoint import Layout, Shard, join_shards, megatron_to_hf  # noqa: E402
-from modelloop_megatron_model import SafetensorsFolder, build_stage, load_stage, stage_state_dict, transformer_config, write_hf_folder  # noqa: E402
+from modelloop_megatron_model import (  # noqa: E402
+    SafetensorsFolder,
+    build_stage,
+    load_stage,
+    stage_state_dict,
+    transformer_config,
+    write_hf_folder,
+)  # noqa: E402
 
-SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}
+SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+}
 EXTRA = {
     "llama": {"tie_word_embeddings": False},
     "mistral": {"tie_word_embeddings": False},
     "qwen2": {"tie_word_embeddings": True},
     "qwen3": {"tie_word_embeddings": True, "head_dim": 32},
-    "qwen3_moe": {"tie_word_embeddings": True, "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
+    "qwen3_moe": {
+        "tie_word_embeddings": True,
+        "head_dim": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+    },
 }
 
 
@@ -60,7 +82,14 @@ def check(model_type: str, folder: Path) -> dict:
     hf, path = random_model(model_type, folder)
     layout = Layout.from_hf(hf.config)
     shard = Shard(tp=tp, tp_rank=rank)
-    config = transformer_config(hf.config, mesh={"tp": tp}, sequence_parallel=False, dtype=torch.float32, recompute=False, moe_dispatcher="allgather")
+    config = transformer_config(
+        hf.config,
+        mesh={"tp": tp},
+        sequence_parallel=False,
+        dtype=torch.float32,
+        recompute=False,
+        moe_dispatcher="allgather",
+    )
     stage = build_stage(hf.config, config, shard, transformer_engine=False).eval()
     load_stage(stage, SafetensorsFolder(path), layout, shard, transformer_engine=False)
     ids = torch.randint(0, SIZES["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
@@ -72,7 +101,9 @@ def check(model_type: str, folder: Path) -> dict:
     dist.all_gather_object(parts, (shard, stage_state_dict(stage, layout, transformer_engine=False)))
     back = megatron_to_hf(join_shards(dict(parts), layout), layout)
     original = dict(SafetensorsFolder(path))  # the checkpoint's format (transformers 5 fuses experts only in memory)
-    differ = sorted(set(original) ^ set(back)) + [key for key in original if key in back and not torch.equal(original[key], back[key])]
+    differ = sorted(set(original) ^ set(back)) + [
+        key for key in original if key in back and not torch.equal(original[key], back[key])
+    ]
     saved = folder / f"{model_type}-back"
     if dist.get_rank() == 0:
         write_hf_folder(back, hf.config, saved)
@@ -91,7 +122,9 @@ def check(model_type: str, folder: Path) -> dict:
 def main() -> None:
     folder, model_types = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size(), expert_tensor_parallel_size=1)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dist.get_world_size(), expert_tensor_parallel_size=1
+    )
     initialize_rng_tracker(inference_rng_tracker=True)  # shim 3
     for model_type in model_types:
         result = check(model_type, folder)

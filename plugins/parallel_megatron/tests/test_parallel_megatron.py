@@ -28,7 +28,14 @@ QWEN_7B = {
 def config(model_type: str = "qwen2", **fields):
     from transformers import AutoConfig
 
-    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+    }
     if model_type == "qwen3_moe":
         sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
     return AutoConfig.for_model(model_type, **{**sizes, **fields})
@@ -36,7 +43,18 @@ def config(model_type: str = "qwen2", **fields):
 
 def request(model_config, nproc: int = 8, tuner: str = "full", cp: int = 1, **options) -> PlanRequest:
     """A plan request on GPUs; ``cp`` is ``--sequence-parallel``, ``options`` the strategy's."""
-    return PlanRequest(World(nproc=nproc), model_config, None, get_registry(TUNERS).get(tuner), options, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=True, sequence_parallel=cp)
+    return PlanRequest(
+        World(nproc=nproc),
+        model_config,
+        None,
+        get_registry(TUNERS).get(tuner),
+        options,
+        batch_size=2,
+        max_length=64,
+        gradient_checkpointing=False,
+        cuda=True,
+        sequence_parallel=cp,
+    )
 
 
 # --------------------------------------------------------------------------- plans
@@ -46,11 +64,14 @@ def test_the_mesh_splits_the_world_into_tensor_pipeline_and_data_parallel_ranks(
     _, plan = make_plan("megatron", request(config(), tp=2, pp=2))
     assert plan.mesh == {"dp": 2, "tp": 2, "pp": 2}
     assert plan.shard == 1 and plan.master_weights  # the distributed optimizer's fp32 copies, spread over dp
-    assert plan.trainer_arguments["megatron"]["sequence_parallel"] is False  # megatron's own norms refuse it; it needs TE
+    # megatron's own norms refuse it; it needs TE
+    assert plan.trainer_arguments["megatron"]["sequence_parallel"] is False
     assert any("2 layers per pipeline stage" in note for note in plan.notes)
     _, moe = make_plan("megatron", request(config("qwen3_moe"), ep=4))
     assert moe.mesh == {"dp": 2, "ep": 4}
-    assert any("experts spread over ep=4 ranks; other weights replicated over dp x ep = 8 ranks" in note for note in moe.notes)
+    assert any(
+        "experts spread over ep=4 ranks; other weights replicated over dp x ep = 8 ranks" in note for note in moe.notes
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,7 +91,21 @@ def test_the_mesh_splits_the_world_into_tensor_pipeline_and_data_parallel_ranks(
         (config(), {"tp": 2, "sequence_parallel": True}, "sequence_parallel needs Transformer Engine"),
         (config(), {"sequence_parallel": True}, "sequence_parallel .* needs tp > 1"),
     ],
-    ids=["adapter", "own-optimizer", "model-type", "heads", "vocabulary", "layers", "dense-ep", "world", "cp-without-te", "sliding-window", "zero", "sp-without-te", "sp-without-tp"],
+    ids=[
+        "adapter",
+        "own-optimizer",
+        "model-type",
+        "heads",
+        "vocabulary",
+        "layers",
+        "dense-ep",
+        "world",
+        "cp-without-te",
+        "sliding-window",
+        "zero",
+        "sp-without-te",
+        "sp-without-tp",
+    ],
 )
 def test_plans_that_cannot_work_are_refused_before_anything_starts(model_config, options, message):
     with pytest.raises(PlanError, match=f"the megatron strategy: .*{message}"):
@@ -79,7 +114,20 @@ def test_plans_that_cannot_work_are_refused_before_anything_starts(model_config,
 
 def test_it_runs_on_gpus_only():
     with pytest.raises(PlanError, match="runs on CUDA GPUs only"):
-        make_plan("megatron", PlanRequest(World(nproc=1), config(), None, get_registry(TUNERS).get("full"), {}, batch_size=2, max_length=64, gradient_checkpointing=False, cuda=False))
+        make_plan(
+            "megatron",
+            PlanRequest(
+                World(nproc=1),
+                config(),
+                None,
+                get_registry(TUNERS).get("full"),
+                {},
+                batch_size=2,
+                max_length=64,
+                gradient_checkpointing=False,
+                cuda=False,
+            ),
+        )
 
 
 def test_what_the_loop_does_not_do_is_refused_by_name():
@@ -96,8 +144,25 @@ def test_modelloop_plan_prints_the_megatron_mesh_and_splits_the_estimate(tmp_pat
     from modelloop.cli import build_cli
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN_7B))
-    plan = ["plan", "--model", str(tmp_path), "--tuner", "full", "--max-length", "4096", "--batch-size", "1", "--nproc", "8", "--gpu-memory", "80GiB"]
-    result = CliRunner().invoke(build_cli(), [*plan, "--strategy", "megatron", "--set", "strategy_options.tp=4", "--set", "strategy_options.pp=2"])
+    plan = [
+        "plan",
+        "--model",
+        str(tmp_path),
+        "--tuner",
+        "full",
+        "--max-length",
+        "4096",
+        "--batch-size",
+        "1",
+        "--nproc",
+        "8",
+        "--gpu-memory",
+        "80GiB",
+    ]
+    result = CliRunner().invoke(
+        build_cli(),
+        [*plan, "--strategy", "megatron", "--set", "strategy_options.tp=4", "--set", "strategy_options.pp=2"],
+    )
     assert result.exit_code == 0, result.output
     assert "dp=1 x tp=4 x pp=2" in result.output and "14 layers per pipeline stage" in result.output
     assert "weights          1,815.7 MiB" in result.output  # 7.6 B bf16 weights over tp x pp = 8 GPUs
@@ -121,10 +186,20 @@ def checkpoint_format(model_config) -> dict:
 
     state = random_state(model_config)
     for name in [name for name in state if name.endswith("mlp.experts.gate_up_proj")]:
-        prefix, fused, down = name[: -len("gate_up_proj")], state.pop(name), state.pop(name.replace("gate_up_proj", "down_proj"))
+        prefix, fused, down = (
+            name[: -len("gate_up_proj")],
+            state.pop(name),
+            state.pop(name.replace("gate_up_proj", "down_proj")),
+        )
         for expert in range(fused.shape[0]):
             gate, up = fused[expert].chunk(2)
-            state.update({f"{prefix}{expert}.gate_proj.weight": gate, f"{prefix}{expert}.up_proj.weight": up, f"{prefix}{expert}.down_proj.weight": down[expert]})
+            state.update(
+                {
+                    f"{prefix}{expert}.gate_proj.weight": gate,
+                    f"{prefix}{expert}.up_proj.weight": up,
+                    f"{prefix}{expert}.down_proj.weight": down[expert],
+                }
+            )
     if model_config.tie_word_embeddings:
         state.pop("lm_head.weight")
     return {name: tensor.to(torch.float32) for name, tensor in state.items()}
@@ -140,18 +215,31 @@ def test_shards_over_tp_pp_and_ep_join_back_to_the_same_checkpoint(model_type):
     full = hf_to_megatron(hf, layout)
     ep = 2 if layout.num_experts else 1
     shards = {
-        Shard(tp=2, pp=2, ep=ep, tp_rank=t, pp_rank=p, ep_rank=e): None for t in range(2) for p in range(2) for e in range(ep)
+        Shard(tp=2, pp=2, ep=ep, tp_rank=t, pp_rank=p, ep_rank=e): None
+        for t in range(2)
+        for p in range(2)
+        for e in range(ep)
     }
     shards = {shard: shard_state_dict(full, layout, shard) for shard in shards}
     last = shards[Shard(tp=2, pp=2, ep=ep, tp_rank=1, pp_rank=1, ep_rank=ep - 1)]
-    assert "decoder.layers.1.input_layernorm.weight" in last and "decoder.layers.2.input_layernorm.weight" not in last  # numbered from 0 per stage
-    assert last["output_layer.weight"].shape == (64, 64)  # half the vocabulary; tied models keep a copy on the last stage
+    # numbered from 0 per stage
+    assert "decoder.layers.1.input_layernorm.weight" in last and "decoder.layers.2.input_layernorm.weight" not in last
+    # half the vocabulary; tied models keep a copy on the last stage
+    assert last["output_layer.weight"].shape == (
+        64,
+        64,
+    )
     if layout.num_experts:
-        assert {key.split(".")[6] for key in last if "local_experts" in key} == {"0", "1"}  # two of four experts, numbered locally
+        assert {key.split(".")[6] for key in last if "local_experts" in key} == {
+            "0",
+            "1",
+        }  # two of four experts, numbered locally
     back = megatron_to_hf(join_shards(shards, layout), layout)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[name], hf[name]) for name in hf)
-    if layout.num_experts:  # what save_model gathers with tp=2, ep=2: megatron's expert mesh pairs tp rank t with ep rank t
+    if (
+        layout.num_experts
+    ):  # what save_model gathers with tp=2, ep=2: megatron's expert mesh pairs tp rank t with ep rank t
         paired = {shard: state for shard, state in shards.items() if shard.tp_rank == shard.ep_rank}
         assert megatron_to_hf(join_shards(paired, layout), layout).keys() == hf.keys()
 
@@ -160,16 +248,32 @@ def test_transformer_engines_fused_norm_names_translate_both_ways():
     import torch
 
     layout = Layout.from_hf(config())
-    state = {"decoder.layers.0.input_layernorm.weight": torch.ones(2), "decoder.layers.0.pre_mlp_layernorm.weight": torch.zeros(2)}
+    state = {
+        "decoder.layers.0.input_layernorm.weight": torch.ones(2),
+        "decoder.layers.0.pre_mlp_layernorm.weight": torch.zeros(2),
+    }
     fused = to_spec_names(state, layout, transformer_engine=True)
-    assert set(fused) == {"decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"}
+    assert set(fused) == {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+    }
     assert from_spec_names(fused, layout, transformer_engine=True).keys() == state.keys()
     moe = Layout.from_hf(config("qwen3_moe"))
-    assert "decoder.layers.0.pre_mlp_layernorm.weight" in to_spec_names(state, moe, transformer_engine=True)  # before the router, not fused
+    # before the router, not fused
+    assert "decoder.layers.0.pre_mlp_layernorm.weight" in to_spec_names(state, moe, transformer_engine=True)
 
 
 def run_on_cpu(tmp_path: Path, nproc: int, *model_types: str) -> list[dict]:
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}", str(HERE / "megatron_on_cpu.py"), str(tmp_path), *model_types]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        str(HERE / "megatron_on_cpu.py"),
+        str(tmp_path),
+        *model_types,
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -202,8 +306,33 @@ def gpus() -> int:
 
 
 def megatron_sft(model: Path, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "modelloop", "sft", "--model", str(model), "--data", str(REPO / "examples" / "data" / "sums.jsonl"), "--no-packing"]
-    argv += ["--max-length", "64", "--max-steps", "8", "--lr", "1e-3", "--logging-steps", "1", "--batch-size", "2", "--nproc", str(nproc), "--strategy", "megatron"]
+    argv = [
+        sys.executable,
+        "-m",
+        "modelloop",
+        "sft",
+        "--model",
+        str(model),
+        "--data",
+        str(REPO / "examples" / "data" / "sums.jsonl"),
+        "--no-packing",
+    ]
+    argv += [
+        "--max-length",
+        "64",
+        "--max-steps",
+        "8",
+        "--lr",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--nproc",
+        str(nproc),
+        "--strategy",
+        "megatron",
+    ]
     return subprocess.run([*argv, "--output-dir", str(out), *extra], capture_output=True, text=True, timeout=900)
 
 

@@ -103,7 +103,9 @@ def test_a_classifier_is_mixed_in_by_its_weight(tmp_path, tiny_models):
 
     base = tiny_models("qwen2")
     torch.manual_seed(0)
-    classifier = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, id2label={0: "safe", 1: "unsafe"})
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=2, id2label={0: "safe", 1: "unsafe"}
+    )
     classifier.save_pretrained(tmp_path / "clf")
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "clf")
     texts = [SAFE[0], UNSAFE[0][0]]

@@ -10,7 +10,11 @@ from modelloop.models.loading import load_model
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"rank": 0}, "rank must be a positive integer"), ({"proj_type": "diagonal"}, "proj_type must be one of"), ({"gap": 5}, "unknown option 'gap'")],
+    [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"proj_type": "diagonal"}, "proj_type must be one of"),
+        ({"gap": 5}, "unknown option 'gap'"),
+    ],
 )
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -29,7 +33,9 @@ def test_the_family_targets_are_projected_and_the_rest_is_plain(tiny_models):
     assert type(optimizer).__name__ == "AdamW" and type(optimizer).__module__.startswith("galore_torch")
 
 
-def test_galore_trains_every_weight_so_tensor_parallelism_takes_it_and_matches_one_process(tiny_models, subprocess_env, tmp_path):
+def test_galore_trains_every_weight_so_tensor_parallelism_takes_it_and_matches_one_process(
+    tiny_models, subprocess_env, tmp_path
+):
     """tp asks the tuner whether it trains every weight; GaLore's projected update on
     the split layers is the one it makes on whole ones."""
     import json
@@ -39,12 +45,44 @@ def test_galore_trains_every_weight_so_tensor_parallelism_takes_it_and_matches_o
     from conftest import REPO
 
     data = tmp_path / "data"
-    subprocess.run([sys.executable, REPO / "examples" / "make_demo_data.py", data, "--count", "32"], check=True, capture_output=True)
-    settings = ["--model", str(tiny_models("qwen2")), "--data", str(data / "tasks.jsonl"), "--tuner", "galore", "--set", "tuner_options.rank=8", "--set", "tuner_options.update_proj_gap=2"]
-    settings += ["--lr", "1e-2", "--max-steps", "3", "--logging-steps", "1", "--batch-size", "4", "--no-packing", "--max-length", "64"]
+    subprocess.run(
+        [sys.executable, REPO / "examples" / "make_demo_data.py", data, "--count", "32"],
+        check=True,
+        capture_output=True,
+    )
+    settings = [
+        "--model",
+        str(tiny_models("qwen2")),
+        "--data",
+        str(data / "tasks.jsonl"),
+        "--tuner",
+        "galore",
+        "--set",
+        "tuner_options.rank=8",
+        "--set",
+        "tuner_options.update_proj_gap=2",
+    ]
+    settings += [
+        "--lr",
+        "1e-2",
+        "--max-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-packing",
+        "--max-length",
+        "64",
+    ]
     losses = {}
     for name, parallel in (("one", []), ("tp", ["--nproc", "2", "--strategy", "tp"])):
-        done = subprocess.run([sys.executable, "-m", "modelloop", "sft", *settings, *parallel, "--output-dir", str(tmp_path / name)], env=subprocess_env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "modelloop", "sft", *settings, *parallel, "--output-dir", str(tmp_path / name)],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         records = map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
         losses[name] = [record["loss"] for record in records if "loss" in record]

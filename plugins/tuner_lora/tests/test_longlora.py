@@ -16,13 +16,22 @@ LENGTH = 16
 
 
 def attend(q, k, v, *, training=True, ratio=0.5):
-    module = types.SimpleNamespace(training=training, config=types.SimpleNamespace(longlora_group_ratio=ratio), num_key_value_groups=2, is_causal=True)
+    module = types.SimpleNamespace(
+        training=training,
+        config=types.SimpleNamespace(longlora_group_ratio=ratio),
+        num_key_value_groups=2,
+        is_causal=True,
+    )
     return shifted_sparse_attention(module, q, k, v, None)[0]
 
 
 def qkv(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, LENGTH, 8, generator=generator), torch.randn(2, 2, LENGTH, 8, generator=generator), torch.randn(2, 2, LENGTH, 8, generator=generator)
+    return (
+        torch.randn(2, 4, LENGTH, 8, generator=generator),
+        torch.randn(2, 2, LENGTH, 8, generator=generator),
+        torch.randn(2, 2, LENGTH, 8, generator=generator),
+    )
 
 
 def changed_by(position: int) -> torch.Tensor:
@@ -75,14 +84,32 @@ def test_longlora_trains_adapters_embeddings_and_norms(tiny_models, tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = modelloop.pt(
-        {"model": str(tiny_models("qwen2")), "data": [str(data)], "tuner": "longlora", "max_length": 128, "batch_size": 2, "max_steps": 12, "lr": 3e-3, "logging_steps": 1, "output_dir": str(tmp_path / "run")}
+        {
+            "model": str(tiny_models("qwen2")),
+            "data": [str(data)],
+            "tuner": "longlora",
+            "max_length": 128,
+            "batch_size": 2,
+            "max_steps": 12,
+            "lr": 3e-3,
+            "logging_steps": 1,
+            "output_dir": str(tmp_path / "run"),
+        }
     )
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert losses[-1] < losses[0]
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "run" / "model" / "adapter_model.safetensors")
-    assert any("lora_A" in name for name in saved) and any("embed_tokens" in name for name in saved) and any("norm" in name for name in saved)
+    assert (
+        any("lora_A" in name for name in saved)
+        and any("embed_tokens" in name for name in saved)
+        and any("norm" in name for name in saved)
+    )
     assert result["run_dir"] == str(tmp_path / "run")
 
 
@@ -108,7 +135,9 @@ def test_the_mask_transformers_builds_still_applies_in_each_group():
     example = torch.arange(LENGTH) >= 6
     keep = (example[:, None] == example[None, :]) & torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()
     keep = keep.expand(2, 1, LENGTH, LENGTH)
-    module = types.SimpleNamespace(training=True, config=types.SimpleNamespace(longlora_group_ratio=0.5), num_key_value_groups=2, is_causal=True)
+    module = types.SimpleNamespace(
+        training=True, config=types.SimpleNamespace(longlora_group_ratio=0.5), num_key_value_groups=2, is_causal=True
+    )
     before = shifted_sparse_attention(module, q, k, v, keep)[0]
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 2] += 1
