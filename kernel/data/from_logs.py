@@ -34,7 +34,6 @@ from modelloop.inference.request_log import log_files, read_log
 from modelloop.jsonl import write_record
 
 Kind = Literal["sft", "kto", "preference"]
-KINDS: tuple[Kind, ...] = ("sft", "kto", "preference")
 ORIGIN_SUFFIX = ".origin.json"
 
 
@@ -102,7 +101,8 @@ def make(answers: Sequence[Answer], kind: Kind) -> Made:
             continue
         seen.add(key)
         made.records.append(record)
-        made.sources.add(str(answer.request.get("source")))
+        if answer.request.get("source"):
+            made.sources.add(str(answer.request["source"]))
         if answer.request.get("run"):
             made.runs.add(str(answer.request["run"]))
     return made
