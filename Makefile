@@ -3,12 +3,17 @@
 #   make test         lint and format checks (ruff), then the whole test suite (what .ci/run calls)
 # Both create .venv if it is missing and install torch==2.13.0 (the CPU build) first,
 # then the kernel and every plugin under plugins/ in editable mode, pinned by constraints/cpu.txt.
+# make test also builds .venv-evalscope, EvalScope's own environment (its modelscope pins
+# datasets below 5; modelloop's stack needs 5), pinned by constraints/evalscope.txt.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*)
 STAMP := $(VENV)/.installed
+EVALSCOPE_VENV := .venv-evalscope
+EVALSCOPE_STAMP := $(EVALSCOPE_VENV)/.installed
+export MODELLOOP_EVALSCOPE_PYTHON := $(abspath $(EVALSCOPE_VENV))/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -16,7 +21,7 @@ export MODELSCOPE_OFFLINE := 1
 
 .PHONY: test quickstart bench install clean
 
-test: $(STAMP)
+test: $(STAMP) $(EVALSCOPE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -43,5 +48,11 @@ $(STAMP): pyproject.toml constraints/cpu.txt $(wildcard plugins/*/pyproject.toml
 	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'torch {v}: a CUDA build was pulled in'"
 	touch $@
 
+$(EVALSCOPE_STAMP): constraints/evalscope.txt
+	test -x $(EVALSCOPE_VENV)/bin/python || $(PYTHON) -m venv $(EVALSCOPE_VENV)
+	$(EVALSCOPE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EVALSCOPE_VENV)/bin/python -m pip install --quiet -r constraints/evalscope.txt
+	touch $@
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(EVALSCOPE_VENV)

@@ -215,3 +215,33 @@ def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: s
     if parent is not None and not out.resolve().is_relative_to(runs_root().resolve()):  # where the lineage finds it
         update_manifest(Path(source), exports=sorted({*parent.get("exports", []), str(out.resolve())}))
     return out
+
+
+#: The quantization_config a built-in exporter writes, as much of it as engines read to tell
+#: whether they load it:
+#: llmcompressor saves GPTQ and AWQ (W4A16) as int4 packed in groups of 128, and FP8 as
+#: floats, all in compressed-tensors format. An exporter not named here keeps the source's.
+_PACKED_INT4 = {"format": "pack-quantized", "weights": {"num_bits": 4, "type": "int", "group_size": 128}}
+WRITTEN_QUANTIZATION: dict[str, dict[str, Any]] = {
+    "gptq-int4": {"quant_method": "compressed-tensors", "config_groups": {"group_0": _PACKED_INT4}},
+    "awq-int4": {"quant_method": "compressed-tensors", "config_groups": {"group_0": _PACKED_INT4}},
+    "fp8": {
+        "quant_method": "compressed-tensors",
+        "config_groups": {"group_0": {"format": "float-quantized", "weights": {"num_bits": 8, "type": "float"}}},
+    },
+    "bnb-nf4": {"quant_method": "bitsandbytes"},
+}
+
+
+def written_config(source: str | Path, exporter: str) -> tuple[dict[str, Any], bool]:
+    """The config.json an export of ``source`` by ``exporter`` will have, and whether its
+    tokenizer carries a chat template: what an engine's ``check_export`` judges."""
+    import json
+
+    from modelloop.models.loading import load_tokenizer, locate, resolve_model_source
+
+    model = resolve_model_source(source, weights=False)
+    config = json.loads((Path(locate(model.base)) / "config.json").read_text())
+    if exporter in WRITTEN_QUANTIZATION:
+        config["quantization_config"] = WRITTEN_QUANTIZATION[exporter]
+    return config, bool(load_tokenizer(model.tokenizer).chat_template)

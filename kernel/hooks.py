@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         ChatTemplate,
         DatasetFormat,
         Engine,
+        EvalBackend,
         Exporter,
         ModelFamily,
         ParallelStrategy,
@@ -160,6 +161,20 @@ def register_engines(register: Callable[[Engine], None]) -> None:
     ``--engine``.
 
     :param register: call ``register(Engine(...))`` once per engine.
+    """
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@hookspec
+def register_eval_backends(register: Callable[[EvalBackend], None]) -> None:
+    """Register evaluation back ends: benchmark harnesses (lm-evaluation-harness, EvalScope).
+
+    Called when ``modelloop eval --benchmark`` or a recipe's eval stage with ``benchmarks``
+    resolves ``--backend``, before any model loads.
+
+    :param register: call ``register(EvalBackend(...))`` once per back end.
     """
 
 

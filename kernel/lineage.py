@@ -48,6 +48,25 @@ class Run:
                 return f"{name} {metrics[name]:.4g}"
         return ""
 
+    def benchmark_scores(self) -> dict[str, float]:
+        """``{"BACKEND:TASK.METRIC": score}``: the benchmarks this run was evaluated on (or,
+        for an eval run, the ones it ran)."""
+        return {
+            f"{task}.{metric}": value
+            for task, entry in (self.manifest.get("benchmarks") or {}).items()
+            for metric, value in (entry.get("metrics") or {}).items()
+        }
+
+    def benchmark_summary(self, most: int = 3) -> str:
+        """Each benchmark's first score, short: ``gsm8k 0.42, mmlu 0.31``."""
+        entries = [
+            f"{task.split(':', 1)[-1]} {next(iter(entry['metrics'].values())):.3g}"
+            for task, entry in (self.manifest.get("benchmarks") or {}).items()
+            if entry.get("metrics")
+        ]
+        more = f" (+{len(entries) - most})" if len(entries) > most else ""
+        return ", ".join(entries[:most]) + more
+
 
 def find_runs(root: Path | None = None) -> list[Run]:
     """Every run under the runs folder, oldest first (ids start with their time)."""
@@ -132,14 +151,21 @@ def tree_lines(runs: list[Run]) -> list[str]:
 
 
 def diff(first: Run, second: Run) -> list[tuple[str, Any, Any]]:
-    """``(key, first's value, second's value)`` for every config key and metric that differs."""
+    """``(key, first's value, second's value)`` for every config key, metric and benchmark
+    score that differs (``benchmark.lm-eval:gsm8k.exact_match``)."""
     rows = []
     for section in ("config", "metrics"):
         one, two = _flat(first.manifest.get(section) or {}), _flat(second.manifest.get(section) or {})
-        for key in sorted(set(one) | set(two)):
-            if one.get(key) != two.get(key):
-                rows.append((f"{section}.{key}", one.get(key), two.get(key)))
-    return rows
+        rows += _differing(section, one, two)
+    return rows + _differing("benchmark", first.benchmark_scores(), second.benchmark_scores())
+
+
+def _differing(section: str, one: Mapping[str, Any], two: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [
+        (f"{section}.{key}", one.get(key), two.get(key))
+        for key in sorted(set(one) | set(two))
+        if one.get(key) != two.get(key)
+    ]
 
 
 def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
@@ -35,6 +35,7 @@ EXPORTS: dict[str, str] = {
             "DatasetFormat",
             "Engine",
             "EngineSession",
+            "EvalBackend",
             "Exporter",
             "ModelFamily",
             "ParallelStrategy",
@@ -69,6 +70,11 @@ EXPORTS: dict[str, str] = {
         for name in ("Completion", "Delta", "Generation", "GenerationRequest", "SamplingParams")
     },
     "start_server": "modelloop.inference.launch:start_server",
+    # Evaluation back ends: the job they run and the scores they give back.
+    **{
+        name: f"modelloop.benchmarks:{name}"
+        for name in ("BenchmarkJob", "Endpoint", "InProcess", "TaskScores", "metric_key")
+    },
     # Parallel strategies: the plan and the process group.
     "ParallelPlan": "modelloop.parallel.plan:ParallelPlan",
     "PlanRequest": "modelloop.parallel.plan:PlanRequest",

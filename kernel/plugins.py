@@ -54,8 +54,11 @@ FIRST_PARTY_PLUGINS: frozenset[str] = frozenset(
     f"modelloop-plugin-{name}"
     for name in (
         "accel-liger",
+        "engine-lmdeploy",
         "engine-sglang",
         "engine-vllm",
+        "eval-evalscope",
+        "eval-lm-eval",
         "model-deepseek",
         "model-gemma",
         "model-glm",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from modelloop.config import (
     ConfigError,
@@ -99,12 +99,26 @@ class ServeCheckStage(BaseModel):
 
 
 class EvalStage(BaseModel):
+    """Your own prompts and answers scored by ``metrics`` (``data``), or standard tasks
+    through an evaluation back end (``benchmarks``; their metrics are ``TASK.METRIC``)."""
+
     model_config = ConfigDict(extra="forbid")
-    data: str
+    data: str | None = None
     metrics: list[str] = Field(default_factory=lambda: ["accuracy"])
-    engine: str = "hf"
+    benchmarks: list[str] | None = Field(None, min_length=1)
+    backend: str = "lm-eval"
+    limit: int | None = Field(None, gt=0, description="the first N examples of each benchmark task")
+    tasks_dir: list[str] = Field(default_factory=list, description="folders of task definitions, the back end's format")
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    engine: str | None = Field(None, description="data: hf; benchmarks: the model in this process")
     max_tokens: int = Field(64, gt=0)
     batch_size: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EvalStage:
+        if (self.data is None) == (self.benchmarks is None):
+            raise ValueError("give data (your own prompts and answers) or benchmarks (standard tasks), not both")
+        return self
 
 
 class FeedbackStage(BaseModel):
@@ -370,10 +384,16 @@ def _check_names(step: Step) -> None:
         get_registry(EXPORTERS).get(config.quant)
     elif step.kind == "serve-check":
         get_registry(ENGINES).get(config.engine)
+    elif step.kind == "eval" and config.benchmarks:
+        from modelloop.stages.benchmark import resolve_backend
+
+        resolve_backend(config.backend, config.backend_options)
+        if config.engine:
+            get_registry(ENGINES).get(config.engine)
     elif step.kind in ("eval", "feedback"):
         from modelloop.stages.evaluate import resolve_metrics
 
-        get_registry(ENGINES).get(config.engine)
+        get_registry(ENGINES).get(config.engine or "hf")
         resolve_metrics(config.metrics)
 
 
@@ -411,6 +431,10 @@ def _check_inputs(step: Step) -> None:
             read_data(config.eval_data, config, METHODS[config.method].kind)
         if config.method == "grpo":
             check_rewards(config, records)
+    elif step.kind == "eval" and config.benchmarks:
+        missing = [folder for folder in config.tasks_dir if not Path(folder).is_dir()]
+        if missing:
+            raise ValueError(f"tasks_dir: {missing[0]}: no such folder")
     elif step.kind in ("eval", "feedback"):
         records = read_records([config.data])
         if records.problems:
@@ -670,11 +694,24 @@ def _evaluate(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
 
     config: Any = step.config
     shutil.rmtree(out, ignore_errors=True)  # an interrupted eval starts again
+    if config.benchmarks:
+        from modelloop.stages.benchmark import AnswersFrom, benchmark
+
+        return benchmark(
+            model,
+            config.benchmarks,
+            backend=config.backend,
+            answers=AnswersFrom(engine=config.engine),
+            limit=config.limit,
+            task_dirs=config.tasks_dir,
+            options=config.backend_options,
+            output_dir=out,
+        )["summary"]
     result = evaluate(
         model,
         config.data,
         metrics=config.metrics,
-        engine=config.engine,
+        engine=config.engine or "hf",
         output_dir=out,
         max_tokens=config.max_tokens,
         batch_size=config.batch_size,

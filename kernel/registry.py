@@ -28,6 +28,7 @@ from modelloop.specs import (
     ChatTemplate,
     DatasetFormat,
     Engine,
+    EvalBackend,
     Exporter,
     ModelFamily,
     ParallelStrategy,
@@ -87,7 +88,17 @@ ENGINES = RegistryKind(
     "engine",
     "register_engines",
     Engine,
-    (("vllm", "modelloop-plugin-engine-vllm"), ("sglang", "modelloop-plugin-engine-sglang")),
+    (
+        ("vllm", "modelloop-plugin-engine-vllm"),
+        ("sglang", "modelloop-plugin-engine-sglang"),
+        ("lmdeploy", "modelloop-plugin-engine-lmdeploy"),
+    ),
+)
+EVAL_BACKENDS = RegistryKind(
+    "eval backend",
+    "register_eval_backends",
+    EvalBackend,
+    (("lm-eval", "modelloop-plugin-eval-lm-eval"), ("evalscope", "modelloop-plugin-eval-evalscope")),
 )
 
 KINDS: tuple[RegistryKind[Spec], ...] = (
@@ -101,6 +112,7 @@ KINDS: tuple[RegistryKind[Spec], ...] = (
     REWARDS,
     EXPORTERS,
     ENGINES,
+    EVAL_BACKENDS,
 )
 
 

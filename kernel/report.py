@@ -27,7 +27,8 @@ def stage_rows(recipe: Any, done: Mapping[str, Any]) -> list[list[str]]:
         state = done.get(step.name, {})
         metrics = state.get("metrics") or {}
         cells = [_number(metrics.get(key)) for key in COLUMNS]
-        rows.append([step.name, step.kind, *cells, _number(state.get("seconds")), state.get("run", "")])
+        benchmarks = _benchmarks(metrics)
+        rows.append([step.name, step.kind, *cells, benchmarks, _number(state.get("seconds")), state.get("run", "")])
     return rows
 
 
@@ -37,10 +38,18 @@ def _gate_lines(recipe: Any, done: Mapping[str, Any]) -> list[str]:
     for step in recipe.steps:
         for verdict in done.get(step.name, {}).get("gates", []):
             state = "holds" if verdict["passed"] else "FAILS: the model is held back"
+            metric = verdict.get("metric", "")
+            which = f"{metric} " if metric and not verdict["gate"].startswith(metric) else ""
             lines.append(
-                f"{step.name}: {verdict['gate']} ({verdict['value']:.4g} against {verdict['bound']:.4g}) {state}"
+                f"{step.name}: {verdict['gate']} ({which}{verdict['value']:.4g} against {verdict['bound']:.4g}) {state}"
             )
     return lines
+
+
+def _benchmarks(metrics: Mapping[str, Any], most: int = 2) -> str:
+    """A benchmark eval's scores (``TASK.METRIC``), the first few: ``gsm8k.exact_match 0.42``."""
+    scores = [f"{name} {_number(value)}" for name, value in metrics.items() if "." in name]
+    return ", ".join(scores[:most]) + (f" (+{len(scores) - most})" if len(scores) > most else "")
 
 
 def _number(value: Any) -> str:
@@ -56,7 +65,7 @@ def write_report(run_dir: Path, recipe: Any, done: Mapping[str, Any]) -> Path:
 
     from modelloop.lineage import find_runs, tree_lines
 
-    header = ["stage", "kind", *COLUMNS.values(), "seconds", "run"]
+    header = ["stage", "kind", *COLUMNS.values(), "benchmarks", "seconds", "run"]
     rows = stage_rows(recipe, done)
     table = Table(*header[:-1], title=f"recipe {recipe.name}", box=None, pad_edge=False)
     for row in rows:

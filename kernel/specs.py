@@ -527,10 +527,16 @@ class Engine(Spec):
     :param attach: ``attach(model, tokenizer, chat, *, options) -> EngineSession`` over a
         model already in this process, for engines that can (GRPO generates with the
         policy being trained this way, with no weights to hand over); None otherwise.
+    :param check_export: ``check_export(config, exporter, chat_template) -> reason or None``:
+        why the engine cannot load an export (``config``: the model's config.json as it
+        will be written, ``quantization_config`` included; ``exporter``: the exporter's
+        name; ``chat_template``: whether the tokenizer carries one), asked by ``export
+        --for`` before anything is written; None when ``Exporter.engines`` says it all.
     """
 
     start: Callable[..., EngineSession]
     attach: Callable[..., EngineSession] | None = None
+    check_export: Callable[..., str | None] | None = None
     runtime_lora: InitVar[bool] = False  # deprecated in API 1.1: nothing read it
 
     def __post_init__(self, runtime_lora: bool) -> None:
@@ -538,3 +544,34 @@ class Engine(Spec):
         _deprecated(self, "runtime_lora", runtime_lora)
         _require_callable(self, "start")
         _require_callable(self, "attach", optional=True)
+        _require_callable(self, "check_export", optional=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalBackend(Spec):
+    """A benchmark harness (``modelloop eval --benchmark``): standard tasks, their own metrics.
+
+    :param evaluate: ``evaluate(job) -> list of TaskScores`` (``modelloop.benchmarks``): run
+        ``job.tasks`` against ``job.target``, keeping per-example answers under
+        ``job.output_dir``. A task that cannot run here (its data needs the network, an
+        unknown name) raises ``ModelloopError`` in one line, naming the task.
+    :param check: ``check(options) -> options``: fill defaults and refuse a bad option
+        (ValueError) before any model loads.
+    :param in_process: whether it can take a model loaded in this process; when False the
+        kernel serves the model over the OpenAI API (the ``hf`` engine) and hands it an
+        ``Endpoint``, so a harness that lives in its own Python environment still runs.
+    :param requires: import names it needs in this environment, checked before any work.
+    """
+
+    evaluate: Callable[..., Sequence[Any]]
+    check: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    in_process: bool = True
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "evaluate")
+        _require_callable(self, "check", optional=True)

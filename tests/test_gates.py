@@ -42,6 +42,17 @@ def test_a_malformed_gate_says_how_to_write_one(text):
         Gate.parse(text)
 
 
+def test_a_pattern_gate_judges_every_metric_it_matches_and_reports_the_first_that_fails():
+    metrics = {"gsm8k.exact_match": 0.40, "mmlu.acc": 0.29, "examples": 10}
+    base = {"bench-base": {"gsm8k.exact_match": 0.405, "mmlu.acc": 0.31}}
+    verdict = Gate.parse("*.* >= bench-base - 0.01").judge(metrics, base)
+    assert not verdict.passed and verdict.metric == "mmlu.acc" and verdict.bound == pytest.approx(0.30)
+    assert str(verdict) == "*.* >= bench-base - 0.01: mmlu.acc 0.29 >= 0.3 fails"
+    assert Gate.parse("gsm8k.* >= bench-base - 0.01").judge(metrics, base).passed
+    with pytest.raises(ValueError, match=r"no metric matching 'arc\.\*' \(its metrics: examples, gsm8k"):
+        Gate.parse("arc.* >= 0.1").judge(metrics, base)
+
+
 def test_a_gate_on_a_missing_metric_names_the_metrics_there_are():
     with pytest.raises(ValueError, match=r"stage 'eval-base' has no metric 'accuracy' \(its metrics: exact\)"):
         Gate.parse("accuracy >= eval-base").judge({"accuracy": 1.0}, {"eval-base": {"exact": 0.5}})
@@ -87,8 +98,8 @@ def test_a_failed_gate_stops_the_recipe_and_holds_the_model_back(tmp_path, monke
     (run,) = [run for run in find_runs() if run.stage == "recipe"]
     assert run.manifest["status"] == "held back"
     assert run.manifest["steps"]["eval-again"]["gates"] == [
-        {"gate": "accuracy >= eval-base", "value": 0.0, "bound": 0.0, "passed": True},
-        {"gate": "accuracy >= 0.5", "value": 0.0, "bound": 0.5, "passed": False},
+        {"gate": "accuracy >= eval-base", "metric": "accuracy", "value": 0.0, "bound": 0.0, "passed": True},
+        {"gate": "accuracy >= 0.5", "metric": "accuracy", "value": 0.0, "bound": 0.5, "passed": False},
     ]
     assert "promote" not in run.manifest["steps"] and read_aliases() == {}
     base = read_manifest(run.path / "01-base")

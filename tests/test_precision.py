@@ -39,8 +39,22 @@ def test_mixed_precision_loads_master_weights_for_full_tuning_and_16_bits_under_
     mixed = Precision.resolve("auto", cuda=True)
     assert mixed.load_dtype(trains_base_weights=True) == "fp32"
     assert mixed.load_dtype(trains_base_weights=False) == "bf16"
-    assert mixed.trainer_arguments == {"bf16": True}
-    assert Precision.resolve("auto", cuda=False).trainer_arguments == {}
+    assert mixed.trainer_arguments == {"bf16": True, "fp16": False}
+    assert Precision.resolve("auto", cuda=False).trainer_arguments == {"bf16": False, "fp16": False}
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo", "grpo"])
+def test_an_rlhf_run_not_in_mixed_precision_is_not_turned_to_bf16_by_trl(method, tmp_path):
+    """TRL's configs turn bf16 on unless told otherwise: an fp32 run, and every rlhf run on
+    a CPU, multiplied in bf16 under autocast (several times slower there), while its
+    manifest said fp32 or as saved."""
+    from modelloop.config import RLHFConfig, build_config
+    from modelloop.stages.rlhf import trl_arguments
+
+    grpo = {"rewards": ["accuracy"], "batch_size": 8} if method == "grpo" else {}
+    config = build_config(RLHFConfig, {"model": "m", "data": ["d.jsonl"], "method": method, "dtype": "fp32", **grpo})
+    arguments = trl_arguments(config, tmp_path, evaluating=False)
+    assert (arguments.bf16, arguments.fp16) == (False, False)
 
 
 def chats(tmp_path):

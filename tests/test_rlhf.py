@@ -152,7 +152,7 @@ def test_grpo_raises_the_mean_reward(partly_right, tmp_path):
     first, last = statistics.mean(rewards[:8]), statistics.mean(rewards[-8:])
     assert 0.05 < first < 0.8, rewards  # partly right to begin with
     # an 8-step mean of 256 samples near p = 0.3 varies by about 0.03: a rise of 0.06 is
-    # twice the noise of the difference (measured: 0.25 -> 0.34, stable from step 36 to 60)
+    # twice the noise of the difference (measured at the default seed: 0.27 -> 0.41)
     assert last > first + 0.06, rewards
     assert logged(run, "reward") and logged(run, "completions/mean_length")
     assert (run / "rewards.png").exists()

@@ -36,7 +36,7 @@ EXPORTERS = (
         name="merged",
         description="adapter folded into the base, safetensors, loadable by plain transformers",
         export=merged,
-        engines=("hf", "vllm", "sglang"),
+        engines=("hf", "vllm", "sglang", "lmdeploy"),
         aliases=("none",),
     ),
     Exporter(
@@ -57,14 +57,14 @@ EXPORTERS = (
         name="gptq-int4",
         description="4-bit weights by GPTQ, calibrated on the run's training data (llmcompressor)",
         export=llmcompressor("gptq-int4"),
-        engines=("hf", "vllm", "sglang"),
+        engines=("hf", "vllm", "sglang", "lmdeploy"),
         requires=("compressed_tensors",),
     ),
     Exporter(
         name="awq-int4",
         description="4-bit weights by AWQ, calibrated on the run's training data (llmcompressor)",
         export=llmcompressor("awq-int4"),
-        engines=("hf", "vllm", "sglang"),
+        engines=("hf", "vllm", "sglang", "lmdeploy"),
         requires=("compressed_tensors",),
     ),
 )

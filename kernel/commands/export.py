@@ -12,7 +12,7 @@ import click
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write.")
 @click.option("--merge", is_flag=True, help="Fold a LoRA adapter into the base weights (implied by --quant).")
 @click.option("--quant", default="none", show_default=True, help="none, or a registered exporter: bnb-nf4, ...")
-@click.option("--for", "engine", help="Check first that this engine (hf, vllm, sglang) can load the result.")
+@click.option("--for", "engine", help="Check first that this engine (hf, vllm, sglang, lmdeploy) can load the result.")
 @click.option(
     "--quant-python",
     type=click.Path(dir_okay=False, exists=True),
@@ -33,9 +33,16 @@ def export_command(
     from modelloop.errors import require_libraries
     from modelloop.lifecycle import stage_lifecycle
     from modelloop.models.loading import resolve_model_source
-    from modelloop.registry import EXPORTERS, get_registry
+    from modelloop.registry import ENGINES, EXPORTERS, get_registry
 
     exporter = get_registry(EXPORTERS).get(quant)
+    engines = get_registry(ENGINES)
+    if engine in engines and engines.get(engine).check_export is not None:  # the engine's own word first
+        from modelloop.export import written_config
+
+        config, chat_template = written_config(source, exporter.name)
+        if refused := engines.get(engine).check_export(config, exporter.name, chat_template):
+            raise click.UsageError(f"the {engine} engine cannot load this {exporter.name} export: {refused}")
     if engine is not None and engine not in exporter.engines:
         raise click.UsageError(
             f"the {engine} engine cannot load a {exporter.name} export; it loads: "

@@ -62,7 +62,7 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
 @click.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option(
-    "--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Prompts with reference answers."
+    "--data", type=click.Path(dir_okay=False, path_type=Path), help="Prompts with reference answers (your own tasks)."
 )
 @click.option(
     "--metric",
@@ -70,26 +70,101 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
     multiple=True,
     default=("accuracy",),
     show_default=True,
-    help="accuracy, exact, or reward:NAME (repeatable).",
+    help="With --data: accuracy, exact, or reward:NAME (repeatable).",
 )
-@click.option("--engine", default="hf", show_default=True)
-@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--benchmark",
+    "benchmarks",
+    multiple=True,
+    help="Standard tasks, named as --backend knows them: gsm8k,mmlu (comma-separated or repeated).",
+)
+@click.option("--backend", default="lm-eval", show_default=True, help="The evaluation back end that runs --benchmark.")
+@click.option("--limit", type=click.IntRange(min=1), help="With --benchmark: the first N examples of each task.")
+@click.option(
+    "--tasks-dir",
+    "task_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A folder of task definitions in the back end's own format (repeatable).",
+)
+@click.option("--backend-option", "backend_options", multiple=True, help="KEY=VALUE for the back end (repeatable).")
+@click.option("--engine", help="Answer through this engine [--data: hf; --benchmark: the model in this process].")
+@click.option("--endpoint", help="With --benchmark: the /v1 URL of a server already serving the model.")
+@click.option("--served-name", help="With --endpoint: the model name it serves the model under.")
+@click.option("--api-key", envvar="MODELLOOP_API_KEY", help="With --endpoint: its key.")
+@click.option(
+    "--max-tokens",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --data: the longest answer (a benchmark's task sets its own).",
+)
 @click.option(
     "--output-dir", type=click.Path(file_okay=False, path_type=Path), help="The eval run folder (one model only)."
 )
-def eval_command(models, data, metrics, engine, max_tokens, output_dir) -> None:
-    """Score each of MODELS on --data; two or more are compared side by side."""
-    from modelloop.stages.evaluate import evaluate, resolve_metrics
-
+def eval_command(
+    models,
+    data,
+    metrics,
+    benchmarks,
+    backend,
+    limit,
+    task_dirs,
+    backend_options,
+    engine,
+    endpoint,
+    served_name,
+    api_key,
+    max_tokens,
+    output_dir,
+) -> None:
+    """Score each of MODELS on --data or on standard --benchmark tasks; two or more are compared side by side."""
     if output_dir is not None and len(models) > 1:
         raise click.UsageError("--output-dir takes one model")
-    resolve_metrics(list(metrics))
-    results = {
-        model: evaluate(model, data, metrics=list(metrics), engine=engine, output_dir=output_dir, max_tokens=max_tokens)
-        for model in models
-    }
-    width = max(len(model) for model in models)
-    click.echo(f"{'model':{width}}  " + "  ".join(f"{metric:>10}" for metric in metrics) + "  run")
+    if (data is None) == (not benchmarks):
+        raise click.UsageError("give --data (your own prompts and answers) or --benchmark (standard tasks), not both")
+    if benchmarks:
+        if endpoint is not None and len(models) > 1:
+            raise click.UsageError("--endpoint serves one model")
+        from modelloop.config import parse_assignments
+        from modelloop.stages.benchmark import AnswersFrom, benchmark, resolve_backend
+
+        tasks = [task for text in benchmarks for task in text.split(",") if task.strip()]
+        options = parse_assignments(backend_options)
+        resolve_backend(backend, options)  # a bad name or option fails before any model loads
+        results = {
+            model: benchmark(
+                model,
+                tasks,
+                backend=backend,
+                answers=AnswersFrom(engine, endpoint, served_name, api_key),
+                limit=limit,
+                task_dirs=task_dirs,
+                options=options,
+                output_dir=output_dir,
+            )
+            for model in models
+        }
+    else:
+        from modelloop.stages.evaluate import evaluate, resolve_metrics
+
+        resolve_metrics(list(metrics))
+        results = {
+            model: evaluate(
+                model, data, metrics=list(metrics), engine=engine or "hf", output_dir=output_dir, max_tokens=max_tokens
+            )
+            for model in models
+        }
+    _print_scores(results)
+
+
+def _print_scores(results: dict[str, dict]) -> None:
+    """One row per model, one column per score, and the eval run folder."""
+    names = list(dict.fromkeys(name for result in results.values() for name in result["summary"]))
+    names = [name for name in names if name not in ("examples", "seconds")]
+    width = max(len(model) for model in results)
+    columns = {name: max(10, len(name)) for name in names}
+    click.echo(f"{'model':{width}}  " + "  ".join(f"{name:>{columns[name]}}" for name in names) + "  run")
     for model, result in results.items():
-        scores = "  ".join(f"{result['summary'][metric]:10.3f}" for metric in metrics)
+        scores = "  ".join(f"{result['summary'].get(name, float('nan')):{columns[name]}.3f}" for name in names)
         click.echo(f"{model:{width}}  {scores}  {result['run_dir']}")

@@ -23,12 +23,13 @@ def runs_command(ctx: click.Context, stage: str | None) -> None:
             str(run.manifest.get("status", "")),
             str(run.parent or ""),
             run.key_metric(),
+            run.benchmark_summary(),
             str(run.manifest.get("started", "")),
         ]
         for run in find_runs()
         if not stage or run.stage == stage
     ]
-    _print_columns(["id", "stage", "status", "parent", "key metric", "started"], rows)
+    _print_columns(["id", "stage", "status", "parent", "key metric", "benchmarks", "started"], rows)
 
 
 @runs_command.command("show")
@@ -55,7 +56,7 @@ def tree_command() -> None:
 @click.argument("first")
 @click.argument("second")
 def diff_command(first: str, second: str) -> None:
-    """The config keys and metrics in which two runs differ."""
+    """The config keys, metrics and benchmark scores in which two runs differ."""
     from modelloop.lineage import diff, find_run, find_runs
 
     runs = find_runs()

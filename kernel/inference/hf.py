@@ -107,10 +107,11 @@ class HFSession:
     ) -> HFSession:
         """A session over a model folder or run folder, loaded for inference."""
         from modelloop.chat import resolve_chat_format
-        from modelloop.models.loading import load_model
+        from modelloop.models.loading import inference_device_map, load_model
 
         options = dict(options or {})
-        loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=options.get("device_map"))
+        device_map = options.get("device_map", inference_device_map())
+        loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=device_map)
         chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
         if loaded.family.vision is not None:
             from modelloop.models.loading import load_image_tokens, resolve_model_source

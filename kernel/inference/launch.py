@@ -62,13 +62,16 @@ def start_server(
     options: Mapping[str, Any] | None,
     command: Callable[[str, str, Mapping[str, str], Mapping[str, Any]], tuple[list[str], dict[str, str]]],
     *,
-    adapter_route: str,
-    unload_route: str,
+    adapter_route: str | None,
+    unload_route: str | None,
+    token_prompts: bool = True,
 ) -> RemoteSession:
     """Launch an engine's OpenAI-compatible server and return a session talking to it.
 
     :param module: the engine's import name, checked first when it runs in this Python.
     :param command: ``command(python, base_model, adapters, options) -> (argv, env)``.
+    :param adapter_route: where it loads adapters while serving (None: only at the start);
+        ``unload_route`` and ``token_prompts`` as for ``RemoteSession``.
     """
     try:
         options = complete(dict(options or {}), DEFAULTS)
@@ -96,4 +99,5 @@ def start_server(
         adapter_route=adapter_route,
         unload_route=unload_route,
         default_model=default,
+        token_prompts=token_prompts,
     )

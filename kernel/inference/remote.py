@@ -118,6 +118,10 @@ class RemoteSession:
     :param adapter_route: the route that loads a LoRA adapter at run time (vLLM and
         modelloop: ``/v1/load_lora_adapter``; SGLang: ``/load_lora_adapter``).
     :param unload_route: the route that unloads one (``/v1/unload_lora_adapter``, ...).
+        None for either: the server loads adapters only when it starts (LMDeploy).
+    :param token_prompts: the server takes a prompt of token ids and returns the ids it
+        generated (vLLM's extension); False refuses such a prompt here, where the server
+        would read the list as a batch of prompts (LMDeploy).
     :param default_model: the served name a request without ``model`` goes to (a LoRA
         run's adapter, not its base); None means the first served model.
     """
@@ -129,10 +133,11 @@ class RemoteSession:
         process: ServerProcess | None = None,
         api_key: str | None = None,
         context_length: int | None = None,
-        adapter_route: str = "/v1/load_lora_adapter",
-        unload_route: str = "/v1/unload_lora_adapter",
+        adapter_route: str | None = "/v1/load_lora_adapter",
+        unload_route: str | None = "/v1/unload_lora_adapter",
         default_model: str | None = None,
         timeout: float = 600.0,
+        token_prompts: bool = True,
     ) -> None:
         import httpx
 
@@ -141,6 +146,7 @@ class RemoteSession:
         self.adapter_route = adapter_route
         self.unload_route = unload_route
         self.default_model = default_model
+        self.token_prompts = token_prompts
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.timeout = timeout
@@ -215,12 +221,22 @@ class RemoteSession:
             yield held
 
     def load_adapter(self, name: str, path: str) -> None:
-        self._call("POST", self.adapter_route, json={"lora_name": name, "lora_path": str(Path(path).resolve())})
+        self._call(
+            "POST", self._route(self.adapter_route), json={"lora_name": name, "lora_path": str(Path(path).resolve())}
+        )
         self._models = None
 
     def unload_adapter(self, name: str) -> None:
-        self._call("POST", self.unload_route, json={"lora_name": name})
+        self._call("POST", self._route(self.unload_route), json={"lora_name": name})
         self._models = None
+
+    def _route(self, route: str | None) -> str:
+        if route is None:
+            raise EngineError(
+                f"the engine at {self.url} cannot load or unload adapters while serving; "
+                "name them when it starts (--adapters NAME=PATH)"
+            )
+        return route
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -253,6 +269,11 @@ class RemoteSession:
         if request.prompt is None:
             raise EngineError("a request needs messages or a prompt")
         if not isinstance(request.prompt, str):  # token ids in: ask for token ids out (vLLM's extension)
+            if not self.token_prompts:
+                raise EngineError(
+                    f"the engine at {self.url} takes text prompts only and returns no token ids "
+                    "(GRPO's rollouts send token ids: use an engine that takes them, such as vllm or hf)"
+                )
             return "/v1/completions", {**body, "prompt": list(request.prompt or ()), "return_token_ids": True}
         return "/v1/completions", {**body, "prompt": request.prompt}
 

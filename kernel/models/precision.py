@@ -65,8 +65,11 @@ class Precision:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """transformers' ``TrainingArguments`` for this precision (autocast, loss scaling)."""
-        return {self.compute: True} if self.mixed else {}
+        """transformers' ``TrainingArguments`` for this precision (autocast, loss scaling).
+        Both switches are given, off ones too: TRL's configs turn ``bf16`` on when it is left
+        out, which autocast every rlhf run on a CPU to bf16 products (several times slower
+        there, and not the precision the manifest records)."""
+        return {"bf16": self.mixed and self.compute == "bf16", "fp16": self.mixed and self.compute == "fp16"}
 
     def place(self, model: Any) -> Any:
         """Under mixed precision, every trainable weight in fp32. Frozen ones stay as loaded:

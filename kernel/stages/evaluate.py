@@ -31,6 +31,20 @@ def resolve_metrics(names: list[str]) -> dict[str, Reward]:
     return {name: rewards.get(name.split(":", 1)[1] if name.startswith("reward:") else name) for name in names}
 
 
+def new_eval_run(model: str, config: dict[str, Any], output_dir: Path | None) -> Path:
+    """An eval run folder whose manifest says it is running, and which run it evaluates."""
+    run_dir = new_run_dir("eval", output_dir)
+    update_manifest(
+        run_dir,
+        id=run_id(run_dir),
+        stage="eval",
+        status="running",
+        parent=read_manifest(model).get("id") if is_run(model) else None,
+        config=config,
+    )
+    return run_dir
+
+
 def evaluate(
     model: str,
     data: str | Path,
@@ -53,16 +67,8 @@ def evaluate(
         raise ConfigError(
             f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)"
         )
-    run_dir = new_run_dir("eval", output_dir)
     config = {"model": model, "data": str(data), "metrics": metrics, "engine": engine, "max_tokens": max_tokens}
-    update_manifest(
-        run_dir,
-        id=run_id(run_dir),
-        stage="eval",
-        status="running",
-        parent=read_manifest(model).get("id") if is_run(model) else None,
-        config=config,
-    )
+    run_dir = new_eval_run(model, config, output_dir)
     with stage_lifecycle("eval", config, run_dir) as context:
         session = chosen.start(model, options={"served_name": "model"})
         try:

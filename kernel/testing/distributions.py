@@ -16,6 +16,7 @@ from modelloop.registry import (
     ACCELERATORS,
     DATASET_FORMATS,
     ENGINES,
+    EVAL_BACKENDS,
     EXPORTERS,
     KINDS,
     MODELS,
@@ -30,6 +31,7 @@ from modelloop.testing import (
     accelerators,
     data_formats,
     engines,
+    eval_backends,
     exporters,
     families,
     rewards,
@@ -55,6 +57,7 @@ CHECKS: dict[str, Callable[[Any], list[Check]]] = {
     REWARDS.hook: rewards.checks,
     EXPORTERS.hook: exporters.checks,
     ENGINES.hook: engines.checks,
+    EVAL_BACKENDS.hook: eval_backends.checks,
 }
 
 
