@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import modelloop
 from modelloop.chat import ChatFormat, TemplateError, resolve_chat_format
-from modelloop.cli import build_cli
 from modelloop.models.loading import load_model, load_tokenizer, resolve_family
 from modelloop.registry import MODELS, get_registry
+from modelloop.testing.steps import lora_and_full_steps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EOS = "<｜end▁of▁sentence｜>"
@@ -161,29 +159,13 @@ def test_lora_targets_name_mla_and_expert_weights(family, query, tiny_models):
 
 
 def test_lora_and_full_steps_train_and_preview_shows_the_trained_tokens(tiny_models, tmp_path):
-    model = str(tiny_models("deepseek_v3"))
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
-        for i in range(8)
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    base = {"model": model, "data": [str(data)], "max_steps": 1, "batch_size": 4, "max_length": 64}
-    base["gradient_checkpointing"] = False  # one step: no memory to save, and no forward to repeat
-    lora = modelloop.sft(
-        {**base, "tuner": "lora", "tuner_options": {"dropout": 0.0}, "output_dir": str(tmp_path / "lora")}
-    )
-    adapter = json.loads((Path(lora["run_dir"]) / "model" / "adapter_config.json").read_text())
+    steps = lora_and_full_steps(str(tiny_models("deepseek_v3")), tmp_path)
+    adapter = json.loads((steps.lora / "adapter_config.json").read_text())
     assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(adapter["target_parameters"])
     assert {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"} <= set(adapter["target_modules"])
-    weights = load_file(Path(lora["run_dir"]) / "model" / "adapter_model.safetensors")
+    weights = load_file(steps.lora / "adapter_model.safetensors")
     assert any(".mlp.experts." in name and "lora_A" in name for name in weights)
-    full = modelloop.sft({**base, "tuner": "full", "output_dir": str(tmp_path / "full")})
-    assert (Path(full["run_dir"]) / "model" / "config.json").exists()
-
-    result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", model, "-n", 1])
-    assert result.exit_code == 0, result.output
-    assert f"<｜User｜>What is 0+1?<｜Assistant｜>«1{EOS}»" in result.stdout
+    assert f"<｜User｜>What is 0+1?<｜Assistant｜>«1{EOS}»" in steps.preview
 
 
 @pytest.mark.parametrize(

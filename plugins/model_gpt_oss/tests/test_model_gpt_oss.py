@@ -4,22 +4,20 @@
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers.utils.chat_template_utils
-from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import modelloop
 import modelloop.chat
 from modelloop.chat import ChatFormat, TemplateError, resolve_chat_format
-from modelloop.cli import build_cli
 from modelloop.models.loading import load_model, load_tokenizer, resolve_family
 from modelloop.registry import MODELS, get_registry
+from modelloop.testing.steps import lora_and_full_steps
 
 PUBLISHED = (Path(__file__).parent / "fixtures" / "gpt-oss-20b.jinja").read_text()
 DATE = "2025-08-05"
@@ -165,26 +163,11 @@ def test_every_final_answer_ends_with_return_and_tool_calls_with_call(tiny_model
 
 def test_lora_and_full_steps_train_the_experts_and_preview_shows_the_trained_tokens(tiny_models, tmp_path):
     model = str(tiny_models("gpt_oss"))
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
-        for i in range(8)
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    base = {"model": model, "data": [str(data)], "max_steps": 1, "batch_size": 4, "max_length": 256}
-    base["gradient_checkpointing"] = False  # one step: no memory to save, and no forward to repeat
-    lora = modelloop.sft(
-        {**base, "tuner": "lora", "tuner_options": {"dropout": 0.0}, "output_dir": str(tmp_path / "lora")}
-    )
-    weights = load_file(Path(lora["run_dir"]) / "model" / "adapter_model.safetensors")
+    steps = lora_and_full_steps(model, tmp_path, max_length=256)
+    weights = load_file(steps.lora / "adapter_model.safetensors")
     assert any(".mlp.experts." in name for name in weights) and any(".self_attn.q_proj." in name for name in weights)
-    full = modelloop.sft({**base, "tuner": "full", "output_dir": str(tmp_path / "full")})
-    assert (Path(full["run_dir"]) / "model" / "config.json").exists()
-
-    result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", model, "-n", 1])
-    assert result.exit_code == 0, result.output
     assert "<|start|>user<|message|>What is 0+1?<|end|><|start|>assistant«<|channel|>final<|message|>1<|return|>»" in (
-        result.stdout
+        steps.preview
     )
 
 

@@ -3,20 +3,17 @@ training step, and the released shape."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import modelloop
 from modelloop.chat import TemplateError, resolve_chat_format
-from modelloop.cli import build_cli
 from modelloop.models.loading import load_model, load_tokenizer, resolve_family
 from modelloop.registry import MODELS, get_registry
+from modelloop.testing.steps import lora_and_full_steps
 
 PUBLISHED = (Path(__file__).parent / "fixtures" / "Mixtral-8x7B-Instruct-v0.1.jinja").read_text()
 
@@ -68,25 +65,10 @@ def test_lora_and_full_steps_train_the_experts_and_preview_shows_the_trained_tok
     parameters = dict(load_model(model).model.named_parameters())
     for target in resolve_family("mixtral").lora_target_parameters:
         assert any(name.endswith(target) and parameters[name].dim() == 3 for name in parameters), target
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
-        for i in range(8)
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    base = {"model": model, "data": [str(data)], "max_steps": 1, "batch_size": 4, "max_length": 64}
-    base["gradient_checkpointing"] = False  # one step: no memory to save, and no forward to repeat
-    lora = modelloop.sft(
-        {**base, "tuner": "lora", "tuner_options": {"dropout": 0.0}, "output_dir": str(tmp_path / "lora")}
-    )
-    weights = load_file(Path(lora["run_dir"]) / "model" / "adapter_model.safetensors")
+    steps = lora_and_full_steps(model, tmp_path)
+    weights = load_file(steps.lora / "adapter_model.safetensors")
     assert any(".mlp.experts." in name for name in weights) and any(".self_attn.v_proj." in name for name in weights)
-    full = modelloop.sft({**base, "tuner": "full", "output_dir": str(tmp_path / "full")})
-    assert (Path(full["run_dir"]) / "model" / "config.json").exists()
-
-    result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", model, "-n", 1])
-    assert result.exit_code == 0, result.output
-    assert "<s> [INST] What is 0+1? [/INST]« 1</s>»" in result.stdout
+    assert "<s> [INST] What is 0+1? [/INST]« 1</s>»" in steps.preview
 
 
 def test_mixtral_8x7b_preset_has_the_published_parameter_count():

@@ -3,19 +3,16 @@ Phi-4 template chosen by name, a training step, the released shapes."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import modelloop
 from modelloop.chat import TemplateError, resolve_chat_format
-from modelloop.cli import build_cli
 from modelloop.models.loading import load_model, load_tokenizer, resolve_family
 from modelloop.registry import MODELS, get_registry
+from modelloop.testing.steps import lora_and_full_steps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PUBLISHED = {
@@ -86,23 +83,8 @@ def test_each_turn_is_trained_through_its_end_token_and_phi4_is_picked_by_name(t
 
 
 def test_lora_and_full_steps_train_and_preview_shows_the_trained_tokens(tiny_models, tmp_path):
-    model = str(tiny_models("phi3"))
-    data = tmp_path / "data.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
-        for i in range(8)
-    ]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    base = {"model": model, "data": [str(data)], "max_steps": 1, "batch_size": 4, "max_length": 64}
-    base["gradient_checkpointing"] = False  # one step: no memory to save
-    lora = modelloop.sft({**base, "tuner": "lora", "output_dir": str(tmp_path / "lora")})
-    assert (Path(lora["run_dir"]) / "model" / "adapter_model.safetensors").exists()
-    full = modelloop.sft({**base, "tuner": "full", "output_dir": str(tmp_path / "full")})
-    assert (Path(full["run_dir"]) / "model" / "config.json").exists()
-
-    result = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", model, "-n", 1])
-    assert result.exit_code == 0, result.output
-    assert "<|user|>\nWhat is 0+1?<|end|>\n<|assistant|>\n«1<|end|>»\n<|endoftext|>" in result.stdout
+    steps = lora_and_full_steps(str(tiny_models("phi3")), tmp_path)
+    assert "<|user|>\nWhat is 0+1?<|end|>\n<|assistant|>\n«1<|end|>»\n<|endoftext|>" in steps.preview
 
 
 @pytest.mark.parametrize("preset, parameters", [("phi-3-mini-4k", 3_821_079_552), ("phi-4", 14_659_507_200)])
