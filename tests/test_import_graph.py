@@ -22,6 +22,7 @@ STAGE_IMPORTERS = (
     "modelloop.inference.server",
     "modelloop.commands",
     "modelloop.cli",
+    "modelloop.testing",  # the plugin test kit runs stages as a plugin's user does
 )
 
 

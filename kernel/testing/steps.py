@@ -23,8 +23,8 @@ def lora_and_full_steps(model: str, folder: Path, *, max_length: int = 64) -> St
     """Train ``model`` one step with LoRA and one with every weight, on eight sums chats."""
     from click.testing import CliRunner
 
-    import modelloop
     from modelloop.cli import build_cli
+    from modelloop.stages.train import train
 
     data = folder / "data.jsonl"
     rows = [
@@ -34,10 +34,10 @@ def lora_and_full_steps(model: str, folder: Path, *, max_length: int = 64) -> St
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     base = {"model": model, "data": [str(data)], "max_steps": 1, "batch_size": 4, "max_length": max_length}
     base["gradient_checkpointing"] = False  # one step: no memory to save, and no forward to repeat
-    lora = modelloop.sft(
-        {**base, "tuner": "lora", "tuner_options": {"dropout": 0.0}, "output_dir": str(folder / "lora")}
+    lora = train(
+        "sft", {**base, "tuner": "lora", "tuner_options": {"dropout": 0.0}, "output_dir": str(folder / "lora")}
     )
-    full = modelloop.sft({**base, "tuner": "full", "output_dir": str(folder / "full")})
+    full = train("sft", {**base, "tuner": "full", "output_dir": str(folder / "full")})
     lora_model, full_model = Path(lora["run_dir"]) / "model", Path(full["run_dir"]) / "model"
     assert (lora_model / "adapter_model.safetensors").is_file() and (full_model / "config.json").is_file()
     shown = CliRunner().invoke(build_cli(), ["data", "preview", str(data), "--model", model, "-n", "1"])
