@@ -15,6 +15,7 @@ import textwrap
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,6 +111,55 @@ def lora_run(
             }
         )
     return root / "tuned", data
+
+
+@pytest.fixture(scope="session")
+def varied_lora_run(lora_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``lora_run`` with its adapter's B matrices drawn large: twenty steps leave the tiny
+    model answering every question alike, and two engines matching one repeated answer
+    prove little; this one answers each prompt differently."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path_factory.mktemp("varied") / "run"
+    shutil.copytree(lora_run[0], run)
+    weights = run / "model" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in tensors.items():
+        if "lora_B" in name:
+            tensors[name] = torch.randn(tensor.shape, generator=generator) * 0.3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return run
+
+
+def decisive_prefix(model: Any, prompt_ids: list[int], token_ids: tuple[int, ...], margin: float = 0.01) -> int:
+    """How many of the greedy ``token_ids`` transformers' ``model`` chose by more than
+    ``margin`` over its runner-up logit: past a closer call, an engine computing in f16
+    may pick the other token and both are right (a random tiny model has many)."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + list(token_ids)])).logits[0, len(prompt_ids) - 1 : -1].float()
+    top = torch.topk(logits, 2).values
+    close = ((top[:, 0] - top[:, 1]) < margin).nonzero()
+    return int(close[0]) if len(close) else len(token_ids)
+
+
+def assert_same_greedy_tokens(
+    model: Any, prompts: list[list[int]], expected: list[tuple[int, ...]], got: list[tuple[int, ...]]
+) -> None:
+    """``got`` (an engine's greedy tokens) equals ``expected`` (transformers') token for
+    token up to each answer's first close call (``decisive_prefix``), and those prefixes
+    hold at least half the tokens: the comparison is not vacuous."""
+    compared = 0
+    for prompt, want, have in zip(prompts, expected, got, strict=True):
+        length = decisive_prefix(model, prompt, want)
+        assert have[:length] == want[:length], (prompt, want, have, length)
+        compared += length
+    assert compared >= 0.5 * sum(map(len, expected)), f"only {compared} tokens were decisive"
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@ request latency:
 
   modelloop serve                  the built-in hf engine, batching requests as they arrive
   modelloop serve, batch 1         the same engine one request at a time (the baseline)
+  modelloop serve, llamacpp        the llama.cpp engine (the model converted to an f16 GGUF first)
   transformers serve               the library's own server (default settings)
 
 Usage: .venv/bin/python bench/serve_throughput.py [--model DIR] [--requests-per-client 4]
+       [--servers "modelloop serve;modelloop serve, llamacpp"]
 (default model: the tiny Qwen2 built by `modelloop new-model`).
 """
 
@@ -90,29 +92,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--servers", help="the labels of the servers to run, separated by ';' (default: all)")
     arguments = parser.parse_args()
     model = tiny_model(arguments.model)
+
+    def modelloop_serve(*flags: str):
+        return lambda port: [
+            str(BIN / "modelloop"),
+            "serve",
+            str(model),
+            "--port",
+            str(port),
+            "--served-name",
+            "m",
+            *flags,
+        ]
+
     servers = {
-        "modelloop serve": lambda port: [
-            str(BIN / "modelloop"),
-            "serve",
-            str(model),
-            "--port",
-            str(port),
-            "--served-name",
-            "m",
-        ],
-        "modelloop serve, batch 1": lambda port: [
-            str(BIN / "modelloop"),
-            "serve",
-            str(model),
-            "--port",
-            str(port),
-            "--served-name",
-            "m",
-            "--max-batch-size",
-            "1",
-        ],
+        "modelloop serve": modelloop_serve(),
+        "modelloop serve, batch 1": modelloop_serve("--max-batch-size", "1"),
+        "modelloop serve, llamacpp": modelloop_serve("--engine", "llamacpp"),
         "transformers serve": lambda port: [
             str(BIN / "transformers"),
             "serve",
@@ -123,6 +122,11 @@ def main() -> None:
             "cpu",
         ],
     }
+    if arguments.servers:
+        wanted = [label.strip() for label in arguments.servers.split(";")]
+        if unknown := set(wanted) - set(servers):
+            raise SystemExit(f"unknown server {sorted(unknown)[0]!r}; the servers: {'; '.join(servers)}")
+        servers = {label: command for label, command in servers.items() if label in wanted}
     print(f"model {model}, max_tokens 32, {arguments.requests_per_client} requests per client")
     print(f"{'server':28} {'clients':>7} {'tokens/s':>9} {'p50 s':>7} {'p95 s':>7}")
     for label, command in servers.items():

@@ -14,18 +14,22 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelloop.artifacts import hashed_files, is_run, read_manifest, run_id, runs_root, update_manifest
 from modelloop.errors import ModelloopError
+
+if TYPE_CHECKING:
+    from modelloop.chat import ChatFormat
 
 
 class ExportError(ModelloopError):
     """An export that cannot be done as asked."""
 
 
-def _merged(source: str | Path, out: Path) -> None:
-    """Base plus adapter folded into one set of weights (or the full weights as they are)."""
+def save_merged(source: str | Path, out: Path) -> None:
+    """Base plus adapter folded into one set of weights (or the full weights as they are),
+    saved with the tokenizer the run was trained with (its chat template included)."""
     from modelloop.models.loading import load_model, merged_model
 
     loaded = load_model(source)
@@ -34,8 +38,18 @@ def _merged(source: str | Path, out: Path) -> None:
     loaded.tokenizer.save_pretrained(out)
 
 
+def trained_chat_format(source: str | Path) -> ChatFormat:
+    """The chat format a run (or model) was trained with: its tokenizer's template (else
+    its family's) and the text that ends an assistant turn, which an export writes as stops."""
+    from modelloop.chat import resolve_chat_format
+    from modelloop.models.loading import load_tokenizer, read_config, resolve_family, resolve_model_source
+
+    model = resolve_model_source(source, weights=False)
+    return resolve_chat_format(load_tokenizer(model.tokenizer), resolve_family(read_config(model.base).model_type))
+
+
 def export_merged(source: str | Path, out: Path, **options: Any) -> Path:
-    return _write(out, lambda folder: _merged(source, folder), source, "merged")
+    return write_export(out, lambda folder: save_merged(source, folder), source, "merged")
 
 
 def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
@@ -47,7 +61,7 @@ def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
 
         merged = folder.parent / f".{folder.name}.merged"
         try:
-            _merged(source, merged)
+            save_merged(source, merged)
             compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
             config = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -63,7 +77,7 @@ def export_bnb_nf4(source: str | Path, out: Path, **options: Any) -> Path:
         finally:
             shutil.rmtree(merged, ignore_errors=True)
 
-    return _write(out, write, source, "bnb-nf4")
+    return write_export(out, write, source, "bnb-nf4")
 
 
 #: Run by llmcompressor's own Python: argv = merged folder, output folder, method, calibration folder.
@@ -153,7 +167,7 @@ def export_llmcompressor(
         merged = folder.parent / f".{folder.name}.merged"
         data = folder.parent / f".{folder.name}.calibration"
         try:
-            _merged(source, merged)
+            save_merged(source, merged)
             if rows:
                 import datasets
 
@@ -173,7 +187,7 @@ def export_llmcompressor(
             shutil.rmtree(merged, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
 
-    return _write(out, write, source, name)
+    return write_export(out, write, source, name)
 
 
 def _hub_record(source: str | Path) -> dict[str, str | None] | None:
@@ -183,8 +197,10 @@ def _hub_record(source: str | Path) -> dict[str, str | None] | None:
     return resolve_model_source(source).hub
 
 
-def _write(out: Path, write: Callable[[Path], None], source: str | Path, kind: str) -> Path:
-    """Build the export in a temporary folder next to ``out``, then rename it into place."""
+def write_export(out: Path, write: Callable[[Path], None], source: str | Path, kind: str) -> Path:
+    """Build the export by ``write(folder)`` in a temporary folder next to ``out``, record
+    its manifest (format ``kind``, the run it came from, file hashes), then rename it into
+    place: ``out`` appears only when complete, and a failed export leaves nothing."""
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} already exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)

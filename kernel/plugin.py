@@ -20,7 +20,7 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
@@ -70,6 +70,15 @@ EXPORTS: dict[str, str] = {
         for name in ("Completion", "Delta", "Generation", "GenerationRequest", "SamplingParams")
     },
     "start_server": "modelloop.inference.launch:start_server",
+    # Engines that render prompts themselves: the renderer training uses, over any template.
+    "ChatFormat": "modelloop.chat:ChatFormat",
+    # Exporters and engines that read a run's files: where its base, adapter and tokenizer
+    # are, the chat format it was trained with, the run merged into a folder, and an export
+    # folder written whole or not at all.
+    "resolve_model_source": "modelloop.models.loading:resolve_model_source",
+    "trained_chat_format": "modelloop.export:trained_chat_format",
+    "save_merged": "modelloop.export:save_merged",
+    "write_export": "modelloop.export:write_export",
     # Evaluation back ends: the job they run and the scores they give back.
     **{
         name: f"modelloop.benchmarks:{name}"

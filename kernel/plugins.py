@@ -54,11 +54,13 @@ FIRST_PARTY_PLUGINS: frozenset[str] = frozenset(
     f"modelloop-plugin-{name}"
     for name in (
         "accel-liger",
+        "engine-llamacpp",
         "engine-lmdeploy",
         "engine-sglang",
         "engine-vllm",
         "eval-evalscope",
         "eval-lm-eval",
+        "export-gguf",
         "model-deepseek",
         "model-gemma",
         "model-glm",

@@ -19,6 +19,12 @@ import click
     help="Python of the environment with llmcompressor (fp8, gptq-int4, awq-int4).",
 )
 @click.option("--calibration", multiple=True, help="Calibration data for gptq/awq (default: the run's training data).")
+@click.option(
+    "--export-option",
+    "export_options",
+    multiple=True,
+    help="An option of the exporter: KEY=VALUE, e.g. pre_tokenizer=qwen2 for gguf-* (repeatable).",
+)
 def export_command(
     source: str,
     out: Path,
@@ -27,9 +33,11 @@ def export_command(
     engine: str | None,
     quant_python: str | None,
     calibration: tuple[str, ...],
+    export_options: tuple[str, ...],
 ) -> None:
     """Export SOURCE (a run folder or model) to --out, loadable by transformers' from_pretrained."""
     from modelloop.artifacts import is_run
+    from modelloop.config import parse_assignments
     from modelloop.errors import require_libraries
     from modelloop.lifecycle import stage_lifecycle
     from modelloop.models.loading import resolve_model_source
@@ -53,7 +61,9 @@ def export_command(
         raise click.UsageError(
             f"{source} holds a LoRA adapter: pass --merge to fold it into the base (or serve it with --adapters)"
         )
-    options = {"python": quant_python} if quant_python else {}
+    options = parse_assignments(export_options)
+    if quant_python:
+        options["python"] = quant_python
     if calibration:
         options["calibration"] = list(calibration)
     config = {"source": source, "out": str(out), "quant": exporter.name, "merge": merge, "for": engine, **options}
