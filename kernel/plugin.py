@@ -70,6 +70,7 @@ EXPORTS: dict[str, str] = {
         for name in ("Completion", "Delta", "Generation", "GenerationRequest", "SamplingParams")
     },
     "start_server": "modelloop.inference.launch:start_server",
+    "check_prompt_ids": "modelloop.inference.limits:check_prompt_ids",
     # Engines that render prompts themselves: the renderer training uses, over any template.
     "ChatFormat": "modelloop.chat:ChatFormat",
     # Exporters and engines that read a run's files: where its base, adapter and tokenizer

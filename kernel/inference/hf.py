@@ -20,6 +20,7 @@ from typing import Any
 
 from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
 from modelloop.errors import EngineError
+from modelloop.inference.limits import check_prompt_ids
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
 from modelloop.models.loading import OWN_ADAPTER, saved_adapter
 from modelloop.registry import TUNERS, get_registry
@@ -176,6 +177,7 @@ class HFSession:
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
         images: tuple[Any, ...] = ()
+        vocabulary = None  # checked for token-id prompts: text tokenised here cannot leave it
         if request.messages is not None:
             messages, images = self._take_images(request.messages)
             text = self.chat.render(messages, add_generation_prompt=True)
@@ -190,19 +192,11 @@ class HFSession:
         elif isinstance(request.prompt, str):
             ids = self.tokenizer(request.prompt)["input_ids"]
         elif request.prompt is not None:
-            ids = list(request.prompt)
-            if not all(isinstance(token, int) and 0 <= token < len(self.tokenizer) for token in ids):
-                raise EngineError(f"a token-id prompt holds ids outside the vocabulary (0..{len(self.tokenizer) - 1})")
+            ids, vocabulary = list(request.prompt), len(self.tokenizer)
         else:
             raise EngineError("a request needs messages or a prompt")
-        if not ids:
-            raise EngineError("the prompt is empty")
-        if len(ids) + request.params.max_tokens > self.context_length:
-            raise EngineError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
-                f"exceeds the context length ({self.context_length})"
-            )
-        return ids, images
+        limits = {"max_tokens": request.params.max_tokens, "context_length": self.context_length}
+        return check_prompt_ids(ids, **limits, vocabulary=vocabulary), images
 
     def _take_images(self, messages: Any) -> tuple[list[Any], tuple[Any, ...]]:
         """Messages with image parts as text with image marks, and the pictures, each read

@@ -33,6 +33,7 @@ from modelloop.plugin import (
     EngineError,
     Generation,
     GenerationRequest,
+    check_prompt_ids,
     complete,
     hookimpl,
 )
@@ -189,6 +190,7 @@ class LlamaCppSession:
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
+        vocabulary = None  # checked for token-id prompts: text tokenised here cannot leave it
         if request.messages is not None:
             if self.chat is None:
                 raise EngineError(f"{self.gguf.name} has no chat template: send a prompt, not messages")
@@ -200,18 +202,11 @@ class LlamaCppSession:
             ids = self.llm.tokenize(request.prompt.encode(), add_bos=self._adds_bos(), special=False)
         elif request.prompt is not None:
             ids = list(request.prompt)
-            if not all(isinstance(token, int) and 0 <= token < self.llm.n_vocab() for token in ids):
-                raise EngineError(f"a token-id prompt holds ids outside the vocabulary (0..{self.llm.n_vocab() - 1})")
+            vocabulary = self.llm.n_vocab()
         else:
             raise EngineError("a request needs messages or a prompt")
-        if not ids:
-            raise EngineError("the prompt is empty")
-        if len(ids) + request.params.max_tokens > self.context_length:
-            raise EngineError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
-                f"exceeds the context length ({self.context_length})"
-            )
-        return ids
+        limits = {"max_tokens": request.params.max_tokens, "context_length": self.context_length}
+        return check_prompt_ids(ids, **limits, vocabulary=vocabulary)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         results = []
