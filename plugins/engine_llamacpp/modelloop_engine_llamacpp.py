@@ -251,8 +251,10 @@ class LlamaCppSession:
             self.requests += 1
             own = OWN_ADAPTER if OWN_ADAPTER in self._adapters else None
             self._use(request.model if request.model not in (None, self.base_name) else own)
-            if params.seed is not None:
-                self.llm.set_seed(params.seed + choice)
+            # a request without a seed samples afresh (llama.cpp's default seed draws one), not
+            # with the seed an earlier request set on the shared model
+            seeded = params.seed is not None
+            self.llm.set_seed(params.seed + choice if seeded else self._llama_cpp.LLAMA_DEFAULT_SEED)
             tokens: list[int] = []
             logprobs: list[float] = []
             reason, end, text, shown = "length", [], "", ""

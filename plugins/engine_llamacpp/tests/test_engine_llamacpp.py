@@ -82,6 +82,13 @@ def test_token_id_prompts_stop_strings_and_seeds(sessions):
     sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3)
     first, again = (llama.generate([GenerationRequest(prompt=ids, params=sampled)])[0] for _ in range(2))
     assert first.choices == again.choices and len({c.token_ids for c in first.choices}) > 1
+    unseeded = SamplingParams(max_tokens=8, temperature=1.0, n=3)  # after a seeded request: still fresh draws
+    drawn = [
+        c.token_ids
+        for _ in range(2)
+        for c in llama.generate([GenerationRequest(prompt=ids, params=unseeded)])[0].choices
+    ]
+    assert len(set(drawn)) > 3
 
 
 def test_requests_it_cannot_serve_fail_in_one_line(sessions):
