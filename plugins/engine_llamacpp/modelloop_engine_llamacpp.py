@@ -212,7 +212,9 @@ class LlamaCppSession:
         results = []
         for request in requests:
             ids = self.prompt_ids(request)
-            choices = tuple(_last(self._choice(request, ids, choice)) for choice in range(request.params.n))
+            choices = tuple(
+                _last(self._choice(request, ids, choice, streamed=False)) for choice in range(request.params.n)
+            )
             results.append(Generation(choices=choices, prompt_tokens=len(ids)))
         return results
 
@@ -220,7 +222,7 @@ class LlamaCppSession:
         ids = self.prompt_ids(request)
         for choice in range(request.params.n):
             sent = ""
-            for item in self._choice(request, ids, choice):
+            for item in self._choice(request, ids, choice, streamed=True):
                 if isinstance(item, str):
                     yield Delta(index=choice, text=item[len(sent) :])
                     sent = item
@@ -243,8 +245,12 @@ class LlamaCppSession:
 
     # ------------------------------------------------------------------ generation
 
-    def _choice(self, request: GenerationRequest, prompt: list[int], choice: int) -> Iterator[str | Completion]:
-        """Yield the choice's text so far as it grows (never a stop string's start), then its Completion."""
+    def _choice(
+        self, request: GenerationRequest, prompt: list[int], choice: int, *, streamed: bool
+    ) -> Iterator[str | Completion]:
+        """Yield the choice's text so far as it grows (when ``streamed``; never a stop string's
+        start), then its Completion. The text is decoded per token only where it is needed:
+        to stream it or to find a stop string."""
         params = request.params
         hold = max((len(stop) - 1 for stop in params.stop), default=0)
         with self._lock:
@@ -266,6 +272,10 @@ class LlamaCppSession:
                     reason, end = "stop", [token]
                     break
                 tokens.append(token)
+                if not (streamed or params.stop):
+                    if len(tokens) >= params.max_tokens:
+                        break
+                    continue
                 text = self._text(tokens)
                 cut = min((text.find(stop) for stop in params.stop if stop and stop in text), default=-1)
                 if cut >= 0:
@@ -278,6 +288,8 @@ class LlamaCppSession:
                 if len(safe) > len(shown) and not safe.endswith("\ufffd"):
                     shown = safe
                     yield shown
+            if reason != "stop" or end:  # not cut at a stop string: the text of every kept token
+                text = self._text(tokens)
         kept = tuple(tokens + end)
         if not params.logprobs:
             yield Completion(text=text, token_ids=kept, finish_reason=reason)
