@@ -57,6 +57,16 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("modelloop-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_session(session_cache: Path) -> Iterator[None]:
+    """The same for the whole session: fixtures of a wider scope (an engine session a test
+    module shares) are made before any test's own set-up, and would otherwise load the
+    machine's plugins and fill the user's cache."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _hermetic(monkeypatch, session_cache)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def hermetic_plugins(monkeypatch: pytest.MonkeyPatch, session_cache: Path) -> None:
     _hermetic(monkeypatch, session_cache)

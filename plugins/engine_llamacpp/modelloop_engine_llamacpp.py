@@ -9,19 +9,27 @@ end-of-generation tokens (the end of turn the export wrote), a stop string or
 ``max_tokens``. LoRA adapters (GGUF, or PEFT folders converted on load) are applied per
 request, loaded and unloaded while serving.
 
-llama-cpp-python's ``Llama`` decodes one sequence at a time, so requests take turns on one
-context (its prompt cache reuses a shared prefix); on a CPU each uses every core but one. All layers go to the GPU where the build has one.
+Requests are batched as they arrive (continuous batching, as llama.cpp's own server does):
+one worker thread owns a llama.cpp context with a sequence per answer being generated
+(``max_batch_size`` of them) sharing one pool of KV cells (``kv_tokens``); each step
+decodes every answer's next token and the new prompts' tokens in one ``llama_decode``, and
+a finished answer frees its sequence for the next request at once. The answers in a step
+share the adapter on the context, so requests for another wait until those finish. On a
+CPU llama.cpp uses every core but one; on a GPU build, all layers go to the GPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import math
 import os
+import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +52,16 @@ PLUGIN_API = ">=1.4,<2"
 #: The name a LoRA run's own adapter is kept under: requests for the served name get it.
 OWN_ADAPTER = "\x00own"
 
+_DONE = object()
+
 DEFAULTS: dict[str, Any] = {
     "served_name": None,
-    "n_ctx": 0,  # the context to allocate (0: the length the model was trained for)
+    "n_ctx": 0,  # the longest prompt and answer of one request (0: the length the model was trained for)
+    "kv_tokens": 0,  # the KV cells all answers share (0: 16,384, or n_ctx where longer)
     "threads": None,  # default: every core but one, left to the server and its callers
     "n_gpu_layers": -1,  # all (a CPU build keeps them on the CPU)
     "pre_tokenizer": None,  # for converting a folder whose tokenizer llama.cpp does not know
-    "max_batch_size": None,  # accepted as for every engine; requests take turns here
+    "max_batch_size": None,  # the answers decoded together (default 32)
 }
 
 
@@ -127,6 +138,60 @@ def cached(inputs: list[Path], name: str, convert: Callable[[Path, Path], Any]) 
     return target
 
 
+@dataclass
+class _Job:
+    """One request on its way through the worker: where its deltas and result go."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    adapter: str | None  # the adapter its answers are generated with (None: the bare base)
+    streamed: bool = False  # someone reads the deltas as they come (else only the result)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
+    deltas: queue.Queue = field(default_factory=queue.Queue)
+    completions: dict[int, Completion] = field(default_factory=dict)
+    result: Generation | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def answer(self, choice: int, completion: Completion) -> None:
+        self.completions[choice] = completion
+        if len(self.completions) == self.request.params.n:
+            ordered = tuple(self.completions[index] for index in range(self.request.params.n))
+            self.result = Generation(choices=ordered, prompt_tokens=len(self.prompt_ids))
+            self.deltas.put(_DONE)
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.deltas.put(_DONE)
+            self.done.set()
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One choice of a job, decoded as the llama.cpp sequence ``slot`` of the shared context."""
+
+    job: _Job
+    choice: int
+    slot: int
+    sampler: Any  # its own llama.cpp sampler chain (its seed, its penalty history)
+    reserved: int  # the KV cells it may fill: its prompt and max_tokens
+    feed: list[int]  # the tokens to decode next: the prompt (in chunks), then each sampled token
+    position: int = 0
+    output: int = -1  # the batch row whose logits it samples from after this step (-1: none)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    end: list[int] = field(default_factory=list)  # the end-of-generation token that ended it
+    reason: str = "length"
+    text: str | None = None  # set when cut at a stop string
+    shown: str = ""  # the text streamed so far
+
+    @property
+    def answering(self) -> bool:
+        return self.position >= len(self.job.prompt_ids)
+
+
 class LlamaCppSession:
     """An engine session over one llama.cpp model and context (see the module docstring)."""
 
@@ -136,25 +201,45 @@ class LlamaCppSession:
         self._llama_cpp = llama_cpp
         self.model = model
         self.gguf = model.gguf
+        # llama.cpp's threads spin while they wait: on every core they starve the server's own
+        # threads (on 2 cores, 32-token answers took 9 ms with one and 9-80 ms with two)
+        threads = int(options["threads"] or max(1, (os.cpu_count() or 2) - 1))
+        # the model, its vocabulary and metadata; answers are decoded on a context of this
+        # session's own (below), so the one Llama makes is kept at its smallest
         self.llm = llama_cpp.Llama(
             model_path=str(model.gguf),
-            n_ctx=int(options["n_ctx"]),
-            # llama.cpp's threads spin while they wait: on every core they starve the server's own
-            # threads (on 2 cores, 32-token answers took 9 ms with one and 9-80 ms with two)
-            n_threads=int(options["threads"] or max(1, (os.cpu_count() or 2) - 1)),
+            n_ctx=256,
+            n_batch=32,
+            n_ubatch=32,
+            n_threads=threads,
             n_gpu_layers=int(options["n_gpu_layers"]),
             verbose=False,
         )
         trained = int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}.context_length", 0))
-        self.context_length = min(self.llm.n_ctx(), trained or self.llm.n_ctx())
+        self.context_length = min(int(options["n_ctx"]) or trained or 4096, trained or 1 << 30)
+        self.kv_tokens = max(int(options["kv_tokens"]) or 16384, self.context_length)
+        self.max_batch_size = min(int(options["max_batch_size"] or 32), llama_cpp.llama_max_parallel_sequences())
+        self.n_batch = max(self.max_batch_size, min(self.kv_tokens, 2048))
+        self.ctx = self._context(threads)
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.base_name = served_name
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.chat = ChatFormat(template, (), special_tokens=self._special_tokens(), name="gguf") if template else None
         self._adapters: dict[str, Any] = {}
-        self._active: str | None = None
-        self._lock = threading.Lock()  # one sequence at a time on the context
+        self._active: str | None = None  # the adapter on the context
+        self._lock = threading.Lock()  # the context and adapters: the worker's steps, adapter loads
+        self._queue: queue.Queue = queue.Queue()
+        self._waiting: deque[tuple[_Job, int]] = deque()  # choices not yet given a sequence
+        self._running: list[_Sequence] = []
+        self._free_slots = list(range(self.max_batch_size))
+        self._reserved = 0
+        self._closed = False
         self.requests = 0
+        self.steps = 0  # llama_decode calls, every sequence's tokens together
+        self._worker = threading.Thread(target=self._work, name="modelloop-llamacpp-engine", daemon=True)
+        self._worker.start()
 
     # ------------------------------------------------------------------ protocol
 
@@ -169,18 +254,20 @@ class LlamaCppSession:
         gguf = Path(path)
         if gguf.is_dir():
             gguf = self._converted_adapter(gguf)
-        adapter = self._llama_cpp.llama_adapter_lora_init(self.llm.model, str(gguf).encode())
-        if not adapter:
-            raise EngineError(f"llama.cpp could not load the adapter {path} on {self.gguf.name}")
         with self._lock:
+            adapter = self._llama_cpp.llama_adapter_lora_init(self.llm.model, str(gguf).encode())
+            if not adapter:
+                raise EngineError(f"llama.cpp could not load the adapter {path} on {self.gguf.name}")
             self._adapters[name] = adapter
 
     def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter; the answers being generated with it fail."""
         if name not in self._adapters:
             raise EngineError(f"no adapter {name!r} is served; adapters: {', '.join(self._adapters) or 'none'}")
         with self._lock:
             adapter = self._adapters.pop(name)
             if self._active == name:
+                self._fail_running(EngineError(f"the adapter {name!r} was unloaded"))
                 self._use(None)
             self._llama_cpp.llama_adapter_lora_free(adapter)
 
@@ -209,95 +296,273 @@ class LlamaCppSession:
         return check_prompt_ids(ids, **limits, vocabulary=vocabulary)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        results = []
-        for request in requests:
-            ids = self.prompt_ids(request)
-            choices = tuple(
-                _last(self._choice(request, ids, choice, streamed=False)) for choice in range(request.params.n)
-            )
-            results.append(Generation(choices=choices, prompt_tokens=len(ids)))
-        return results
+        """Generate for many requests, decoded together with whatever else is running."""
+        jobs = self._submit(requests)
+        for job in jobs:
+            job.done.wait()
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [job.result for job in jobs]  # type: ignore[misc]
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
-        ids = self.prompt_ids(request)
-        for choice in range(request.params.n):
-            sent = ""
-            for item in self._choice(request, ids, choice, streamed=True):
-                if isinstance(item, str):
-                    yield Delta(index=choice, text=item[len(sent) :])
-                    sent = item
-                else:
-                    if item.text[len(sent) :]:
-                        yield Delta(index=choice, text=item.text[len(sent) :])
-                    yield Delta(
-                        index=choice,
-                        finish_reason=item.finish_reason,
-                        tokens=len(item.token_ids),
-                        prompt_tokens=len(ids) if choice == 0 else 0,
-                    )
+        """Yield text as it is generated, then one Delta per choice with its finish reason;
+        closing the iterator early ends the request's sequences at the next step."""
+        (job,) = self._submit([request], streamed=True)
+        try:
+            while (item := job.deltas.get()) is not _DONE:
+                yield item
+        finally:
+            if not job.done.is_set():
+                job.cancelled.set()
+        if job.error is not None:
+            raise job.error
 
     def close(self) -> None:
+        """Stop the worker after the step in hand; requests still waiting fail."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_DONE)
+        self._worker.join(timeout=60)
+        llama_cpp = self._llama_cpp
+        closed = EngineError("the engine was closed")
         with self._lock:
+            self._fail_running(closed)
+            for job, _ in self._waiting:
+                job.fail(closed)
+            while not self._queue.empty():  # submitted as it closed
+                item = self._queue.get_nowait()
+                for job in () if item is _DONE else item:
+                    job.fail(closed)
             for adapter in self._adapters.values():
-                self._llama_cpp.llama_adapter_lora_free(adapter)
+                llama_cpp.llama_adapter_lora_free(adapter)
             self._adapters.clear()
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
             self.llm.close()
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ the worker
 
-    def _choice(
-        self, request: GenerationRequest, prompt: list[int], choice: int, *, streamed: bool
-    ) -> Iterator[str | Completion]:
-        """Yield the choice's text so far as it grows (when ``streamed``; never a stop string's
-        start), then its Completion. The text is decoded per token only where it is needed:
-        to stream it or to find a stop string."""
-        params = request.params
-        hold = max((len(stop) - 1 for stop in params.stop), default=0)
-        with self._lock:
-            self.requests += 1
-            own = OWN_ADAPTER if OWN_ADAPTER in self._adapters else None
-            self._use(request.model if request.model not in (None, self.base_name) else own)
-            # a request without a seed samples afresh (llama.cpp's default seed draws one), not
-            # with the seed an earlier request set on the shared model
-            seeded = params.seed is not None
-            self.llm.set_seed(params.seed + choice if seeded else self._llama_cpp.LLAMA_DEFAULT_SEED)
-            tokens: list[int] = []
-            logprobs: list[float] = []
-            reason, end, text, shown = "length", [], "", ""
-            sampling = {"temp": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-            for token in self.llm.generate(prompt, min_p=0.0, repeat_penalty=params.repetition_penalty, **sampling):
-                if params.logprobs:
-                    logprobs.append(self._logprob(token))
-                if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    reason, end = "stop", [token]
-                    break
-                tokens.append(token)
-                if not (streamed or params.stop):
-                    if len(tokens) >= params.max_tokens:
-                        break
+    def _context(self, threads: int) -> Any:
+        """A context with a sequence per answer in the batch, sharing one pool of KV cells."""
+        llama_cpp = self._llama_cpp
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.kv_tokens
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(self.n_batch, 512)
+        params.n_seq_max = self.max_batch_size
+        # one pool, which answers of any length share (see _admit); per-sequence streams would
+        # each need the longest context, and on the tiny Qwen2 served 32 clients no faster
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        # llama.cpp warns that the pool outgrows the trained context (one sequence's, under a
+        # unified pool; no sequence here does), and llama-cpp-python prints its warnings
+        log = logging.getLogger("llama-cpp-python")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        finally:
+            log.setLevel(level)
+        if not ctx:
+            self.llm.close()
+            raise EngineError(f"llama.cpp could not make a context of {self.kv_tokens} tokens for {self.gguf.name}")
+        return ctx
+
+    def _submit(self, requests: Sequence[GenerationRequest], *, streamed: bool = False) -> list[_Job]:
+        """Queue the requests together, so that the worker never starts on part of them."""
+        if self._closed:
+            raise EngineError("the engine was closed")
+        own = OWN_ADAPTER if OWN_ADAPTER in self._adapters else None
+        jobs = [
+            _Job(
+                request,
+                self.prompt_ids(request),
+                request.model if request.model not in (None, self.base_name) else own,
+                streamed=streamed,
+            )
+            for request in requests
+        ]
+        self._queue.put(jobs)
+        return jobs
+
+    def _work(self) -> None:
+        while self._collect(wait=not (self._running or self._waiting)):
+            with self._lock:
+                self._admit()
+                if not self._running:
                     continue
-                text = self._text(tokens)
-                cut = min((text.find(stop) for stop in params.stop if stop and stop in text), default=-1)
-                if cut >= 0:
-                    text, reason = text[:cut], "stop"
-                    tokens = self._tokens_for(tokens, text)
-                    break
-                if len(tokens) >= params.max_tokens:
-                    break
-                safe = text[: len(text) - hold]
-                if len(safe) > len(shown) and not safe.endswith("\ufffd"):
-                    shown = safe
-                    yield shown
-            if reason != "stop" or end:  # not cut at a stop string: the text of every kept token
-                text = self._text(tokens)
-        kept = tuple(tokens + end)
-        if not params.logprobs:
-            yield Completion(text=text, token_ids=kept, finish_reason=reason)
+                try:
+                    self._step()
+                except Exception as error:  # noqa: BLE001 - handed to every request it stopped
+                    self._fail_running(error)
+
+    def _collect(self, *, wait: bool) -> bool:
+        """Move the submitted requests' choices to the waiting line; False once closed."""
+        while True:
+            try:
+                jobs = self._queue.get(block=wait)
+            except queue.Empty:
+                return True
+            if jobs is _DONE:
+                return False
+            self.requests += len(jobs)
+            self._waiting.extend((job, choice) for job in jobs for choice in range(job.request.params.n))
+            wait = False
+
+    def _admit(self) -> None:
+        """Give waiting choices, first come first served, a sequence of their own while a slot
+        is free, their prompt and max_tokens fit in the KV cells left, and they want the adapter
+        on the context (it is switched when nothing runs)."""
+        while self._waiting and self._free_slots:
+            job, choice = self._waiting[0]
+            if job.done.is_set() or job.cancelled.is_set():
+                self._waiting.popleft()
+                continue
+            reserved = len(job.prompt_ids) + job.request.params.max_tokens
+            if self._running and (job.adapter != self._active or self._reserved + reserved > self.kv_tokens):
+                return
+            self._waiting.popleft()
+            try:
+                self._use(job.adapter)
+            except EngineError as error:
+                job.fail(error)
+                continue
+            sequence = _Sequence(
+                job, choice, self._free_slots.pop(), self._sampler(job, choice), reserved, list(job.prompt_ids)
+            )
+            self._reserved += reserved
+            self._running.append(sequence)
+
+    def _step(self) -> None:
+        """One llama_decode over every running sequence: each answer's last token first, then
+        prompts in chunks, up to n_batch tokens; then each sequence that reached its next
+        token samples it."""
+        llama_cpp, batch, rows = self._llama_cpp, self._batch, 0
+        for sequence in [s for s in self._running if s.job.cancelled.is_set() or s.job.done.is_set()]:
+            self._release(sequence)
+        for sequence in sorted(self._running, key=lambda s: not s.answering):
+            chunk = sequence.feed[: self.n_batch - rows]
+            for offset, token in enumerate(chunk):
+                batch.token[rows] = token
+                batch.pos[rows] = sequence.position + offset
+                batch.n_seq_id[rows] = 1
+                batch.seq_id[rows][0] = sequence.slot
+                batch.logits[rows] = False
+                rows += 1
+            del sequence.feed[: len(chunk)]
+            sequence.position += len(chunk)
+            sequence.output = rows - 1 if chunk and not sequence.feed else -1
+            if sequence.output >= 0:
+                batch.logits[rows - 1] = True
+        if not rows:
             return
+        batch.n_tokens = rows
+        status = llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama.cpp failed to decode a batch of {rows} tokens (status {status})")
+        self.steps += 1
+        for sequence in [s for s in self._running if s.output >= 0]:
+            token = llama_cpp.llama_sampler_sample(sequence.sampler, self.ctx, sequence.output)
+            if sequence.job.request.params.logprobs:
+                sequence.logprobs.append(self._logprob(sequence.output, token))
+            if self._advance(sequence, token):
+                self._release(sequence)
+                sequence.job.answer(sequence.choice, self._completion(sequence))
+            else:
+                sequence.feed.append(token)
+
+    def _advance(self, sequence: _Sequence, token: int) -> bool:
+        """Add a sampled token to its answer (streaming the text that cannot be a stop
+        string's start); True when the answer is finished. The text is decoded per token only
+        where it is needed: to stream it or to find a stop string."""
+        job, params = sequence.job, sequence.job.request.params
+        if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            sequence.end, sequence.reason = [token], "stop"
+            return True
+        sequence.tokens.append(token)
+        if not (job.streamed or params.stop):
+            return len(sequence.tokens) >= params.max_tokens
+        text = self._text(sequence.tokens)
+        cut = min((text.find(stop) for stop in params.stop if stop and stop in text), default=-1)
+        if cut >= 0:
+            sequence.text, sequence.reason = text[:cut], "stop"
+            sequence.tokens = self._tokens_for(sequence.tokens, sequence.text)
+            return True
+        if len(sequence.tokens) >= params.max_tokens:
+            return True
+        safe = text[: len(text) - max((len(stop) - 1 for stop in params.stop), default=0)]
+        if job.streamed and len(safe) > len(sequence.shown) and not safe.endswith("\ufffd"):
+            job.deltas.put(Delta(index=sequence.choice, text=safe[len(sequence.shown) :]))
+            sequence.shown = safe
+        return False
+
+    def _completion(self, sequence: _Sequence) -> Completion:
+        """The finished answer; a streamed one also gets its last text and its finish reason."""
+        job = sequence.job
+        text = sequence.text if sequence.text is not None else self._text(sequence.tokens)
+        kept = tuple(sequence.tokens + sequence.end)
+        if job.streamed:
+            if text[len(sequence.shown) :]:
+                job.deltas.put(Delta(index=sequence.choice, text=text[len(sequence.shown) :]))
+            first = sequence.choice == 0
+            job.deltas.put(
+                Delta(
+                    index=sequence.choice,
+                    finish_reason=sequence.reason,  # type: ignore[arg-type]
+                    tokens=len(kept),
+                    prompt_tokens=len(job.prompt_ids) if first else 0,
+                )
+            )
+        if not job.request.params.logprobs:
+            return Completion(text=text, token_ids=kept, finish_reason=sequence.reason)  # type: ignore[arg-type]
         pieces = tuple(self.llm.detokenize([token], special=True).decode(errors="replace") for token in kept)
-        yield Completion(
-            text=text, token_ids=kept, finish_reason=reason, logprobs=tuple(logprobs[: len(kept)]), tokens=pieces
+        return Completion(
+            text=text,
+            token_ids=kept,
+            finish_reason=sequence.reason,  # type: ignore[arg-type]
+            logprobs=tuple(sequence.logprobs[: len(kept)]),
+            tokens=pieces,
         )
+
+    def _release(self, sequence: _Sequence) -> None:
+        """Free a sequence's slot, KV cells and sampler."""
+        self._running.remove(sequence)
+        self._llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        self._llama_cpp.llama_sampler_free(sequence.sampler)
+        self._free_slots.append(sequence.slot)
+        self._reserved -= sequence.reserved
+
+    def _fail_running(self, error: BaseException) -> None:
+        for sequence in list(self._running):
+            sequence.job.fail(error)
+            self._release(sequence)
+
+    def _sampler(self, job: _Job, choice: int) -> Any:
+        """A choice's sampler chain, in transformers' order (penalty, temperature, top-k,
+        top-p), seeded with the request's seed plus the choice's index; a request without a
+        seed draws afresh."""
+        llama_cpp, params = self._llama_cpp, job.request.params
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if params.repetition_penalty != 1.0:  # over the prompt and the answer, as transformers applies it
+            penalty = llama_cpp.llama_sampler_init_penalties(
+                self.llm.n_vocab(), self.context_length, params.repetition_penalty, 0.0, 0.0
+            )
+            llama_cpp.llama_sampler_chain_add(chain, penalty)
+            for token in job.prompt_ids:
+                llama_cpp.llama_sampler_accept(chain, token)
+        if params.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        if params.top_k:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        seed = params.seed + choice if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
 
     def _text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
@@ -306,29 +571,28 @@ class LlamaCppSession:
         """The shortest prefix of ``tokens`` that still decodes to ``text`` (cut at a stop string)."""
         return next((tokens[:n] for n in range(len(tokens) + 1) if len(self._text(tokens[:n])) >= len(text)), tokens)
 
-    def _logprob(self, token: int) -> float:
-        """The log-probability of ``token`` under the logits it was sampled from (the last row)."""
+    def _logprob(self, row: int, token: int) -> float:
+        """The log-probability of ``token`` under the logits of batch row ``row`` it was sampled from."""
         import numpy as np
 
         size = self.llm.n_vocab()
-        row = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(size,))
-        top = float(row.max())
-        return float(row[token]) - top - math.log(float(np.exp(row - top).sum()))
+        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.ctx, row), shape=(size,))
+        top = float(logits.max())
+        return float(logits[token]) - top - math.log(float(np.exp(logits - top).sum()))
 
     def _use(self, name: str | None) -> None:
-        """Put the adapter ``name`` (None: none) on the context; the prompt cache was made
-        under another, so it is dropped."""
+        """Put the adapter ``name`` (None: none) on the context; only while nothing runs on
+        another, whose answers it would change."""
         if name == self._active:
             return
         if name is not None and name not in self._adapters:
             raise EngineError(f"the adapter {name!r} is no longer served")
         llama_cpp = self._llama_cpp
         if name is None:
-            llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
         else:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
-        self.llm.reset()
+            llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
         self._active = name
 
     def _converted_adapter(self, folder: Path) -> Path:
@@ -353,12 +617,6 @@ class LlamaCppSession:
             for name, token in named.items()
             if token is not None and token >= 0
         }
-
-
-def _last(items: Iterator[str | Completion]) -> Completion:
-    for item in items:
-        last = item
-    return last  # type: ignore[return-value]
 
 
 def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> LlamaCppSession:

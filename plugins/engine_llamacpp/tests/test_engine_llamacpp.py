@@ -63,6 +63,35 @@ def test_greedy_answers_streams_and_logprobs_match_the_hf_engine(sessions, trans
     assert deltas[-1].finish_reason == got[0].choices[0].finish_reason and deltas[-1].tokens == 10
 
 
+def test_requests_arriving_together_are_decoded_together_and_answer_as_alone(sessions, transformers_model):
+    _, llama = sessions
+    requests = [GenerationRequest(messages=q, params=GREEDY) for q in QUESTIONS]
+    alone = [llama.generate([request])[0].choices[0].token_ids for request in requests]
+    steps = llama.steps
+    together = [g.choices[0].token_ids for g in llama.generate(requests)]
+    # one llama_decode per token of the longest answer, not one per token of every answer
+    assert llama.steps - steps == max(len(answer) for answer in together)
+    prompts = [llama.prompt_ids(request) for request in requests]
+    assert_same_greedy_tokens(transformers_model, prompts, alone, together)
+
+
+def test_a_small_kv_pool_makes_requests_wait_their_turn(varied_lora_run, sessions, transformers_model):
+    _, llama = sessions
+    requests = [GenerationRequest(messages=q, params=GREEDY) for q in QUESTIONS]
+    expected = [g.choices[0].token_ids for g in llama.generate(requests)]
+    prompts = [llama.prompt_ids(request) for request in requests]
+    prompt = len(prompts[0])
+    # room for two answers at a time (each holds its prompt and max_tokens): three rounds
+    small = start("llamacpp", varied_lora_run, n_ctx=64, kv_tokens=2 * (prompt + GREEDY.max_tokens) + 1)
+    try:
+        assert small.kv_tokens < 3 * (prompt + GREEDY.max_tokens)
+        got = [g.choices[0].token_ids for g in small.generate(requests)]
+        assert small.steps >= 3 * max(len(answer) for answer in got)
+    finally:
+        small.close()
+    assert_same_greedy_tokens(transformers_model, prompts, expected, got)  # batched two, not six, at a time
+
+
 def test_token_id_prompts_stop_strings_and_seeds(sessions):
     _, llama = sessions
     ids = llama.prompt_ids(GenerationRequest(messages=QUESTIONS[1]))
@@ -123,13 +152,20 @@ def test_adapters_load_and_unload_while_serving(tiny_models, varied_lora_run, se
         assert [g.choices[0].token_ids for g in tuned] == as_run != plain
         again = base.generate([GenerationRequest(messages=q, params=GREEDY) for q in QUESTIONS])
         assert [g.choices[0].token_ids for g in again] == plain  # the base, without the adapter
+        # arriving together, the requests for the adapter run first, then those for the base
+        mixed = base.generate(
+            [GenerationRequest(messages=q, params=GREEDY, model=model) for model in ("tuned", "m") for q in QUESTIONS]
+        )
+        assert [g.choices[0].token_ids for g in mixed] == as_run + plain
         base.unload_adapter("tuned")
         with pytest.raises(EngineError, match="unknown model 'tuned'"):
             base.check(GenerationRequest(messages=QUESTIONS[0], model="tuned"))
     finally:
         base.close()
-    converted = sorted(p.name for p in (session_cache / "gguf").glob("*/*.gguf"))
-    assert converted.count("model.gguf") == 1 and converted.count("adapter.gguf") == 1  # one base, converted once
+    converted = set((session_cache / "gguf").glob("*/*.gguf"))
+    llamacpp = get_registry(ENGINES).get("llamacpp")
+    llamacpp.start(str(tiny_models("qwen2")), adapters={"tuned": varied_lora_run / "model"}).close()
+    assert set((session_cache / "gguf").glob("*/*.gguf")) == converted  # the base and the adapter: from the cache
 
 
 def test_the_openai_api_serves_it(sessions):
