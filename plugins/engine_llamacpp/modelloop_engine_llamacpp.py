@@ -13,9 +13,12 @@ Requests are batched as they arrive (continuous batching, as llama.cpp's own ser
 one worker thread owns a llama.cpp context with a sequence per answer being generated
 (``max_batch_size`` of them) sharing one pool of KV cells (``kv_tokens``); each step
 decodes every answer's next token and the new prompts' tokens in one ``llama_decode``, and
-a finished answer frees its sequence for the next request at once. The answers in a step
-share the adapter on the context, so requests for another wait until those finish. On a
-CPU llama.cpp uses every core but one; on a GPU build, all layers go to the GPU.
+a finished answer frees its sequence for the next request at once. A prompt is decoded
+once for a request's ``n`` choices, and a freed sequence keeps its KV, so a prompt that
+starts the same (a chat's next turn, a shared system prompt) decodes only what follows.
+The answers in a step share the adapter on the context, so requests for another wait
+until those finish. On a CPU llama.cpp uses every core but one; on a GPU build, all
+layers go to the GPU.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from modelloop.plugin import (
 )
 from modelloop_export_gguf import convert_model
 
-PLUGIN_API = ">=1.4,<2"
+PLUGIN_API = ">=1.5,<2"
 
 #: The name a LoRA run's own adapter is kept under: requests for the served name get it.
 OWN_ADAPTER = "\x00own"
@@ -177,8 +180,10 @@ class _Sequence:
     slot: int
     sampler: Any  # its own llama.cpp sampler chain (its seed, its penalty history)
     reserved: int  # the KV cells it may fill: its prompt and max_tokens
-    feed: list[int]  # the tokens to decode next: the prompt (in chunks), then each sampled token
-    position: int = 0
+    decoded: list[int]  # the tokens whose KV it holds, from position 0
+    feed: list[int]  # the tokens to decode next: the prompt's rest (in chunks), then each sampled token
+    source: _Sequence | None = None  # the sequence whose KV of the prompt's start it will copy
+    shared: int = 0  # how many of the prompt's tokens it copies from ``source``
     output: int = -1  # the batch row whose logits it samples from after this step (-1: none)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -189,7 +194,28 @@ class _Sequence:
 
     @property
     def answering(self) -> bool:
-        return self.position >= len(self.job.prompt_ids)
+        return len(self.decoded) >= len(self.job.prompt_ids)
+
+
+@dataclass
+class _Kept:
+    """What a free slot's sequence still holds in the KV cells: the tokens, and the adapter
+    they were decoded under (a prompt starting with them reuses them)."""
+
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit`` (list slices compare in C)."""
+    low, high = 0, min(len(a), len(b), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class LlamaCppSession:
@@ -233,11 +259,13 @@ class LlamaCppSession:
         self._queue: queue.Queue = queue.Queue()
         self._waiting: deque[tuple[_Job, int]] = deque()  # choices not yet given a sequence
         self._running: list[_Sequence] = []
-        self._free_slots = list(range(self.max_batch_size))
-        self._reserved = 0
+        # the free slots, longest idle first, with the KV each still holds
+        self._idle: dict[int, _Kept] = {slot: _Kept() for slot in range(self.max_batch_size)}
+        self._reserved = 0  # the KV cells the running sequences may fill
         self._closed = False
         self.requests = 0
         self.steps = 0  # llama_decode calls, every sequence's tokens together
+        self.decoded_tokens = 0  # the tokens they decoded (prompt tokens whose KV was there already are not)
         self._worker = threading.Thread(target=self._work, name="modelloop-llamacpp-engine", daemon=True)
         self._worker.start()
 
@@ -269,6 +297,8 @@ class LlamaCppSession:
             if self._active == name:
                 self._fail_running(EngineError(f"the adapter {name!r} was unloaded"))
                 self._use(None)
+            for slot in [slot for slot, kept in self._idle.items() if kept.adapter == name]:
+                self._forget(slot)  # an adapter loaded again under the name must not meet them
             self._llama_cpp.llama_adapter_lora_free(adapter)
 
     def check(self, request: GenerationRequest) -> int:
@@ -413,15 +443,21 @@ class LlamaCppSession:
 
     def _admit(self) -> None:
         """Give waiting choices, first come first served, a sequence of their own while a slot
-        is free, their prompt and max_tokens fit in the KV cells left, and they want the adapter
-        on the context (it is switched when nothing runs)."""
-        while self._waiting and self._free_slots:
+        is free, their prompt and max_tokens fit in the KV cells left (kept prompts of free
+        slots are dropped, longest idle first, to make room), and they want the adapter on the
+        context (it is switched when nothing runs)."""
+        while self._waiting and self._idle:
             job, choice = self._waiting[0]
             if job.done.is_set() or job.cancelled.is_set():
                 self._waiting.popleft()
                 continue
+            if self._running and job.adapter != self._active:
+                return
             reserved = len(job.prompt_ids) + job.request.params.max_tokens
-            if self._running and (job.adapter != self._active or self._reserved + reserved > self.kv_tokens):
+            kept = [slot for slot, cells in self._idle.items() if cells.tokens]
+            while kept and self._reserved + reserved + sum(len(self._idle[s].tokens) for s in kept) > self.kv_tokens:
+                self._forget(kept.pop(0))
+            if self._running and self._reserved + reserved > self.kv_tokens:
                 return
             self._waiting.popleft()
             try:
@@ -429,30 +465,70 @@ class LlamaCppSession:
             except EngineError as error:
                 job.fail(error)
                 continue
-            sequence = _Sequence(
-                job, choice, self._free_slots.pop(), self._sampler(job, choice), reserved, list(job.prompt_ids)
-            )
+            self._running.append(self._sequence(job, choice, reserved))
             self._reserved += reserved
-            self._running.append(sequence)
+
+    def _sequence(self, job: _Job, choice: int, reserved: int) -> _Sequence:
+        """A sequence for one choice, starting from the longest start of its prompt whose KV
+        is there already: a free slot's kept tokens (taken over at once), or a running
+        sequence's prompt (copied once decoded: a request's n choices, a shared system
+        prompt). At least the prompt's last token is decoded again, for its logits."""
+        prompt, limit = job.prompt_ids, len(job.prompt_ids) - 1
+        slot, shared = next(iter(self._idle)), 0  # the slot idle longest, else the best match
+        for candidate, kept in self._idle.items():
+            common = _common_prefix(kept.tokens, prompt, limit) if kept.adapter == job.adapter else 0
+            if common > shared:
+                slot, shared = candidate, common
+        source, copied = None, shared
+        for running in self._running:
+            common = _common_prefix(running.job.prompt_ids, prompt, limit)
+            if common > copied:
+                source, copied = running, common
+        if source is not None:
+            slot, shared = next(iter(self._idle)), 0
+        self._idle.pop(slot)
+        self._llama_cpp.llama_memory_seq_rm(self._memory, slot, shared, -1)
+        sequence = _Sequence(
+            job, choice, slot, self._sampler(job, choice), reserved, list(prompt[:shared]), list(prompt[shared:])
+        )
+        if source is not None:  # it feeds nothing until the copy
+            sequence.source, sequence.shared, sequence.feed = source, copied, list(prompt[copied:])
+        return sequence
+
+    def _copy_from_source(self, sequence: _Sequence) -> None:
+        """Take the KV of the prompt's start from the source sequence once it is decoded (or
+        decode the whole prompt, if the source stopped before)."""
+        source, prompt = sequence.source, sequence.job.prompt_ids
+        if source is None or len(source.decoded) < sequence.shared and source in self._running:
+            return
+        if len(source.decoded) >= sequence.shared:
+            self._llama_cpp.llama_memory_seq_cp(self._memory, source.slot, sequence.slot, 0, sequence.shared)
+            sequence.decoded, sequence.feed = list(prompt[: sequence.shared]), list(prompt[sequence.shared :])
+        else:
+            sequence.decoded, sequence.feed = [], list(prompt)
+        sequence.source = None
 
     def _step(self) -> None:
         """One llama_decode over every running sequence: each answer's last token first, then
-        prompts in chunks, up to n_batch tokens; then each sequence that reached its next
-        token samples it."""
+        prompts in chunks, up to n_batch tokens (a sequence waiting for the start of its prompt
+        to be copied first takes it if it is decoded); then each sequence that reached its
+        next token samples it."""
         llama_cpp, batch, rows = self._llama_cpp, self._batch, 0
         for sequence in [s for s in self._running if s.job.cancelled.is_set() or s.job.done.is_set()]:
             self._release(sequence)
+        for sequence in [s for s in self._running if s.source is not None]:
+            self._copy_from_source(sequence)  # every token batched before was decoded by now
         for sequence in sorted(self._running, key=lambda s: not s.answering):
-            chunk = sequence.feed[: self.n_batch - rows]
+            chunk = [] if sequence.source is not None else sequence.feed[: self.n_batch - rows]
             for offset, token in enumerate(chunk):
                 batch.token[rows] = token
-                batch.pos[rows] = sequence.position + offset
+                batch.pos[rows] = len(sequence.decoded) + offset
                 batch.n_seq_id[rows] = 1
                 batch.seq_id[rows][0] = sequence.slot
                 batch.logits[rows] = False
                 rows += 1
+            sequence.decoded += chunk
             del sequence.feed[: len(chunk)]
-            sequence.position += len(chunk)
             sequence.output = rows - 1 if chunk and not sequence.feed else -1
             if sequence.output >= 0:
                 batch.logits[rows - 1] = True
@@ -463,6 +539,7 @@ class LlamaCppSession:
         if status != 0:
             raise EngineError(f"llama.cpp failed to decode a batch of {rows} tokens (status {status})")
         self.steps += 1
+        self.decoded_tokens += rows
         for sequence in [s for s in self._running if s.output >= 0]:
             token = llama_cpp.llama_sampler_sample(sequence.sampler, self.ctx, sequence.output)
             if sequence.job.request.params.logprobs:
@@ -527,17 +604,27 @@ class LlamaCppSession:
         )
 
     def _release(self, sequence: _Sequence) -> None:
-        """Free a sequence's slot, KV cells and sampler."""
+        """Free a sequence's slot and sampler; its KV is kept for a prompt that starts the same."""
         self._running.remove(sequence)
-        self._llama_cpp.llama_memory_seq_rm(self._memory, sequence.slot, -1, -1)
+        for follower in [s for s in self._running if s.source is sequence]:
+            self._copy_from_source(follower)
         self._llama_cpp.llama_sampler_free(sequence.sampler)
-        self._free_slots.append(sequence.slot)
+        self._idle[sequence.slot] = _Kept(self._active, sequence.decoded)
         self._reserved -= sequence.reserved
 
+    def _forget(self, slot: int) -> None:
+        """Drop what a free slot keeps in the KV cells."""
+        self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._idle[slot] = _Kept()
+
     def _fail_running(self, error: BaseException) -> None:
+        """Fail every running answer; what the free slots keep is dropped too (a failed
+        decode leaves the cells in doubt)."""
         for sequence in list(self._running):
             sequence.job.fail(error)
             self._release(sequence)
+        for slot in self._idle:
+            self._forget(slot)
 
     def _sampler(self, job: _Job, choice: int) -> Any:
         """A choice's sampler chain, in transformers' order (penalty, temperature, top-k,
@@ -636,10 +723,23 @@ def start(model_path: Any, *, adapters: Any = None, options: Any = None) -> Llam
     return session
 
 
+def preference() -> int | None:
+    """Ahead of the built-in engine (``--engine auto``) on a CPU, or where llama.cpp was
+    built for the GPU; left out where a GPU would sit idle under a CPU-only build."""
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return 1
+    import torch
+
+    return None if torch.cuda.is_available() else 1
+
+
 LLAMACPP = Engine(
     name="llamacpp",
-    description="llama.cpp in-process (llama-cpp-python): GGUF exports or runs converted once, LoRA at run time",
+    description="llama.cpp in-process (llama-cpp-python): GGUF exports or runs converted once, LoRA at run time, batched",
     start=start,
+    preference=preference,
 )
 
 

@@ -75,6 +75,40 @@ def test_requests_arriving_together_are_decoded_together_and_answer_as_alone(ses
     assert_same_greedy_tokens(transformers_model, prompts, alone, together)
 
 
+def test_a_prompt_is_decoded_once_for_its_choices_and_again_only_where_it_changed(varied_lora_run, transformers_model):
+    llama = start("llamacpp", varied_lora_run)  # a fresh one: no slot keeps anything yet
+    try:
+        _decoded_once_and_again(llama, transformers_model)
+    finally:
+        llama.close()
+
+
+def _decoded_once_and_again(llama, transformers_model):
+    prompt = llama.prompt_ids(GenerationRequest(messages=[{"role": "user", "content": "Name three rivers, please."}]))
+    sampled = GenerationRequest(prompt=prompt, params=SamplingParams(max_tokens=8, temperature=1.0, seed=3, n=4))
+
+    def decoded(request):
+        before = llama.decoded_tokens
+        (generation,) = llama.generate([request])
+        return llama.decoded_tokens - before, generation
+
+    # the prompt once; each other choice takes its KV and decodes only its last token again
+    # (for the logits it samples its first token from); each answer token but the last is fed
+    tokens, first = decoded(sampled)
+    assert tokens == len(prompt) + 3 + sum(len(c.token_ids) - 1 for c in first.choices)
+    tokens, again = decoded(sampled)  # the same prompt again: kept by the slots it freed
+    assert tokens == 4 + sum(len(c.token_ids) - 1 for c in again.choices) and again.choices == first.choices
+    longer = GenerationRequest(prompt=prompt + list(first.choices[0].token_ids[:-1]), params=GREEDY)
+    tokens, answer = decoded(longer)  # a next turn: only the new tokens past what a slot kept
+    assert tokens == 1 + len(answer.choices[0].token_ids) - 1
+    assert_same_greedy_tokens(
+        transformers_model,
+        [longer.prompt],
+        [llama.generate([longer])[0].choices[0].token_ids],
+        [answer.choices[0].token_ids],
+    )
+
+
 def test_a_small_kv_pool_makes_requests_wait_their_turn(varied_lora_run, sessions, transformers_model):
     _, llama = sessions
     requests = [GenerationRequest(messages=q, params=GREEDY) for q in QUESTIONS]
@@ -166,6 +200,16 @@ def test_adapters_load_and_unload_while_serving(tiny_models, varied_lora_run, se
     llamacpp = get_registry(ENGINES).get("llamacpp")
     llamacpp.start(str(tiny_models("qwen2")), adapters={"tuned": varied_lora_run / "model"}).close()
     assert set((session_cache / "gguf").glob("*/*.gguf")) == converted  # the base and the adapter: from the cache
+
+
+def test_engine_auto_takes_llamacpp_on_a_machine_without_a_gpu():
+    import torch
+
+    from modelloop.inference.choice import find_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: which engine ranks first depends on the llama.cpp build")
+    assert find_engine("auto").name == "llamacpp"
 
 
 def test_the_openai_api_serves_it(sessions):
