@@ -8,6 +8,9 @@ request latency:
   modelloop serve                  the built-in hf engine, batching requests as they arrive
   modelloop serve, batch 1         the same engine one request at a time (the baseline)
   modelloop serve, llamacpp        the llama.cpp engine (the model converted to an f16 GGUF first)
+  llama-server                     llama.cpp's own server on that same GGUF, with the engine's
+                                   threads, slots and KV pool (built once from the llama.cpp
+                                   source llama-cpp-python vendors: a few minutes, then cached)
   transformers serve               the library's own server (default settings)
 
 Usage: .venv/bin/python bench/serve_throughput.py [--model DIR] [--requests-per-client 4]
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +65,40 @@ def start(command: list[str], port: int) -> subprocess.Popen:
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"server did not start: {' '.join(command)}")
+
+
+def llama_server() -> Path:
+    """llama.cpp's ``llama-server`` of the version llama-cpp-python vendors, built once into
+    modelloop's cache from that package's source distribution (the package index only)."""
+    from importlib.metadata import version
+
+    from modelloop.paths import cache_home
+
+    release = version("llama-cpp-python")
+    binary = cache_home() / "llama.cpp" / release / "llama-server"
+    if binary.is_file():
+        return binary
+    print(f"building llama-server {release} into {binary.parent} (once; a few minutes)", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, "--dest", scratch, f"llama-cpp-python=={release}"], check=True)
+        with tarfile.open(next(Path(scratch).glob("*.tar.gz"))) as archive:
+            archive.extractall(scratch, filter="data")
+        source = next(Path(scratch).glob("*/vendor/llama.cpp"))
+        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
+        subprocess.run(["cmake", "-S", source, "-B", source / "build", *flags], check=True, capture_output=True)
+        jobs = str(os.cpu_count() or 1)
+        subprocess.run(["cmake", "--build", source / "build", "--target", "llama-server", "-j", jobs], check=True)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "build" / "bin" / "llama-server", binary)
+    return binary
+
+
+def served_gguf(model: Path) -> Path:
+    """The f16 GGUF the llamacpp engine serves for ``model`` (converted once, cached)."""
+    from modelloop_engine_llamacpp import served
+
+    return served(model).gguf
 
 
 def load(url: str, model: str, clients: int, per_client: int) -> dict[str, float]:
@@ -112,6 +151,30 @@ def main() -> None:
         "modelloop serve": modelloop_serve(),
         "modelloop serve, batch 1": modelloop_serve("--max-batch-size", "1"),
         "modelloop serve, llamacpp": modelloop_serve("--engine", "llamacpp"),
+        # the llamacpp engine's defaults: threads, answers decoded together, one KV pool
+        "llama-server": lambda port: [
+            str(llama_server()),
+            "--model",
+            str(served_gguf(model)),
+            "--port",
+            str(port),
+            "--threads",
+            str(max(1, (os.cpu_count() or 2) - 1)),
+            "--threads-batch",
+            str(max(1, (os.cpu_count() or 2) - 1)),
+            "--parallel",
+            "32",
+            "--ctx-size",
+            "16384",
+            "--kv-unified",
+            "--jinja",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--min-p",
+            "0",
+        ],
         "transformers serve": lambda port: [
             str(BIN / "transformers"),
             "serve",

@@ -20,7 +20,7 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {

@@ -353,6 +353,7 @@ def _guard(recipe: Recipe, step: Step, check: Callable[[Step], Any]) -> None:
 
 def _check_names(step: Step) -> None:
     """Plugin names and options: no file, no model, no heavy import."""
+    from modelloop.inference.choice import find_engine
     from modelloop.registry import ENGINES, EXPORTERS, MODELS, PARALLEL_STRATEGIES, get_registry
 
     config: Any = step.config
@@ -383,17 +384,17 @@ def _check_names(step: Step) -> None:
     elif step.kind == "export":
         get_registry(EXPORTERS).get(config.quant)
     elif step.kind == "serve-check":
-        get_registry(ENGINES).get(config.engine)
+        find_engine(config.engine)
     elif step.kind == "eval" and config.benchmarks:
         from modelloop.stages.benchmark import resolve_backend
 
         resolve_backend(config.backend, config.backend_options)
         if config.engine:
-            get_registry(ENGINES).get(config.engine)
+            find_engine(config.engine)
     elif step.kind in ("eval", "feedback"):
         from modelloop.stages.evaluate import resolve_metrics
 
-        get_registry(ENGINES).get(config.engine or "hf")
+        find_engine(config.engine or "hf")
         resolve_metrics(config.metrics)
 
 
@@ -634,10 +635,12 @@ def _serve_check(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
     import httpx
 
     from modelloop.artifacts import run_id, update_manifest
+    from modelloop.inference.choice import find_engine
     from modelloop.inference.remote import ServerProcess
     from modelloop.parallel.world import free_port
 
     config: Any = step.config
+    engine = find_engine(config.engine).name  # auto: the one chosen, recorded
     port = free_port()
     command = [
         sys.executable,
@@ -646,13 +649,13 @@ def _serve_check(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
         "serve",
         model,
         "--engine",
-        config.engine,
+        engine,
         "--port",
         str(port),
         "--served-name",
         "model",
     ]
-    server = ServerProcess(command, url=f"http://127.0.0.1:{port}", name=f"modelloop serve ({config.engine})")
+    server = ServerProcess(command, url=f"http://127.0.0.1:{port}", name=f"modelloop serve ({engine})")
     try:
         server.wait_healthy(config.startup_timeout)
         started = time.perf_counter()
@@ -680,7 +683,7 @@ def _serve_check(step: Step, model: str, out: Path, **_: Any) -> dict[str, Any]:
         stage="serve-check",
         status="completed",
         parent=_parent(model),
-        config={**config.model_dump(), "model": model},
+        config={**config.model_dump(), "model": model, "engine": engine},
         answer=answer,
         metrics=metrics,
     )

@@ -532,11 +532,16 @@ class Engine(Spec):
         will be written, ``quantization_config`` included; ``exporter``: the exporter's
         name; ``chat_template``: whether the tokenizer carries one), asked by ``export
         --for`` before anything is written; None when ``Exporter.engines`` says it all.
+    :param preference: ``preference() -> int or None``: how ``--engine auto`` ranks the
+        engine on this machine, higher first (the built-in ``hf`` is 0); None, or no
+        callable, leaves it out. For engines that start in this process with nothing set
+        up (since API 1.5).
     """
 
     start: Callable[..., EngineSession]
     attach: Callable[..., EngineSession] | None = None
     check_export: Callable[..., str | None] | None = None
+    preference: Callable[[], int | None] | None = None
     runtime_lora: InitVar[bool] = False  # deprecated in API 1.1: nothing read it
 
     def __post_init__(self, runtime_lora: bool) -> None:
@@ -545,6 +550,7 @@ class Engine(Spec):
         _require_callable(self, "start")
         _require_callable(self, "attach", optional=True)
         _require_callable(self, "check_export", optional=True)
+        _require_callable(self, "preference", optional=True)
 
 
 # --------------------------------------------------------------------------- evaluation

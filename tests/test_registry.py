@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from modelloop import hookimpl
-from modelloop.errors import PluginError, UnknownNameError
+from modelloop.errors import EngineError, PluginError, UnknownNameError
 from modelloop.plugins import PluginInfo, make_plugin_manager, set_plugin_manager
 from modelloop.registry import (
     ACCELERATORS,
@@ -128,6 +128,21 @@ def test_hook_register_engines(manager):
     engine = Engine(name="echo", start=lambda model_path, **options: None)
     add(manager, "p", registering("register_engines", engine))
     assert get_registry(ENGINES).get("echo") is engine
+
+
+def test_engine_auto_takes_the_engine_that_ranks_highest_here(manager):
+    from modelloop.inference.choice import find_engine
+
+    never = Engine(name="gpu-only", start=lambda model_path, **options: None, preference=lambda: None)
+    unranked = Engine(name="server", start=lambda model_path, **options: None)
+    faster = Engine(name="fast", start=lambda model_path, **options: None, preference=lambda: 1)
+    add(manager, "p", registering("register_engines", never, unranked, faster))
+    assert find_engine("auto") is faster and find_engine("server") is unranked
+    set_plugin_manager(make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": ""}))
+    assert find_engine("auto").name == "hf"  # nothing installed: the built-in, which runs anywhere
+    set_plugin_manager(make_plugin_manager({"MODELLOOP_LOAD_PLUGINS": "", "MODELLOOP_BLOCK_PLUGINS": "hf_engine"}))
+    with pytest.raises(EngineError, match="name one with --engine"):
+        find_engine("auto")
 
 
 def test_a_deprecated_spec_field_is_accepted_with_a_warning_for_one_more_api_version():

@@ -26,6 +26,7 @@ HF = Engine(
     description="transformers in-process: batched, streaming, several LoRA adapters",
     start=start,
     attach=attach,
+    preference=lambda: 0,  # the engine --engine auto falls back on: it runs wherever torch does
 )
 
 

@@ -7,16 +7,16 @@ import click
 
 @click.command("chat")
 @click.argument("model")
-@click.option("--engine", default="hf", show_default=True)
+@click.option("--engine", default="hf", show_default=True, help="Inference engine; auto: the fastest installed here.")
 @click.option("--system", help="A system prompt for the conversation.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0, 2))
 def chat_command(model: str, engine: str, system: str | None, max_tokens: int, temperature: float) -> None:
     """Chat with MODEL. /reset starts a new conversation; /exit (or Ctrl-D) quits."""
+    from modelloop.inference.choice import find_engine
     from modelloop.inference.types import GenerationRequest, SamplingParams
-    from modelloop.registry import ENGINES, get_registry
 
-    session = get_registry(ENGINES).get(engine).start(model, options={})
+    session = find_engine(engine).start(model, options={})
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)

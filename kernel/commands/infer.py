@@ -22,7 +22,7 @@ import click
     type=click.Path(dir_okay=False, path_type=Path),
     help="JSONL results; rows already there are skipped.",
 )
-@click.option("--engine", default="hf", show_default=True)
+@click.option("--engine", default="hf", show_default=True, help="Inference engine; auto: the fastest installed here.")
 @click.option("--format", "format_name", help="Force the input's data format.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2))
@@ -34,10 +34,10 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
     from modelloop.data.records import read_records
     from modelloop.data.tokenize import problems_error
     from modelloop.inference.batch import prompts_from, run_inference
+    from modelloop.inference.choice import find_engine
     from modelloop.inference.types import SamplingParams
-    from modelloop.registry import ENGINES, get_registry
 
-    chosen = get_registry(ENGINES).get(engine)
+    chosen = find_engine(engine)
     records = read_records([input_path], format=format_name)
     if records.problems:
         raise problems_error(records.problems, "Fix them, then run again (rows already written are kept).")
@@ -88,7 +88,10 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
     help="A folder of task definitions in the back end's own format (repeatable).",
 )
 @click.option("--backend-option", "backend_options", multiple=True, help="KEY=VALUE for the back end (repeatable).")
-@click.option("--engine", help="Answer through this engine [--data: hf; --benchmark: the model in this process].")
+@click.option(
+    "--engine",
+    help="Answer through this engine (auto: the fastest installed here) [--data: hf; --benchmark: the model in this process].",
+)
 @click.option("--endpoint", help="With --benchmark: the /v1 URL of a server already serving the model.")
 @click.option("--served-name", help="With --endpoint: the model name it serves the model under.")
 @click.option("--api-key", envvar="MODELLOOP_API_KEY", help="With --endpoint: its key.")

@@ -20,7 +20,7 @@ def _adapter(text: str) -> tuple[str, str]:
     "--engine",
     default="hf",
     show_default=True,
-    help="Inference engine (see `modelloop plugins --hook register_engines`).",
+    help="Inference engine (see `modelloop plugins --hook register_engines`); auto: the fastest installed that runs here.",
 )
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 to serve other machines."
@@ -116,13 +116,13 @@ def serve_command(
     from modelloop.aliases import resolve_alias
     from modelloop.artifacts import is_run, run_id
     from modelloop.config import parse_assignments
+    from modelloop.inference.choice import find_engine
     from modelloop.inference.request_log import RequestLog
     from modelloop.inference.server import Limits, create_app
     from modelloop.lifecycle import stage_lifecycle
-    from modelloop.registry import ENGINES, get_registry
 
     model = resolve_alias(model)  # current:NAME: the run a recipe promoted
-    chosen = get_registry(ENGINES).get(engine)
+    chosen = find_engine(engine)
     named = dict(_adapter(text) for text in adapters)
     for name, path in named.items():
         if not Path(path).is_dir():

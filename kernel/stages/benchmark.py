@@ -23,8 +23,9 @@ from modelloop.artifacts import is_run, read_manifest, run_id, update_manifest
 from modelloop.benchmarks import BenchmarkJob, Endpoint, InProcess, TaskScores
 from modelloop.config import ConfigError
 from modelloop.errors import require_libraries
+from modelloop.inference.choice import find_engine
 from modelloop.lifecycle import stage_lifecycle
-from modelloop.registry import ENGINES, EVAL_BACKENDS, get_registry
+from modelloop.registry import EVAL_BACKENDS, get_registry
 from modelloop.specs import EvalBackend
 from modelloop.stages.evaluate import new_eval_run
 
@@ -140,7 +141,7 @@ def _target(model: str, backend: EvalBackend, answers: AnswersFrom) -> Iterator[
         return
     from modelloop.inference.serving import openai_url
 
-    engine = get_registry(ENGINES).get(answers.engine or "hf")
+    engine = find_engine(answers.engine or "hf")
     session = engine.start(model, options={"served_name": answers.served_name or "model"})
     try:
         with openai_url(session) as url:

@@ -19,9 +19,10 @@ from modelloop.config import ConfigError
 from modelloop.data.records import read_records
 from modelloop.data.tokenize import problems_error
 from modelloop.inference.batch import prompts_from, run_inference
+from modelloop.inference.choice import find_engine
 from modelloop.inference.types import SamplingParams
 from modelloop.lifecycle import stage_lifecycle
-from modelloop.registry import ENGINES, REWARDS, get_registry
+from modelloop.registry import REWARDS, get_registry
 from modelloop.specs import Reward
 
 
@@ -57,7 +58,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score ``model``'s greedy answers to every prompt of ``data``; returns the summary."""
     scorers = resolve_metrics(metrics)
-    chosen = get_registry(ENGINES).get(engine)
+    chosen = find_engine(engine)
     records = read_records([data])
     if records.problems:
         raise problems_error(records.problems, "Fix them before evaluating.")
@@ -67,7 +68,7 @@ def evaluate(
         raise ConfigError(
             f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)"
         )
-    config = {"model": model, "data": str(data), "metrics": metrics, "engine": engine, "max_tokens": max_tokens}
+    config = {"model": model, "data": str(data), "metrics": metrics, "engine": chosen.name, "max_tokens": max_tokens}
     run_dir = new_eval_run(model, config, output_dir)
     with stage_lifecycle("eval", config, run_dir) as context:
         session = chosen.start(model, options={"served_name": "model"})
