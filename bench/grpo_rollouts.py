@@ -1,12 +1,15 @@
-"""GRPO rollouts on the tiny model: the built-in engine (batched, n choices per prompt) vs TRL's generate.
+"""GRPO rollouts on the tiny model: the engines (batched, n choices per prompt) vs TRL's generate.
 
-Both runs are the same ``modelloop rlhf --method grpo`` (LoRA, 8 completions per prompt,
-up to 16 tokens, the ``format`` reward), once with ``rollout_engine=hf`` (the engine
-protocol, what vLLM or SGLang would also serve) and once with ``rollout_engine=trl``
-(TRL's own ``generate`` call inside the trainer). The time spent generating is measured
-around each path's entry point; completions/s counts every completion generated.
+The runs are the same ``modelloop rlhf --method grpo`` (LoRA, 8 completions per prompt,
+up to 16 tokens, the ``format`` reward), with ``rollout_engine=trl`` (TRL's own
+``generate`` call inside the trainer, the baseline), ``hf`` (the engine protocol over the
+policy in this process, what vLLM or SGLang would also serve) and, with
+``--engines trl,hf,llamacpp``, ``llamacpp`` (llama.cpp on the base converted to GGUF, the
+policy's LoRA adapter converted and loaded at each sync). The time spent generating is
+measured around each path's entry point; completions/s counts every completion generated.
 
 Usage: .venv/bin/python bench/grpo_rollouts.py [--steps 20] [--batch-size 32] [--repeat 2]
+       [--engines trl,hf]
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="completions per step")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--engines", default="trl,hf", help="rollout engines, the first the baseline")
     arguments = parser.parse_args()
+    engines = arguments.engines.split(",")
 
     from trl import GRPOTrainer
 
@@ -93,7 +98,8 @@ def main() -> None:
 
     results: dict[str, list[dict[str, float]]] = {}
     for repeat in range(arguments.repeat):
-        for engine, clock in (("trl", trl_clock), ("hf", engine_clock)):
+        for engine in engines:
+            clock = trl_clock if engine == "trl" else engine_clock
             clock.seconds = 0.0
             out = root / f"{engine}-{repeat}"
             started = time.perf_counter()
@@ -127,16 +133,20 @@ def main() -> None:
     )
     print(f"{'rollouts':28} {'generate s':>10} {'completions/s':>14} {'step s':>7} {'mean reward (last 5)':>21}")
     medians = {}
-    for engine, label in (("trl", "TRL generate (baseline)"), ("hf", "modelloop hf engine")):
+    for engine in engines:
+        label = "TRL generate" if engine == "trl" else f"modelloop {engine} engine"
         runs = results[engine]
         medians[engine] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         m = medians[engine]
         print(
             f"{label:28} {m['generate_s']:10.2f} {m['completions_per_s']:14.1f} {m['step_s']:7.3f} {m['reward_last']:21.2f}"
         )
-    print(
-        f"\nengine / TRL: {medians['hf']['completions_per_s'] / medians['trl']['completions_per_s']:.2f}x completions/s, {medians['trl']['step_s'] / medians['hf']['step_s']:.2f}x step time"
-    )
+    baseline = medians[engines[0]]
+    for engine in engines[1:]:
+        speed = medians[engine]["completions_per_s"] / baseline["completions_per_s"]
+        print(
+            f"{engine} / {engines[0]}: {speed:.2f}x completions/s, {baseline['step_s'] / medians[engine]['step_s']:.2f}x step time"
+        )
 
 
 if __name__ == "__main__":

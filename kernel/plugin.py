@@ -71,6 +71,7 @@ EXPORTS: dict[str, str] = {
     },
     "start_server": "modelloop.inference.launch:start_server",
     "check_prompt_ids": "modelloop.inference.limits:check_prompt_ids",
+    **{name: f"modelloop.inference.jobs:{name}" for name in ("EngineJob", "job_results", "job_deltas")},
     # Engines that render prompts themselves: the renderer training uses, over any template.
     "ChatFormat": "modelloop.chat:ChatFormat",
     # Exporters and engines that read a run's files: where its base, adapter and tokenizer

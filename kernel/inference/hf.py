@@ -14,33 +14,26 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
 from modelloop.errors import EngineError
+from modelloop.inference.jobs import EngineJob, job_deltas, job_results
 from modelloop.inference.limits import check_prompt_ids
 from modelloop.inference.types import Completion, Delta, Generation, GenerationRequest, SamplingParams
 from modelloop.models.loading import OWN_ADAPTER, saved_adapter
 from modelloop.registry import TUNERS, get_registry
 
-_DONE = object()
+_DONE = object()  # the worker's queue: closed
 
 
-@dataclass
-class _Job:
-    """One request on its way through the worker: where its deltas and result go."""
+@dataclass(eq=False)
+class _Job(EngineJob):
+    """A request with the pictures its prompt shows (opened), in the order of their tokens."""
 
-    request: GenerationRequest
-    prompt_ids: list[int]
-    images: tuple[Any, ...] = ()  # the prompt's pictures (opened), in the order of their tokens
-    streamed: bool = False  # someone reads the deltas as they come (else only the result)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
-    deltas: queue.Queue = field(default_factory=queue.Queue)
-    result: Generation | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    images: tuple[Any, ...] = ()
 
 
 class HFSession:
@@ -223,13 +216,7 @@ class HFSession:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Generate for many requests; they are batched with whatever else is arriving."""
-        jobs = self._submit(requests)
-        for job in jobs:
-            job.done.wait()
-        for job in jobs:
-            if job.error is not None:
-                raise job.error
-        return [job.result for job in jobs]  # type: ignore[misc]
+        return job_results(self._submit(requests))
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
         """Yield text as it is generated, then one Delta per choice with its finish reason.
@@ -238,14 +225,7 @@ class HFSession:
         the next token, freeing the batch for the others.
         """
         (job,) = self._submit([request], streamed=True)
-        try:
-            while (item := job.deltas.get()) is not _DONE:
-                yield item
-        finally:
-            if not job.done.is_set():
-                job.cancelled.set()
-        if job.error is not None:
-            raise job.error
+        yield from job_deltas(job)
 
     def close(self) -> None:
         """Stop the worker after the batch in hand; requests still waiting fail."""
@@ -260,9 +240,7 @@ class HFSession:
             except queue.Empty:
                 return
             for job in [] if waiting is _DONE else waiting:
-                job.error = EngineError("the engine was closed")
-                job.deltas.put(_DONE)
-                job.done.set()
+                job.fail(EngineError("the engine was closed"))
 
     # ------------------------------------------------------------------ the worker
 
@@ -270,7 +248,10 @@ class HFSession:
         """Queue the requests together, so that the worker never starts on part of them."""
         if self._closed:
             raise EngineError("the engine was closed")
-        jobs = [_Job(request, *self.prompt(request), streamed=streamed) for request in requests]
+        jobs = []
+        for request in requests:
+            ids, images = self.prompt(request)
+            jobs.append(_Job(request, ids, streamed=streamed, images=images))
         if self.inline:  # generate now, in this thread, up to max_batch_size rows at a time
             batch: list[_Job] = []
             for job in jobs:
@@ -309,10 +290,7 @@ class HFSession:
                 self._generate(jobs)
         except BaseException as error:  # hand the failure to every waiting request
             for job in jobs:
-                if not job.done.is_set():
-                    job.error = error
-                    job.deltas.put(_DONE)
-                    job.done.set()
+                job.fail(error)
 
     def _generate(self, jobs: list[_Job]) -> None:
         import torch
@@ -531,9 +509,7 @@ class _BatchStreamer:
                     prompt_tokens=prompt_tokens,
                 )
             )
-        job.result = Generation(choices=tuple(completions), prompt_tokens=len(job.prompt_ids))
-        job.deltas.put(_DONE)
-        job.done.set()
+        job.finish(Generation(choices=tuple(completions), prompt_tokens=len(job.prompt_ids)))
 
 
 def _rows_closed(streamer: _BatchStreamer) -> Any:

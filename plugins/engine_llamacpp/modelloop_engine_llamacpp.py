@@ -42,11 +42,14 @@ from modelloop.plugin import (
     Delta,
     Engine,
     EngineError,
+    EngineJob,
     Generation,
     GenerationRequest,
     check_prompt_ids,
     complete,
     hookimpl,
+    job_deltas,
+    job_results,
 )
 from modelloop_export_gguf import convert_model
 
@@ -55,7 +58,7 @@ PLUGIN_API = ">=1.5,<2"
 #: The name a LoRA run's own adapter is kept under: requests for the served name get it.
 OWN_ADAPTER = "\x00own"
 
-_DONE = object()
+_DONE = object()  # the worker's queue: closed
 
 DEFAULTS: dict[str, Any] = {
     "served_name": None,
@@ -141,34 +144,18 @@ def cached(inputs: list[Path], name: str, convert: Callable[[Path, Path], Any]) 
     return target
 
 
-@dataclass
-class _Job:
-    """One request on its way through the worker: where its deltas and result go."""
+@dataclass(eq=False)
+class _Job(EngineJob):
+    """A request with the adapter its answers are generated with (None: the bare base)."""
 
-    request: GenerationRequest
-    prompt_ids: list[int]
-    adapter: str | None  # the adapter its answers are generated with (None: the bare base)
-    streamed: bool = False  # someone reads the deltas as they come (else only the result)
-    cancelled: threading.Event = field(default_factory=threading.Event)  # the reader went away
-    deltas: queue.Queue = field(default_factory=queue.Queue)
+    adapter: str | None = None
     completions: dict[int, Completion] = field(default_factory=dict)
-    result: Generation | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
 
     def answer(self, choice: int, completion: Completion) -> None:
         self.completions[choice] = completion
         if len(self.completions) == self.request.params.n:
             ordered = tuple(self.completions[index] for index in range(self.request.params.n))
-            self.result = Generation(choices=ordered, prompt_tokens=len(self.prompt_ids))
-            self.deltas.put(_DONE)
-            self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.deltas.put(_DONE)
-            self.done.set()
+            self.finish(Generation(choices=ordered, prompt_tokens=len(self.prompt_ids)))
 
 
 @dataclass(eq=False)
@@ -327,26 +314,13 @@ class LlamaCppSession:
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Generate for many requests, decoded together with whatever else is running."""
-        jobs = self._submit(requests)
-        for job in jobs:
-            job.done.wait()
-        for job in jobs:
-            if job.error is not None:
-                raise job.error
-        return [job.result for job in jobs]  # type: ignore[misc]
+        return job_results(self._submit(requests))
 
     def stream(self, request: GenerationRequest) -> Iterator[Delta]:
         """Yield text as it is generated, then one Delta per choice with its finish reason;
         closing the iterator early ends the request's sequences at the next step."""
         (job,) = self._submit([request], streamed=True)
-        try:
-            while (item := job.deltas.get()) is not _DONE:
-                yield item
-        finally:
-            if not job.done.is_set():
-                job.cancelled.set()
-        if job.error is not None:
-            raise job.error
+        yield from job_deltas(job)
 
     def close(self) -> None:
         """Stop the worker after the step in hand; requests still waiting fail."""
@@ -409,8 +383,8 @@ class LlamaCppSession:
             _Job(
                 request,
                 self.prompt_ids(request),
-                request.model if request.model not in (None, self.base_name) else own,
                 streamed=streamed,
+                adapter=request.model if request.model not in (None, self.base_name) else own,
             )
             for request in requests
         ]

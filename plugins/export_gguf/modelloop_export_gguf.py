@@ -156,10 +156,52 @@ def convert_model(model_folder: Path, gguf: Path, chat: Any, *, pre_tokenizer: s
 
 
 def convert_adapter(adapter_folder: Path, base_folder: Path, gguf: Path) -> Path:
-    """A PEFT LoRA adapter as a GGUF adapter for the GGUF of ``base_folder``."""
+    """A PEFT LoRA adapter as a GGUF adapter for the GGUF of ``base_folder``.
+
+    In this process: GRPO with llama.cpp rollouts converts the policy's adapter at every
+    sync, and a process of its own (Python starting, torch imported) took 2.1 s where the
+    conversion itself takes 0.01-0.35 s (the tiny Qwen2; the same bytes either way). It
+    needs none of the patches a model's conversion does."""
     arguments = ["--base", str(base_folder), "--outfile", str(gguf), "--outtype", "f16", str(adapter_folder)]
-    _run_converter(CONVERTER_FILES[1], {}, arguments)
+    folder = llama_cpp_folder()
+    imported = sys.modules.get("gguf")
+    if imported is not None and not Path(str(imported.__file__)).is_relative_to(folder):
+        _run_converter(CONVERTER_FILES[1], {}, arguments)  # another gguf package is loaded here
+    else:
+        _run_in_this_process(folder, CONVERTER_FILES[1], arguments)
     return gguf
+
+
+def _run_in_this_process(folder: Path, script: str, arguments: list[str]) -> None:
+    """Run a converter as its own ``__main__`` here, its output kept from the terminal and
+    the process's argv, logging and import path as they were."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+
+    for path in (str(folder), str(folder / "gguf-py")):  # the converter's own imports
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    saved = sys.argv, os.environ.get("NO_LOCAL_GGUF"), logging.root.handlers[:], logging.root.level
+    sys.argv = [script, *arguments]
+    os.environ["NO_LOCAL_GGUF"] = "1"  # gguf-py is on the path already: not once more per call
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            runpy.run_path(str(folder / script), run_name="__main__")
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - the converter's reason, in one line
+        lines = output.getvalue().strip().splitlines()
+        reason = f"{type(error).__name__}: {error}" if isinstance(error, Exception) else (lines or ["no output"])[-1]
+        raise GGUFError(f"llama.cpp's {script} failed: {reason}") from None
+    finally:
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("NO_LOCAL_GGUF", None)
+        else:
+            os.environ["NO_LOCAL_GGUF"] = saved[1]
+        logging.root.handlers[:] = saved[2]
+        logging.root.setLevel(saved[3])
 
 
 def quantize(source: Path, out: Path, file_type: str) -> Path:

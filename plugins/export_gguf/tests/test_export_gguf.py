@@ -183,3 +183,15 @@ def test_gguf_lora_refuses_a_model_without_an_adapter(tiny_models, tmp_path):
         build_cli(), ["export", str(tiny_models("qwen2")), "--quant", "gguf-lora", "--out", str(tmp_path / "x")]
     )
     assert result.exit_code != 0 and "is not a LoRA run" in result.output
+
+
+def test_an_adapter_the_converter_cannot_read_fails_in_one_line_and_leaves_the_process_as_it_was(tiny_models, tmp_path):
+    import logging
+    import sys
+
+    (tmp_path / "adapter").mkdir()  # no adapter_config.json, no weights
+    argv, handlers = list(sys.argv), list(logging.root.handlers)
+    with pytest.raises(gguf.GGUFError, match="convert_lora_to_gguf.py failed") as failure:
+        gguf.convert_adapter(tmp_path / "adapter", tiny_models("qwen2"), tmp_path / "a.gguf")
+    assert "\n" not in str(failure.value) and not (tmp_path / "a.gguf").exists()
+    assert sys.argv == argv and logging.root.handlers == handlers  # converted in this process, put back
