@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from modelloop.errors import ModelloopError
 
 if TYPE_CHECKING:
     from modelloop.chat import ChatFormat
+    from modelloop.specs import Exporter
 
 
 class ExportError(ModelloopError):
@@ -46,6 +47,16 @@ def trained_chat_format(source: str | Path) -> ChatFormat:
 
     model = resolve_model_source(source, weights=False)
     return resolve_chat_format(load_tokenizer(model.tokenizer), resolve_family(read_config(model.base).model_type))
+
+
+def check_export_options(exporter: Exporter, options: Mapping[str, Any]) -> None:
+    """Refuse an option the exporter does not read: misspelt, it would do nothing."""
+    if exporter.options is None:
+        return
+    for name in options:
+        if name not in exporter.options:
+            takes = ", ".join(exporter.options) or "none"
+            raise ExportError(f"the {exporter.name} exporter has no option {name!r}; its options: {takes}")
 
 
 def export_merged(source: str | Path, out: Path, **options: Any) -> Path:

@@ -382,7 +382,9 @@ def _check_names(step: Step) -> None:
                 if config.rollout_engine != TRL_GENERATE:
                     get_registry(ENGINES).get(config.rollout_engine)
     elif step.kind == "export":
-        get_registry(EXPORTERS).get(config.quant)
+        from modelloop.export import check_export_options
+
+        check_export_options(get_registry(EXPORTERS).get(config.quant), config.options)
     elif step.kind == "serve-check":
         find_engine(config.engine)
     elif step.kind == "eval" and config.benchmarks:

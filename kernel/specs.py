@@ -474,11 +474,15 @@ class Exporter(Spec):
     :param export: ``export(source_dir, out_dir, **options) -> out_dir``.
     :param engines: engine names that can load what it writes.
     :param requires: import names it needs, checked before any work starts.
+    :param options: the option names ``export`` reads (``--export-option KEY=VALUE``, a
+        recipe's ``options``); any other is refused before any work starts, where it would
+        do nothing. None leaves them unchecked (since API 1.5).
     """
 
     export: Callable[..., Any]
     engines: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    options: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

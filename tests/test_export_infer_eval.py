@@ -74,6 +74,13 @@ def test_export_refuses_what_the_engine_cannot_load(lora_run, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_an_option_the_exporter_does_not_read_is_refused_before_any_work(lora_run, tmp_path):
+    run, _ = lora_run
+    result = invoke("export", run, "--out", tmp_path / "m", "--merge", "--export-option", "dtype=bf16")
+    assert result.exit_code != 0 and "the merged exporter has no option 'dtype'; its options: none" in result.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_nf4_export_reloads_and_generates(tiny_models, tmp_path):
     # bitsandbytes' CPU kernels need layer widths divisible by 32, unlike the tiny preset's 688
     source = tmp_path / "model"

@@ -101,6 +101,10 @@ def test_stages_start_from_the_stage_before_or_from_a_named_one(data, tmp_path):
         ({"stages": [{"stage": "finetune"}]}, "'stage' must be one of new-model, pt, sft"),
         ({"stages": SMALL, "modle": "x"}, "unknown key 'modle'"),
         ({"stages": [SMALL[0], {**SMALL[1], "model": "elsewhere"}]}, "model is set by the recipe (use `from:`"),
+        (
+            {"stages": [*SMALL, {"stage": "export", "options": {"calibraton": ["x.jsonl"]}}]},
+            "stage 5 'export' (export): the merged exporter has no option 'calibraton'; its options: none",
+        ),
     ],
 )
 def test_a_bad_recipe_is_refused_naming_the_stage_and_key(change, message, data, tmp_path):

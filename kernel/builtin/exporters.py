@@ -31,6 +31,9 @@ def llmcompressor(name: str) -> Any:
     return export
 
 
+#: what export_llmcompressor reads: its Python, the calibration data and how many rows of it
+LLMCOMPRESSOR_OPTIONS = ("python", "calibration", "samples")
+
 EXPORTERS = (
     Exporter(
         name="merged",
@@ -38,6 +41,7 @@ EXPORTERS = (
         export=merged,
         engines=("hf", "vllm", "sglang", "lmdeploy"),
         aliases=("none",),
+        options=(),
     ),
     Exporter(
         name="bnb-nf4",
@@ -45,6 +49,7 @@ EXPORTERS = (
         export=bnb_nf4,
         engines=("hf", "vllm"),
         requires=("bitsandbytes",),
+        options=(),
     ),
     Exporter(
         name="fp8",
@@ -52,6 +57,7 @@ EXPORTERS = (
         export=llmcompressor("fp8"),
         engines=("hf", "vllm", "sglang"),
         requires=("compressed_tensors",),
+        options=LLMCOMPRESSOR_OPTIONS,
     ),
     Exporter(
         name="gptq-int4",
@@ -59,6 +65,7 @@ EXPORTERS = (
         export=llmcompressor("gptq-int4"),
         engines=("hf", "vllm", "sglang", "lmdeploy"),
         requires=("compressed_tensors",),
+        options=LLMCOMPRESSOR_OPTIONS,
     ),
     Exporter(
         name="awq-int4",
@@ -66,6 +73,7 @@ EXPORTERS = (
         export=llmcompressor("awq-int4"),
         engines=("hf", "vllm", "sglang", "lmdeploy"),
         requires=("compressed_tensors",),
+        options=LLMCOMPRESSOR_OPTIONS,
     ),
 )
 

@@ -39,6 +39,7 @@ def export_command(
     from modelloop.artifacts import is_run
     from modelloop.config import parse_assignments
     from modelloop.errors import require_libraries
+    from modelloop.export import check_export_options
     from modelloop.lifecycle import stage_lifecycle
     from modelloop.models.loading import resolve_model_source
     from modelloop.registry import ENGINES, EXPORTERS, get_registry
@@ -66,6 +67,7 @@ def export_command(
         options["python"] = quant_python
     if calibration:
         options["calibration"] = list(calibration)
+    check_export_options(exporter, options)
     config = {"source": source, "out": str(out), "quant": exporter.name, "merge": merge, "for": engine, **options}
     with stage_lifecycle("export", config, out) as context:
         written = exporter.export(source, out, **options)

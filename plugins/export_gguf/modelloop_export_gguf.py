@@ -26,7 +26,7 @@ from typing import Any
 
 from modelloop.plugin import Exporter, ModelloopError, hookimpl
 
-PLUGIN_API = ">=1.4,<2"
+PLUGIN_API = ">=1.5,<2"
 
 #: exporter -> llama.cpp's file type for the quantiser (None: the converter's f16 as it is)
 QUANTS: dict[str, str | None] = {"gguf-f16": None, "gguf-q8_0": "Q8_0", "gguf-q4_k_m": "Q4_K_M"}
@@ -399,6 +399,7 @@ EXPORTERS = (
             export=_exporter(name),
             engines=("llamacpp",),
             requires=("llama_cpp",),
+            options=("pre_tokenizer",),
         )
         for name, file_type in QUANTS.items()
     ),
@@ -408,6 +409,7 @@ EXPORTERS = (
         export=export_gguf_lora,
         engines=("llamacpp",),
         requires=("llama_cpp",),
+        options=("pre_tokenizer",),
     ),
 )
 

@@ -178,6 +178,16 @@ def test_a_tokenizer_llama_cpp_does_not_know_needs_its_pre_tokenizer_named(tiny_
     assert metadata(tmp_path / "b.gguf")["tokenizer.ggml.pre"] == "qwen2"
 
 
+def test_a_misspelt_export_option_is_refused_naming_the_right_one(tiny_models, tmp_path):
+    result = CliRunner().invoke(
+        build_cli(),
+        ["export", str(tiny_models("qwen2")), "--quant", "gguf-f16", "--out", str(tmp_path / "x"),
+         "--export-option", "pre_tokeniser=qwen2"],
+    )  # fmt: skip
+    assert result.exit_code != 0 and "no option 'pre_tokeniser'; its options: pre_tokenizer" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_gguf_lora_refuses_a_model_without_an_adapter(tiny_models, tmp_path):
     result = CliRunner().invoke(
         build_cli(), ["export", str(tiny_models("qwen2")), "--quant", "gguf-lora", "--out", str(tmp_path / "x")]
