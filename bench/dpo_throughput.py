@@ -1,0 +1,125 @@
+"""LoRA DPO end to end, modelloop against ms-swift on the same model, pairs and settings.
+
+The DPO run of the peer baseline (../shared/peer-baseline): its tiny Qwen2 (hidden 256,
+4 layers, ~1.6k BPE vocabulary), its 200 preference pairs, LoRA rank 8 / alpha 32 /
+dropout 0.05 on all linear layers, max length 128, batch 8, lr 1e-3, beta 0.1, fp32, one
+epoch (25 steps), seed 42, the reference being the base with the adapter off. Each variant
+runs in its own process, measured as bench/sft_throughput.py measures SFT (wall seconds
+and peak RSS by ``/usr/bin/time -v`` once the CPUs are idle, the trainer's own runtime,
+the process tree's peak anonymous memory):
+
+  swift                 ms-swift 4.6 ``swift rlhf --rlhf_type dpo``, its defaults
+  same settings         modelloop ``rlhf --method dpo``, gradient checkpointing on
+  defaults              modelloop's own defaults (gradient checkpointing off)
+
+The pairs are the peer's ``dpo.jsonl`` (ms-swift's ``messages`` + ``rejected_response``),
+written once in the conversational preference form for modelloop: the same 200 pairs.
+
+Usage (swift needs its venv: PEERS=WORK bash ../shared/peer-baseline/install_peers.sh swift):
+  .venv/bin/python bench/dpo_throughput.py --work /tmp/modelloop-peers [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sft_throughput import OFFLINE, REPO, prepare, timed  # noqa: E402 - the SFT bench's measuring
+
+
+def preference_pairs(swift_pairs: Path) -> Path:
+    """The peer's pairs in modelloop's preference form (prompt, chosen, rejected), beside them."""
+    out = swift_pairs.with_name("dpo_preference.jsonl")
+    with swift_pairs.open() as rows, out.open("w") as written:
+        for line in rows:
+            row = json.loads(line)
+            *prompt, chosen = row["messages"]
+            rejected = {"role": "assistant", "content": row["rejected_response"]}
+            written.write(json.dumps({"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}) + "\n")
+    return out
+
+
+def modelloop_command(model: Path, pairs: Path, out: Path, *flags: str) -> list[str]:
+    return [
+        str(REPO / ".venv" / "bin" / "modelloop"), "rlhf", "--method", "dpo", "--model", str(model), "--data", str(pairs),
+        "--tuner", "lora", "--set", "tuner_options.rank=8", "--set", "tuner_options.alpha=32",
+        "--set", "tuner_options.dropout=0.05", "--max-length", "128", "--batch-size", "8", "--epochs", "1",
+        "--lr", "1e-3", "--beta", "0.1", "--dtype", "fp32", "--logging-steps", "10", "--seed", "42",
+        "--output-dir", str(out), *flags,
+    ]  # fmt: skip
+
+
+def swift_command(venv: Path, model: Path, pairs: Path, out: Path) -> list[str]:
+    return [
+        str(venv / "bin" / "swift"), "rlhf", "--rlhf_type", "dpo", "--model", str(model), "--model_type", "qwen2",
+        "--template", "qwen", "--torch_dtype", "float32", "--tuner_type", "lora", "--lora_rank", "8",
+        "--lora_alpha", "32", "--target_modules", "all-linear", "--max_length", "128",
+        "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-3",
+        "--num_train_epochs", "1", "--logging_steps", "10", "--split_dataset_ratio", "0", "--eval_strategy", "no",
+        "--save_strategy", "steps", "--save_steps", "100000", "--save_total_limit", "1", "--report_to", "none",
+        "--dataset_num_proc", "1", "--dataloader_num_workers", "0", "--seed", "42", "--check_model", "false",
+        "--beta", "0.1", "--dataset", str(pairs), "--output_dir", str(out),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="modelloop vs ms-swift LoRA DPO, same run")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/modelloop-peers"))
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "peer-baseline")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--skip-swift", action="store_true")
+    arguments = parser.parse_args()
+    work = arguments.work.resolve()
+    (work / "bench-out").mkdir(parents=True, exist_ok=True)
+    model, data = prepare(work, arguments.shared.resolve())
+    swift_pairs = data.with_name("dpo.jsonl")
+    pairs = preference_pairs(swift_pairs)
+    env = {**os.environ, **OFFLINE, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    env["MODELLOOP_HOME"] = str(work / "ml-home")
+    venv = work / "swift-venv"
+    variants: dict[str, object] = {}
+    if venv.exists() and not arguments.skip_swift:
+        variants["ms-swift 4.6 DPO (its defaults)"] = lambda out: swift_command(venv, model, swift_pairs, out)
+    variants["modelloop DPO, gradient checkpointing on"] = lambda out: modelloop_command(
+        model, pairs, out, "--gradient-checkpointing"
+    )
+    variants["modelloop DPO defaults"] = lambda out: modelloop_command(model, pairs, out)
+
+    results: dict[str, list[dict[str, float]]] = {}
+    for repeat in range(arguments.repeat):
+        for label, command in variants.items():
+            out = work / "bench-out" / f"dpo-{len(results.get(label, []))}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
+            shutil.rmtree(out, ignore_errors=True)
+            measured = timed(command(out), env, work / "bench-out" / f"{out.name}.log", out)
+            results.setdefault(label, []).append(measured)
+            print(
+                f"[{repeat + 1}/{arguments.repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, "
+                f"{measured['rss']:.0f} MiB peak RSS, {measured['anonymous']:.0f} MiB peak anonymous",
+                flush=True,
+            )
+
+    swift = next((runs for label, runs in results.items() if "ms-swift" in label), None)
+    print(
+        f"\n{'variant':42} {'wall s':>7} {'train s':>8} {'peak MiB':>9} {'anon MiB':>9} {'wall vs swift':>14} {'train vs swift':>15}"
+    )
+    for label, runs in results.items():
+        wall, runtime = statistics.median(r["wall"] for r in runs), statistics.median(r["runtime"] for r in runs)
+        rss, anonymous = statistics.median(r["rss"] for r in runs), statistics.median(r["anonymous"] for r in runs)
+        if swift:
+            walls = f"{statistics.median(r['wall'] for r in swift) / wall:.2f}x"
+            trains = f"{statistics.median(r['runtime'] for r in swift) / runtime:.2f}x"
+        else:
+            walls = trains = "-"
+        print(f"{label:42} {wall:7.1f} {runtime:8.1f} {rss:9.0f} {anonymous:9.0f} {walls:>14} {trains:>15}")
+    (work / "bench-out" / "dpo-results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
