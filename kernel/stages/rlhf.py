@@ -160,15 +160,37 @@ def check_method(config: RLHFConfig) -> None:
 CHECK_DIR = Path("modelloop-config-check")
 
 
-def trl_arguments(config: RLHFConfig, run_dir: Path, *, evaluating: bool, plan: Any = None) -> Any:
+#: The methods whose TRL collator pads a batch to a multiple of a width: on a CPU their
+#: linear layers multiply with oneDNN as sft's do (``modelloop.models.cpu_linear``), the
+#: batches padded to a multiple of ``ROW_MULTIPLE`` tokens so that they come in few shapes.
+ONEDNN_METHODS = ("dpo", "kto")
+
+
+def multiplies_with_onednn(config: RLHFConfig, checked: Checked) -> bool:
+    """sft's rule (``modelloop.stages.train.multiplies_with_onednn``), for the methods of
+    ``ONEDNN_METHODS`` on text: TRL's collators do not pad pictures' batches to a multiple."""
+    from modelloop.stages.train import multiplies_with_onednn as sft_multiplies_with_onednn
+
+    text = checked.family.vision is None
+    return config.method in ONEDNN_METHODS and text and sft_multiplies_with_onednn(config, checked.plan)
+
+
+def trl_arguments(
+    config: RLHFConfig, run_dir: Path, *, evaluating: bool, plan: Any = None, onednn: bool = False
+) -> Any:
     """TRL's config for the method: the arguments every stage shares, the method's knobs,
     then ``method_options``. Building it runs TRL's own checks (GRPO's batch size must be a
-    multiple of num_generations, ...), so it is done once before the model loads."""
+    multiple of num_generations, ...), so it is done once before the model loads. With
+    ``onednn``, batches are padded to a multiple of ``ROW_MULTIPLE`` tokens."""
     method = METHODS[config.method]
     shared = {
         **trainer_arguments(config, run_dir, evaluating=evaluating, plan=plan),
         "activation_checkpointing": False,
     }  # the stage set it up
+    if onednn and "pad_to_multiple_of" not in config.method_options:
+        from modelloop.models.cpu_linear import ROW_MULTIPLE
+
+        shared["pad_to_multiple_of"] = ROW_MULTIPLE
     clash = sorted(set(config.method_options) & set(shared))
     if clash:
         raise ConfigError(
@@ -315,10 +337,11 @@ def _run(
     )
 
     memory = PeakMemory()
-    model = load_trainable(config, checked, run_dir)
+    onednn = multiplies_with_onednn(config, checked)
+    model = load_trainable(config, checked, run_dir, onednn=onednn)
     record_module_groups(model, config, checked, run_dir)
     record_compute(run_dir, checked, f"TRL's {config.method} loss")
-    arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan)
+    arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan, onednn=onednn)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}
     rollouts = None

@@ -161,9 +161,10 @@ def settle_memory_settings(config: TrainConfig) -> TrainConfig:
 def multiplies_with_onednn(config: TrainConfig, plan: ParallelPlan) -> bool:
     """Whether sft and pt multiply the linear layers with oneDNN (``modelloop.models.cpu_linear``):
     on a CPU, as asked (``auto``: where batches come in few shapes), and with whole weights
-    and gradients on every rank (a strategy that splits them keeps torch's own layers). Not
-    rlhf: TRL's collators pad each batch to its own length, and oneDNN keeps compiled code
-    for every shape it meets."""
+    and gradients on every rank (a strategy that splits them keeps torch's own layers).
+    rlhf asks it only for the methods whose TRL collator pads to a multiple of a width
+    (``modelloop.stages.rlhf.ONEDNN_METHODS``): oneDNN keeps compiled code for every shape
+    it meets."""
     import torch
 
     from modelloop.models.cpu_linear import AUTO_UNPACKED_LENGTH, onednn_available
