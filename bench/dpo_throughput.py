@@ -21,17 +21,14 @@ Usage (swift needs its venv: PEERS=WORK bash ../shared/peer-baseline/install_pee
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import re
-import shutil
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import OFFLINE, REPO, prepare, timed  # noqa: E402 - the SFT bench's measuring
+from sft_throughput import REPO, measure, peer_run  # noqa: E402 - the SFT bench's set-up and measuring
 
 
 def preference_pairs(swift_pairs: Path) -> Path:
@@ -70,40 +67,18 @@ def swift_command(venv: Path, model: Path, pairs: Path, out: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="modelloop vs ms-swift LoRA DPO, same run")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/modelloop-peers"))
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "peer-baseline")
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--skip-swift", action="store_true")
-    arguments = parser.parse_args()
-    work = arguments.work.resolve()
-    (work / "bench-out").mkdir(parents=True, exist_ok=True)
-    model, data = prepare(work, arguments.shared.resolve())
+    arguments, work, model, data, env = peer_run("modelloop vs ms-swift LoRA DPO, same run")
     swift_pairs = data.with_name("dpo.jsonl")
     pairs = preference_pairs(swift_pairs)
-    env = {**os.environ, **OFFLINE, "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
-    env["MODELLOOP_HOME"] = str(work / "ml-home")
     venv = work / "swift-venv"
-    variants: dict[str, object] = {}
+    variants: dict[str, Any] = {}
     if venv.exists() and not arguments.skip_swift:
         variants["ms-swift 4.6 DPO (its defaults)"] = lambda out: swift_command(venv, model, swift_pairs, out)
     variants["modelloop DPO, gradient checkpointing on"] = lambda out: modelloop_command(
         model, pairs, out, "--gradient-checkpointing"
     )
     variants["modelloop DPO defaults"] = lambda out: modelloop_command(model, pairs, out)
-
-    results: dict[str, list[dict[str, float]]] = {}
-    for repeat in range(arguments.repeat):
-        for label, command in variants.items():
-            out = work / "bench-out" / f"dpo-{len(results.get(label, []))}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
-            shutil.rmtree(out, ignore_errors=True)
-            measured = timed(command(out), env, work / "bench-out" / f"{out.name}.log", out)
-            results.setdefault(label, []).append(measured)
-            print(
-                f"[{repeat + 1}/{arguments.repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, "
-                f"{measured['rss']:.0f} MiB peak RSS, {measured['anonymous']:.0f} MiB peak anonymous",
-                flush=True,
-            )
+    results = measure(variants, work, env, arguments.repeat, prefix="dpo-")
 
     swift = next((runs for label, runs in results.items() if "ms-swift" in label), None)
     print(

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS_IN_EPOCH = 85_004  # the templated train set, as the peer baseline counts it (check_tokenizer.py)
@@ -150,8 +151,10 @@ def swift_command(venv: Path, model: Path, data: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="modelloop vs ms-swift LoRA SFT, same run")
+def peer_run(description: str) -> tuple[argparse.Namespace, Path, Path, Path, dict[str, str]]:
+    """The command line of a peer bench, and what it runs on: its arguments, the work
+    folder, the peer baseline's model and data (made once) and the offline environment."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, default=Path("/tmp/modelloop-peers"))
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "peer-baseline")
     parser.add_argument("--repeat", type=int, default=1)
@@ -167,8 +170,33 @@ def main() -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "MODELLOOP_HOME": str(work / "ml-home"),
     }
+    return arguments, work, model, data, env
+
+
+def measure(
+    variants: dict[str, Any], work: Path, env: dict[str, str], repeat: int, prefix: str = ""
+) -> dict[str, list[dict[str, float]]]:
+    """Each variant's command (``out -> argv``) run ``repeat`` times in turn, measured by ``timed``."""
+    results: dict[str, list[dict[str, float]]] = {}
+    for attempt in range(repeat):
+        for label, command in variants.items():
+            name = f"{prefix}{len(results.get(label, []))}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
+            out = work / "bench-out" / name
+            shutil.rmtree(out, ignore_errors=True)
+            measured = timed(command(out), env, work / "bench-out" / f"{name}.log", out)
+            results.setdefault(label, []).append(measured)
+            print(
+                f"[{attempt + 1}/{repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, "
+                f"{measured['rss']:.0f} MiB peak RSS, {measured['anonymous']:.0f} MiB peak anonymous",
+                flush=True,
+            )
+    return results
+
+
+def main() -> None:
+    arguments, work, model, data, env = peer_run("modelloop vs ms-swift LoRA SFT, same run")
     venv = work / "swift-venv"
-    variants: dict[str, object] = {}
+    variants: dict[str, Any] = {}
     if venv.exists() and not arguments.skip_swift:
         variants["ms-swift 4.6 (GC on, no packing)"] = lambda out: swift_command(venv, model, data, out)
     variants["modelloop, same settings (GC on, no packing)"] = lambda out: modelloop_command(
@@ -182,19 +210,7 @@ def main() -> None:
     )
     variants["modelloop defaults (packing on, GC off)"] = lambda out: modelloop_command(model, data, out)
 
-    results: dict[str, list[dict[str, float]]] = {}
-    for repeat in range(arguments.repeat):
-        for label, command in variants.items():
-            out = work / "bench-out" / f"{len(results.get(label, []))}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
-            shutil.rmtree(out, ignore_errors=True)
-            measured = timed(command(out), env, work / "bench-out" / f"{out.name}.log", out)
-            results.setdefault(label, []).append(measured)
-            print(
-                f"[{repeat + 1}/{arguments.repeat}] {label}: {measured['wall']:.1f} s wall, {measured['runtime']:.1f} s train, "
-                f"{measured['rss']:.0f} MiB peak RSS, {measured['anonymous']:.0f} MiB peak anonymous",
-                flush=True,
-            )
-
+    results = measure(variants, work, env, arguments.repeat)
     baseline = (
         statistics.median(r["wall"] for r in next(iter(results.values())))
         if "ms-swift" in next(iter(results))
