@@ -70,19 +70,16 @@ def start(command: list[str], port: int) -> subprocess.Popen:
 def llama_server() -> Path:
     """llama.cpp's ``llama-server`` of the version llama-cpp-python vendors, built once into
     modelloop's cache from that package's source distribution (the package index only)."""
-    from importlib.metadata import version
-
     from modelloop.paths import cache_home
+    from modelloop_export_gguf import download_source, llama_cpp_version
 
-    release = version("llama-cpp-python")
+    release = llama_cpp_version()
     binary = cache_home() / "llama.cpp" / release / "llama-server"
     if binary.is_file():
         return binary
     print(f"building llama-server {release} into {binary.parent} (once; a few minutes)", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        subprocess.run([*pip, "--dest", scratch, f"llama-cpp-python=={release}"], check=True)
-        with tarfile.open(next(Path(scratch).glob("*.tar.gz"))) as archive:
+        with tarfile.open(download_source(release, Path(scratch))) as archive:
             archive.extractall(scratch, filter="data")
         source = next(Path(scratch).glob("*/vendor/llama.cpp"))
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]

@@ -353,7 +353,7 @@ def _guard(recipe: Recipe, step: Step, check: Callable[[Step], Any]) -> None:
 
 def _check_names(step: Step) -> None:
     """Plugin names and options: no file, no model, no heavy import."""
-    from modelloop.inference.choice import find_engine
+    from modelloop.inference.choice import check_engine_name
     from modelloop.registry import ENGINES, EXPORTERS, MODELS, PARALLEL_STRATEGIES, get_registry
 
     config: Any = step.config
@@ -386,17 +386,17 @@ def _check_names(step: Step) -> None:
 
         check_export_options(get_registry(EXPORTERS).get(config.quant), config.options)
     elif step.kind == "serve-check":
-        find_engine(config.engine)
+        check_engine_name(config.engine)
     elif step.kind == "eval" and config.benchmarks:
         from modelloop.stages.benchmark import resolve_backend
 
         resolve_backend(config.backend, config.backend_options)
         if config.engine:
-            find_engine(config.engine)
+            check_engine_name(config.engine)
     elif step.kind in ("eval", "feedback"):
         from modelloop.stages.evaluate import resolve_metrics
 
-        find_engine(config.engine or "hf")
+        check_engine_name(config.engine or "hf")
         resolve_metrics(config.metrics)
 
 

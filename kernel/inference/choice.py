@@ -27,3 +27,10 @@ def find_engine(name: str) -> Engine:
     if not ranked:
         raise EngineError("no installed engine ranks itself for --engine auto here: name one with --engine")
     return max(ranked, key=lambda pair: pair[0])[1]
+
+
+def check_engine_name(name: str) -> None:
+    """Refuse a name ``find_engine`` would not take, without ranking the engines: ranking
+    asks each one, which may import its libraries, and a config's fast checks import none."""
+    if name != AUTO:
+        get_registry(ENGINES).get(name)

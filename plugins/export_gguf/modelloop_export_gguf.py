@@ -83,6 +83,20 @@ def llama_cpp_folder() -> Path:
     return folder
 
 
+def download_source(version: str, folder: Path) -> Path:
+    """llama-cpp-python's source distribution of ``version`` (it vendors llama.cpp's whole
+    tree), downloaded from the package index into ``folder``; the archive's path."""
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+    done = subprocess.run(
+        [*command, "--dest", str(folder), f"llama-cpp-python=={version}"], capture_output=True, text=True
+    )
+    archives = list(folder.glob("*.tar.gz"))
+    if done.returncode != 0 or not archives:
+        tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+        raise GGUFError(f"could not fetch llama-cpp-python=={version}'s source from the package index:\n{tail}")
+    return archives[0]
+
+
 def fetch_converter(version: str, folder: Path) -> None:
     """Take llama.cpp's converters from llama-cpp-python's source distribution (PyPI)."""
     print(
@@ -90,16 +104,8 @@ def fetch_converter(version: str, folder: Path) -> None:
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-        done = subprocess.run(
-            [*command, "--dest", scratch, f"llama-cpp-python=={version}"], capture_output=True, text=True
-        )
-        archives = list(Path(scratch).glob("*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-            raise GGUFError(f"could not fetch llama-cpp-python=={version}'s source from the package index:\n{tail}")
         unpacked = Path(scratch) / "llama.cpp"
-        with tarfile.open(archives[0]) as archive:
+        with tarfile.open(download_source(version, Path(scratch))) as archive:
             for member in archive.getmembers():
                 _, _, inside = member.name.partition("/vendor/llama.cpp/")
                 if inside and inside.split("/")[0] in CONVERTER_FILES and (member.isfile() or member.isdir()):
@@ -335,7 +341,7 @@ def modelfile(chat: Any, weights: str, adapter: str | None = None) -> str:
 # --------------------------------------------------------------------------- exporters
 
 
-def export_gguf(name: str, source: Any, out: Any, *, pre_tokenizer: str | None = None, **options: Any) -> Path:
+def export_gguf(name: str, source: Any, out: Any, *, pre_tokenizer: str | None = None) -> Path:
     """``source`` merged, as one GGUF file (``model.gguf``) in ``out``, with its Modelfile."""
     from modelloop.plugin import save_merged, trained_chat_format, write_export
 
@@ -357,7 +363,7 @@ def export_gguf(name: str, source: Any, out: Any, *, pre_tokenizer: str | None =
     return write_export(Path(out), write, source, name)
 
 
-def export_gguf_lora(source: Any, out: Any, *, pre_tokenizer: str | None = None, **options: Any) -> Path:
+def export_gguf_lora(source: Any, out: Any, *, pre_tokenizer: str | None = None) -> Path:
     """A LoRA run as ``adapter.gguf`` beside its base as ``base.gguf`` (f16), with a Modelfile
     that loads both."""
     from modelloop.plugin import resolve_model_source, trained_chat_format, write_export
