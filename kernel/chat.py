@@ -23,7 +23,7 @@ from typing import Any
 
 from modelloop.errors import ModelloopError
 from modelloop.registry import TEMPLATES, get_registry
-from modelloop.specs import ModelFamily
+from modelloop.specs import ModelFamily, ToolCallFormat
 
 Message = Mapping[str, Any]
 
@@ -62,13 +62,15 @@ def _compile(source: str) -> Any:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """A resolved chat template: its source, the text that ends an assistant turn, its options."""
+    """A resolved chat template: its source, the text that ends an assistant turn, its
+    options, and how the model's tool calls read back (the registered template's format)."""
 
     source: str
     end_of_turn: tuple[str, ...]
     options: Mapping[str, Any] = field(default_factory=dict)
     special_tokens: Mapping[str, str] = field(default_factory=dict)
     name: str = "tokenizer"
+    tool_calls: ToolCallFormat | None = None
 
     def render(
         self,
@@ -187,7 +189,13 @@ def resolve_chat_format(
             )
         end_of_turn = registered.end_of_turn if registered else (special_tokens.get("eos_token", ""),)
         defaults = dict(registered.options) if registered else {}
-        return ChatFormat(own, tuple(e for e in end_of_turn if e), {**defaults, **(options or {})}, special_tokens)
+        return ChatFormat(
+            own,
+            tuple(e for e in end_of_turn if e),
+            {**defaults, **(options or {})},
+            special_tokens,
+            tool_calls=registered.tool_calls if registered else None,
+        )
     if registered is None:
         raise TemplateError(
             "the tokenizer has no chat template and no template is registered for this model; "
@@ -204,4 +212,5 @@ def resolve_chat_format(
         {**registered.options, **(options or {})},
         special_tokens,
         registered.name,
+        registered.tool_calls,
     )

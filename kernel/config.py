@@ -170,6 +170,9 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
             "rollout_engine",
             "rollout_options",
             "sync_steps",
+            "environment",
+            "environment_options",
+            "max_turns",
         )
     },  # fmt: skip
 }
@@ -224,6 +227,14 @@ class RLHFConfig(TrainConfig):
     sync_steps: int = Field(
         1, ge=1, description="grpo: optimizer steps between weight hand-overs to an engine out of process"
     )
+    environment: str | None = Field(
+        None,
+        description="grpo: an environment each completion plays as an episode of several turns (calculator, arithmetic, ...); its reward joins the rewards",
+    )
+    environment_options: dict[str, Any] = Field(default_factory=dict, description="grpo: the environment's options")
+    max_turns: int | None = Field(
+        None, ge=1, description="grpo: the model's turns per episode at most (default: the environment's own)"
+    )
     method_options: dict[str, Any] = Field(
         default_factory=dict, description="any other field of TRL's config for the method"
     )
@@ -245,6 +256,8 @@ class RLHFConfig(TrainConfig):
             )
         if self.beta == 0 and self.method != "grpo":
             raise ValueError(f"beta must be above 0 for {self.method}")
+        if self.environment is None and (self.environment_options or self.max_turns is not None):
+            raise ValueError("environment_options and max_turns are for an environment: set environment too")
         return self
 
 

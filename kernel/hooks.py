@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         ChatTemplate,
         DatasetFormat,
         Engine,
+        Environment,
         EvalBackend,
         Exporter,
         ModelFamily,
@@ -137,6 +138,18 @@ def register_rewards(register: Callable[[Reward], None]) -> None:
     when it is registered.
 
     :param register: call ``register(Reward(...))`` once per reward.
+    """
+
+
+@hookspec
+def register_environments(register: Callable[[Environment], None]) -> None:
+    """Register environments: worlds GRPO's model acts in over several turns, with tools.
+
+    Called when an alignment stage or a recipe check resolves ``--environment``, before
+    any model loads; the environment's options and data columns are checked then, and
+    one episode is stepped on the first record.
+
+    :param register: call ``register(Environment(...))`` once per environment.
     """
 
 

@@ -5,7 +5,7 @@ Raise ``ValueError`` with the reason; the kernel names the plugin and the config
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -30,3 +30,15 @@ def in_range(options: Mapping[str, Any], name: str, low: float, high: float) -> 
     value = options[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
+
+
+def keyword_options(function: Callable[..., Any]) -> dict[str, Any]:
+    """A function's options and their defaults: its keyword-only parameters that have
+    defaults (a reward's ``score``, an environment's ``start``)."""
+    import inspect
+
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty
+    }

@@ -20,7 +20,7 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
@@ -35,14 +35,20 @@ EXPORTS: dict[str, str] = {
             "DatasetFormat",
             "Engine",
             "EngineSession",
+            "Environment",
+            "Episode",
             "EvalBackend",
             "Exporter",
             "ModelFamily",
             "ParallelStrategy",
             "Reward",
             "Sampler",
+            "Step",
             "TokenizerRecipe",
+            "ToolCall",
+            "ToolCallFormat",
             "Tuner",
+            "Turn",
             "VisionSpec",
         )
     },  # fmt: skip
@@ -55,6 +61,7 @@ EXPORTS: dict[str, str] = {
     "merge": "modelloop.config:merge",
     # Model families: chat template building blocks, architecture presets, module groups.
     "IM_END": "modelloop.builtin.templates:IM_END",
+    "HERMES_TOOL_CALLS": "modelloop.builtin.templates:HERMES_TOOL_CALLS",
     "chatml_source": "modelloop.builtin.templates:chatml_source",
     "content_text_macro": "modelloop.builtin.templates:content_text_macro",
     "TINY": "modelloop.models.presets:TINY",

@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "hf_engine",
     "exporters",
     "rewards",
+    "environments",
 )
 
 #: The plugin distributions released with the kernel (``plugins/`` in its repository).

@@ -378,7 +378,12 @@ def _check_names(step: Step) -> None:
 
             check_method(config)
             if config.method == "grpo":
-                resolve_rewards(config.rewards, config.reward_weights, config.reward_options)
+                if config.environment is not None:
+                    from modelloop.stages.rlhf import resolve_environment
+
+                    resolve_environment(config)
+                if config.rewards or config.environment is None:
+                    resolve_rewards(config.rewards, config.reward_weights, config.reward_options)
                 if config.rollout_engine != TRL_GENERATE:
                     get_registry(ENGINES).get(config.rollout_engine)
     elif step.kind == "export":
@@ -426,14 +431,14 @@ def _check_inputs(step: Step) -> None:
 
         trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
     elif step.kind == "rlhf":
-        from modelloop.stages.rlhf import CHECK_DIR, METHODS, check_rewards, read_data, trl_arguments
+        from modelloop.stages.rlhf import CHECK_DIR, METHODS, check_grpo_scoring, read_data, trl_arguments
 
         trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
         records = read_data(config.data, config, METHODS[config.method].kind)
         if config.eval_data:
             read_data(config.eval_data, config, METHODS[config.method].kind)
         if config.method == "grpo":
-            check_rewards(config, records)
+            check_grpo_scoring(config, records)
     elif step.kind == "eval" and config.benchmarks:
         missing = [folder for folder in config.tasks_dir if not Path(folder).is_dir()]
         if missing:

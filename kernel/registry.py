@@ -28,6 +28,7 @@ from modelloop.specs import (
     ChatTemplate,
     DatasetFormat,
     Engine,
+    Environment,
     EvalBackend,
     Exporter,
     ModelFamily,
@@ -83,6 +84,7 @@ ACCELERATORS = RegistryKind(
 )
 PARALLEL_STRATEGIES = RegistryKind("parallel strategy", "register_parallel_strategies", ParallelStrategy)
 REWARDS = RegistryKind("reward", "register_rewards", Reward, (("safety", "modelloop-plugin-reward-safety"),))
+ENVIRONMENTS = RegistryKind("environment", "register_environments", Environment)
 EXPORTERS = RegistryKind("exporter", "register_exporters", Exporter)
 ENGINES = RegistryKind(
     "engine",
@@ -110,6 +112,7 @@ KINDS: tuple[RegistryKind[Spec], ...] = (
     ACCELERATORS,
     PARALLEL_STRATEGIES,
     REWARDS,
+    ENVIRONMENTS,
     EXPORTERS,
     ENGINES,
     EVAL_BACKENDS,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelloop.errors import ModelloopError, PluginError, UnknownNameError
+from modelloop.options import keyword_options
 from modelloop.registry import REWARDS, get_registry
 from modelloop.specs import Reward
 
@@ -113,11 +114,7 @@ def _load_file(location: str, reference: str) -> Any:
 def reward_options(reward: Reward) -> dict[str, Any]:
     """A reward's options and their defaults: the keyword-only parameters of ``score`` that
     have defaults (keyword-only ones without a default are data columns it requires)."""
-    return {
-        name: parameter.default
-        for name, parameter in inspect.signature(reward.score).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty
-    }
+    return keyword_options(reward.score)
 
 
 #: ``short=reference``: a reward given a name for its options and metrics.
@@ -168,7 +165,9 @@ def resolve_rewards(
     """Every reward named, with its options; the weights (one each) are checked here and
     given to GRPO as ``reward_weights``."""
     if not references:
-        raise RewardError("GRPO needs at least one reward: --reward accuracy (or module:function, or file.py:function)")
+        raise RewardError(
+            "GRPO needs at least one reward: --reward accuracy (or module:function, or file.py:function), or an --environment"
+        )
     if weights and len(weights) != len(references):
         raise RewardError(f"{len(weights)} reward weights for {len(references)} rewards")
     names = [split_name(reference)[0] for reference in references]

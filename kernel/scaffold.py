@@ -177,6 +177,36 @@ def register_rewards(register):
     register(Reward(name="$name", description="Prefers short completions.", score=score))
 ''',
     ),
+    "environment": PluginKind(
+        "register_environments",
+        "environment",
+        "",
+        ("Environment", "Step"),
+        '''
+class Countdown:
+    """An episode: the model counts down from the record's number, one number a turn."""
+
+    def __init__(self, start):
+        self.expected = start
+
+    def step(self, turn):
+        right = turn.text.strip() == str(self.expected)
+        self.expected -= 1
+        if not right or self.expected < 0:
+            return Step(reward=float(right), done=True)
+        return Step(observation=({"role": "user", "content": "Next."},), reward=1.0)
+
+
+def start(record, *, start_from=3):
+    """A countdown from the record's ``start`` column, or ``start_from`` (an option)."""
+    return Countdown(int(record.get("start") or start_from))
+
+
+@hookimpl
+def register_environments(register):
+    register(Environment(name="$name", description="Count down, one number a turn.", start=start, max_turns=10))
+''',
+    ),
     "exporter": PluginKind(
         "register_exporters",
         "exporter",

@@ -90,11 +90,87 @@ class ChatTemplate(Spec):
     source: str
     end_of_turn: tuple[str, ...]
     options: Mapping[str, Any] = field(default_factory=dict)
+    tool_calls: ToolCallFormat | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.end_of_turn:
             raise PluginError(f"ChatTemplate {self.name!r}: end_of_turn must name at least one token")
+        if self.tool_calls is not None and not isinstance(self.tool_calls, ToolCallFormat):
+            raise PluginError(f"ChatTemplate {self.name!r}: tool_calls must be a ToolCallFormat")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call read back from the model's turn.
+
+    :param name: the tool's name as the model wrote it.
+    :param arguments: the arguments, decoded from JSON; None when they did not decode
+        (``error`` says why), so that an environment can answer the model's mistake.
+    """
+
+    name: str
+    arguments: Mapping[str, Any] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToolCallFormat:
+    """How a chat template writes a tool call, to read calls back from generated text.
+
+    One regular expression (matched with ``re.DOTALL``) finds each call. Its named groups
+    are ``name`` and ``arguments`` (a JSON object), or ``call``: one JSON object holding
+    both, under ``name_key`` and ``arguments_key`` (Hermes' ``{"name": ..., "arguments":
+    ...}``, Llama 3's ``"parameters"``). The conformance checks hold each template's format
+    to what the template itself renders (since API 1.6).
+    """
+
+    pattern: str
+    name_key: str = "name"
+    arguments_key: str = "arguments"
+
+    def __post_init__(self) -> None:
+        import re
+
+        try:
+            groups = set(re.compile(self.pattern, re.DOTALL).groupindex)
+        except re.error as error:
+            raise PluginError(f"ToolCallFormat {self.pattern!r}: not a regular expression: {error}") from None
+        if not ({"name", "arguments"} <= groups or "call" in groups):
+            raise PluginError(
+                f"ToolCallFormat {self.pattern!r}: needs the named groups 'name' and 'arguments', or 'call'"
+            )
+
+    def parse(self, text: str) -> tuple[ToolCall, ...]:
+        """Every call in ``text``, in order; none for a turn that calls no tool."""
+        import json
+        import re
+
+        calls = []
+        for found in re.finditer(self.pattern, text, re.DOTALL):
+            groups = found.groupdict()
+            try:
+                if groups.get("call") is not None:
+                    whole = json.loads(groups["call"])
+                    if not isinstance(whole, dict) or not isinstance(whole.get(self.name_key), str):
+                        calls.append(ToolCall("", None, f"no {self.name_key!r} in the call {groups['call']!r}"))
+                        continue
+                    name, arguments = whole[self.name_key], whole.get(self.arguments_key, {})
+                else:
+                    name, arguments = groups["name"].strip(), json.loads(groups["arguments"] or "{}")
+            except json.JSONDecodeError as error:
+                calls.append(ToolCall(groups.get("name") or "", None, f"the call is not JSON: {error}"))
+                continue
+            if isinstance(arguments, str):  # some formats write the arguments as a JSON string
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass
+            if not isinstance(arguments, dict):
+                calls.append(ToolCall(name, None, f"the arguments are not a JSON object: {arguments!r}"))
+            else:
+                calls.append(ToolCall(name, arguments))
+        return tuple(calls)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -462,6 +538,78 @@ class Reward(Spec):
             raise PluginError(f"Reward {self.name!r}: score must accept (prompts, completions, **columns)") from None
         if not _accepts_var_keywords(self.score):
             raise PluginError(f"Reward {self.name!r}: score must accept **columns (extra dataset fields)")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The model's turn in an episode, as its environment sees it.
+
+    :param text: what the model wrote, without special tokens and its end of turn.
+    :param tool_calls: the tool calls in it, read with the chat template's ``ToolCallFormat``.
+    :param finished: whether the model ended the turn itself (False: cut at the length
+        limit; the episode still goes on unless the step says done).
+    :param number: the turn's number in its episode, from 1.
+    """
+
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    finished: bool = True
+    number: int = 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """What an environment answers to one of the model's turns.
+
+    :param observation: the messages the model reads next: tool results
+        (``{"role": "tool", "content": ...}``) or a user turn; unused when ``done``.
+    :param reward: this turn's reward; an episode's reward is the sum of its turns'.
+    :param done: whether the episode ends with this turn.
+    """
+
+    observation: tuple[Mapping[str, Any], ...] = ()
+    reward: float = 0.0
+    done: bool = False
+
+
+@runtime_checkable
+class Episode(Protocol):
+    """One episode of an environment, started from a data record."""
+
+    def step(self, turn: Turn) -> Step:
+        """Take the model's turn; say what it sees next, its reward and whether it is over."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment(Spec):
+    """A world the model acts in over several turns, with tools: GRPO's ``--environment``.
+
+    :param start: ``start(record, **options) -> Episode``: an episode from a data record
+        (its ``prompt`` and other columns). ``start``'s keyword-only parameters with
+        defaults are the environment's options (``environment_options``).
+    :param tools: the tools offered to the model, as OpenAI function schemas; the chat
+        template renders them into the prompt, and the model's calls come back parsed in
+        ``Turn.tool_calls``.
+    :param columns: data fields ``start`` reads; checked in every record before any model loads.
+    :param max_turns: the model's turns per episode at most (a run's ``max_turns`` overrides it).
+
+    Since API 1.6.
+    """
+
+    start: Callable[..., Episode]
+    tools: tuple[Mapping[str, Any], ...] = ()
+    columns: tuple[str, ...] = ()
+    max_turns: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require_callable(self, "start")
+        try:
+            inspect.signature(self.start).bind("record")
+        except TypeError:
+            raise PluginError(f"Environment {self.name!r}: start must accept (record, **options)") from None
+        if not isinstance(self.max_turns, int) or self.max_turns < 1:
+            raise PluginError(f"Environment {self.name!r}: max_turns must be a whole number of 1 or more")
 
 
 # --------------------------------------------------------------------------- export and serving

@@ -144,6 +144,15 @@ def check_reward(reward, tmp_path):
     assert reward.score(["p"], ["a b"]) == [pytest.approx(1 / 3)]
 
 
+def check_environment(environment, tmp_path):
+    from modelloop.specs import Turn
+
+    episode = environment.start({"prompt": "Count down from 2.", "start": 2})
+    steps = [episode.step(Turn(text=text, number=n)) for n, text in enumerate(["2", "1", "0"], start=1)]
+    assert [(step.reward, step.done) for step in steps] == [(1.0, False), (1.0, False), (1.0, True)]
+    assert environment.start({"prompt": "Go."}, start_from=5).step(Turn(text="4")).done
+
+
 def check_exporter(exporter, tmp_path):
     source = tmp_path / "run"
     source.mkdir()
@@ -172,6 +181,7 @@ CHECKS = {
     "tuner": check_tuner,
     "parallel-strategy": check_parallel_strategy,
     "reward": check_reward,
+    "environment": check_environment,
     "exporter": check_exporter,
     "engine": check_engine,
 }

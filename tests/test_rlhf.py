@@ -239,7 +239,8 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(
     tuner, partly_right, tmp_path, subprocess_env, monkeypatch
 ):
     """An out-of-process engine (``modelloop serve`` standing in for vLLM) generates the
-    rollouts; the LoRA adapter being trained is loaded into it every ``sync_steps``, and
+    rollouts, here episodes of the arithmetic quiz (turns after the first sent as token ids
+    over HTTP); the LoRA adapter being trained is loaded into it every ``sync_steps``, and
     full weights restart it on the saved model."""
     from modelloop.inference.launch import start_server
     from modelloop.specs import Engine
@@ -281,6 +282,8 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(
             tmp_path,
             tuner=tuner,
             rollout_engine="served",
+            environment="arithmetic",
+            environment_options={"rounds": 2},
             sync_steps=2,
             max_steps=4,
             lr=1e-2 if tuner == "lora" else 1e-4,
@@ -291,6 +294,7 @@ def test_grpo_rollouts_from_an_engine_behind_http_get_the_weights_every_sync(
     assert loads == ([["policy-step-0"], "policy-step-2"] if tuner == "lora" else ["step-0", "step-2"])
     assert [folder.name for folder in (run / "rollout-weights").iterdir()] == ["step-2"]  # older hand-overs removed
     assert len(logged(run, "rewards/accuracy/mean")) == 4
+    assert len(logged(run, "rewards/environment/mean")) == 4
 
 
 def test_rollouts_send_each_prompt_once_with_n_choices_as_token_ids(tiny_models):

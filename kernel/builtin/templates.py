@@ -9,9 +9,13 @@ ChatML with a default system prompt or thinking blocks (Qwen2.5, Qwen3).
 from __future__ import annotations
 
 from modelloop.hooks import hookimpl
-from modelloop.specs import ChatTemplate
+from modelloop.specs import ChatTemplate, ToolCallFormat
 
 IM_END = "<|im_end|>"
+
+#: Hermes' tool calls, as ChatML templates write them (Qwen2.5, Qwen3 and many others):
+#: ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, one block per call.
+HERMES_TOOL_CALLS = ToolCallFormat(pattern=r"<tool_call>\s*(?P<call>\{.*?\})\s*</tool_call>")
 
 _TOOL_CALLS = (
     "{%- for call in message['tool_calls'] or [] %}"
@@ -90,6 +94,7 @@ CHATML = ChatTemplate(
     description="ChatML (<|im_start|>role ... <|im_end|>), no default system prompt.",
     source=chatml_source(),
     end_of_turn=(IM_END,),
+    tool_calls=HERMES_TOOL_CALLS,
 )
 
 

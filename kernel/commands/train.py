@@ -89,6 +89,8 @@ RLHF_FLAGS: dict[str, Any] = {
     "--max-completion-length": int,
     "--temperature": float,
     "--rollout-engine": str,
+    "--environment": str,
+    "--max-turns": int,
 }
 
 

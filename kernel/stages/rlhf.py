@@ -4,11 +4,13 @@ The losses are TRL's; this stage brings what ``sft`` has — the tuner hook (LoR
 default, whose frozen base is the reference model: no second copy), modelloop's data
 formats and chat templates, the run folder, the lifecycle hooks, progress and plots —
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
-batch before any model loads) and rollouts through an engine of the registry.
+batch before any model loads), rollouts through an engine of the registry, and
+environments: each completion an episode of several turns (tools, games), its reward
+one more of the run's rewards.
 
 Checks, in order, before the weights load: the config (including which knobs belong to
 which method), the tuner, TRL's own config for the method, the model's config, every
-data record (of the kind the method takes), the rewards and the rollout engine.
+data record (of the kind the method takes), the environment, the rewards and the rollout engine.
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
             raise ConfigError(
                 f"the {checked.family.name} family gives TRL no processor, which its trainers need for pictures"
             )
-    rewards = []
+    rewards: list[Any] = []
+    environment = None
     if config.method == "grpo":
-        rewards = check_rewards(config, records)
+        rewards, environment = check_grpo_scoring(config, [*records, *(eval_records or [])])
+        if environment is not None and config.reward_weights:
+            config = config.model_copy(update={"reward_weights": [1.0, *config.reward_weights]})
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
     return run_stage(
@@ -133,7 +138,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         config,
         checked,
         lambda run_dir, context, continuing: _run(
-            config, method, checked, (records, eval_records), rewards, run_dir, context, continuing
+            config, method, checked, (records, eval_records), (rewards, environment), run_dir, context, continuing
         ),
     )
 
@@ -267,6 +272,43 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
     return [{**keys, **example.record} for example in records.examples]
 
 
+def check_grpo_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[list[Any], Any]:
+    """GRPO's rewards and its environment (or None), each proven on the data before any
+    model loads. With an environment, its episode reward comes first (weight 1) and the
+    run may name no other reward."""
+    if config.environment is None:
+        return check_rewards(config, records), None
+    from modelloop.environments import REWARD_NAME, check_environment, environment_reward
+    from modelloop.rewards import BoundReward
+
+    if config.rollout_engine == TRL_GENERATE:
+        raise ConfigError(
+            f"environment {config.environment!r}: episodes are played through modelloop's engines; "
+            f"rollout_engine {TRL_GENERATE!r} generates one turn only"
+        )
+    pictured = next((number for number, record in enumerate(records, start=1) if record.get("images")), None)
+    if pictured is not None:
+        raise ConfigError(f"environment {config.environment!r}: record {pictured} has pictures; episodes take text")
+    from modelloop.stages.episodes import records_by_prompt
+
+    environment = resolve_environment(config)
+    check_environment(environment, records)
+    records_by_prompt(environment.name, records)
+    played = BoundReward(name=REWARD_NAME, score=environment_reward, needs_model=False, columns=())
+    return [played, *(check_rewards(config, records) if config.rewards else [])], environment
+
+
+def resolve_environment(config: RLHFConfig) -> Any:
+    """The run's environment with its options checked (no data read): recipes' fast checks."""
+    from modelloop.environments import REWARD_NAME, bind_environment
+
+    if REWARD_NAME in config.rewards or REWARD_NAME in config.reward_options:
+        raise ConfigError(f"the reward name {REWARD_NAME!r} is the environment's; give that reward another name")
+    if config.reward_weights and not config.rewards:
+        raise ConfigError("reward_weights weigh the rewards named besides the environment, and none is named")
+    return bind_environment(config.environment, config.environment_options, config.max_turns)
+
+
 def check_rewards(config: RLHFConfig, records: list[dict[str, Any]]) -> list[Any]:
     """Resolve every reward and call it on a sample of the data: cheap rewards before any
     model loads; rewards that need a model right after (they load their own)."""
@@ -291,7 +333,7 @@ def _run(
     method: Method,
     checked: Checked,
     data: tuple[list[dict[str, Any]], list[dict[str, Any]] | None],
-    rewards: list[Any],
+    scoring: tuple[list[Any], Any],
     run_dir: Path,
     context: Any,
     resume: Any,
@@ -302,6 +344,7 @@ def _run(
     from modelloop.models.loading import load_tokenizer
     from modelloop.training import MeasureFromFirstStep, ReportCallback, modelloop_trainer_class, plot_metrics
 
+    rewards, environment = scoring
     tokenizer = load_tokenizer(checked.source.tokenizer, trust_remote_code=config.trust_remote_code)
     chat = resolve_chat_format(tokenizer, checked.family, config.template, config.template_options)
     tokenizer.chat_template = chat.source  # TRL renders with the template the model is trained with
@@ -348,7 +391,12 @@ def _run(
     if config.method == "grpo":
         extra = {"reward_funcs": [reward.score for reward in rewards]}
         if config.rollout_engine != TRL_GENERATE:
-            rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir)
+            episodes = None
+            if environment is not None:
+                from modelloop.stages.episodes import Episodes
+
+                episodes = Episodes(environment, [*records, *(eval_records or [])], tokenizer=tokenizer, chat=chat)
+            rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir, episodes)
     trainer = modelloop_trainer_class(_trl_class(method, method.trainer))(
         model=model,
         args=arguments,
@@ -432,7 +480,9 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     return {"rewards/margins": "chosen - rejected margin", "rewards/accuracies": "accuracy"}
 
 
-def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, run_dir: Path) -> Any:
+def _rollouts(
+    config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, run_dir: Path, episodes: Any = None
+) -> Any:
     from modelloop.inference.types import SamplingParams
     from modelloop.stages.rollouts import EngineRollouts
 
@@ -452,4 +502,5 @@ def _rollouts(config: RLHFConfig, tokenizer: Any, chat: Any, checked: Checked, r
         sync_steps=config.sync_steps,
         options=config.rollout_options,
         images=image_tokens(checked, tokenizer),
+        episodes=episodes,
     )

@@ -16,6 +16,10 @@ repeats each ``num_generations`` times) become one request with ``n`` choices. A
 with pictures (a vision-language policy) goes as messages with the pictures as data
 URLs; its ids are rendered here with the template and image processor the engine uses
 too (held equal to the built-in engine's by a test).
+
+With an environment (``episodes``), each completion is an episode of several turns,
+played by ``modelloop.stages.episodes``: the first turn is the request above, the next
+ones batches of one request per live episode, as token ids.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 from modelloop.inference.types import Completion, GenerationRequest, SamplingParams
 from modelloop.specs import Engine, EngineSession, Tuner
 from modelloop.stages.common import save_trained
+from modelloop.stages.episodes import Episodes
 
 
 class EngineRollouts:
@@ -47,8 +52,10 @@ class EngineRollouts:
         sync_steps: int = 1,
         options: Mapping[str, Any] | None = None,
         images: Any = None,
+        episodes: Episodes | None = None,
     ) -> None:
         self.engine = engine
+        self.episodes = episodes
         self.images = images  # a vision-language policy's ImageTokens
         self.tokenizer = tokenizer
         self.chat = chat
@@ -72,6 +79,14 @@ class EngineRollouts:
             else:
                 groups.append((prompt, self.prompt_ids(prompt), 1))
         requests = [self._request(prompt, ids, count) for prompt, ids, count in groups]
+        if self.episodes is not None:
+            played = self.episodes.play(
+                groups,
+                session.generate(requests),
+                lambda prompts: [generation.choices[0] for generation in session.generate(self._next_turns(prompts))],
+                self.completion_ids,
+            )
+            return {**played, "logprobs": None}
         prompt_ids: list[list[int]] = []
         completion_ids: list[list[int]] = []
         for (_, ids, _), generation in zip(groups, session.generate(requests)):
@@ -83,9 +98,10 @@ class EngineRollouts:
     def prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        ids = self.tokenizer(self.chat.render(prompt, add_generation_prompt=True), add_special_tokens=False)[
-            "input_ids"
-        ]
+        tools = self.episodes.tools if self.episodes is not None else None
+        ids = self.tokenizer(
+            self.chat.render(prompt, add_generation_prompt=True, tools=tools), add_special_tokens=False
+        )["input_ids"]
         pictures = _pictures(prompt)
         if pictures:
             ids = self.images.expand_ids(ids, self.images.counts(pictures))
@@ -96,6 +112,10 @@ class EngineRollouts:
         if isinstance(prompt, str) or not _pictures(prompt):
             return GenerationRequest(prompt=ids, model=self.served, params=params)
         return GenerationRequest(messages=_with_data_urls(prompt), model=self.served, params=params)
+
+    def _next_turns(self, prompts: list[list[int]]) -> list[GenerationRequest]:
+        params = replace(self.sampling, n=1)
+        return [GenerationRequest(prompt=ids, model=self.served, params=params) for ids in prompts]
 
     def completion_ids(self, choice: Completion) -> list[int]:
         """The generated ids with the end-of-turn token that ended them; from the text when an

@@ -21,6 +21,7 @@ def checks(template: ChatTemplate) -> list[Check]:
     return [
         Check("template", template, "trains each assistant turn through its end of turn", trains_turns),
         Check("template", template, "trains a tool call and not its result", trains_tool_calls),
+        Check("template", template, "reads back the tool calls it writes", reads_tool_calls),
     ]
 
 
@@ -30,7 +31,14 @@ def chat_format(template: ChatTemplate) -> Any:
     from modelloop.chat import ChatFormat
 
     special_tokens = {"bos_token": "<s>", "eos_token": template.end_of_turn[0]}
-    return ChatFormat(template.source, template.end_of_turn, dict(template.options), special_tokens, template.name)
+    return ChatFormat(
+        template.source,
+        template.end_of_turn,
+        dict(template.options),
+        special_tokens,
+        template.name,
+        template.tool_calls,
+    )
 
 
 def trains_turns(template: ChatTemplate, workspace: Workspace) -> None:
@@ -39,6 +47,28 @@ def trains_turns(template: ChatTemplate, workspace: Workspace) -> None:
 
 def trains_tool_calls(template: ChatTemplate, workspace: Workspace) -> None:
     check_tool_calls(chat_format(template))
+
+
+def reads_tool_calls(template: ChatTemplate, workspace: Workspace) -> None:
+    """The template's ``ToolCallFormat`` finds the sample call, name and arguments, in the
+    assistant turn the template renders (what a model trained on it generates), and finds
+    none in a plain answer."""
+    from modelloop.chat import TemplateError
+
+    if template.tool_calls is None:
+        raise Skip("the template declares no tool-call format")
+    chat = chat_format(template)
+    try:
+        pieces = chat.segments(TOOL_CONVERSATION["messages"], TOOL_CONVERSATION["tools"])
+    except TemplateError as error:
+        raise Broken(f"it declares a tool-call format but takes no tool calls: {error}") from None
+    call_turn, answer_turn = [text for text, is_trained in pieces if is_trained][:2]
+    expected = TOOL_CONVERSATION["messages"][1]["tool_calls"][0]["function"]
+    calls = template.tool_calls.parse(call_turn)
+    if [(call.name, call.arguments) for call in calls] != [(expected["name"], expected["arguments"])]:
+        raise Broken(f"its tool-call format reads {calls} from the call it renders, {call_turn!r}")
+    if template.tool_calls.parse(answer_turn):
+        raise Broken(f"its tool-call format reads a call in the plain answer {answer_turn!r}")
 
 
 def check_turns(chat: Any) -> None:

@@ -11,9 +11,9 @@ models and of transformers' DeepSeek classes. Nothing heavy is imported.
 
 from __future__ import annotations
 
-from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, hookimpl
+from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, ToolCallFormat, hookimpl
 
-PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -158,12 +158,18 @@ DEEPSEEK_V3_TEMPLATE = ChatTemplate(
     description="DeepSeek-V3: <｜User｜>/<｜Assistant｜> turns ended by <｜end▁of▁sentence｜>, fenced JSON tool calls",
     source=DEEPSEEK_V3_SOURCE,
     end_of_turn=(EOS,),
+    tool_calls=ToolCallFormat(
+        pattern=r"<｜tool▁call▁begin｜>function<｜tool▁sep｜>(?P<name>[^\n]+)\n```json\n(?P<arguments>.*?)\n```<｜tool▁call▁end｜>"
+    ),
 )
 DEEPSEEK_V31_TEMPLATE = ChatTemplate(
     name="deepseek_v3.1",
     description="DeepSeek-V3.1 hybrid thinking; thinking=true trains <think> reasoning, false the answers alone",
     source=DEEPSEEK_V31_SOURCE,
     end_of_turn=(EOS,),
+    tool_calls=ToolCallFormat(
+        pattern=r"<｜tool▁call▁begin｜>(?P<name>.*?)<｜tool▁sep｜>(?P<arguments>.*?)<｜tool▁call▁end｜>"
+    ),
     options={"thinking": False},
 )
 DEEPSEEK_V2_TEMPLATE = ChatTemplate(

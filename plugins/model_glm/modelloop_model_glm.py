@@ -32,9 +32,9 @@ of the released models and transformers' GLM classes. Nothing heavy is imported.
 
 from __future__ import annotations
 
-from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, hookimpl
+from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, ToolCallFormat, hookimpl
 
-PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: GLM-4's pre-tokenizer split (digits in groups of up to three), before byte-level BPE.
 GLM_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -77,6 +77,13 @@ def _calls(after_name: str) -> str:
     )
 
 
+#: A call as ``_calls`` writes it: the name at the start of the turn (or after another
+#: call's role token), then its JSON arguments on the next line. An answer starts with a
+#: line break instead, so it reads as no call.
+GLM_TOOL_CALLS = ToolCallFormat(
+    pattern=r"(?:\A|<\|assistant\|>)(?P<name>[^\s<]+) ?\n(?P<arguments>\{.*?\})(?=<\|assistant\|>|<\|observation\|>|<\|user\|>|\s*\Z)"
+)
+
 GLM4_TEMPLATE = ChatTemplate(
     name="glm4",
     description="GLM-4-0414: [gMASK]<sop>, role tokens, tools under '# 可用工具', tool results as observations",
@@ -102,6 +109,7 @@ GLM4_TEMPLATE = ChatTemplate(
         "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{%- endif %}"
     ),
     end_of_turn=END_OF_TURN,
+    tool_calls=GLM_TOOL_CALLS,
 )
 
 #: GLM-4-9B-chat's tool list: ChatGLM's self-introduction, then each function.
@@ -131,6 +139,7 @@ CHATGLM4_TEMPLATE = ChatTemplate(
         "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{%- endif %}"
     ),
     end_of_turn=END_OF_TURN,
+    tool_calls=GLM_TOOL_CALLS,
 )
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelloop.plugin import ChatTemplate, ModelFamily, ModelloopError, TokenizerRecipe, hookimpl
+from modelloop.plugin import ChatTemplate, ModelFamily, ModelloopError, TokenizerRecipe, ToolCallFormat, hookimpl
 
-PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: o200k's pre-tokenizer split (cased words with their contractions, digits in threes).
 O200K_SPLIT = (
@@ -187,6 +187,10 @@ HARMONY_TEMPLATE = ChatTemplate(
     aliases=("gpt_oss",),
     source=HARMONY_SOURCE,
     end_of_turn=("<|return|>", "<|call|>"),
+    # one call per message, addressed in its header: `` to=functions.NAME<|channel|>commentary json<|message|>{...}<|call|>``
+    tool_calls=ToolCallFormat(
+        pattern=r"to=functions\.(?P<name>[^\s<]+)[^<]*(?:<\|channel\|>[^<]*)?<\|message\|>(?P<arguments>.*?)(?:<\|call\|>|\Z)"
+    ),
     options={
         "reasoning_effort": "medium",
         "model_identity": MODEL_IDENTITY,

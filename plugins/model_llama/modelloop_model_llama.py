@@ -6,9 +6,9 @@ models; nothing heavy is imported here.
 
 from __future__ import annotations
 
-from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, hookimpl
+from modelloop.plugin import TINY, ChatTemplate, ModelFamily, TokenizerRecipe, ToolCallFormat, hookimpl
 
-PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: Llama 3's pre-tokenizer split (digits in groups of up to three).
 LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -33,6 +33,11 @@ LLAMA3_TEMPLATE = ChatTemplate(
         "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
     ),
     end_of_turn=(EOT,),
+    # a call is a JSON object with "name" and "parameters", the whole of its turn (or one of several)
+    tool_calls=ToolCallFormat(
+        pattern=r'(?P<call>\{\s*"name"\s*:.*?\})(?=\s*(?:\{\s*"name"|<\|eot_id\|>|<\|eom_id\|>|\Z))',
+        arguments_key="parameters",
+    ),
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 from modelloop.plugin import (
+    HERMES_TOOL_CALLS,
     IM_END,
     SMALL,
     TINY,
@@ -22,7 +23,7 @@ from modelloop.plugin import (
     hookimpl,
 )
 
-PLUGIN_API = ">=1.0,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
@@ -189,6 +190,7 @@ QWEN2_TEMPLATE = ChatTemplate(
     description="Qwen2/Qwen2.5 ChatML, default system prompt, tool calls",
     source=chatml_source(default_system="You are a helpful assistant.", image=QWEN_IMAGE),
     end_of_turn=(IM_END,),
+    tool_calls=HERMES_TOOL_CALLS,
 )
 QWEN3_TEMPLATE = ChatTemplate(
     name="qwen3",
@@ -196,6 +198,7 @@ QWEN3_TEMPLATE = ChatTemplate(
     source=chatml_source(thinking=True, image=QWEN_IMAGE),
     end_of_turn=(IM_END,),
     options={"enable_thinking": True},
+    tool_calls=HERMES_TOOL_CALLS,
 )
 
 FAMILIES = (
