@@ -185,8 +185,9 @@ class RLHFConfig(TrainConfig):
     other field of TRL's config for the method (checked against it).
     """
 
-    method: Literal["dpo", "kto", "simpo", "orpo", "grpo"] = Field(
-        "dpo", description="dpo, kto, simpo, orpo (preference data) or grpo (prompts and rewards)"
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo", "rm"] = Field(
+        "dpo",
+        description="dpo, kto, simpo, orpo (preference data), grpo (prompts and rewards) or rm (a reward model, from preference data)",
     )
     packing: bool = False
     beta: float | None = Field(
@@ -256,6 +257,8 @@ class RLHFConfig(TrainConfig):
             )
         if self.beta == 0 and self.method != "grpo":
             raise ValueError(f"beta must be above 0 for {self.method}")
+        if self.beta is not None and self.method == "rm":
+            raise ValueError("beta is for dpo, kto, simpo, orpo and grpo: a reward model has no reference to stay near")
         if self.environment is None and (self.environment_options or self.max_turns is not None):
             raise ValueError("environment_options and max_turns are for an environment: set environment too")
         return self

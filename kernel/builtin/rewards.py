@@ -124,7 +124,8 @@ def reward_model(
     max_length: int = 1024,
     **columns: Any,
 ) -> list[float]:
-    """The first logit of a sequence-classification model over prompt + completion, batched."""
+    """The first logit of a sequence-classification model over prompt + completion, batched.
+    ``path``: the model's folder, or the run folder of ``rlhf --method rm``."""
     if not path:
         raise ValueError("set the reward model's folder: reward_options.reward-model.path=DIR")
     import torch
@@ -150,6 +151,14 @@ def reward_model(
 def _load_reward_model(path: str) -> tuple[Any, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from modelloop.artifacts import is_run
+    from modelloop.models.loading import resolve_model_source
+
+    if is_run(path):  # a reward model's run: its model/ holds the whole model
+        source = resolve_model_source(path)
+        if source.adapter is not None:
+            raise ValueError(f"{path} is an adapter run; a reward model is a run of rlhf --method rm")
+        path = source.base
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"{path} is not a model folder (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -73,6 +73,12 @@ def infer_command(model, input_path, output, engine, format_name, max_tokens, te
     help="With --data: accuracy, exact, or reward:NAME (repeatable).",
 )
 @click.option(
+    "--metric-option",
+    "metric_options",
+    multiple=True,
+    help="A reward metric's option, REWARD.KEY=VALUE: reward-model.path=runs/<rm> (repeatable).",
+)
+@click.option(
     "--benchmark",
     "benchmarks",
     multiple=True,
@@ -109,6 +115,7 @@ def eval_command(
     models,
     data,
     metrics,
+    metric_options,
     benchmarks,
     backend,
     limit,
@@ -149,12 +156,20 @@ def eval_command(
             for model in models
         }
     else:
+        from modelloop.config import parse_assignments
         from modelloop.stages.evaluate import evaluate, resolve_metrics
 
-        resolve_metrics(list(metrics))
+        options = parse_assignments(metric_options)
+        resolve_metrics(list(metrics), options)  # a bad name or option fails before any model loads
         results = {
             model: evaluate(
-                model, data, metrics=list(metrics), engine=engine or "hf", output_dir=output_dir, max_tokens=max_tokens
+                model,
+                data,
+                metrics=list(metrics),
+                engine=engine or "hf",
+                output_dir=output_dir,
+                max_tokens=max_tokens,
+                metric_options=options,
             )
             for model in models
         }

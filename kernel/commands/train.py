@@ -82,7 +82,7 @@ def _export(context: click.Context, parameter: click.Parameter, value: Any) -> N
 
 #: rlhf's own flags: the method and the knobs most runs set (the rest through --set).
 RLHF_FLAGS: dict[str, Any] = {
-    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo"]),
+    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo", "rm"]),
     "--beta": float,
     "--loss-type": str,
     "--num-generations": int,
@@ -239,5 +239,6 @@ def sentence(text: str) -> str:
 sft_command = training_command("sft", "Supervised fine-tuning on conversations: loss on the assistant turns.")
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
 rlhf_command = training_command(
-    "rlhf", "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards)."
+    "rlhf",
+    "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards), or train a reward model (rm).",
 )

@@ -9,6 +9,7 @@ otherwise. Each way this can fail for a reason the user can fix is a one-line
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,11 +218,13 @@ def resolve_family(model_type: str) -> ModelFamily:
     return fallback
 
 
-def model_class(family: ModelFamily | None) -> Any:
+def model_class(family: ModelFamily | None, *, reward_head: bool = False) -> Any:
     """transformers' Auto class for the family's models: image-text-to-text for vision
-    families, causal LM otherwise."""
+    families, causal LM otherwise, sequence classification for a reward model."""
     import transformers
 
+    if reward_head:
+        return transformers.AutoModelForSequenceClassification
     return (
         transformers.AutoModelForImageTextToText
         if family is not None and family.vision is not None
@@ -369,6 +372,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    reward_head: bool = False,
     **model_options: Any,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer through the family that claims it.
@@ -380,6 +384,9 @@ def load_model(
     :param attn_implementation: ``sdpa`` (eager for a model that has none), ``eager``,
         ``flash_attention_2`` or ``_3``.
     :param trust_remote_code: run code shipped with the checkpoint (off unless asked).
+    :param reward_head: load it as a reward model instead: the same body under a
+        one-output sequence-classification head (transformers' own, new when the
+        checkpoint has none), as ``rlhf --method rm`` trains it; text families only.
     :param model_options: more ``from_pretrained`` arguments (a tuner's quantization config,
         a parallel plan's ``distributed_config``, given as a plain mapping).
     """
@@ -402,11 +409,19 @@ def load_model(
         "use_safetensors": True,
         **model_options,
     }
+    if reward_head:
+        if family.load is not None or family.vision is not None:
+            raise ModelLoadError(
+                f"the {family.name} family loads its models its own way or takes pictures; "
+                "reward models are text models under transformers' sequence-classification head"
+            )
+        config = copy.deepcopy(config)  # read_config's may be shared
+        config.num_labels = 1
     if family.load is not None:
         model, tokenizer = family.load(source.base, config=config, **options)
     else:
         try:
-            model = model_class(family).from_pretrained(source.base, config=config, **options)
+            model = model_class(family, reward_head=reward_head).from_pretrained(source.base, config=config, **options)
         except OSError as error:
             raise ModelLoadError(f"{source.base}: cannot load the weights ({error})") from None
         tokenizer = None

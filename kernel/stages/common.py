@@ -161,9 +161,12 @@ def run_stage(
         return context.result
 
 
-def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, onednn: bool = False) -> Any:
+def load_trainable(
+    config: TrainConfig, checked: Checked, run_dir: Path, *, onednn: bool = False, reward_head: bool = False
+) -> Any:
     """The model loaded, accelerated and prepared by the tuner, ready to train; ``onednn``:
-    its linear layers multiply with oneDNN (``modelloop.stages.train.multiplies_with_onednn``).
+    its linear layers multiply with oneDNN (``modelloop.stages.train.multiplies_with_onednn``);
+    ``reward_head``: as a reward model (``load_model``).
 
     An adapter run as the starting point is folded into its base first. When the new
     tuner trains an adapter too, that merged base is saved in the run (``base/``) and is
@@ -178,11 +181,13 @@ def load_trainable(config: TrainConfig, checked: Checked, run_dir: Path, *, oned
     tuner, options, plan, precision = checked.tuner, checked.options, checked.plan, checked.precision
     extra = {**(tuner.load_options(options) if tuner.load_options else {}), **plan.load_options}
     dtype = precision.load_dtype(trains_base_weights=not tuner.adapter)
+    torch.manual_seed(config.seed)  # weights new to the checkpoint (a reward head) start the same each run
     loaded = load_model(
         config.model,
         dtype=dtype,
         attn_implementation=checked.attention,
         trust_remote_code=config.trust_remote_code,
+        reward_head=reward_head,
         **extra,
     )
     model = loaded.model
@@ -364,11 +369,13 @@ def finish_run(
     *,
     stats: Mapping[str, Any],
     metrics: dict[str, Any],
+    merged: bool = False,
 ) -> dict[str, Any]:
     """Save the weights (or adapter) with the tokenizer and chat template, draw the plots,
     and complete the manifest. Every rank calls it: when the plan split the weights
     (ZeRO-3, FSDP, tensor parallel) the trainer gathers them from all ranks into one
-    ordinary folder; rank 0 writes."""
+    ordinary folder; rank 0 writes. ``merged``: an adapter is folded into the weights
+    saved (a reward model, whose users load one folder)."""
     from transformers.trainer import TRAINING_ARGS_NAME
 
     model_dir = run_dir / "model"
@@ -383,6 +390,10 @@ def finish_run(
     if gathered:
         # the trainer's, not the model's (config.json holds ours)
         (model_dir / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+    elif merged and checked.tuner.merge is not None:
+        checked.tuner.merge(trainer.accelerator.unwrap_model(trainer.model)).save_pretrained(
+            model_dir, safe_serialization=True
+        )
     else:
         save_trained(checked.tuner, trainer.accelerator.unwrap_model(trainer.model), model_dir)
     return complete_run(

@@ -1,7 +1,8 @@
 """``eval``: run a data set's prompts through an engine and score the answers.
 
 Metrics are rewards (``accuracy``, ``exact``, or ``reward:NAME`` for any registered
-reward), so what GRPO optimises can be measured the same way. The eval run folder holds
+reward, with its options: a reward model's ``path``), so what GRPO optimises can be
+measured the same way. The eval run folder holds
 ``results.jsonl`` (each prompt, answer, reference and score) and a manifest with the
 summary; when the model is a run folder, the summary is also added to that run's
 manifest under ``evaluations``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,17 @@ from modelloop.inference.batch import prompts_from, run_inference
 from modelloop.inference.choice import find_engine
 from modelloop.inference.types import SamplingParams
 from modelloop.lifecycle import stage_lifecycle
-from modelloop.registry import REWARDS, get_registry
-from modelloop.specs import Reward
+from modelloop.rewards import BoundReward, RewardError, bind
 
 
-def resolve_metrics(names: list[str]) -> dict[str, Reward]:
-    """``accuracy``, ``exact`` or ``reward:NAME`` -> the rewards that score them."""
-    rewards = get_registry(REWARDS)
-    return {name: rewards.get(name.split(":", 1)[1] if name.startswith("reward:") else name) for name in names}
+def resolve_metrics(names: list[str], options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, BoundReward]:
+    """``accuracy``, ``exact`` or ``reward:NAME`` -> the rewards that score them, with the
+    ``options`` given for each (by the reward's name: ``{"reward-model": {"path": RUN}}``)."""
+    rewards = {name: name.split(":", 1)[1] if name.startswith("reward:") else name for name in names}
+    stray = sorted(set(options or {}) - set(rewards.values()))
+    if stray:
+        raise RewardError(f"options for {stray[0]!r}, which is not one of the metrics ({', '.join(names)})")
+    return {name: bind(reward, (options or {}).get(reward, {})) for name, reward in rewards.items()}
 
 
 def new_eval_run(model: str, config: dict[str, Any], output_dir: Path | None) -> Path:
@@ -55,9 +60,10 @@ def evaluate(
     output_dir: Path | None = None,
     max_tokens: int = 64,
     batch_size: int = 16,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Score ``model``'s greedy answers to every prompt of ``data``; returns the summary."""
-    scorers = resolve_metrics(metrics)
+    scorers = resolve_metrics(metrics, metric_options)
     chosen = find_engine(engine)
     records = read_records([data])
     if records.problems:
@@ -68,7 +74,14 @@ def evaluate(
         raise ConfigError(
             f"{missing[0]}: no reference answer to score against (a final assistant turn or a 'solution' column)"
         )
-    config = {"model": model, "data": str(data), "metrics": metrics, "engine": chosen.name, "max_tokens": max_tokens}
+    config = {
+        "model": model,
+        "data": str(data),
+        "metrics": metrics,
+        **({"metric_options": metric_options} if metric_options else {}),
+        "engine": chosen.name,
+        "max_tokens": max_tokens,
+    }
     run_dir = new_eval_run(model, config, output_dir)
     with stage_lifecycle("eval", config, run_dir) as context:
         session = chosen.start(model, options={"served_name": "model"})

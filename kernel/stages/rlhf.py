@@ -1,4 +1,4 @@
-"""``rlhf``: DPO, KTO, SimPO, ORPO and GRPO on any tuner, through TRL's trainers.
+"""``rlhf``: DPO, KTO, SimPO, ORPO, GRPO and reward models on any tuner, through TRL's trainers.
 
 The losses are TRL's; this stage brings what ``sft`` has — the tuner hook (LoRA by
 default, whose frozen base is the reference model: no second copy), modelloop's data
@@ -6,7 +6,9 @@ formats and chat templates, the run folder, the lifecycle hooks, progress and pl
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
 batch before any model loads), rollouts through an engine of the registry, and
 environments: each completion an episode of several turns (tools, games), its reward
-one more of the run's rewards.
+one more of the run's rewards. ``rm`` trains a reward model (TRL's ``RewardTrainer``:
+the model's body under a one-output head) whose run folder is the ``reward-model``
+reward's ``path``.
 
 Checks, in order, before the weights load: the config (including which knobs belong to
 which method), the tuner, TRL's own config for the method, the model's config, every
@@ -88,6 +90,7 @@ METHODS: dict[str, Method] = {
         "GRPOConfig",
         loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     ),
+    "rm": Method("preference", "trl", "RewardTrainer", "RewardConfig"),
 }
 
 
@@ -226,6 +229,8 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
         )
         if config.loss_type:
             arguments["loss_type"] = config.loss_type
+    elif config.method == "rm":
+        arguments["max_length"] = config.max_length
     elif config.method in ("simpo", "orpo"):
         arguments.update(max_length=config.max_length, max_completion_length=config.max_length)
         if config.method == "simpo":
@@ -381,7 +386,9 @@ def _run(
 
     memory = PeakMemory()
     onednn = multiplies_with_onednn(config, checked)
-    model = load_trainable(config, checked, run_dir, onednn=onednn)
+    model = load_trainable(config, checked, run_dir, onednn=onednn, reward_head=config.method == "rm")
+    if config.method == "rm":  # the head scores the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     record_module_groups(model, config, checked, run_dir)
     record_compute(run_dir, checked, f"TRL's {config.method} loss")
     arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan, onednn=onednn)
@@ -431,6 +438,7 @@ def _run(
         chat,
         stats={"examples": len(dataset), "kind": method.kind},
         metrics=metrics,
+        merged=config.method == "rm",
     )
 
 
@@ -468,7 +476,8 @@ def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
 
 def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     """What ``rewards.png`` shows: each reward and their weighted total for GRPO; the
-    chosen-rejected margin (and accuracy) for the preference methods, KTO's rewards."""
+    chosen-rejected margin (and accuracy) for the preference methods and reward models,
+    KTO's rewards."""
     if config.method == "grpo":
         weights = config.reward_weights or [1.0] * len(rewards)
         total = "weighted sum: " + " + ".join(
@@ -477,6 +486,8 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
         return {"reward": total, **{f"rewards/{r.name}/mean": r.name for r in rewards}}
     if config.method == "kto":
         return {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"}
+    if config.method == "rm":
+        return {"margin": "chosen - rejected score", "accuracy": "accuracy"}
     return {"rewards/margins": "chosen - rejected margin", "rewards/accuracies": "accuracy"}
 
 

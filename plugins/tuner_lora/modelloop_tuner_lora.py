@@ -108,7 +108,8 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool, model: A
         target_parameters=parameters or None,
         modules_to_save=list(options["modules_to_save"]) or None,
         use_dora=dora,
-        task_type="CAUSAL_LM",
+        # a reward model's head (``score``) is new: PEFT trains and saves it whole
+        task_type="SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM",
     )
 
 
