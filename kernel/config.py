@@ -153,16 +153,14 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
     "simpo_gamma": ("simpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
+    "teacher": ("gkd",),
+    **{name: ("grpo", "rloo", "gkd") for name in ("max_completion_length", "temperature", "top_p")},
     **{
-        name: ("grpo",)
+        name: ("grpo", "rloo")
         for name in (
             "num_generations",
-            "max_completion_length",
-            "temperature",
-            "top_p",
             "epsilon",
             "epsilon_high",
-            "scale_rewards",
             "num_iterations",
             "rewards",
             "reward_weights",
@@ -170,11 +168,9 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
             "rollout_engine",
             "rollout_options",
             "sync_steps",
-            "environment",
-            "environment_options",
-            "max_turns",
         )
-    },  # fmt: skip
+    },
+    **{name: ("grpo",) for name in ("scale_rewards", "environment", "environment_options", "max_turns")},
 }
 
 
@@ -185,13 +181,15 @@ class RLHFConfig(TrainConfig):
     other field of TRL's config for the method (checked against it).
     """
 
-    method: Literal["dpo", "kto", "simpo", "orpo", "grpo", "rm"] = Field(
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "gkd", "rm"] = Field(
         "dpo",
-        description="dpo, kto, simpo, orpo (preference data), grpo (prompts and rewards) or rm (a reward model, from preference data)",
+        description="dpo, kto, simpo, orpo (preference data), grpo, rloo (prompts and rewards), gkd (prompts and a teacher) or rm (a reward model, from preference data)",
     )
     packing: bool = False
     beta: float | None = Field(
-        None, ge=0.0, description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo: the KL coefficient"
+        None,
+        ge=0.0,
+        description="dpo/kto/simpo/orpo: the method's beta (ORPO's lambda); grpo/rloo: the KL coefficient; gkd: the generalized JSD's interpolation (0 forward KL, 1 reverse KL)",
     )
     loss_type: str | None = Field(
         None,
@@ -203,30 +201,35 @@ class RLHFConfig(TrainConfig):
     simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin")
     desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' loss")
     undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' loss")
-    num_generations: int = Field(8, ge=2, description="grpo: completions per prompt (a group)")
-    max_completion_length: int = Field(256, gt=0, description="grpo: tokens per completion at most")
-    temperature: float = Field(1.0, gt=0.0, description="grpo: sampling temperature of the rollouts")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo: nucleus sampling of the rollouts")
-    epsilon: float = Field(0.2, gt=0.0, description="grpo: the clipping range (lower side)")
+    num_generations: int = Field(8, ge=2, description="grpo, rloo: completions per prompt (a group)")
+    max_completion_length: int = Field(256, gt=0, description="grpo, rloo, gkd: tokens per completion at most")
+    temperature: float = Field(1.0, gt=0.0, description="grpo, rloo, gkd: sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo, rloo, gkd: nucleus sampling of the rollouts")
+    epsilon: float = Field(0.2, gt=0.0, description="grpo, rloo: the clipping range (lower side)")
     epsilon_high: float | None = Field(
-        None, gt=0.0, description="grpo: the upper clipping bound (DAPO's clip-higher); None = epsilon"
+        None, gt=0.0, description="grpo, rloo: the upper clipping bound (DAPO's clip-higher); None = epsilon"
     )
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="grpo: how advantages are scaled")
-    num_iterations: int = Field(1, ge=1, description="grpo: optimisation passes over each batch of rollouts")
+    num_iterations: int = Field(1, ge=1, description="grpo, rloo: optimisation passes over each batch of rollouts")
     rewards: list[str] = Field(
-        default_factory=list, description="grpo: reward names, module:function or file.py:function"
+        default_factory=list, description="grpo, rloo: reward names, module:function or file.py:function"
     )
-    reward_weights: list[float] | None = Field(None, description="grpo: one weight per reward (default 1 each)")
+    reward_weights: list[float] | None = Field(None, description="grpo, rloo: one weight per reward (default 1 each)")
     reward_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="grpo: options per reward, by its name in rewards"
+        default_factory=dict, description="grpo, rloo: options per reward, by its name in rewards"
     )
     rollout_engine: str = Field(
         "hf",
-        description="grpo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)",
+        description="grpo, rloo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)",
     )
-    rollout_options: dict[str, Any] = Field(default_factory=dict, description="grpo: the rollout engine's options")
+    rollout_options: dict[str, Any] = Field(
+        default_factory=dict, description="grpo, rloo: the rollout engine's options"
+    )
     sync_steps: int = Field(
-        1, ge=1, description="grpo: optimizer steps between weight hand-overs to an engine out of process"
+        1, ge=1, description="grpo, rloo: optimizer steps between weight hand-overs to an engine out of process"
+    )
+    teacher: str | None = Field(
+        None, description="gkd: the teacher, a model folder, hub id or run whose tokenizer is the student's"
     )
     environment: str | None = Field(
         None,
@@ -255,8 +258,10 @@ class RLHFConfig(TrainConfig):
             raise ValueError(
                 "rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1"
             )
-        if self.beta == 0 and self.method != "grpo":
+        if self.beta == 0 and self.method not in ("grpo", "rloo", "gkd"):
             raise ValueError(f"beta must be above 0 for {self.method}")
+        if self.method == "gkd" and self.teacher is None:
+            raise ValueError("gkd distils a teacher into the model: set teacher (a model folder, hub id or run)")
         if self.beta is not None and self.method == "rm":
             raise ValueError("beta is for dpo, kto, simpo, orpo and grpo: a reward model has no reference to stay near")
         if self.environment is None and (self.environment_options or self.max_turns is not None):

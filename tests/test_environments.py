@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 
 import pytest
 
@@ -305,25 +303,23 @@ def test_hook_register_environments_an_environment_from_a_plugin_plays_two_turns
         (["--environment", "calculator", "--rollout-engine", "trl"], None, "generates one turn only"),
     ],
 )
-def test_a_broken_environment_fails_before_the_model_loads_in_one_line(
-    arguments, rows, message, tiny_models, tmp_path, subprocess_env
-):
+def test_a_broken_environment_fails_before_the_model_loads_in_one_line(arguments, rows, message, tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+
     weightless = tmp_path / "weightless"  # loading it would fail: the check must come first
     shutil.copytree(tiny_models("qwen2"), weightless)
     for weights in weightless.glob("*.safetensors"):
         weights.unlink()
     rows = rows or [{"prompt": f"What is {n}+1?", "solution": str(n + 1)} for n in range(4)]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    completed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "rlhf", "--method", "grpo", "--model", str(weightless), "--data", data]
-        + arguments,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
+    result = CliRunner().invoke(
+        build_cli(), ["rlhf", "--method", "grpo", "--model", str(weightless), "--data", data, *arguments]
     )
-    assert completed.returncode == 2, completed.stderr
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], completed.stderr
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
 
 
 def test_two_records_with_one_prompt_and_other_columns_are_refused():

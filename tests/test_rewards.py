@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -220,38 +218,26 @@ def test_a_reward_module_that_exits_at_import_is_named(tmp_path, ending):
     ],
 )
 def test_the_cli_names_a_bad_reward_before_any_model_loads(
-    reward, message, reward_module, tiny_models, tmp_path, subprocess_env
+    reward, message, reward_module, tiny_models, tmp_path, monkeypatch
 ):
+    from click.testing import CliRunner
+
+    from modelloop.cli import build_cli
+
     weightless = tmp_path / "weightless"  # a model folder whose weights are gone: loading it would fail
     shutil.copytree(tiny_models("qwen2"), weightless)
     for weights in weightless.glob("*.safetensors"):
         weights.unlink()
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {n}+1?", "solution": str(n + 1)}) + "\n" for n in range(4)))
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "modelloop",
-            "rlhf",
-            "--method",
-            "grpo",
-            "--model",
-            str(weightless),
-            "--data",
-            str(data),
-            "--reward",
-            reward,
-        ],
-        cwd=reward_module.parent,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
+    monkeypatch.chdir(reward_module.parent)  # ./team_rewards.py is found from where the command runs
+    result = CliRunner().invoke(
+        build_cli(), ["rlhf", "--method", "grpo", "--model", str(weightless), "--data", str(data), "--reward", reward]
     )
-    assert completed.returncode == 2, completed.stderr
-    lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], completed.stderr
-    assert "Traceback" not in completed.stderr
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_reward_column_missing_from_the_data_is_named(reward_module):

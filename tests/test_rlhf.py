@@ -202,7 +202,7 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"method": "dpo", "num_generations": 4}, "num_generations is for grpo, not dpo"),
+        ({"method": "dpo", "num_generations": 4}, "num_generations is for grpo, rloo, not dpo"),
         ({"method": "kto", "simpo_gamma": 1.0}, "simpo_gamma is for simpo, not kto"),
         ({"method": "dpo", "loss_type": "dapo"}, "loss_type 'dapo' is not one of dpo's"),
         ({"method": "dpo", "method_options": {"betta": 1}}, "method_options.betta: not a field of TRL's DPOConfig"),
@@ -354,3 +354,55 @@ def test_grpo_with_a_kl_term_logs_it(tuner, partly_right, tmp_path):
     modelloop.rlhf(grpo(partly_right, tmp_path, tuner=tuner, beta=0.04, max_steps=3, lr=1e-2))
     kl = logged(tmp_path / "grpo", "kl")
     assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl) > 0  # moves away once it trains
+
+
+def test_rloo_raises_the_mean_reward_with_rollouts_from_the_engine(partly_right, tmp_path, monkeypatch):
+    """RLOO takes GRPO's rewards and its rollouts from the registry's engine (the built-in
+    one here), each prompt's repeats one request."""
+    from modelloop.stages.rollouts import EngineRollouts
+
+    asked = []
+    complete = EngineRollouts.complete
+
+    def counting(self, prompt_ids, trainer):
+        asked.append(len(prompt_ids))
+        return complete(self, prompt_ids, trainer)
+
+    monkeypatch.setattr(EngineRollouts, "complete", counting)
+    modelloop.rlhf(grpo(partly_right, tmp_path, method="rloo", max_steps=24))
+    run = tmp_path / "grpo"
+    rewards = logged(run, "rewards/accuracy/mean")
+    assert len(rewards) == 24 and asked == [32] * 24
+    first, last = statistics.mean(rewards[:8]), statistics.mean(rewards[-8:])
+    assert last > first + 0.06, rewards
+    assert logged(run, "reward") and (run / "rewards.png").exists()
+
+
+def test_gkd_distils_the_teacher_into_the_model(partly_right, tiny_models, tmp_path):
+    """On its own generations the student's distribution moves towards the teacher's: the
+    generalized JSD between them falls."""
+    teacher, prompts = partly_right
+    modelloop.rlhf(
+        settings(
+            tiny_models,
+            tmp_path,
+            method="gkd",
+            teacher=str(teacher),
+            data=[prompts],
+            tuner="full",
+            lr=1e-3,
+            max_steps=10,
+            logging_steps=1,
+            max_completion_length=8,
+        )
+    )
+    losses = logged(tmp_path / "run", "loss")
+    assert len(losses) == 10 and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]) - 0.3, losses
+    assert logged(tmp_path / "run", "entropy")
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_before_either_model_loads(data, tiny_models, tmp_path):
+    with pytest.raises(ModelloopError, match="distillation needs the student's tokenizer"):
+        modelloop.rlhf(
+            settings(tiny_models, tmp_path, method="gkd", teacher=str(tiny_models("llama")), data=[data["prompts"]])
+        )

@@ -82,7 +82,7 @@ def _export(context: click.Context, parameter: click.Parameter, value: Any) -> N
 
 #: rlhf's own flags: the method and the knobs most runs set (the rest through --set).
 RLHF_FLAGS: dict[str, Any] = {
-    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo", "rm"]),
+    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "gkd", "rm"]),
     "--beta": float,
     "--loss-type": str,
     "--num-generations": int,
@@ -91,6 +91,7 @@ RLHF_FLAGS: dict[str, Any] = {
     "--rollout-engine": str,
     "--environment": str,
     "--max-turns": int,
+    "--teacher": str,
 }
 
 
@@ -240,5 +241,5 @@ sft_command = training_command("sft", "Supervised fine-tuning on conversations: 
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
 rlhf_command = training_command(
     "rlhf",
-    "Align a model with DPO, KTO, SimPO, ORPO (preference data) or GRPO (prompts and rewards), or train a reward model (rm).",
+    "Align a model with DPO, KTO, SimPO, ORPO (preference data), GRPO or RLOO (prompts and rewards), distil a teacher into it (gkd), or train a reward model (rm).",
 )

@@ -1,4 +1,5 @@
-"""``rlhf``: DPO, KTO, SimPO, ORPO, GRPO and reward models on any tuner, through TRL's trainers.
+"""``rlhf``: DPO, KTO, SimPO, ORPO, GRPO, RLOO, distillation and reward models on any
+tuner, through TRL's trainers.
 
 The losses are TRL's; this stage brings what ``sft`` has — the tuner hook (LoRA by
 default, whose frozen base is the reference model: no second copy), modelloop's data
@@ -6,7 +7,8 @@ formats and chat templates, the run folder, the lifecycle hooks, progress and pl
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
 batch before any model loads), rollouts through an engine of the registry, and
 environments: each completion an episode of several turns (tools, games), its reward
-one more of the run's rewards. ``rm`` trains a reward model (TRL's ``RewardTrainer``:
+one more of the run's rewards. RLOO takes GRPO's rewards and rollout engines; ``gkd``
+distils a teacher into the model on its own generations. ``rm`` trains a reward model (TRL's ``RewardTrainer``:
 the model's body under a one-output head) whose run folder is the ``reward-model``
 reward's ``path``.
 
@@ -90,8 +92,13 @@ METHODS: dict[str, Method] = {
         "GRPOConfig",
         loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     ),
+    "rloo": Method("prompt", "trl", "RLOOTrainer", "RLOOConfig"),
+    "gkd": Method("prompt", "trl.trainer.distillation_trainer", "DistillationTrainer", "DistillationConfig"),
     "rm": Method("preference", "trl", "RewardTrainer", "RewardConfig"),
 }
+
+#: The methods that sample completions and score them with rewards (``rewards``).
+REWARDED = ("grpo", "rloo")
 
 
 #: ``rollout_engine`` for TRL's own generation (transformers' ``generate`` inside the
@@ -130,12 +137,14 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
             )
     rewards: list[Any] = []
     environment = None
-    if config.method == "grpo":
+    if config.method in REWARDED:
         rewards, environment = check_grpo_scoring(config, [*records, *(eval_records or [])])
         if environment is not None and config.reward_weights:
             config = config.model_copy(update={"reward_weights": [1.0, *config.reward_weights]})
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
+    if config.method == "gkd":
+        check_teacher(config, checked)
     return run_stage(
         "rlhf",
         config,
@@ -231,11 +240,15 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
             arguments["loss_type"] = config.loss_type
     elif config.method == "rm":
         arguments["max_length"] = config.max_length
+    elif config.method == "gkd":
+        arguments.update(
+            max_completion_length=config.max_completion_length, temperature=config.temperature, top_p=config.top_p
+        )
     elif config.method in ("simpo", "orpo"):
         arguments.update(max_length=config.max_length, max_completion_length=config.max_length)
         if config.method == "simpo":
             arguments.update(simpo_gamma=config.simpo_gamma, label_smoothing=config.label_smoothing)
-    elif config.method == "grpo":
+    elif config.method in REWARDED:
         arguments.update(
             num_generations=config.num_generations,
             max_completion_length=config.max_completion_length,
@@ -243,11 +256,12 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
             top_p=config.top_p,
             epsilon=config.epsilon,
             epsilon_high=config.epsilon_high,
-            scale_rewards=config.scale_rewards,
             num_iterations=config.num_iterations,
             reward_weights=config.reward_weights,
             log_completions=False,
         )
+        if config.method == "grpo":
+            arguments["scale_rewards"] = config.scale_rewards
         if config.loss_type:
             arguments["loss_type"] = config.loss_type
     arguments.update(METHODS[config.method].fixed)
@@ -301,6 +315,22 @@ def check_grpo_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tup
     records_by_prompt(environment.name, records)
     played = BoundReward(name=REWARD_NAME, score=environment_reward, needs_model=False, columns=())
     return [played, *(check_rewards(config, records) if config.rewards else [])], environment
+
+
+def check_teacher(config: RLHFConfig, checked: Checked) -> None:
+    """The teacher's config is found and speaks the student's vocabulary (the distillation
+    loss compares their distributions token by token), before either model loads."""
+    from modelloop.models.loading import read_config, resolve_model_source
+
+    teacher = read_config(
+        resolve_model_source(config.teacher, weights=False).base, trust_remote_code=config.trust_remote_code
+    )
+    sizes = (teacher.get_text_config().vocab_size, checked.model_config.get_text_config().vocab_size)
+    if sizes[0] != sizes[1]:
+        raise ConfigError(
+            f"teacher {config.teacher}: a vocabulary of {sizes[0]} tokens, the model's has {sizes[1]}; "
+            "distillation needs the student's tokenizer"
+        )
 
 
 def resolve_environment(config: RLHFConfig) -> Any:
@@ -381,7 +411,7 @@ def _run(
         checked.plan,
         rows=len(dataset),
         examples=len(dataset),
-        rows_a_batch_row=config.num_generations if config.method == "grpo" else 1,
+        rows_a_batch_row=config.num_generations if config.method in REWARDED else 1,
     )
 
     memory = PeakMemory()
@@ -395,16 +425,23 @@ def _run(
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}
     rollouts = None
-    if config.method == "grpo":
+    trainer_class = _trl_class(method, method.trainer)
+    if config.method in REWARDED:
         extra = {"reward_funcs": [reward.score for reward in rewards]}
-        if config.rollout_engine != TRL_GENERATE:
-            episodes = None
-            if environment is not None:
-                from modelloop.stages.episodes import Episodes
+    if config.method in REWARDED and config.rollout_engine != TRL_GENERATE:
+        episodes = None
+        if environment is not None:
+            from modelloop.stages.episodes import Episodes
 
-                episodes = Episodes(environment, [*records, *(eval_records or [])], tokenizer=tokenizer, chat=chat)
-            rollouts = extra["rollout_func"] = _rollouts(config, tokenizer, chat, checked, run_dir, episodes)
-    trainer = modelloop_trainer_class(_trl_class(method, method.trainer))(
+            episodes = Episodes(environment, [*records, *(eval_records or [])], tokenizer=tokenizer, chat=chat)
+        rollouts = _rollouts(config, tokenizer, chat, checked, run_dir, episodes)
+        if config.method == "grpo":
+            extra["rollout_func"] = rollouts
+        else:
+            trainer_class = generating_through(trainer_class, rollouts)
+    if config.method == "gkd":
+        extra["teacher_model"] = load_teacher(config, checked)
+    trainer = modelloop_trainer_class(trainer_class)(
         model=model,
         args=arguments,
         train_dataset=dataset,
@@ -422,12 +459,11 @@ def _run(
         tokenizer.padding_side = padding_side  # model/ keeps the tokenizer as it came
     metrics["train_seconds"] = seconds
     metrics.update(memory.measured())
-    if config.method == "grpo":
+    if config.method in REWARDED:
         metrics.update(reward_summary(run_dir / "metrics.jsonl"))
-    if is_main_process():
-        plot_metrics(
-            run_dir / "metrics.jsonl", run_dir / "rewards.png", reward_series(config, rewards), ylabel="reward / margin"
-        )
+    series = reward_series(config, rewards)
+    if is_main_process() and series:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", series, ylabel="reward / margin")
     return finish_run(
         run_dir,
         "rlhf",
@@ -440,6 +476,38 @@ def _run(
         metrics=metrics,
         merged=config.method == "rm",
     )
+
+
+def generating_through(trainer_class: Any, rollouts: Any) -> Any:
+    """RLOO's trainer with its completions from an engine of the registry: TRL's RLOO has no
+    ``rollout_func`` as GRPO has, so its one-turn generation (``_generate_single_turn``, over
+    the prompts as TRL tokenised them with the run's template) is the rollouts' instead.
+    Prompts with pictures stay with TRL's own generation."""
+
+    class EngineGenerating(trainer_class):  # type: ignore[misc, valid-type]
+        def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any) -> Any:
+            if images is not None and any(images):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+            return rollouts.complete(prompt_ids, self)
+
+    EngineGenerating.__name__ = EngineGenerating.__qualname__ = trainer_class.__name__
+    return EngineGenerating
+
+
+def load_teacher(config: RLHFConfig, checked: Checked) -> Any:
+    """The teacher for distillation, frozen and in eval mode, in the student's precision; a
+    run with an adapter is merged into its base first."""
+    from modelloop.models.loading import load_model, merged_model
+
+    loaded = load_model(
+        config.teacher,
+        dtype=checked.precision.load_dtype(trains_base_weights=False),
+        attn_implementation=checked.attention,
+        trust_remote_code=config.trust_remote_code,
+    )
+    teacher = merged_model(loaded) if loaded.tuner is not None else loaded.model
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
@@ -477,8 +545,8 @@ def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
 def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     """What ``rewards.png`` shows: each reward and their weighted total for GRPO; the
     chosen-rejected margin (and accuracy) for the preference methods and reward models,
-    KTO's rewards."""
-    if config.method == "grpo":
+    KTO's rewards; nothing for distillation (its loss is ``loss.png``'s)."""
+    if config.method in REWARDED:
         weights = config.reward_weights or [1.0] * len(rewards)
         total = "weighted sum: " + " + ".join(
             f"{weight:g} x {reward.name}" for weight, reward in zip(weights, rewards, strict=True)
@@ -488,6 +556,8 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
         return {"rewards/chosen": "desirable", "rewards/rejected": "undesirable", "rewards/margins": "margin"}
     if config.method == "rm":
         return {"margin": "chosen - rejected score", "accuracy": "accuracy"}
+    if config.method == "gkd":
+        return {}
     return {"rewards/margins": "chosen - rejected margin", "rewards/accuracies": "accuracy"}
 
 

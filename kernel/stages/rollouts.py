@@ -72,12 +72,7 @@ class EngineRollouts:
 
     def __call__(self, prompts: Sequence[Any], trainer: Any) -> dict[str, Any]:
         session = self._session(trainer)
-        groups: list[tuple[Any, list[int], int]] = []
-        for prompt in prompts:
-            if groups and groups[-1][0] == prompt:
-                groups[-1] = (prompt, groups[-1][1], groups[-1][2] + 1)
-            else:
-                groups.append((prompt, self.prompt_ids(prompt), 1))
+        groups = [(prompt, self.prompt_ids(prompt), count) for prompt, count in runs_of(prompts)]
         requests = [self._request(prompt, ids, count) for prompt, ids, count in groups]
         if self.episodes is not None:
             played = self.episodes.play(
@@ -94,6 +89,18 @@ class EngineRollouts:
                 prompt_ids.append(ids)
                 completion_ids.append(self.completion_ids(choice))
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+    def complete(self, prompt_ids: Sequence[Sequence[int]], trainer: Any) -> list[list[int]]:
+        """One completion's ids per prompt given as ids (RLOO's, tokenised by TRL), the
+        repeats of a prompt one request with ``n`` choices."""
+        session = self._session(trainer)
+        requests = [
+            GenerationRequest(prompt=ids, model=self.served, params=replace(self.sampling, n=count))
+            for ids, count in runs_of([list(ids) for ids in prompt_ids])
+        ]
+        return [
+            self.completion_ids(choice) for generation in session.generate(requests) for choice in generation.choices
+        ]
 
     def prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, str):
@@ -170,6 +177,18 @@ class EngineRollouts:
         if previous is not None and previous[1] != folder:
             shutil.rmtree(previous[1], ignore_errors=True)
         self.synced_step = step
+
+
+def runs_of(items: Sequence[Any]) -> list[tuple[Any, int]]:
+    """Consecutive equal items as (item, how many): GRPO and RLOO repeat each prompt once
+    per completion of its group."""
+    runs: list[tuple[Any, int]] = []
+    for item in items:
+        if runs and runs[-1][0] == item:
+            runs[-1] = (item, runs[-1][1] + 1)
+        else:
+            runs.append((item, 1))
+    return runs
 
 
 def _pictures(prompt: Sequence[Mapping[str, Any]]) -> list[Any]:
