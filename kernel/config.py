@@ -148,28 +148,18 @@ class TrainConfig(BaseModel):
 
 #: RLHF knobs that belong to some methods only: setting one for another method is an error.
 METHOD_KNOBS: dict[str, tuple[str, ...]] = {
-    "loss_type": ("dpo", "kto", "grpo"),
+    "loss_type": ("dpo", "kto", "grpo", "online_dpo"),
     "label_smoothing": ("dpo", "simpo"),
     "simpo_gamma": ("simpo",),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
     "teacher": ("gkd",),
-    **{name: ("grpo", "rloo", "gkd") for name in ("max_completion_length", "temperature", "top_p")},
+    **{name: ("grpo", "rloo", "online_dpo", "gkd") for name in ("max_completion_length", "temperature", "top_p")},
     **{
-        name: ("grpo", "rloo")
-        for name in (
-            "num_generations",
-            "epsilon",
-            "epsilon_high",
-            "num_iterations",
-            "rewards",
-            "reward_weights",
-            "reward_options",
-            "rollout_engine",
-            "rollout_options",
-            "sync_steps",
-        )
+        name: ("grpo", "rloo", "online_dpo")
+        for name in ("rewards", "reward_weights", "reward_options", "rollout_engine", "rollout_options", "sync_steps")
     },
+    **{name: ("grpo", "rloo") for name in ("num_generations", "epsilon", "epsilon_high", "num_iterations")},
     **{name: ("grpo",) for name in ("scale_rewards", "environment", "environment_options", "max_turns")},
 }
 
@@ -181,9 +171,9 @@ class RLHFConfig(TrainConfig):
     other field of TRL's config for the method (checked against it).
     """
 
-    method: Literal["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "gkd", "rm"] = Field(
+    method: Literal["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "online_dpo", "gkd", "rm"] = Field(
         "dpo",
-        description="dpo, kto, simpo, orpo (preference data), grpo, rloo (prompts and rewards), gkd (prompts and a teacher) or rm (a reward model, from preference data)",
+        description="dpo, kto, simpo, orpo (preference data), grpo, rloo, online_dpo (prompts and rewards), gkd (prompts and a teacher) or rm (a reward model, from preference data)",
     )
     packing: bool = False
     beta: float | None = Field(
@@ -193,7 +183,7 @@ class RLHFConfig(TrainConfig):
     )
     loss_type: str | None = Field(
         None,
-        description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...",
+        description="dpo: sigmoid, ipo, hinge, ...; kto: kto, apo_zero_unpaired; grpo: grpo, dr_grpo, dapo, bnpo, ...; online_dpo: sigmoid, ipo",
     )
     label_smoothing: float = Field(
         0.0, ge=0.0, lt=0.5, description="dpo, simpo: the assumed share of flipped preferences"
@@ -202,9 +192,15 @@ class RLHFConfig(TrainConfig):
     desirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the desirable examples' loss")
     undesirable_weight: float = Field(1.0, gt=0.0, description="kto: weight of the undesirable examples' loss")
     num_generations: int = Field(8, ge=2, description="grpo, rloo: completions per prompt (a group)")
-    max_completion_length: int = Field(256, gt=0, description="grpo, rloo, gkd: tokens per completion at most")
-    temperature: float = Field(1.0, gt=0.0, description="grpo, rloo, gkd: sampling temperature of the rollouts")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="grpo, rloo, gkd: nucleus sampling of the rollouts")
+    max_completion_length: int = Field(
+        256, gt=0, description="grpo, rloo, online_dpo, gkd: tokens per completion at most"
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, description="grpo, rloo, online_dpo, gkd: sampling temperature of the rollouts"
+    )
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="grpo, rloo, online_dpo, gkd: nucleus sampling of the rollouts"
+    )
     epsilon: float = Field(0.2, gt=0.0, description="grpo, rloo: the clipping range (lower side)")
     epsilon_high: float | None = Field(
         None, gt=0.0, description="grpo, rloo: the upper clipping bound (DAPO's clip-higher); None = epsilon"
@@ -212,21 +208,25 @@ class RLHFConfig(TrainConfig):
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="grpo: how advantages are scaled")
     num_iterations: int = Field(1, ge=1, description="grpo, rloo: optimisation passes over each batch of rollouts")
     rewards: list[str] = Field(
-        default_factory=list, description="grpo, rloo: reward names, module:function or file.py:function"
+        default_factory=list, description="grpo, rloo, online_dpo: reward names, module:function or file.py:function"
     )
-    reward_weights: list[float] | None = Field(None, description="grpo, rloo: one weight per reward (default 1 each)")
+    reward_weights: list[float] | None = Field(
+        None, description="grpo, rloo, online_dpo: one weight per reward (default 1 each)"
+    )
     reward_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="grpo, rloo: options per reward, by its name in rewards"
+        default_factory=dict, description="grpo, rloo, online_dpo: options per reward, by its name in rewards"
     )
     rollout_engine: str = Field(
         "hf",
-        description="grpo, rloo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)",
+        description="grpo, rloo, online_dpo: the engine that generates the rollouts (hf, vllm, sglang, ...; trl: TRL's own generate)",
     )
     rollout_options: dict[str, Any] = Field(
-        default_factory=dict, description="grpo, rloo: the rollout engine's options"
+        default_factory=dict, description="grpo, rloo, online_dpo: the rollout engine's options"
     )
     sync_steps: int = Field(
-        1, ge=1, description="grpo, rloo: optimizer steps between weight hand-overs to an engine out of process"
+        1,
+        ge=1,
+        description="grpo, rloo, online_dpo: optimizer steps between weight hand-overs to an engine out of process",
     )
     teacher: str | None = Field(
         None, description="gkd: the teacher, a model folder, hub id or run whose tokenizer is the student's"
@@ -258,7 +258,7 @@ class RLHFConfig(TrainConfig):
             raise ValueError(
                 "rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1"
             )
-        if self.beta == 0 and self.method not in ("grpo", "rloo", "gkd"):
+        if self.beta == 0 and self.method not in ("grpo", "rloo", "online_dpo", "gkd"):
             raise ValueError(f"beta must be above 0 for {self.method}")
         if self.method == "gkd" and self.teacher is None:
             raise ValueError("gkd distils a teacher into the model: set teacher (a model folder, hub id or run)")

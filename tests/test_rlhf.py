@@ -406,3 +406,25 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_either_model_loads(da
         modelloop.rlhf(
             settings(tiny_models, tmp_path, method="gkd", teacher=str(tiny_models("llama")), data=[data["prompts"]])
         )
+
+
+def test_online_dpo_trains_on_pairs_from_the_engine(partly_right, tmp_path, monkeypatch):
+    """Online DPO: two completions a prompt from the registry's engine (one request, n = 2),
+    ranked by the rewards into chosen and rejected; its own metrics logged."""
+    from modelloop.stages.rollouts import EngineRollouts
+
+    asked = []
+    complete = EngineRollouts.complete
+
+    def counting(self, prompt_ids, trainer):
+        asked.append(len(prompt_ids))
+        return complete(self, prompt_ids, trainer)
+
+    monkeypatch.setattr(EngineRollouts, "complete", counting)
+    config = grpo(partly_right, tmp_path, method="online_dpo", max_steps=6, batch_size=8, lr=1e-4, beta=0.1)
+    del config["num_generations"]
+    modelloop.rlhf(config)
+    run = tmp_path / "grpo"
+    assert asked == [16] * 6  # 8 prompts, a pair each
+    assert len(logged(run, "objective/scores")) == 6 and logged(run, "rewards/margins")
+    assert (run / "rewards.png").exists()

@@ -82,7 +82,7 @@ def _export(context: click.Context, parameter: click.Parameter, value: Any) -> N
 
 #: rlhf's own flags: the method and the knobs most runs set (the rest through --set).
 RLHF_FLAGS: dict[str, Any] = {
-    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "gkd", "rm"]),
+    "--method": click.Choice(["dpo", "kto", "simpo", "orpo", "grpo", "rloo", "online_dpo", "gkd", "rm"]),
     "--beta": float,
     "--loss-type": str,
     "--num-generations": int,
@@ -241,5 +241,5 @@ sft_command = training_command("sft", "Supervised fine-tuning on conversations: 
 pt_command = training_command("pt", "Pre-training or continued pre-training on raw text: loss on every token.")
 rlhf_command = training_command(
     "rlhf",
-    "Align a model with DPO, KTO, SimPO, ORPO (preference data), GRPO or RLOO (prompts and rewards), distil a teacher into it (gkd), or train a reward model (rm).",
+    "Align a model with DPO, KTO, SimPO, ORPO (preference data), GRPO, RLOO or online DPO (prompts and rewards), distil a teacher into it (gkd), or train a reward model (rm).",
 )

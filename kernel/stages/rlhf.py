@@ -7,7 +7,7 @@ formats and chat templates, the run folder, the lifecycle hooks, progress and pl
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
 batch before any model loads), rollouts through an engine of the registry, and
 environments: each completion an episode of several turns (tools, games), its reward
-one more of the run's rewards. RLOO takes GRPO's rewards and rollout engines; ``gkd``
+one more of the run's rewards. RLOO and online DPO take GRPO's rewards and rollout engines; ``gkd``
 distils a teacher into the model on its own generations. ``rm`` trains a reward model (TRL's ``RewardTrainer``:
 the model's body under a one-output head) whose run folder is the ``reward-model``
 reward's ``path``.
@@ -93,12 +93,18 @@ METHODS: dict[str, Method] = {
         loss_types=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     ),
     "rloo": Method("prompt", "trl", "RLOOTrainer", "RLOOConfig"),
+    "online_dpo": Method(
+        "prompt", "trl.experimental.online_dpo", "OnlineDPOTrainer", "OnlineDPOConfig", loss_types=("sigmoid", "ipo")
+    ),
     "gkd": Method("prompt", "trl.trainer.distillation_trainer", "DistillationTrainer", "DistillationConfig"),
     "rm": Method("preference", "trl", "RewardTrainer", "RewardConfig"),
 }
 
-#: The methods that sample completions and score them with rewards (``rewards``).
-REWARDED = ("grpo", "rloo")
+#: The methods that sample completions and score them with rewards (``rewards``)...
+REWARDED = ("grpo", "rloo", "online_dpo")
+#: ... and of those, the ones that sample a group of ``num_generations`` per prompt
+#: (online DPO samples a pair).
+GROUPED = ("grpo", "rloo")
 
 
 #: ``rollout_engine`` for TRL's own generation (transformers' ``generate`` inside the
@@ -248,7 +254,17 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
         arguments.update(max_length=config.max_length, max_completion_length=config.max_length)
         if config.method == "simpo":
             arguments.update(simpo_gamma=config.simpo_gamma, label_smoothing=config.label_smoothing)
-    elif config.method in REWARDED:
+    elif config.method == "online_dpo":
+        arguments.update(
+            max_new_tokens=config.max_completion_length,
+            max_length=config.max_length,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            reward_weights=config.reward_weights,
+        )
+        if config.loss_type:
+            arguments["loss_type"] = config.loss_type
+    elif config.method in GROUPED:
         arguments.update(
             num_generations=config.num_generations,
             max_completion_length=config.max_completion_length,
@@ -411,7 +427,7 @@ def _run(
         checked.plan,
         rows=len(dataset),
         examples=len(dataset),
-        rows_a_batch_row=config.num_generations if config.method in REWARDED else 1,
+        rows_a_batch_row=config.num_generations if config.method in GROUPED else 1,
     )
 
     memory = PeakMemory()
@@ -437,8 +453,10 @@ def _run(
         rollouts = _rollouts(config, tokenizer, chat, checked, run_dir, episodes)
         if config.method == "grpo":
             extra["rollout_func"] = rollouts
-        else:
+        elif config.method == "rloo":
             trainer_class = generating_through(trainer_class, rollouts)
+        else:
+            trainer_class = pairs_through(trainer_class, rollouts)
     if config.method == "gkd":
         extra["teacher_model"] = load_teacher(config, checked)
     trainer = modelloop_trainer_class(trainer_class)(
@@ -460,7 +478,9 @@ def _run(
     metrics["train_seconds"] = seconds
     metrics.update(memory.measured())
     if config.method in REWARDED:
-        metrics.update(reward_summary(run_dir / "metrics.jsonl"))
+        metrics.update(
+            reward_summary(run_dir / "metrics.jsonl", "objective/scores" if config.method == "online_dpo" else "reward")
+        )
     series = reward_series(config, rewards)
     if is_main_process() and series:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "rewards.png", series, ylabel="reward / margin")
@@ -492,6 +512,35 @@ def generating_through(trainer_class: Any, rollouts: Any) -> Any:
 
     EngineGenerating.__name__ = EngineGenerating.__qualname__ = trainer_class.__name__
     return EngineGenerating
+
+
+def pairs_through(trainer_class: Any, rollouts: Any) -> Any:
+    """Online DPO's trainer with each prompt's two completions from an engine of the
+    registry (one request with ``n`` = 2), in the padded tensors TRL's own ``_generate``
+    gives: the prompts left-padded, twice over, then the first and the second completion of
+    each, right-padded, their masks through the end of turn."""
+
+    class EnginePairs(trainer_class):  # type: ignore[misc, valid-type]
+        def _generate(self, model: Any, prompts: Any, images: Any = None) -> Any:
+            if images is not None:
+                return super()._generate(model, prompts, images)
+            from modelloop.stages.rollouts import padded
+
+            prompt_ids = [rollouts.prompt_ids(prompt) for prompt in prompts]
+            pairs = rollouts.complete([ids for ids in prompt_ids for _ in range(2)], self)
+            device, pad = self.accelerator.device, self._tokenizer.pad_token_id
+            prompt_rows, prompt_mask = padded(prompt_ids * 2, pad, left=True)
+            completion_rows, completion_mask = padded(pairs[0::2] + pairs[1::2], pad, left=False)
+            return (
+                prompt_rows.to(device),
+                prompt_mask.to(device),
+                completion_rows.to(device),
+                completion_mask.to(device),
+                None,
+            )
+
+    EnginePairs.__name__ = EnginePairs.__qualname__ = trainer_class.__name__
+    return EnginePairs
 
 
 def load_teacher(config: RLHFConfig, checked: Checked) -> Any:
@@ -529,11 +578,11 @@ def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "prompt": prompt, "images": [open_image(image) for image in images]}
 
 
-def reward_summary(metrics_path: Path, window: int = 5) -> dict[str, float]:
-    """GRPO's mean total reward over the first and the last ``window`` logged steps."""
+def reward_summary(metrics_path: Path, key: str = "reward", window: int = 5) -> dict[str, float]:
+    """The mean total reward (logged as ``key``) over the first and the last ``window`` logged steps."""
     from modelloop.jsonl import read_jsonl
 
-    logged = [record["reward"] for record in read_jsonl(metrics_path) if record.get("reward") is not None]
+    logged = [record[key] for record in read_jsonl(metrics_path) if record.get(key) is not None]
     if not logged:
         return {}
     return {
@@ -546,6 +595,8 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     """What ``rewards.png`` shows: each reward and their weighted total for GRPO; the
     chosen-rejected margin (and accuracy) for the preference methods and reward models,
     KTO's rewards; nothing for distillation (its loss is ``loss.png``'s)."""
+    if config.method == "online_dpo":
+        return {"objective/scores": "mean reward", "objective/scores_margin": "chosen - rejected reward"}
     if config.method in REWARDED:
         weights = config.reward_weights or [1.0] * len(rewards)
         total = "weighted sum: " + " + ".join(

@@ -179,6 +179,20 @@ class EngineRollouts:
         self.synced_step = step
 
 
+def padded(rows: Sequence[Sequence[int]], pad: int, *, left: bool) -> tuple[Any, Any]:
+    """Token-id rows as one tensor padded on the ``left`` (prompts) or right, and its mask."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[index, span] = torch.tensor(row, dtype=torch.long)
+        mask[index, span] = 1
+    return ids, mask
+
+
 def runs_of(items: Sequence[Any]) -> list[tuple[Any, int]]:
     """Consecutive equal items as (item, how many): GRPO and RLOO repeat each prompt once
     per completion of its group."""

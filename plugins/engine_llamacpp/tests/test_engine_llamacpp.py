@@ -251,6 +251,7 @@ def test_eval_through_llamacpp_scores_as_through_hf(varied_lora_run, tmp_path):
 
 
 def test_grpo_trains_with_llamacpp_rollouts(tiny_models, tmp_path):
+    """Episodes of the arithmetic quiz, their second turns sent to llama.cpp as token ids."""
     prompts = tmp_path / "prompts.jsonl"
     rows = [
         {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "solution": str(a + b)}
@@ -264,10 +265,13 @@ def test_grpo_trains_with_llamacpp_rollouts(tiny_models, tmp_path):
             "method": "grpo",
             "data": [str(prompts)],
             # the tiny model is never right: the length reward varies between completions
+            # (each episode's two answers and the question between them)
             "rewards": ["accuracy", "length"],
-            "reward_options": {"length": {"min_chars": 60}},
+            "reward_options": {"length": {"min_chars": 200}},
             "tuner": "lora",
             "rollout_engine": "llamacpp",
+            "environment": "arithmetic",
+            "environment_options": {"rounds": 2},
             "sync_steps": 1,
             "num_generations": 4,
             "batch_size": 8,
@@ -280,6 +284,7 @@ def test_grpo_trains_with_llamacpp_rollouts(tiny_models, tmp_path):
     )
     records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if "rewards/length/mean" in r]) == 2
+    assert len([r for r in records if "rewards/environment/mean" in r]) == 2
     from safetensors.torch import load_file
 
     adapter = load_file(tmp_path / "grpo" / "model" / "adapter_model.safetensors")
