@@ -374,10 +374,10 @@ def _check_names(step: Step) -> None:
             get_registry(PARALLEL_STRATEGIES).get(config.strategy)
         if step.kind == "rlhf":
             from modelloop.rewards import resolve_rewards
-            from modelloop.stages.rlhf import TRL_GENERATE, check_method
+            from modelloop.stages.rlhf import REWARDED, TRL_GENERATE, check_method
 
             check_method(config)
-            if config.method == "grpo":
+            if config.method in REWARDED:
                 if config.environment is not None:
                     from modelloop.stages.rlhf import resolve_environment
 
@@ -431,14 +431,14 @@ def _check_inputs(step: Step) -> None:
 
         trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
     elif step.kind == "rlhf":
-        from modelloop.stages.rlhf import CHECK_DIR, METHODS, check_grpo_scoring, read_data, trl_arguments
+        from modelloop.stages.rlhf import CHECK_DIR, METHODS, REWARDED, check_scoring, read_data, trl_arguments
 
         trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
         records = read_data(config.data, config, METHODS[config.method].kind)
         if config.eval_data:
             read_data(config.eval_data, config, METHODS[config.method].kind)
-        if config.method == "grpo":
-            check_grpo_scoring(config, records)
+        if config.method in REWARDED:
+            check_scoring(config, records)
     elif step.kind == "eval" and config.benchmarks:
         missing = [folder for folder in config.tasks_dir if not Path(folder).is_dir()]
         if missing:

@@ -356,19 +356,26 @@ def test_grpo_with_a_kl_term_logs_it(tuner, partly_right, tmp_path):
     assert len(kl) == 3 and kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl) > 0  # moves away once it trains
 
 
-def test_rloo_raises_the_mean_reward_with_rollouts_from_the_engine(partly_right, tmp_path, monkeypatch):
-    """RLOO takes GRPO's rewards and its rollouts from the registry's engine (the built-in
-    one here), each prompt's repeats one request."""
+@pytest.fixture
+def asked(monkeypatch):
+    """How many prompts each call of the rollouts' ``complete`` (RLOO's and online DPO's
+    generation through the engine) asked for."""
     from modelloop.stages.rollouts import EngineRollouts
 
-    asked = []
+    counts = []
     complete = EngineRollouts.complete
 
     def counting(self, prompt_ids, trainer):
-        asked.append(len(prompt_ids))
+        counts.append(len(prompt_ids))
         return complete(self, prompt_ids, trainer)
 
     monkeypatch.setattr(EngineRollouts, "complete", counting)
+    return counts
+
+
+def test_rloo_raises_the_mean_reward_with_rollouts_from_the_engine(partly_right, tmp_path, asked):
+    """RLOO takes GRPO's rewards and its rollouts from the registry's engine (the built-in
+    one here), each prompt's repeats one request."""
     modelloop.rlhf(grpo(partly_right, tmp_path, method="rloo", max_steps=24))
     run = tmp_path / "grpo"
     rewards = logged(run, "rewards/accuracy/mean")
@@ -408,19 +415,9 @@ def test_a_teacher_of_another_vocabulary_is_refused_before_either_model_loads(da
         )
 
 
-def test_online_dpo_trains_on_pairs_from_the_engine(partly_right, tmp_path, monkeypatch):
+def test_online_dpo_trains_on_pairs_from_the_engine(partly_right, tmp_path, asked):
     """Online DPO: two completions a prompt from the registry's engine (one request, n = 2),
     ranked by the rewards into chosen and rejected; its own metrics logged."""
-    from modelloop.stages.rollouts import EngineRollouts
-
-    asked = []
-    complete = EngineRollouts.complete
-
-    def counting(self, prompt_ids, trainer):
-        asked.append(len(prompt_ids))
-        return complete(self, prompt_ids, trainer)
-
-    monkeypatch.setattr(EngineRollouts, "complete", counting)
     config = grpo(partly_right, tmp_path, method="online_dpo", max_steps=6, batch_size=8, lr=1e-4, beta=0.1)
     del config["num_generations"]
     modelloop.rlhf(config)

@@ -144,7 +144,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
     rewards: list[Any] = []
     environment = None
     if config.method in REWARDED:
-        rewards, environment = check_grpo_scoring(config, [*records, *(eval_records or [])])
+        rewards, environment = check_scoring(config, [*records, *(eval_records or [])])
         if environment is not None and config.reward_weights:
             config = config.model_copy(update={"reward_weights": [1.0, *config.reward_weights]})
         if config.rollout_engine != TRL_GENERATE:
@@ -307,9 +307,9 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
     return [{**keys, **example.record} for example in records.examples]
 
 
-def check_grpo_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[list[Any], Any]:
-    """GRPO's rewards and its environment (or None), each proven on the data before any
-    model loads. With an environment, its episode reward comes first (weight 1) and the
+def check_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[list[Any], Any]:
+    """The rewards of a method that samples (GRPO, RLOO, online DPO) and GRPO's environment
+    (or None), each proven on the data before any model loads. With an environment, its episode reward comes first (weight 1) and the
     run may name no other reward."""
     if config.environment is None:
         return check_rewards(config, records), None
