@@ -20,6 +20,9 @@ too (held equal to the built-in engine's by a test).
 With an environment (``episodes``), each completion is an episode of several turns,
 played by ``modelloop.stages.episodes``: the first turn is the request above, the next
 ones batches of one request per live episode, as token ids.
+
+RLOO's and online DPO's trainers have no ``rollout_func``; ``complete`` serves them the
+same way from prompts TRL has already tokenised (``modelloop.stages.rlhf``).
 """
 
 from __future__ import annotations
