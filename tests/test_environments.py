@@ -287,6 +287,8 @@ def test_hook_register_environments_an_environment_from_a_plugin_plays_two_turns
     rewards = logged(run, "rewards/environment/mean")
     assert len(rewards) == 2 and all(reward >= 0.5 for reward in rewards)
     assert logged(run, "rewards/length/mean")
+    # the run keeps the weights as given (a resumed run reads them again); TRL got 1 before them
+    assert json.loads((run / "manifest.json").read_text())["config"]["reward_weights"] == [0.5]
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,15 @@ formats and chat templates, the run folder, the lifecycle hooks, progress and pl
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
 batch before any model loads), rollouts through an engine of the registry, and
 environments: each completion an episode of several turns (tools, games), its reward
-one more of the run's rewards. RLOO and online DPO take GRPO's rewards and rollout engines; ``gkd``
-distils a teacher into the model on its own generations. ``rm`` trains a reward model (TRL's ``RewardTrainer``:
-the model's body under a one-output head) whose run folder is the ``reward-model``
-reward's ``path``.
+one more of the run's rewards. RLOO and online DPO take GRPO's rewards and rollout
+engines; ``gkd`` distils a teacher into the model on its own generations. ``rm`` trains a
+reward model (TRL's ``RewardTrainer``: the model's body under a one-output head) whose
+run folder is the ``reward-model`` reward's ``path``.
 
 Checks, in order, before the weights load: the config (including which knobs belong to
 which method), the tuner, TRL's own config for the method, the model's config, every
-data record (of the kind the method takes), the environment, the rewards and the rollout engine.
+data record (of the kind the method takes), the environment, the rewards and the
+rollout engine (a distillation's teacher: its vocabulary).
 """
 
 from __future__ import annotations
@@ -145,8 +146,6 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
     environment = None
     if config.method in REWARDED:
         rewards, environment = check_scoring(config, [*records, *(eval_records or [])])
-        if environment is not None and config.reward_weights:
-            config = config.model_copy(update={"reward_weights": [1.0, *config.reward_weights]})
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
     if config.method == "gkd":
@@ -260,7 +259,7 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
             max_length=config.max_length,
             temperature=config.temperature,
             top_p=config.top_p,
-            reward_weights=config.reward_weights,
+            reward_weights=scoring_weights(config),
         )
         if config.loss_type:
             arguments["loss_type"] = config.loss_type
@@ -273,7 +272,7 @@ def method_arguments(config: RLHFConfig) -> dict[str, Any]:
             epsilon=config.epsilon,
             epsilon_high=config.epsilon_high,
             num_iterations=config.num_iterations,
-            reward_weights=config.reward_weights,
+            reward_weights=scoring_weights(config),
             log_completions=False,
         )
         if config.method == "grpo":
@@ -309,8 +308,9 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
 
 def check_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[list[Any], Any]:
     """The rewards of a method that samples (GRPO, RLOO, online DPO) and GRPO's environment
-    (or None), each proven on the data before any model loads. With an environment, its episode reward comes first (weight 1) and the
-    run may name no other reward."""
+    (or None), each proven on the data before any model loads. With an environment, its
+    episode reward comes first (weight 1, ``scoring_weights``) and the run may name no
+    other reward."""
     if config.environment is None:
         return check_rewards(config, records), None
     from modelloop.environments import REWARD_NAME, check_environment, environment_reward
@@ -331,6 +331,15 @@ def check_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[li
     records_by_prompt(environment.name, records)
     played = BoundReward(name=REWARD_NAME, score=environment_reward, needs_model=False, columns=())
     return [played, *(check_rewards(config, records) if config.rewards else [])], environment
+
+
+def scoring_weights(config: RLHFConfig) -> list[float] | None:
+    """The weights TRL gets, one per reward function: with an environment, its episode
+    reward's 1 before those of the rewards named (the config keeps the user's, so that a
+    resumed run reads them as given)."""
+    if config.environment is not None and config.reward_weights:
+        return [1.0, *config.reward_weights]
+    return config.reward_weights
 
 
 def check_teacher(config: RLHFConfig, checked: Checked) -> None:
@@ -598,7 +607,7 @@ def reward_series(config: RLHFConfig, rewards: list[Any]) -> dict[str, str]:
     if config.method == "online_dpo":
         return {"objective/scores": "mean reward", "objective/scores_margin": "chosen - rejected reward"}
     if config.method in REWARDED:
-        weights = config.reward_weights or [1.0] * len(rewards)
+        weights = scoring_weights(config) or [1.0] * len(rewards)
         total = "weighted sum: " + " + ".join(
             f"{weight:g} x {reward.name}" for weight, reward in zip(weights, rewards, strict=True)
         )
