@@ -215,19 +215,8 @@ def install_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 def modelloop_serve(
     python: str, model: str, adapters: dict[str, str], options: dict[str, object]
 ) -> tuple[list[str], dict[str, str]]:
-    """``modelloop serve`` as an engine's server command (``launch.start_server``): it speaks
-    the API vLLM and SGLang do, so the HTTP engine path runs on a CPU."""
-    argv = [
-        python,
-        "-m",
-        "modelloop",
-        "serve",
-        model,
-        "--port",
-        str(options["port"]),
-        "--served-name",
-        str(options["served_name"]),
-    ]
-    for name, path in adapters.items():
-        argv += ["--adapters", f"{name}={path}"]
-    return argv, {}
+    """``modelloop serve`` as an engine's server command (``launch.start_server``): the
+    built-in ``hf-server`` engine's, so that the HTTP engine path runs on a CPU."""
+    from modelloop.builtin.hf_engine import serve_command
+
+    return serve_command(python, model, adapters, options)

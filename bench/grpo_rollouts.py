@@ -1,15 +1,23 @@
-"""GRPO rollouts on the tiny model: the engines (batched, n choices per prompt) vs TRL's generate.
+"""GRPO rollouts on the tiny model: the engines (batched, n choices per prompt) vs TRL's
+generate, and asynchronous generation vs synchronous.
 
 The runs are the same ``modelloop rlhf --method grpo`` (LoRA, 8 completions per prompt,
-up to 16 tokens, the ``format`` reward), with ``rollout_engine=trl`` (TRL's own
-``generate`` call inside the trainer, the baseline), ``hf`` (the engine protocol over the
-policy in this process, what vLLM or SGLang would also serve) and, with
-``--engines trl,hf,llamacpp``, ``llamacpp`` (llama.cpp on the base converted to GGUF, the
-policy's LoRA adapter converted and loaded at each sync). The time spent generating is
-measured around each path's entry point; completions/s counts every completion generated.
+up to ``--completion-length`` tokens, the ``format`` reward), with ``rollout_engine=trl``
+(TRL's own ``generate`` call inside the trainer, the baseline), ``hf`` (the engine
+protocol over the policy in this process, what vLLM or SGLang would also serve),
+``hf-server`` (the same engine in its own process, behind HTTP, the adapter handed over
+every step) and ``llamacpp`` (llama.cpp on the base converted to GGUF, the policy's LoRA
+adapter converted and loaded at each sync). ``ENGINE@N`` runs it with ``max_staleness=N``:
+rollouts generated while the trainer steps, from weights at most N steps old.
+
+``generate s`` is the time the trainer spent on its rollouts: around each path's entry
+point, for asynchronous rollouts the time it waited for them; completions/s counts every
+completion over it. Steps/min is over the training loop (``train_seconds``, the engine's
+start-up included); "after step 1" over the steps after the first (TRL's ``step_time``).
 
 Usage: .venv/bin/python bench/grpo_rollouts.py [--steps 20] [--batch-size 32] [--repeat 2]
-       [--engines trl,hf]
+       [--engines trl,hf] [--completion-length 16] [--policy sft|base]
+e.g.   .venv/bin/python bench/grpo_rollouts.py --engines hf-server,hf-server@1 --completion-length 48
 """
 
 from __future__ import annotations
@@ -69,7 +77,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="completions per step")
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--engines", default="trl,hf", help="rollout engines, the first the baseline")
+    parser.add_argument(
+        "--engines", default="trl,hf", help="rollout engines (ENGINE@N: max_staleness N), the first the baseline"
+    )
+    parser.add_argument("--completion-length", type=int, default=16, help="max_completion_length")
+    parser.add_argument(
+        "--policy",
+        choices=["sft", "base"],
+        default="sft",
+        help="sft: the tiny model after a short SFT on the sums (answers in a few tokens); "
+        "base: the random tiny model (every completion runs to the length limit, as long reasoning does)",
+    )
     arguments = parser.parse_args()
     engines = arguments.engines.split(",")
 
@@ -77,9 +95,11 @@ def main() -> None:
 
     import modelloop
     from modelloop.models.new_model import new_model
+    from modelloop.stages.async_rollouts import AsyncRollouts
     from modelloop.stages.rollouts import EngineRollouts
 
     engine_clock = Stopwatch(EngineRollouts, "__call__")
+    waiting_clock = Stopwatch(AsyncRollouts, "__call__")
     trl_clock = Stopwatch(GRPOTrainer, "_generate_single_turn")
     root = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     chats, prompts = write_data(root)
@@ -99,29 +119,33 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     for repeat in range(arguments.repeat):
         for engine in engines:
-            clock = trl_clock if engine == "trl" else engine_clock
+            name, _, staleness = engine.partition("@")
+            clock = trl_clock if name == "trl" else waiting_clock if staleness else engine_clock
             clock.seconds = 0.0
             out = root / f"{engine}-{repeat}"
             started = time.perf_counter()
             modelloop.rlhf(
                 {
-                    "model": str(root / "sft"), "method": "grpo", "data": [str(prompts)], "rewards": ["format"],
+                    "model": str(root / "sft" if arguments.policy == "sft" else base), "method": "grpo", "data": [str(prompts)], "rewards": ["format"],
                     "reward_options": {"format": {"pattern": r"<answer>\d+</answer>"}}, "num_generations": arguments.generations,
-                    "batch_size": arguments.batch_size, "max_completion_length": 16, "lr": 1e-3, "max_steps": arguments.steps,
-                    "logging_steps": 1, "beta": 0.0, "rollout_engine": engine, "seed": repeat, "output_dir": str(out),
+                    "batch_size": arguments.batch_size, "max_completion_length": arguments.completion_length, "lr": 1e-3,
+                    "max_steps": arguments.steps, "logging_steps": 1, "beta": 0.0, "rollout_engine": name, "seed": repeat,
+                    "max_staleness": int(staleness) if staleness else None, "output_dir": str(out),
                 }
             )  # fmt: skip
             wall = time.perf_counter() - started
             completions = arguments.steps * arguments.batch_size
             train = json.loads((out / "manifest.json").read_text())["metrics"]["train_seconds"]
-            rewards = [
-                json.loads(line).get("rewards/format/mean") for line in (out / "metrics.jsonl").read_text().splitlines()
-            ]
+            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rewards = [row.get("rewards/format/mean") for row in logged]
+            later_steps = [row["step_time"] for row in logged if "step_time" in row][1:]  # the engine started
             results.setdefault(engine, []).append(
                 {
                     "generate_s": clock.seconds,
                     "completions_per_s": completions / clock.seconds,
                     "step_s": train / arguments.steps,
+                    "steps_per_min": 60 * arguments.steps / train,
+                    "later_steps_per_min": 60 / statistics.mean(later_steps),
                     "wall_s": wall,
                     "reward_last": statistics.mean([r for r in rewards if r is not None][-5:]),
                 }
@@ -129,23 +153,32 @@ def main() -> None:
             print(f"[{repeat + 1}/{arguments.repeat}] {engine}: {results[engine][-1]}", flush=True)
 
     print(
-        f"\n{arguments.steps} GRPO steps x {arguments.batch_size} completions ({arguments.generations} per prompt, <= 16 tokens), tiny Qwen2 + LoRA, CPU"
+        f"\n{arguments.steps} GRPO steps x {arguments.batch_size} completions ({arguments.generations} per prompt, "
+        f"<= {arguments.completion_length} tokens), tiny Qwen2 + LoRA, CPU"
     )
-    print(f"{'rollouts':28} {'generate s':>10} {'completions/s':>14} {'step s':>7} {'mean reward (last 5)':>21}")
+    print(
+        f"{'rollouts':46} {'generate s':>10} {'completions/s':>14} {'step s':>7} {'steps/min':>9} "
+        f"{'after step 1':>12} {'mean reward (last 5)':>21}"
+    )
     medians = {}
     for engine in engines:
-        label = "TRL generate" if engine == "trl" else f"modelloop {engine} engine"
+        name, _, staleness = engine.partition("@")
+        label = "TRL generate" if name == "trl" else f"modelloop {name} engine"
+        label += f", max_staleness {staleness}" if staleness else ""
         runs = results[engine]
         medians[engine] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         m = medians[engine]
         print(
-            f"{label:28} {m['generate_s']:10.2f} {m['completions_per_s']:14.1f} {m['step_s']:7.3f} {m['reward_last']:21.2f}"
+            f"{label:46} {m['generate_s']:10.2f} {m['completions_per_s']:14.1f} {m['step_s']:7.3f} "
+            f"{m['steps_per_min']:9.1f} {m['later_steps_per_min']:12.1f} {m['reward_last']:21.2f}"
         )
     baseline = medians[engines[0]]
     for engine in engines[1:]:
         speed = medians[engine]["completions_per_s"] / baseline["completions_per_s"]
         print(
-            f"{engine} / {engines[0]}: {speed:.2f}x completions/s, {baseline['step_s'] / medians[engine]['step_s']:.2f}x step time"
+            f"{engine} / {engines[0]}: {speed:.2f}x completions/s, "
+            f"{medians[engine]['steps_per_min'] / baseline['steps_per_min']:.2f}x steps/min, "
+            f"{medians[engine]['later_steps_per_min'] / baseline['later_steps_per_min']:.2f}x after step 1"
         )
 
 

@@ -160,7 +160,10 @@ METHOD_KNOBS: dict[str, tuple[str, ...]] = {
         for name in ("rewards", "reward_weights", "reward_options", "rollout_engine", "rollout_options", "sync_steps")
     },
     **{name: ("grpo", "rloo") for name in ("num_generations", "epsilon", "epsilon_high", "num_iterations")},
-    **{name: ("grpo",) for name in ("scale_rewards", "environment", "environment_options", "max_turns")},
+    **{
+        name: ("grpo",)
+        for name in ("scale_rewards", "environment", "environment_options", "max_turns", "max_staleness")
+    },
 }
 
 
@@ -228,6 +231,11 @@ class RLHFConfig(TrainConfig):
         ge=1,
         description="grpo, rloo, online_dpo: optimizer steps between weight hand-overs to an engine out of process",
     )
+    max_staleness: int | None = Field(
+        None,
+        ge=0,
+        description="grpo: generate rollouts while the trainer steps, from weights at most this many steps old (importance-weighted); None: each step waits for its own",
+    )
     teacher: str | None = Field(
         None, description="gkd: the teacher, a model folder, hub id or run whose tokenizer is the student's"
     )
@@ -266,6 +274,10 @@ class RLHFConfig(TrainConfig):
             raise ValueError("beta is for dpo, kto, simpo, orpo and grpo: a reward model has no reference to stay near")
         if self.environment is None and (self.environment_options or self.max_turns is not None):
             raise ValueError("environment_options and max_turns are for an environment: set environment too")
+        if self.max_staleness is not None and self.sync_steps != 1:
+            raise ValueError(
+                "max_staleness bounds how old the rollouts' weights are, handed over at every step: leave sync_steps at 1"
+            )
         return self
 
 

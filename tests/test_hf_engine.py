@@ -236,3 +236,19 @@ def test_a_stream_closed_early_stops_generating(tiny_models):
         assert session.steps < 100  # not the 1500 tokens asked for
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_are_the_sampling_distributions(session, temperature):
+    """What importance weights divide by: each sampled token's log-probability under the
+    distribution it was drawn from (the logits over the temperature), as the policy's
+    forward pass gives it."""
+    import torch
+
+    choice = ask(session, max_tokens=6, temperature=temperature, seed=3, logprobs=True).choices[0]
+    prompt = session.tokenizer(session.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False)
+    ids = torch.tensor([prompt["input_ids"] + list(choice.token_ids)])
+    with torch.no_grad():
+        logits = session.model(ids).logits[0, len(prompt["input_ids"]) - 1 : -1].float()
+    expected = torch.log_softmax(logits / temperature, dim=-1).gather(1, ids[0, -len(choice.token_ids) :, None])[:, 0]
+    assert choice.logprobs == pytest.approx(expected.tolist(), abs=1e-4)

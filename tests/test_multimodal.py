@@ -622,7 +622,7 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
     assert ids.count(images.image_token_id) == 4
     session = HFSession.load(folder, options={"inline": True})
     try:
-        request = rollouts._request(prompt, ids, 2)
+        request = rollouts._request(prompt, ids, SamplingParams(max_tokens=2, n=2))
         assert request.prompt is None and request.messages[0]["content"][0]["image_url"]["url"].startswith(
             "data:image/png;base64,"
         )

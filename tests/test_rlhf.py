@@ -209,6 +209,19 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
         ({"method": "dpo", "packing": True}, "rlhf does not pack examples"),
         ({"method": "grpo", "rewards": []}, "GRPO needs at least one reward"),
         ({"method": "grpo", "rewards": ["accuracy"], "rollout_engine": "vlm"}, "Unknown engine 'vlm'"),
+        (
+            {"method": "grpo", "rewards": ["accuracy"], "max_staleness": 1},
+            "max_staleness: the hf rollouts generate with the policy being trained, in this process",
+        ),
+        (
+            {"method": "grpo", "rewards": ["accuracy"], "max_staleness": 1, "rollout_engine": "trl"},
+            "max_staleness: the trl rollouts generate with the policy being trained",
+        ),
+        (
+            {"method": "grpo", "rewards": ["accuracy"], "max_staleness": 1, "sync_steps": 2},
+            "max_staleness bounds how old the rollouts' weights are",
+        ),
+        ({"method": "rloo", "rewards": ["accuracy"], "max_staleness": 1}, "max_staleness is for grpo, not rloo"),
         ({"method": "dpo", "data_kind": "x"}, "data_kind: unknown key"),
         (
             {"method": "grpo", "rewards": ["accuracy"], "num_generations": 6},

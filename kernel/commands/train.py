@@ -91,6 +91,7 @@ RLHF_FLAGS: dict[str, Any] = {
     "--rollout-engine": str,
     "--environment": str,
     "--max-turns": int,
+    "--max-staleness": int,
     "--teacher": str,
 }
 

@@ -314,7 +314,7 @@ class HFSession:
             "repetition_penalty": params.repetition_penalty,
             "streamer": streamer,
             "return_dict_in_generate": True,
-            "output_logits": params.logprobs,
+            "output_scores": params.logprobs,  # the sampling distribution's: temperature, top-k, top-p applied
         }
         if params.temperature > 0:
             options.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
@@ -338,7 +338,7 @@ class HFSession:
             self.model.train(training)
         scores = None
         if params.logprobs:
-            scores = self.model.compute_transition_scores(output.sequences, output.logits, normalize_logits=True)
+            scores = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
         finished: dict[int, list[Completion]] = {}
         for row, (job, _) in enumerate(rows):
             generated = output.sequences[row, width:].tolist()

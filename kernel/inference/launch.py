@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "startup_timeout": 900,
     "extra_args": [],
     "max_batch_size": None,  # accepted for every engine; launched engines batch on their own
+    "threads": None,  # the engine process's CPU threads (OMP_NUM_THREADS); default: its own choice
 }
 
 
@@ -86,6 +87,8 @@ def start_server(
     base, served, named, default = model_and_adapters(model, adapters, options["served_name"])
     options = {**options, "served_name": served, "port": options["port"] or free_port()}
     argv, env = command(python, base, named, options)
+    if options["threads"]:
+        env = {**env, "OMP_NUM_THREADS": str(options["threads"])}
     process = ServerProcess(argv, url=f"http://127.0.0.1:{options['port']}", env=env, name=name)
     try:
         process.wait_healthy(float(options["startup_timeout"]))

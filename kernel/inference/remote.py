@@ -166,6 +166,11 @@ class RemoteSession:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
         if request.messages is None and request.prompt is None:
             raise EngineError("a request needs messages or a prompt")
+        if request.params.max_tokens >= self.context_length:  # with any prompt at all
+            raise EngineError(
+                f"max_tokens ({request.params.max_tokens}) leaves no room for a prompt in the context length "
+                f"({self.context_length})"
+            )
         return 0  # the server counts tokens; it refuses a prompt that does not fit
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:

@@ -49,8 +49,10 @@ class Completion:
 
     ``token_ids`` are the tokens generated, with the end-of-turn token when one ended the
     choice (as vLLM returns them); ``text`` leaves it out. Empty when an engine over HTTP
-    did not return ids. With ``logprobs``, ``tokens`` holds each token's text (what the
-    OpenAI API reports beside each log-probability).
+    did not return ids. With ``logprobs``, each token's log-probability under the
+    distribution it was drawn from (temperature, top-k and top-p applied: vLLM's
+    ``processed_logprobs``, what importance weights need), and ``tokens`` holds each token's
+    text (what the OpenAI API reports beside each log-probability).
     """
 
     text: str

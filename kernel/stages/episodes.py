@@ -23,6 +23,7 @@ end of turn the model did not write is added with the observation, masked as it 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,13 +44,15 @@ class Transcript:
     prompt_ids: list[int]
     completion_ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)  # 1: the model's token, 0: an observation's
+    logprobs: list[float] = field(default_factory=list)  # the model's tokens' (NaN: an observation's)
     reward: float = 0.0
     turns: int = 0
     done: bool = False
 
-    def add(self, ids: Sequence[int], *, generated: bool) -> None:
+    def add(self, ids: Sequence[int], *, generated: bool, logprobs: Sequence[float] | None = None) -> None:
         self.completion_ids.extend(ids)
         self.mask.extend([int(generated)] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [math.nan] * len(ids))
 
 
 class Episodes:
@@ -75,10 +78,13 @@ class Episodes:
         first_turns: Sequence[Generation],
         generate: Callable[[list[list[int]]], list[Completion]],
         completion_ids: Callable[[Completion], list[int]],
+        logprobs: Callable[[Completion], list[float]] | None = None,
     ) -> dict[str, list[Any]]:
         """Every group's episodes to their end: ``groups`` are (prompt, its ids, completions
         wanted), ``first_turns`` the engine's answers to them; ``generate`` answers a batch of
-        token-id prompts with one completion each."""
+        token-id prompts with one completion each. With ``logprobs`` (a choice's, per token),
+        the episodes' log-probabilities come too, NaN for the observations' tokens (TRL's
+        importance weights leave those at 1)."""
         transcripts: list[Transcript] = []
         turns: list[tuple[Transcript, Completion]] = []
         for (prompt, ids, _), generation in zip(groups, first_turns, strict=True):
@@ -89,26 +95,36 @@ class Episodes:
                 turns.append((transcript, choice))
         while turns:
             for transcript, choice in turns:
-                self._take_turn(transcript, completion_ids(choice), finished=choice.finish_reason == "stop")
+                self._take_turn(
+                    transcript,
+                    completion_ids(choice),
+                    logprobs(choice) if logprobs is not None else None,
+                    finished=choice.finish_reason == "stop",
+                )
             live = [transcript for transcript in transcripts if not transcript.done]
             if not live:
                 break
             answers = generate([transcript.prompt_ids + transcript.completion_ids for transcript in live])
             turns = list(zip(live, answers, strict=True))
-        return {
+        played = {
             "prompt_ids": [transcript.prompt_ids for transcript in transcripts],
             "completion_ids": [transcript.completion_ids for transcript in transcripts],
             "env_mask": [transcript.mask for transcript in transcripts],
             ENVIRONMENT_REWARD: [transcript.reward for transcript in transcripts],
         }
+        if logprobs is not None:
+            played["logprobs"] = [transcript.logprobs for transcript in transcripts]
+        return played
 
     def _start(self, record: Mapping[str, Any]) -> Episode:
         with failures_named(self.environment, "to start an episode"):
             episode = self.environment.start(record)
         return episode
 
-    def _take_turn(self, transcript: Transcript, ids: list[int], *, finished: bool) -> None:
-        transcript.add(ids, generated=True)
+    def _take_turn(
+        self, transcript: Transcript, ids: list[int], logprobs: list[float] | None, *, finished: bool
+    ) -> None:
+        transcript.add(ids, generated=True, logprobs=logprobs)
         transcript.turns += 1
         turn = self.read_turn(ids, finished=finished, number=transcript.turns)
         with failures_named(self.environment, f"on turn {turn.number}"):

@@ -5,7 +5,8 @@ The losses are TRL's; this stage brings what ``sft`` has — the tuner hook (LoR
 default, whose frozen base is the reference model: no second copy), modelloop's data
 formats and chat templates, the run folder, the lifecycle hooks, progress and plots —
 and, for GRPO, rewards from the registry, an import path or a file (checked on a sample
-batch before any model loads), rollouts through an engine of the registry, and
+batch before any model loads), rollouts through an engine of the registry (with
+``max_staleness``, generated while the trainer steps and weighed by importance), and
 environments: each completion an episode of several turns (tools, games), its reward
 one more of the run's rewards. RLOO and online DPO take GRPO's rewards and rollout
 engines; ``gkd`` distils a teacher into the model on its own generations. ``rm`` trains a
@@ -20,6 +21,7 @@ rollout engine (a distillation's teacher: its vocabulary).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +150,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         rewards, environment = check_scoring(config, [*records, *(eval_records or [])])
         if config.rollout_engine != TRL_GENERATE:
             get_registry(ENGINES).get(config.rollout_engine)
+        check_asynchronous(config, [*records, *(eval_records or [])])
     if config.method == "gkd":
         check_teacher(config, checked)
     return run_stage(
@@ -342,6 +345,21 @@ def scoring_weights(config: RLHFConfig) -> list[float] | None:
     return config.reward_weights
 
 
+def check_asynchronous(config: RLHFConfig, records: list[dict[str, Any]]) -> None:
+    """Rollouts generated while the trainer steps (``max_staleness``) need an engine of
+    their own, out of this process, and prompts as text."""
+    if config.max_staleness is None:
+        return
+    engine = config.rollout_engine
+    if engine == TRL_GENERATE or get_registry(ENGINES).get(engine).attach is not None:
+        raise ConfigError(
+            f"max_staleness: the {engine} rollouts generate with the policy being trained, in this process; "
+            "rollouts that overlap training need an engine of their own (rollout_engine: hf-server, vllm, sglang)"
+        )
+    if any(record.get("images") for record in records):
+        raise ConfigError("max_staleness: rollouts generated ahead take prompts as text; this data has pictures")
+
+
 def check_teacher(config: RLHFConfig, checked: Checked) -> None:
     """The teacher's config is found and speaks the student's vocabulary (the distillation
     loss compares their distributions token by token), before either model loads."""
@@ -462,6 +480,8 @@ def _run(
         rollouts = _rollouts(config, tokenizer, chat, checked, run_dir, episodes)
         if config.method == "grpo":
             extra["rollout_func"] = rollouts
+            if config.max_staleness:
+                trainer_class = off_policy(trainer_class)
         elif config.method == "rloo":
             trainer_class = generating_through(trainer_class, rollouts)
         else:
@@ -521,6 +541,72 @@ def generating_through(trainer_class: Any, rollouts: Any) -> Any:
 
     EngineGenerating.__name__ = EngineGenerating.__qualname__ = trainer_class.__name__
     return EngineGenerating
+
+
+def off_policy(trainer_class: Any) -> Any:
+    """GRPO's trainer for completions sampled by another policy than the one it trains
+    (the weights of up to ``max_staleness`` steps ago): each token's loss is weighed by
+    the ratio of the trained policy's probability to the sampler's, truncated or masked as
+    TRL's ``vllm_importance_sampling_mode`` and ``_clip_min``/``_clip_max`` say (TRL applies
+    that correction to vLLM's samples only).
+
+    TRL computes the trained policy's log-probabilities for it in an extra forward pass
+    before the loss; when generation and optimisation are aligned (one pass over each
+    generation batch, the usual setting) they are the loss's own forward pass's, detached,
+    so the weights are computed there: the correction costs no forward pass (measured on a
+    CPU: a third of a step)."""
+
+    class OffPolicy(trainer_class):  # type: ignore[misc, valid-type]
+        _weighed: dict[str, Any] | None = None  # the batch whose loss is being computed
+
+        def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+            if "sampling_per_token_logps" not in inputs:
+                return super()._compute_loss(model, inputs)
+            self._weighed, self.use_vllm = inputs, True  # TRL multiplies by the weights only for vLLM's samples
+            try:
+                return super()._compute_loss(model, inputs)
+            finally:
+                self._weighed, self.use_vllm = None, False
+
+        def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any) -> Any:
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            if self._weighed is not None:  # the loss's forward pass
+                inputs, self._weighed = self._weighed, None
+                trained = inputs.get("old_per_token_logps", logps.detach())
+                inputs["importance_sampling_ratio"] = importance_weights(self, trained, inputs)
+            return logps, entropies, aux
+
+    OffPolicy.__name__ = OffPolicy.__qualname__ = trainer_class.__name__
+    return OffPolicy
+
+
+def importance_weights(trainer: Any, trained: Any, inputs: Mapping[str, Any]) -> Any:
+    """Each completion token's weight: the trained policy's probability over the sampler's
+    (per token, or per sequence for the ``sequence_*`` modes), truncated to the clip bounds
+    (``*_truncate``) or zeroed outside them (``*_mask``); tokens the sampler did not choose
+    (observations, padding) weigh 1. Logged as TRL logs vLLM's."""
+    import torch
+
+    arguments = trainer.args
+    mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+    difference = torch.nan_to_num((trained - inputs["sampling_per_token_logps"]) * mask, nan=0.0)
+    mode = arguments.vllm_importance_sampling_mode
+    ratio = (difference.sum(-1, keepdim=True) if mode.startswith("sequence") else difference).exp()
+    low = arguments.vllm_importance_sampling_clip_min
+    high = arguments.vllm_importance_sampling_clip_max
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=low, max=high)
+    else:
+        ratio = ratio.masked_fill(
+            (ratio < (low if low is not None else -math.inf)) | (ratio > (high if high is not None else math.inf)), 0.0
+        )
+    counted = ratio.expand_as(mask)[mask.bool()]
+    if counted.numel():
+        metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+        metrics["sampling/importance_sampling_ratio/min"].append(counted.min().item())
+        metrics["sampling/importance_sampling_ratio/mean"].append(counted.mean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(counted.max().item())
+    return ratio
 
 
 def pairs_through(trainer_class: Any, rollouts: Any) -> Any:
@@ -628,9 +714,15 @@ def _rollouts(
     from modelloop.stages.rollouts import EngineRollouts
 
     sampling = SamplingParams(
-        max_tokens=config.max_completion_length, temperature=config.temperature, top_p=config.top_p
+        max_tokens=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        logprobs=bool(config.max_staleness),  # stale completions are weighed by them
     )
-    return EngineRollouts(
+    options, trainer_threads = dict(config.rollout_options), None
+    if config.max_staleness:
+        options, trainer_threads = sharing_cpus(options)
+    rollouts = EngineRollouts(
         get_registry(ENGINES).get(config.rollout_engine),
         tokenizer=tokenizer,
         chat=chat,
@@ -641,7 +733,29 @@ def _rollouts(
         / "rollout-weights"
         / (f"rank{rank()}" if checked.plan.world.size > 1 else ""),  # each rank's engine its own copy
         sync_steps=config.sync_steps,
-        options=config.rollout_options,
+        seed=config.seed,
+        options=options,
         images=image_tokens(checked, tokenizer),
         episodes=episodes,
     )
+    if config.max_staleness is None:
+        return rollouts
+    from modelloop.stages.async_rollouts import AsyncRollouts
+
+    return AsyncRollouts(rollouts, max_staleness=config.max_staleness, trainer_threads=trainer_threads)
+
+
+def sharing_cpus(options: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """The engine's options and the trainer's CPU threads for rollouts that overlap training
+    on a machine without a GPU: half the CPUs each. Each process sizes its pool by every CPU
+    otherwise, and two such pools made the overlap worthless (``bench/grpo_rollouts.py``
+    on 2 cores: 0.97x the synchronous run's steps per minute, 1.47x split). Threads the
+    user gave the engine (``rollout_options.threads``) are left as they are."""
+    import torch
+
+    from modelloop.threads import available_cpus
+
+    cpus = available_cpus()
+    if "threads" in options or torch.cuda.is_available() or cpus < 2:
+        return options, None
+    return {**options, "threads": cpus // 2}, cpus - cpus // 2
