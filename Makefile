@@ -4,7 +4,8 @@
 # Both create .venv if it is missing and install torch==2.13.0 (the CPU build) first,
 # then the kernel and every plugin under plugins/ in editable mode, pinned by constraints/cpu.txt.
 # make test also builds .venv-evalscope, EvalScope's own environment (its modelscope pins
-# datasets below 5; modelloop's stack needs 5), pinned by constraints/evalscope.txt.
+# datasets below 5; modelloop's stack needs 5), pinned by constraints/evalscope.txt, and
+# installs Debian's chromium and its driver for the browser tests of `modelloop ui`.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,9 +20,9 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 
-.PHONY: test quickstart bench install clean
+.PHONY: test quickstart bench install clean browser
 
-test: $(STAMP) $(EVALSCOPE_STAMP)
+test: $(STAMP) $(EVALSCOPE_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -53,6 +54,13 @@ $(EVALSCOPE_STAMP): constraints/evalscope.txt
 	$(EVALSCOPE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(EVALSCOPE_VENV)/bin/python -m pip install --quiet -r constraints/evalscope.txt
 	touch $@
+
+# The ui's browser tests drive Debian's chromium through its chromedriver (selenium); nothing
+# downloads a browser at test time. Where apt cannot install them, those tests skip, saying so.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+		echo "make: chromium and chromium-driver could not be installed: the ui's browser tests will skip"
 
 clean:
 	rm -rf $(VENV) $(EVALSCOPE_VENV)

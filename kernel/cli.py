@@ -40,6 +40,7 @@ BUILTIN_COMMANDS: Mapping[str, str] = {
     "run": "modelloop.commands.run:run_command",
     "plan": "modelloop.commands.plan:plan_command",
     "runs": "modelloop.commands.runs:runs_command",
+    "ui": "modelloop.commands.ui:ui_command",
 }
 
 
