@@ -94,14 +94,23 @@ def _record_failure(run_dir: Path, node_rank: int, reason: str) -> None:
         update_manifest(run_dir, status="failed", error=reason)
 
 
+#: Seconds by which a failure stamped after a worker elastic stopped may still have come first.
+STOP_STAMP_SLACK = 10
+
+
 def failure_message(error: Any, node_ranks: Any) -> str:
     """Which rank failed first, how, which ranks were still running (when one hangs, the
     others are the ones that time out), and the last lines the failed rank wrote."""
-    # elastic stamps failures to the second and stops the other workers with SIGTERM: in
-    # a tie, the worker it stopped did not fail first
-    rank, failure = min(
-        error.failures.items(), key=lambda item: (item[1].timestamp, item[1].exitcode == -signal.SIGTERM)
-    )
+
+    # elastic stops the other workers with SIGTERM, and they stamp their own error files as
+    # they stop; a worker killed outright is stamped only when elastic collects the failures,
+    # after that: up to a few seconds later. A worker it stopped came first only if the other
+    # failed well after (elastic escalates a stop to SIGKILL after a 30 s grace).
+    def stamped(item: tuple[int, Any]) -> tuple[float, bool]:
+        stopped = item[1].exitcode == -signal.SIGTERM
+        return item[1].timestamp + (STOP_STAMP_SLACK if stopped else 0), stopped
+
+    rank, failure = min(error.failures.items(), key=stamped)
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
     else:

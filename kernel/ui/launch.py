@@ -143,10 +143,13 @@ def read_form(stage: str, form: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         except ValueError as error:
             errors[name] = str(error)
     if stage == RECIPE:
-        if "recipe" in values:
-            problem = _recipe_problem(values["recipe"], values.get("set", []))
-            if problem:
-                errors["recipe"] = problem
+        problem = (
+            _recipe_problem(values["recipe"], values.get("set", []))
+            if "recipe" in values
+            else "the recipe file is missing"
+        )
+        if problem and "recipe" not in errors:
+            errors["recipe"] = problem
         return values, errors
     try:
         config_class(stage).model_validate(values)
@@ -156,7 +159,7 @@ def read_form(stage: str, form: Mapping[str, Any]) -> tuple[dict[str, Any], dict
             errors.setdefault(place, problem["msg"].removeprefix("Value error, "))
     for file in [*values.get("data", []), *values.get("eval_data", [])]:
         path = Path(file.split("#", 1)[0])
-        if not path.is_file():
+        if "://" not in file and not path.is_file():  # a hub dataset (hf://...) is read as the run streams
             errors.setdefault("data" if file in values.get("data", []) else "eval_data", f"no such file: {path}")
     if "model" in values and "model" not in errors:
         problem = _model_problem(values["model"])
