@@ -99,9 +99,16 @@ def browser():
 
 
 def wait_for(condition, timeout=60.0, what="the page"):
+    """``condition()`` once it holds; a page that reloads meanwhile (a run's page does as
+    its status changes) is read again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = condition()
+        try:
+            found = condition()
+        except (NoSuchElementException, StaleElementReferenceException):
+            found = None
         if found:
             return found
         time.sleep(0.25)
@@ -116,6 +123,7 @@ def fill(browser, values):
     from selenium.webdriver.common.by import By
 
     form = browser.find_element(By.ID, "launch")
+    browser.execute_script("document.querySelectorAll('details').forEach((more) => { more.open = true; })")
     for name, value in values.items():
         field = form.find_element(By.NAME, name)
         if field.tag_name == "select":
@@ -248,15 +256,26 @@ def test_the_playground_chats_with_the_run_beside_its_base(ui, home, browser):
 def test_a_run_stopped_from_its_page_stays_resumable(ui, home, browser):
     from selenium.webdriver.common.by import By
 
-    run = launch(browser, ui, home, max_steps="5000")
+    run = launch(browser, ui, home, max_steps="5000", save_steps="2")
     status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
     wait_for(lambda: status() == "running", 120, "the run to start")
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, 'path.series[data-series="loss"]'), 120, "a first loss")
+    checkpoints = home["root"] / "runs" / run / "checkpoints"
+    wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), 120, "a first checkpoint")
     browser.find_element(By.ID, "stop").click()
     wait_for(lambda: status() == "stopped", 120, "the run to stop")
     shot(browser, "stopped")
     manifest = json.loads((home["root"] / "runs" / run / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["error"].startswith("KeyboardInterrupt")
+    browser.find_element(By.ID, "resume").click()
+    wait_for(lambda: status() == "running", 120, "the run to resume")
+    log = wait_for(
+        lambda: "resum" in browser.find_element(By.ID, "log").text.lower() and browser.find_element(By.ID, "log").text,
+        60,
+        "the resumed run's log",
+    )
+    assert "checkpoint" in log.lower()
+    browser.find_element(By.ID, "stop").click()
+    wait_for(lambda: status() == "stopped", 120, "the resumed run to stop")
 
 
 def test_a_recipe_launched_from_the_form_is_followed_stage_by_stage(ui, home, browser):

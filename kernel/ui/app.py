@@ -104,6 +104,7 @@ def create_app(api_key: str | None = None) -> Any:
             plots=views.PLOTS,
             steps=views.steps(run),
             stoppable=id in launcher.launched and launcher.launched[id].running,
+            resumable=run.stage in STAGES and views.status(run) in ("stopped", "failed"),
             others=[other.id for other in find_runs() if other.id != run.id],
         )
 
@@ -130,6 +131,17 @@ def create_app(api_key: str | None = None) -> Any:
         if not launcher.stop(run):
             return JSONResponse({"error": f"{run} is not running from this page"}, 409)
         return JSONResponse({"stopped": run})
+
+    @app.post("/api/resume")
+    def resume(run: str) -> JSONResponse:
+        found = run_or_404(run)
+        if found.stage not in STAGES or views.status(found) not in ("stopped", "failed"):
+            return JSONResponse(
+                {"error": f"{run} is a {found.stage} run, {views.status(found)}: nothing to resume"}, 409
+            )
+        if run in launcher.launched and launcher.launched[run].running:
+            return JSONResponse({"error": f"{run} is running"}, 409)
+        return JSONResponse({"run": launcher.resume(found.stage, found.path).id})
 
     @app.get("/lineage", response_class=HTMLResponse)
     def lineage_page() -> HTMLResponse:

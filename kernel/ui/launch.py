@@ -307,6 +307,25 @@ class Launcher:
         self.launched[launched.id] = launched
         return launched
 
+    def resume(self, stage: str, folder: Path) -> Launched:
+        """Continue a stopped or failed run from its last checkpoint, as
+        ``modelloop STAGE --resume FOLDER`` does, its output added to the same console log."""
+        from modelloop.artifacts import runs_root
+
+        own = runs_root() / ".ui" / folder.name
+        own.mkdir(parents=True, exist_ok=True)
+        with (own / "console.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "modelloop", stage, "--resume", str(folder)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        launched = Launched(stage, folder, process, own / "console.log")
+        self.launched[launched.id] = launched
+        return launched
+
     def stop(self, run: str) -> bool:
         """Interrupt a run launched here as Ctrl-C would: it ends as a failed run that
         ``--resume`` continues from its last checkpoint. False if it is not running."""

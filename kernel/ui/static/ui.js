@@ -89,8 +89,7 @@ async function followPlots(section) {
     }
     if (section.dataset.live !== "yes") return;
     if (section.dataset.refresh === "yes") { setTimeout(() => location.reload(), 3000); return; }  // a recipe's stages
-    if (section.dataset.reload === "yes" && status !== "starting") { location.reload(); return; }
-    if (status !== "running" && status !== "starting") { location.reload(); return; }
+    if (status !== section.dataset.status) { location.reload(); return; }  // started, finished, stopped, resumed
     await new Promise((resolve) => setTimeout(resolve, 2000));
   }
 }
@@ -200,6 +199,15 @@ document.addEventListener("DOMContentLoaded", () => {
       stop.disabled = true;
       const answer = await fetch(`/api/stop?run=${encodeURIComponent(stop.dataset.run)}`, { method: "POST" });
       stop.textContent = answer.ok ? "Stopping…" : "Not running";
+    });
+  }
+  const resume = document.getElementById("resume");
+  if (resume) {
+    resume.addEventListener("click", async () => {
+      resume.disabled = true;
+      const answer = await fetch(`/api/resume?run=${encodeURIComponent(resume.dataset.run)}`, { method: "POST" });
+      if (answer.ok) location.reload();
+      else resume.textContent = (await answer.json()).error;
     });
   }
   const launch = document.getElementById("launch");
