@@ -16,10 +16,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +264,6 @@ class Launched:
     folder: Path
     process: subprocess.Popen[bytes]
     log: Path
-    started: float = field(default_factory=time.time)
 
     @property
     def id(self) -> str:
@@ -287,42 +285,28 @@ class Launcher:
         new run folder, its console output kept in ``.ui/RUN/console.log`` under the runs."""
         import yaml
 
-        from modelloop.artifacts import runs_root
-
         folder = new_run_dir(stage)
-        own = runs_root() / ".ui" / folder.name
-        own.mkdir(parents=True, exist_ok=True)
-        config = own / "launch.yaml"
+        config = _own_folder(folder) / "launch.yaml"
         config.write_text(yaml.safe_dump({**values, "output_dir": str(folder)}, sort_keys=False))
         extra = ["--output-dir", str(folder)] if stage == RECIPE else []
-        with (own / "console.log").open("wb") as log:
+        return self._start(stage, folder, [*arguments(stage, values, config), *extra], mode="wb")
+
+    def resume(self, stage: str, folder: Path) -> Launched:
+        """Continue a stopped or failed run from its last checkpoint, as
+        ``modelloop STAGE --resume FOLDER`` does, its output added to the same console log."""
+        return self._start(stage, folder, [stage, "--resume", str(folder)], mode="ab")
+
+    def _start(self, stage: str, folder: Path, argv: list[str], *, mode: str) -> Launched:
+        log_path = _own_folder(folder) / "console.log"
+        with log_path.open(mode) as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "modelloop", *arguments(stage, values, config), *extra],
+                [sys.executable, "-m", "modelloop", *argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a stop reaches its workers too
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        launched = Launched(stage, folder, process, own / "console.log")
-        self.launched[launched.id] = launched
-        return launched
-
-    def resume(self, stage: str, folder: Path) -> Launched:
-        """Continue a stopped or failed run from its last checkpoint, as
-        ``modelloop STAGE --resume FOLDER`` does, its output added to the same console log."""
-        from modelloop.artifacts import runs_root
-
-        own = runs_root() / ".ui" / folder.name
-        own.mkdir(parents=True, exist_ok=True)
-        with (own / "console.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "modelloop", stage, "--resume", str(folder)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        launched = Launched(stage, folder, process, own / "console.log")
+        launched = Launched(stage, folder, process, log_path)
         self.launched[launched.id] = launched
         return launched
 
@@ -343,3 +327,12 @@ class Launcher:
                     launched.process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     os.killpg(launched.process.pid, signal.SIGKILL)
+
+
+def _own_folder(run: Path) -> Path:
+    """Where the ui keeps a run's launch config and console log: ``<runs>/.ui/RUN``."""
+    from modelloop.artifacts import runs_root
+
+    own = runs_root() / ".ui" / run.name
+    own.mkdir(parents=True, exist_ok=True)
+    return own
