@@ -74,16 +74,15 @@ def padding_shares(
 ) -> tuple[float, float]:
     """The padding share of unpacked batches (random order) and of packed batches."""
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.packing import padding_waste
     from modelloop.data.tokenize import prepare_data
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
     from modelloop.training import TrainingData
 
     tokenizer, family = load_tokenizer(model), resolve_family(read_config(model).model_type)
-    images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
+    images = load_media_tokens(family, model, read_config(model), tokenizer)
     tokenized = prepare_data(
-        [data], tokenizer, resolve_chat_format(tokenizer, family), max_length=max_length, images=images
+        [data], tokenizer, resolve_chat_format(tokenizer, family), max_length=max_length, media=images
     )
     lengths = tokenized.lengths
     random.Random(0).shuffle(lengths)

@@ -20,7 +20,7 @@ from typing import Any
 
 #: The plugin API's version: the minor number grows with each addition, the major number
 #: with a removal (after one release of deprecation warnings).
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 
 #: public name -> "module:attribute" where it lives in the kernel.
 EXPORTS: dict[str, str] = {
@@ -31,6 +31,7 @@ EXPORTS: dict[str, str] = {
         for name in (
             "Accelerator",
             "AdapterFormat",
+            "AudioSpec",
             "ChatTemplate",
             "DatasetFormat",
             "Engine",
@@ -64,6 +65,8 @@ EXPORTS: dict[str, str] = {
     "HERMES_TOOL_CALLS": "modelloop.builtin.templates:HERMES_TOOL_CALLS",
     "chatml_source": "modelloop.builtin.templates:chatml_source",
     "content_text_macro": "modelloop.builtin.templates:content_text_macro",
+    # Audio-language families: the decoded clip their ``audio_inputs`` receive.
+    "Clip": "modelloop.data.audio:Clip",
     "TINY": "modelloop.models.presets:TINY",
     "SMALL": "modelloop.models.presets:SMALL",
     "group_of": "modelloop.models.groups:group_of",

@@ -247,6 +247,36 @@ class VisionSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AudioSpec:
+    """What an audio-language family adds to a text family: how a sound clip enters the
+    text and the model.
+
+    Data and chat requests mark a clip's place with ``<audio>``; the family's
+    ``placeholder`` replaces it in the rendered chat, and its ``audio_token`` there is
+    repeated once per audio feature, as the model's processor would.
+
+    :param placeholder: the chat text for one clip (``<|audio_bos|><|AUDIO|><|audio_eos|>``).
+    :param audio_token: the token repeated per audio feature (``<|AUDIO|>``).
+    :param audio_inputs: ``audio_inputs(feature_extractor, clips, model_config) ->
+        (model inputs, tokens per clip)``: the features of a list of clips (each a
+        ``Clip``: mono float samples at the feature extractor's ``sampling_rate``) and how
+        many audio tokens each takes. It raises ValueError for a clip the model cannot
+        hear whole (longer than its window).
+    :param config_tokens: config field -> token, filled with the token's id by
+        ``new-model`` (``audio_token_id``: ``<|AUDIO|>``).
+    :param feature_extractor: ``feature_extractor(**options) -> feature extractor``, for
+        ``new-model`` presets (their ``feature_extractor`` field holds the options); saved
+        beside the weights and loaded with ``AutoFeatureExtractor``.
+    """
+
+    placeholder: str
+    audio_token: str
+    audio_inputs: Callable[..., tuple[Mapping[str, Any], list[int]]]
+    config_tokens: Mapping[str, str] = field(default_factory=dict)
+    feature_extractor: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelFamily(Spec):
     """A model family: which checkpoints it claims and what the stages need to know.
 
@@ -269,6 +299,8 @@ class ModelFamily(Spec):
         more than the Auto classes; None means the kernel's default loader.
     :param vision: what a vision-language family adds (``VisionSpec``); None for text
         families. Its models load as image-text-to-text models.
+    :param audio: what an audio-language family adds (``AudioSpec``); None for families
+        that hear nothing. Its models load as multimodal language models.
     """
 
     model_types: tuple[str, ...]
@@ -281,6 +313,7 @@ class ModelFamily(Spec):
     tokenizer: TokenizerRecipe | None = None
     load: Callable[..., tuple[Any, Any]] | None = None
     vision: VisionSpec | None = None
+    audio: AudioSpec | None = None
     moe_experts: InitVar[tuple[str, ...]] = ()  # deprecated in API 1.1: nothing read it
 
     def __post_init__(self, moe_experts: tuple[str, ...]) -> None:
@@ -296,6 +329,11 @@ class ModelFamily(Spec):
     def keys(self) -> tuple[str, ...]:
         """A family is found by its name, its aliases and every model_type it claims."""
         return tuple(dict.fromkeys((*super().keys(), *self.model_types)))
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether its models take anything but text (pictures, sound)."""
+        return self.vision is not None or self.audio is not None
 
 
 # --------------------------------------------------------------------------- data

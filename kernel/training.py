@@ -34,8 +34,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from modelloop.data.images import ImageTokens
 from modelloop.data.labels import IGNORE
+from modelloop.data.media import KINDS, Media, MediaTokens
 from modelloop.data.packing import PackedRow, collate_packed, collate_padded, pack
 from modelloop.data.streaming import STREAM_FILE, Stream, Streamed, StreamPosition
 from modelloop.data.tokenize import TokenizedData
@@ -57,22 +57,28 @@ class TrainingData(torch.utils.data.Dataset):
 
     @classmethod
     def build(cls, data: TokenizedData, *, max_length: int, packing: bool) -> TrainingData:
-        """Packed rows, or single examples: ``(input_ids, labels)``, with their images
-        as a third member when the data has any."""
+        """Packed rows, or single examples: ``(input_ids, labels)``, with their media
+        items as a third member when the data has any."""
         if packing:
-            rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length, data.images)
+            rows: list[PackedRow] = pack(data.input_ids, data.labels, max_length, data.media)
             return cls(rows, [len(row.input_ids) for row in rows])
-        if data.images is not None:
-            return cls(list(zip(data.input_ids, data.labels, data.images)), data.lengths)
+        if data.media is not None:
+            return cls(list(zip(data.input_ids, data.labels, data.media)), data.lengths)
         return cls(list(zip(data.input_ids, data.labels)), data.lengths)
 
     @property
     def modalities(self) -> list[str]:
-        """``image`` for each item with a picture (a packed row with any), else ``text``."""
+        """Each item's modality: the last kind of ``KINDS`` it holds (``audio`` before
+        ``image``; a packed row counts what any of its examples holds), else ``text``."""
         found = []
         for item in self.items:
-            pictures = item.images if isinstance(item, PackedRow) else (item[2] if len(item) > 2 else ())
-            found.append("image" if any(pictures) else "text")
+            media = (
+                [each for example in item.media for each in example]
+                if isinstance(item, PackedRow)
+                else (item[2] if len(item) > 2 else ())
+            )
+            held = {each.kind for each in media}
+            found.append(next((kind.name for kind in reversed(KINDS) if kind.name in held), "text"))
         return found
 
     def split(self, share: float, seed: int) -> tuple[TrainingData, TrainingData]:
@@ -138,8 +144,8 @@ def arrange_items(
 class Collator:
     """Batches items and counts the real (non-padding) training tokens it has handed out.
 
-    With ``images`` (a vision-language model's ``ImageTokens``) a batch also carries its
-    images' pixel inputs and, where the family has one, the input marking image tokens;
+    With ``media`` (a multimodal model's ``MediaTokens``) a batch also carries its media
+    items' model inputs and, where the family has one, the input marking their tokens;
     ``rope_index`` (the family's, bound to the model) gives packed rows their
     multimodal positions, each example's from 0.
     """
@@ -149,13 +155,13 @@ class Collator:
         pad_token_id: int,
         packing: bool,
         multiple: int = 1,
-        images: ImageTokens | None = None,
+        media: MediaTokens | None = None,
         rope_index: Callable[..., Any] | None = None,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism, oneDNN)
-        self.images = images
+        self.media = media
         self.rope_index = rope_index
         self.tokens = 0
         self.counting = True  # off while the Trainer evaluates
@@ -168,53 +174,60 @@ class Collator:
         if self.packing:
             self.tokens += self.counting * sum(len(row.input_ids) for row in items)
             batch = collate_packed(items, self.pad_token_id, self.multiple)
-            references = [reference for row in items for example in row.images for reference in example]
-            return self._with_images(batch, references, items)
+            media = [item for row in items for example in row.media for item in example]
+            return self._with_media(batch, media, items)
         self.tokens += self.counting * sum(len(item[0]) for item in items)
         batch = collate_padded(
             [item[0] for item in items], [item[1] for item in items], self.pad_token_id, self.multiple
         )
-        return self._with_images(batch, [reference for item in items if len(item) > 2 for reference in item[2]])
+        return self._with_media(batch, [item for each in items if len(each) > 2 for item in each[2]])
 
-    def _with_images(
-        self, batch: dict[str, Any], references: list[str], rows: Sequence[PackedRow] = ()
-    ) -> dict[str, Any]:
-        if self.images is None:
+    def _with_media(self, batch: dict[str, Any], media: list[Media], rows: Sequence[PackedRow] = ()) -> dict[str, Any]:
+        if self.media is None:
             return batch
-        spec = self.images.spec
-        inputs = self.images.inputs(references)
-        batch.update(inputs)
-        if references and spec.token_types:
-            batch[spec.token_types] = (batch["input_ids"] == self.images.image_token_id).long()
+        by_kind = self.media.inputs_by_kind(media)
+        for inputs in by_kind.values():
+            batch.update(inputs)
+        if media:
+            batch.update(self.media.token_type_ids(batch["input_ids"]))
         if rows and self.rope_index is not None:
-            per_image = {
-                key: value for key, value in inputs.items() if value.shape[:1] == (len(references),)
-            }  # e.g. each picture's grid
-            batch["position_ids"] = self._packed_positions(batch, rows, per_image)
-        elif not rows and spec.rope_index is not None:
-            batch.pop("position_ids", None)  # plain positions would misplace the images: the model places them itself
+            batch["position_ids"] = self._packed_positions(batch, rows, media, by_kind)
+        elif not rows and self.media.rope_index is not None:
+            batch.pop("position_ids", None)  # plain positions would misplace the media: the model places them itself
         return batch
 
     def _packed_positions(
-        self, batch: dict[str, Any], rows: Sequence[PackedRow], per_image: Mapping[str, torch.Tensor]
+        self,
+        batch: dict[str, Any],
+        rows: Sequence[PackedRow],
+        media: Sequence[Media],
+        by_kind: Mapping[str, Mapping[str, torch.Tensor]],
     ) -> torch.Tensor:
         """(4, rows, width): the plain positions (which tell transformers where each packed
         example starts), then each example's multimodal rotary positions from 0, from the
-        batch's per-picture inputs (its pictures are not processed again)."""
+        batch's per-item inputs (its items are not processed again)."""
+        assert self.media is not None
         text = batch["position_ids"]
         positions = text[None].repeat(4, 1, 1)
-        token_types = (batch["input_ids"] == self.images.image_token_id).long()
-        taken = 0
+        token_types = next(iter(self.media.token_type_ids(batch["input_ids"]).values()), None)
+        if token_types is None:
+            token_types = torch.zeros_like(batch["input_ids"])
+        totals = {kind: sum(item.kind == kind for item in media) for kind in by_kind}
+        per_item = {  # e.g. each picture's grid, by kind
+            kind: {key: value for key, value in inputs.items() if value.shape[:1] == (totals[kind],)}
+            for kind, inputs in by_kind.items()
+        }
+        taken = dict.fromkeys(by_kind, 0)
         for number, row in enumerate(rows):
             start = 0
-            for length, references in zip(row.lengths, row.images):
+            for length, example in zip(row.lengths, row.media):
                 end = start + length
-                inputs = (
-                    {key: value[taken : taken + len(references)] for key, value in per_image.items()}
-                    if references
-                    else {}
-                )
-                taken += len(references)
+                inputs: dict[str, Any] = {}
+                for kind, tensors in per_item.items():
+                    count = sum(item.kind == kind for item in example)
+                    if count:
+                        inputs.update({key: value[taken[kind] : taken[kind] + count] for key, value in tensors.items()})
+                    taken[kind] += count
                 ids = batch["input_ids"][number : number + 1, start:end]
                 positions[1:, number, start:end] = self.rope_index(
                     ids, token_types[number : number + 1, start:end], inputs

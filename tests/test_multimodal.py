@@ -66,7 +66,7 @@ def test_bad_images_are_named_by_file_and_line(tmp_path):
         turn([{"type": "image", "image": "broken.png"}, {"type": "text", "text": "?"}]),
         {**turn("<image><image>?"), "images": [str(PICTURE)]},
         turn([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]),
-        turn([{"type": "video", "video": "a.mp4"}]),
+        turn([{"type": "file", "file": "a.pdf"}]),
         {"messages": turn([{"type": "image", "image": str(PICTURE)}])["messages"], "images": [str(PICTURE)]},
     ])  # fmt: skip
     problems = [str(problem) for problem in read_records([data], format=None).problems]
@@ -75,27 +75,26 @@ def test_bad_images_are_named_by_file_and_line(tmp_path):
     assert problems[2] == f"{data}:3: 2 <image> placeholder(s) but 1 image(s)"
     assert problems[3].startswith(f"{data}:4: image https://example.com/a.png: remote URLs are not fetched")
     assert (
-        problems[4]
-        == f"{data}:5: messages[1].content[1]: unknown content part type 'video' (expected text, image_url or image)"
+        problems[4] == f"{data}:5: messages[1].content[1]: unknown content part type 'file' "
+        "(expected text, image_url, image, input_audio, audio_url, audio)"
     )
     assert problems[5] == f"{data}:6: give images as content parts or in the images column, not both"
 
 
 def test_image_tokens_are_expanded_to_each_pictures_features(tiny_models):
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import IGNORE, prepare_data
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
 
     model = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(model), resolve_family("qwen2_vl")
-    images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
-    data = prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images)
-    assert data.stats.images == 32 and "32 images" in data.stats.summary()
-    for ids, labels, pictures in zip(data.input_ids, data.labels, data.images):
-        image_positions = ids == images.image_token_id
+    images = load_media_tokens(family, model, read_config(model), tokenizer)
+    data = prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, media=images)
+    assert data.stats.media == {"image": 32} and "32 images" in data.stats.summary()
+    for ids, labels, pictures in zip(data.input_ids, data.labels, data.media):
+        image_positions = ids == images.kinds["image"].token_id
         # a 64 px picture becomes a 56 x 56 grid of 14 px patches, 2 x 2 of them per token: 4; 96 px (84 x 84): 9
-        assert image_positions.sum() == sum(4 if picture.endswith("-64.png") else 9 for picture in pictures)
+        assert image_positions.sum() == sum(4 if picture.source.endswith("-64.png") else 9 for picture in pictures)
         assert (labels[image_positions] == IGNORE).all()
 
 
@@ -147,17 +146,16 @@ def data_loss(model_folder: Path, data: Path) -> float:
     from transformers import AutoModelForImageTextToText
 
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import prepare_data
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
     from modelloop.training import Collator, TrainingData
 
     config, tokenizer = read_config(model_folder), load_tokenizer(model_folder)
     family = resolve_family(config.model_type)
-    images = ImageTokens(family.vision, load_image_processor(model_folder), config, tokenizer)
-    tokenized = prepare_data([data], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images)
+    images = load_media_tokens(family, model_folder, config, tokenizer)
+    tokenized = prepare_data([data], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, media=images)
     items = TrainingData.build(tokenized, max_length=256, packing=False)
-    collate = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    collate = Collator(tokenizer.pad_token_id, packing=False, media=images)
     model = AutoModelForImageTextToText.from_pretrained(model_folder).eval()
     with torch.no_grad():
         losses = [
@@ -245,31 +243,30 @@ def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_mo
     from transformers import AutoModelForImageTextToText
 
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import prepare_data
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
     from modelloop.training import Collator, TrainingData
 
     folder = tiny_models(family)
     config, tokenizer = read_config(folder), load_tokenizer(folder)
     spec = resolve_family(family).vision
-    images = ImageTokens(spec, load_image_processor(folder), config, tokenizer)
+    images = load_media_tokens(resolve_family(family), folder, config, tokenizer)
     tokenized = prepare_data(
-        [SHAPES], tokenizer, resolve_chat_format(tokenizer, resolve_family(family)), max_length=256, images=images
+        [SHAPES], tokenizer, resolve_chat_format(tokenizer, resolve_family(family)), max_length=256, media=images
     )
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     packed_rows = TrainingData.build(tokenized, max_length=120, packing=True)
-    row = max(packed_rows.items, key=lambda row: sum(bool(pictures) for pictures in row.images))
-    assert sum(bool(pictures) for pictures in row.images) >= 2  # several pictured examples share the row
+    row = max(packed_rows.items, key=lambda row: sum(bool(pictures) for pictures in row.media))
+    assert sum(bool(pictures) for pictures in row.media) >= 2  # several pictured examples share the row
     packed = Collator(
-        tokenizer.pad_token_id, packing=True, images=images, rope_index=lambda *args: spec.rope_index(model, *args)
+        tokenizer.pad_token_id, packing=True, media=images, rope_index=lambda *args: spec.rope_index(model, *args)
     )([row])
     assert packed["position_ids"].shape[0] == 4  # the plain positions first, then the multimodal ones
-    alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    alone = Collator(tokenizer.pad_token_id, packing=False, media=images)
     with torch.no_grad():
         logits = model(**packed).logits[0]
         start = 0
-        for length, pictures in zip(row.lengths, row.images):
+        for length, pictures in zip(row.lengths, row.media):
             ids = row.input_ids[start : start + length]
             single = alone([(ids, row.labels[start : start + length], pictures)])
             assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
@@ -314,17 +311,16 @@ def test_a_share_a_batch_cannot_hold_exactly_is_kept_on_average():
 
 def test_the_training_set_tells_the_sampler_which_rows_have_pictures(tiny_models):
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.data.tokenize import prepare_data
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
     from modelloop.registry import SAMPLERS, get_registry
     from modelloop.training import RegistrySampler, TrainingData
 
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
-    images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
+    images = load_media_tokens(family, folder, read_config(folder), tokenizer)
     data = TrainingData.build(
-        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, images=images),
+        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=256, media=images),
         max_length=256,
         packing=False,
     )
@@ -590,17 +586,16 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
     from PIL import Image
 
     from modelloop.chat import resolve_chat_format
-    from modelloop.data.images import ImageTokens
     from modelloop.inference.hf import HFSession
     from modelloop.inference.types import SamplingParams
-    from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
     from modelloop.registry import ENGINES, get_registry
     from modelloop.stages.rollouts import EngineRollouts
 
     folder = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(folder), resolve_family("qwen2_vl")
     chat = resolve_chat_format(tokenizer, family)
-    images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), tokenizer)
+    images = load_media_tokens(family, folder, read_config(folder), tokenizer)
     rollouts = EngineRollouts(
         get_registry(ENGINES).get("hf"),
         tokenizer=tokenizer,
@@ -609,7 +604,7 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
         base_model=str(folder),
         tuner=FULL,
         sync_dir=Path("unused"),
-        images=images,
+        media=images,
     )
     with Image.open(PICTURE) as opened:
         prompt = [
@@ -619,7 +614,7 @@ def test_rollout_prompts_with_pictures_get_the_engines_ids(tiny_models):
             }
         ]
     ids = rollouts.prompt_ids(prompt)
-    assert ids.count(images.image_token_id) == 4
+    assert ids.count(images.kinds["image"].token_id) == 4
     session = HFSession.load(folder, options={"inline": True})
     try:
         request = rollouts._request(prompt, ids, SamplingParams(max_tokens=2, n=2))
@@ -673,7 +668,7 @@ def test_two_processes_train_a_vision_model_when_some_batches_have_no_picture(ti
 def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_refused(tiny_models, tmp_path):
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_image_tokens, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
 
     data = write_jsonl(
         tmp_path / "text.jsonl", [turn("Render <image> in HTML?", "use <img>"), turn("Say <|image_pad|>", "no")]
@@ -685,7 +680,7 @@ def test_text_without_pictures_keeps_a_literal_mark_but_a_stray_image_token_is_r
     encoder = Encoder(
         tokenizer,
         resolve_chat_format(tokenizer, family),
-        load_image_tokens(family, folder, read_config(folder), tokenizer),
+        load_media_tokens(family, folder, read_config(folder), tokenizer),
     )
     literal, stray = encoder.encode(records.examples)
     assert isinstance(literal, list) and len(literal) == 1  # encoded: "<image>" in text is text
@@ -710,7 +705,7 @@ def test_pictures_belong_in_the_prompt_and_data_check_counts_them_there(tiny_mod
         [{"prompt": "Which?", "chosen": "this <image>", "rejected": "no", "images": [str(PICTURE)]}],
     )
     assert [problem.reason for problem in read_records([answers]).problems] == [
-        "pictures go in the prompt, not in the answers"
+        "images go in the prompt, not in the answers"
     ]
 
 

@@ -164,20 +164,19 @@ def test_an_untied_output_layer_trains_its_own_weight(small_chunks, tiny_models,
 
 
 def test_a_vision_language_model_on_pictures(small_chunks, tiny_models):
-    from modelloop.data.images import ImageTokens
-    from modelloop.models.loading import load_image_processor, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, read_config, resolve_family
     from modelloop.training import Collator
 
     folder = tiny_models("qwen2_vl")
     loaded = load_model(folder, dtype="fp32")
     family = resolve_family("qwen2_vl")
-    images = ImageTokens(family.vision, load_image_processor(folder), read_config(folder), loaded.tokenizer)
+    images = load_media_tokens(family, folder, read_config(folder), loaded.tokenizer)
     tokens = prepare_data(
-        [SHAPES], loaded.tokenizer, resolve_chat_format(loaded.tokenizer, family), max_length=256, images=images
+        [SHAPES], loaded.tokenizer, resolve_chat_format(loaded.tokenizer, family), max_length=256, media=images
     )
-    items = list(zip(tokens.input_ids, tokens.labels, tokens.images))[:4]
+    items = list(zip(tokens.input_ids, tokens.labels, tokens.media))[:4]
     assert any(pictures for *_, pictures in items)
-    batch = Collator(loaded.tokenizer.pad_token_id, packing=False, images=images)(items)
+    batch = Collator(loaded.tokenizer.pad_token_id, packing=False, media=images)(items)
     assert "pixel_values" in batch
     model = prepared(loaded.model, "lora", family)
     assert_same(model, batch)

@@ -211,12 +211,11 @@ def test_a_huge_record_is_tokenised_only_as_far_as_max_length_needs(tmp_path, qw
 
 
 def test_a_huge_record_with_a_picture_past_the_cut_is_dropped_not_miscounted(tmp_path, tiny_models, monkeypatch):
-    from modelloop.data.images import ImageTokens
-    from modelloop.models.loading import load_image_processor, read_config
+    from modelloop.models.loading import load_media_tokens, read_config
 
     model = tiny_models("qwen2_vl")
     tokenizer, family = load_tokenizer(model), resolve_family("qwen2_vl")
-    images = ImageTokens(family.vision, load_image_processor(model), read_config(model), tokenizer)
+    images = load_media_tokens(family, model, read_config(model), tokenizer)
     picture = Path(__file__).resolve().parent.parent / "examples" / "data" / "images" / "red-square-64.png"
     content = [{"type": "text", "text": "many words " * 100_000}, {"type": "image", "image": str(picture)}]
     path = tmp_path / "d.jsonl"
@@ -228,6 +227,6 @@ def test_a_huge_record_with_a_picture_past_the_cut_is_dropped_not_miscounted(tmp
         DataError, match="no usable examples"
     ):  # dropped: a cut through a picture's tokens would not match its features
         prepare_data(
-            [path], tokenizer, resolve_chat_format(tokenizer, family), max_length=64, truncation="drop", images=images
+            [path], tokenizer, resolve_chat_format(tokenizer, family), max_length=64, truncation="drop", media=images
         )
     assert max(counted) < 10_000

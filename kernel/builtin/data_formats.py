@@ -2,11 +2,13 @@
 
 Each turns one record into modelloop's canonical record for its kind:
 
-- conversation: ``{"messages": [...], "tools": [...]?, "images": [...]?}`` (each image's
-  place marked ``<image>`` in the text: ``modelloop.data.images``)
+- conversation: ``{"messages": [...], "tools": [...]?, "images": [...]?, "audios": [...]?}``
+  (each item's place marked ``<image>`` or ``<audio>`` in the text: ``modelloop.data.media``)
 - preference: ``{"prompt": [...], "chosen": [...], "rejected": [...], "images": [...]?}`` (TRL's conversational form)
 - kto: ``{"prompt": [...], "completion": [...], "label": bool, "images": [...]?}``
 - prompt: ``{"prompt": [...], "images": [...]?, **other columns}`` (extra columns reach the rewards)
+
+Every kind has the ``images``/``audios`` columns as conversations do.
 - text: ``{"text": str}``
 
 Registration order is detection order: the more specific formats come first.
@@ -18,7 +20,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from modelloop.data.images import take_image_parts
+from modelloop.data.media import COLUMNS, take_media_parts
 from modelloop.data.messages import as_messages, check_messages, message
 from modelloop.hooks import hookimpl
 from modelloop.specs import DatasetFormat
@@ -54,29 +56,31 @@ def _with_system(record: Record, messages: list[dict[str, Any]]) -> list[dict[st
     return messages
 
 
-def _prompt_with_images(record: Record) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The prompt's messages, and its pictures (``{"images": [...]}`` or nothing)."""
-    prompt, images = take_image_parts(as_messages(_decoded(record.get("prompt")), "user", "prompt"))
-    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt"), _images(
-        record, images
-    )
+def _prompt_with_media(record: Record) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The prompt's messages, and its media (``{"images": [...]}``, or nothing)."""
+    prompt, taken = take_media_parts(as_messages(_decoded(record.get("prompt")), "user", "prompt"))
+    return check_messages(_with_system(record, prompt), ends_with="prompt", field_name="prompt"), _media(record, taken)
 
 
-def _images(record: Record, from_parts: list[str]) -> dict[str, Any]:
-    """The record's images: from its content parts, or its ``images`` column (a path or
-    a list), whose ``<image>`` placeholders in the text say where each goes."""
-    column = _decoded(record.get("images")) or []
-    if isinstance(column, str):
-        column = [column]
-    if from_parts and column:
-        raise ValueError("give images as content parts or in the images column, not both")
-    images = from_parts or column
-    return {"images": list(images)} if images else {}
+def _media(record: Record, from_parts: dict[str, list[str]]) -> dict[str, Any]:
+    """The record's media, by column: from its content parts, or its ``images`` and
+    ``audios`` columns (a path or a list), whose marks in the text say where each goes."""
+    media = {}
+    for name in COLUMNS:
+        column = _decoded(record.get(name)) or []
+        if isinstance(column, str):
+            column = [column]
+        if from_parts.get(name) and column:
+            raise ValueError(f"give {name} as content parts or in the {name} column, not both")
+        items = from_parts.get(name) or column
+        if items:
+            media[name] = list(items)
+    return media
 
 
 def convert_messages(record: Record) -> dict[str, Any]:
-    raw, images = take_image_parts(_decoded(record.get("messages")))
-    converted: dict[str, Any] = {"messages": check_messages(raw), **_images(record, images)}
+    raw, taken = take_media_parts(_decoded(record.get("messages")))
+    converted: dict[str, Any] = {"messages": check_messages(raw), **_media(record, taken)}
     if record.get("tools"):
         converted["tools"] = _decoded(record["tools"])
     return converted
@@ -120,7 +124,7 @@ def convert_sharegpt(record: Record) -> dict[str, Any]:
             messages.append(message(role, turn["value"]))
     converted: dict[str, Any] = {
         "messages": check_messages(_with_system(record, messages), field_name="conversations"),
-        **_images(record, []),
+        **_media(record, {}),
     }
     if record.get("tools"):
         converted["tools"] = _decoded(record["tools"])
@@ -137,7 +141,7 @@ def convert_alpaca(record: Record) -> dict[str, Any]:
     extra = _text(record, "input", required=False)
     messages.append(message("user", f"{instruction}\n{extra}" if extra else instruction))
     messages.append(message("assistant", _text(record, "output")))
-    return {"messages": check_messages(_with_system(record, messages)), **_images(record, [])}
+    return {"messages": check_messages(_with_system(record, messages)), **_media(record, {})}
 
 
 def _answer(record: Record, field_name: str, prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,35 +169,35 @@ def _implicit_prompt(record: Record) -> list[dict[str, Any]]:
 
 
 def convert_preference(record: Record) -> dict[str, Any]:
-    prompt, images = (
-        _prompt_with_images(record)
+    prompt, media = (
+        _prompt_with_media(record)
         if record.get("prompt") is not None
-        else (_implicit_prompt(record), _images(record, []))
+        else (_implicit_prompt(record), _media(record, {}))
     )
     chosen = _answer(record, "chosen", prompt)
     rejected = _answer(record, "rejected", prompt)
     if chosen == rejected:
         raise ValueError("chosen and rejected are identical")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **images}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **media}
 
 
 KTO_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # True == 1, False == 0
 
 
 def convert_kto(record: Record) -> dict[str, Any]:
-    prompt, images = _prompt_with_images(record)
+    prompt, media = _prompt_with_media(record)
     label = record.get("label")
     if isinstance(label, str):
         label = label.strip().lower()
     if label not in KTO_LABELS:
         raise ValueError(f"label must be true or false, got {record.get('label')!r}")
-    return {"prompt": prompt, "completion": _answer(record, "completion", prompt), "label": KTO_LABELS[label], **images}
+    return {"prompt": prompt, "completion": _answer(record, "completion", prompt), "label": KTO_LABELS[label], **media}
 
 
 def convert_prompt(record: Record) -> dict[str, Any]:
-    extra = {key: value for key, value in record.items() if key not in ("prompt", "system", "images")}
-    prompt, images = _prompt_with_images(record)
-    return {"prompt": prompt, **extra, **images}
+    extra = {key: value for key, value in record.items() if key not in ("prompt", "system", *COLUMNS)}
+    prompt, media = _prompt_with_media(record)
+    return {"prompt": prompt, **extra, **media}
 
 
 def convert_text(record: Record) -> dict[str, Any]:

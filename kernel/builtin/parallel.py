@@ -30,7 +30,7 @@ def plan_ddp(request: PlanRequest) -> ParallelPlan:
     For a vision-language model DDP looks for parameters a step did not use: a batch
     without pictures leaves the vision tower out of the backward pass."""
     options = complete(request.options, {"bucket_mb": 25})
-    vision = request.family is not None and request.family.vision is not None
+    multimodal = request.family is not None and request.family.multimodal
     return ParallelPlan(
         strategy="ddp",
         world=request.world,
@@ -38,7 +38,7 @@ def plan_ddp(request: PlanRequest) -> ParallelPlan:
         backend=request.backend,
         trainer_arguments={
             "ddp_backend": request.backend,
-            "ddp_find_unused_parameters": vision,
+            "ddp_find_unused_parameters": multimodal,
             "ddp_bucket_cap_mb": int(options["bucket_mb"]),
         },
     )

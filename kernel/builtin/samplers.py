@@ -5,10 +5,12 @@ off, a batch pads little: it shuffles, cuts the order into mega-batches of
 ``batch_size * 50`` examples, sorts each by length, and shuffles the resulting batches
 (so the model does not see lengths in order).
 
-``modality_balanced`` gives every batch its share of pictured examples (``image_share``,
-spread evenly when a batch cannot hold the exact share). The epoch ends when the
-modality that runs out last has been seen once; the other is drawn again, in a new
-order each round, so skewed data never leaves a batch without it. All are deterministic
+``modality_balanced`` gives every batch its share of each modality's examples (text,
+pictures, sound: ``image_share``, ``audio_share``; a modality without a share splits
+what is left evenly with the others), spread evenly when a batch cannot hold the exact
+share. The epoch ends when the modality that runs out last has been seen once; the
+others are drawn again, in a new order each round, so skewed data never leaves a batch
+without them. All are deterministic
 for a seed.
 """
 
@@ -44,30 +46,58 @@ def length_grouped_order(lengths: Sequence[int], *, batch_size: int, seed: int) 
 
 
 def modality_balanced_order(
-    lengths: Sequence[int], *, batch_size: int, seed: int, modalities: Sequence[str], image_share: float = 0.5
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    seed: int,
+    modalities: Sequence[str],
+    image_share: float | None = None,
+    audio_share: float | None = None,
 ) -> Iterator[int]:
-    if not 0 < image_share < 1:
-        raise ValueError(f"image_share must be between 0 and 1, got {image_share}")
+    given = {kind: share for kind, share in (("image", image_share), ("audio", audio_share)) if share is not None}
+    for kind, share in given.items():
+        if not 0 < share < 1:
+            raise ValueError(f"{kind}_share must be between 0 and 1, got {share}")
     rng = random.Random(seed)
-    pools = {
-        kind: [index for index, modality in enumerate(modalities) if modality == kind] for kind in ("image", "text")
-    }
-    if not pools["image"] or not pools["text"]:  # one modality: nothing to balance
+    present = sorted(set(modalities), key=lambda kind: (kind == "text", kind))  # text last
+    if len(present) < 2:  # one modality: nothing to balance
         return random_order(lengths, batch_size=batch_size, seed=seed)
-    shares = {"image": image_share, "text": 1 - image_share}
-    batches = max(math.ceil(len(pools[kind]) / (shares[kind] * batch_size)) for kind in pools)
+    shares = _shares(present, given)
+    pools = {kind: [index for index, modality in enumerate(modalities) if modality == kind] for kind in present}
+    batches = max(math.ceil(len(pools[kind]) / (shares[kind] * batch_size)) for kind in present)
     draws = {kind: _rounds(pool, rng) for kind, pool in pools.items()}
     order = []
     for number in range(batches):
-        # images in batch ``number``: the whole part of the running share, so that any
-        # batch_size (even 1) averages exactly ``image_share``
-        images = math.floor((number + 1) * image_share * batch_size) - math.floor(number * image_share * batch_size)
-        batch = [next(draws["image"]) for _ in range(images)] + [
-            next(draws["text"]) for _ in range(batch_size - images)
-        ]
+        # each modality's count in batch ``number``: the whole parts of the running
+        # cumulative shares, so that any batch_size (even 1) averages exactly each share
+        batch, below = [], 0.0
+        for kind in present:
+            above = below + shares[kind]
+            count = _whole(number, above, batch_size) - _whole(number, below, batch_size)
+            batch += [next(draws[kind]) for _ in range(count)]
+            below = above
         rng.shuffle(batch)
         order += batch
     return iter(order)
+
+
+def _shares(present: Sequence[str], given: dict[str, float]) -> dict[str, float]:
+    """Each present modality's share of a batch: as given, the rest split evenly among
+    the others (text takes what is left when every other share is given)."""
+    unset = [kind for kind in present if kind not in given]
+    fixed = {kind: share for kind, share in given.items() if kind in present}
+    left = 1 - sum(fixed.values())
+    if left <= 0 and unset:
+        raise ValueError(f"the shares given ({', '.join(f'{k}_share' for k in fixed)}) leave nothing for {unset[0]}")
+    shares = {kind: fixed.get(kind, left / len(unset) if unset else 0.0) for kind in present}
+    if not unset:  # every share given: text (or the last) takes what is left
+        shares[present[-1]] += left
+    return shares
+
+
+def _whole(number: int, share: float, batch_size: int) -> int:
+    """How many of ``(number + 1) * batch_size`` draws a running ``share`` holds."""
+    return math.floor((number + 1) * share * batch_size + 1e-9) - math.floor(number * share * batch_size + 1e-9)
 
 
 def _rounds(pool: list[int], rng: random.Random) -> Iterator[int]:
@@ -83,7 +113,7 @@ SAMPLERS = (
     Sampler(name="length_grouped", description="batches of similar length (less padding)", order=length_grouped_order),
     Sampler(
         name="modality_balanced",
-        description="a set share of pictured examples in every batch",
+        description="a set share of each modality (text, pictures, sound) in every batch",
         order=modality_balanced_order,
     ),
 )

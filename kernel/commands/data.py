@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
+    from modelloop.data.media import Media
     from modelloop.data.records import Example
     from modelloop.data.sources import Problem
     from modelloop.data.tokenize import Encoded, Encoder, Truncation
@@ -22,16 +23,16 @@ TEMPLATE = click.option("--template", help="Use this registered chat template in
 
 
 def _encoder(model: str, template: str | None) -> Encoder:
-    """The model's encoder: its tokenizer, chat template and (vision models) pictures."""
+    """The model's encoder: its tokenizer, chat template and (multimodal models) media."""
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_image_tokens, load_tokenizer, read_config, resolve_family
+    from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
 
     tokenizer = load_tokenizer(model)
     config = read_config(model)
     family = resolve_family(config.model_type)
-    images = load_image_tokens(family, model, config, tokenizer)
-    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), images)
+    media = load_media_tokens(family, model, config, tokenizer)
+    return Encoder(tokenizer, resolve_chat_format(tokenizer, family, template), media)
 
 
 def _longest(sequences: Iterable[Encoded]) -> Encoded:
@@ -98,8 +99,9 @@ def check_command(files, model, max_length, truncation, format_name, template) -
     problems: list[Problem | str] = list(records.problems)
     good = list(records.examples)
     longer: list[Encoded] = []
-    if model:
-        good, unusable, longer = _measured(_encoder(model, template), good, max_length, truncation)
+    encoder = _encoder(model, template) if model else None
+    if encoder is not None:
+        good, unusable, longer = _measured(encoder, good, max_length, truncation)
         problems += unusable
     located = [str(problem) for problem in records.problems] + [example.location for example in records.examples]
     for path in (DataSource.parse(file).path for file in files):
@@ -112,6 +114,8 @@ def check_command(files, model, max_length, truncation, format_name, template) -
         click.echo(f"{path}: {format_used}, {count} records")
     kinds = Counter(example.kind for example in good)
     click.echo(f"{len(good)} good records ({', '.join(f'{n} {k}' for k, n in kinds.items())}), {len(problems)} bad")
+    for line in _media_summary(good, encoder):
+        click.echo(line)
     if longer:
         action = "truncated" if truncation == "truncate" else "dropped"
         click.echo(
@@ -119,6 +123,31 @@ def check_command(files, model, max_length, truncation, format_name, template) -
         )
     if problems:
         sys.exit(1)
+
+
+def _media_summary(examples: Sequence[Example], encoder: Encoder | None) -> list[str]:
+    """A line for each kind of media the records hold: how many items, each clip's length,
+    and (with a model) the tokens each item takes."""
+    from modelloop.data.audio import open_audio
+    from modelloop.data.media import BY_NAME, record_media
+
+    by_kind: dict[str, list[Media]] = {}
+    for example in examples:
+        for item in record_media(example.record):
+            by_kind.setdefault(item.kind, []).append(item)
+    lines = []
+    for kind, items in by_kind.items():
+        parts = [f"{len(items)} {BY_NAME[kind].column}"]
+        if kind == "audio":
+            seconds = [open_audio(item.source).seconds for item in items]
+            parts.append(f"{min(seconds):.1f}-{max(seconds):.1f} s a clip, {sum(seconds):.1f} s in all")
+        if encoder is not None and encoder.media is not None and encoder.media.takes(kind):
+            counts = [
+                count for start in range(0, len(items), 64) for count in encoder.media.counts(items[start : start + 64])
+            ]
+            parts.append(f"{min(counts)}-{max(counts)} tokens each, {sum(counts)} in all")
+        lines.append(f"{kind}: " + ", ".join(parts))
+    return lines
 
 
 @data_command.command("preview")
@@ -131,12 +160,15 @@ def preview_command(file, model, count, format_name, template) -> None:
     """Show the first records of FILE rendered as the model sees them, trained text highlighted.
 
     On a terminal the trained text is green; piped, it is marked with «». A picture's
-    image tokens show as TOKEN×N [file], where they go in the text.
+    or a clip's tokens show as TOKEN×N [file], where they go in the text.
     """
+    import re
+
     from rich.console import Console
     from rich.text import Text
 
     from modelloop.data.labels import IGNORE
+    from modelloop.data.media import record_media
     from modelloop.data.records import read_records
     from modelloop.data.sources import Problem
 
@@ -153,34 +185,45 @@ def preview_command(file, model, count, format_name, template) -> None:
         if isinstance(sequences, Problem):
             console.print(str(sequences), style="red", markup=False)
             continue
-        pictures = (
-            list(zip(example.record.get("images") or [], encoder.images.counts(example.record["images"])))
-            if example.record.get("images")
-            else []
-        )
+        media = record_media(example.record)
+        counts = encoder.media.counts(media) if media and encoder.media is not None else []
+        tokens = {encoder.media.kinds[item.kind].token: item.kind for item in media} if counts else {}
+        splitter = re.compile("(" + "|".join(re.escape(token) for token in tokens) + ")") if tokens else None
         for sequence, encoded in zip(encoder.pieces(example), sequences):
             text = Text()
-            shown = iter(pictures)
+            shown = {kind: iter([(i, c) for i, c in zip(media, counts) if i.kind == kind]) for kind in tokens.values()}
             for piece, trained in sequence:
-                for number, part in enumerate(piece.split(encoder.images.spec.image_token) if pictures else [piece]):
-                    if number:
-                        picture, count = next(shown)
-                        text.append(
-                            f"{encoder.images.spec.image_token}×{count} [{Path(picture).name if not picture.startswith('data:') else 'data URL'}]",
-                            style="magenta",
-                        )
-                    if trained and not console.is_terminal:
+                for part in splitter.split(piece) if splitter else [piece]:
+                    if not part:
+                        continue
+                    if part in tokens:
+                        item, count = next(shown[tokens[part]])
+                        text.append(f"{part}×{count} [{_described(item)}]", style="magenta")
+                    elif trained and not console.is_terminal:
                         text.append(f"«{part}»")
                     else:
                         text.append(part, style="bold green" if trained else "dim")
             console.print(text, soft_wrap=True)  # a line as the model sees it, not folded at the terminal width
             trained_tokens = sum(label != IGNORE for label in encoded.labels)
-            image_tokens = sum(count for _, count in pictures)
+            per_kind = Counter()
+            for item, count in zip(media, counts):
+                per_kind[item.kind] += count
             console.print(
                 f"{len(encoded)} tokens, {trained_tokens} trained"
-                + (f", {image_tokens} image tokens" if image_tokens else ""),
+                + "".join(f", {count} {kind} tokens" for kind, count in per_kind.items()),
                 style="cyan",
             )
+
+
+def _described(item: Media) -> str:
+    """How preview names an item: its file name (a clip with its length)."""
+    source = item.source
+    name = "data URL" if source.startswith("data:") else Path(source).name
+    if item.kind == "audio":
+        from modelloop.data.audio import open_audio
+
+        return f"{name}, {open_audio(source).seconds:.1f} s"
+    return name
 
 
 @data_command.command("from-logs")

@@ -44,7 +44,7 @@ def _adapter(text: str) -> tuple[str, str]:
 @click.option(
     "--allow-remote-images",
     is_flag=True,
-    help="Fetch http(s) image URLs in chat requests (default: base64 data URLs only).",
+    help="Fetch http(s) image and audio URLs in chat requests (default: base64 data URLs only).",
 )
 @click.option(
     "--adapter-dir",

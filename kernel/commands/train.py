@@ -47,7 +47,7 @@ FLAGS: dict[str, Any] = {
 }
 
 #: flag -> module group whose learning rate it sets (``group_lr``).
-GROUP_LR_FLAGS = {"--vision-lr": "vision", "--aligner-lr": "aligner", "--llm-lr": "llm"}
+GROUP_LR_FLAGS = {"--vision-lr": "vision", "--audio-lr": "audio", "--aligner-lr": "aligner", "--llm-lr": "llm"}
 
 #: How the nodes of a multi-node job meet: per launch, not part of a run's config (each
 #: node has its own rank). Left out, they come from SLURM's or torchrun's environment.
@@ -215,7 +215,7 @@ def training_command(stage: str, summary: str) -> click.Command:
             help=sentence(fields["gradient_checkpointing"].description or ""),
         ),
         click.option(
-            "--freeze", multiple=True, help="Leave a module group untrained: vision, aligner, llm (repeatable)."
+            "--freeze", multiple=True, help="Leave a module group untrained: vision, audio, aligner, llm (repeatable)."
         ),
         *(
             click.option(

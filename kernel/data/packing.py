@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelloop.data.labels import IGNORE
+from modelloop.data.media import Media
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -53,20 +54,20 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 @dataclass(frozen=True)
 class PackedRow:
     """Examples side by side: their tokens, labels and restarting positions, each
-    example's length, and each example's images (empty for text)."""
+    example's length, and each example's media items (empty for text)."""
 
     input_ids: Any
     labels: Any
     position_ids: Any
     lengths: tuple[int, ...] = ()
-    images: tuple[tuple[str, ...], ...] = ()
+    media: tuple[tuple[Media, ...], ...] = ()
 
 
 def pack(
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
     max_length: int,
-    images: Sequence[tuple[str, ...]] | None = None,
+    media: Sequence[tuple[Media, ...]] | None = None,
 ) -> list[PackedRow]:
     """Pack tokenised examples into rows of at most ``max_length`` tokens (numpy int32 arrays)."""
     import numpy
@@ -82,7 +83,7 @@ def pack(
                 numpy.concatenate(row_labels),
                 numpy.concatenate([numpy.arange(len(input_ids[index]), dtype=numpy.int32) for index in members]),
                 tuple(len(input_ids[index]) for index in members),
-                tuple(images[index] for index in members) if images is not None else tuple(() for _ in members),
+                tuple(media[index] for index in members) if media is not None else tuple(() for _ in members),
             )
         )
     return rows

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelloop.data.images import check_record_images
+from modelloop.data.media import check_record_media
 from modelloop.data.sources import DataError, DataSource, Problem, RawRecord, open_source
 from modelloop.registry import DATASET_FORMATS, get_registry
 from modelloop.specs import DatasetFormat, DatasetKind
@@ -124,7 +124,7 @@ def _convert_file(
 
 
 def _convert(chosen: DatasetFormat, item: RawRecord, base: Path) -> Example | Problem:
-    """The canonical record, its images (if any) resolved against ``base`` and opened."""
+    """The canonical record, its media (if any) resolved against ``base`` and opened."""
     if not isinstance(item.data, Mapping):
         return Problem(item.location, f"record is a {type(item.data).__name__}, not an object")
     missing = [column for column in chosen.columns if column not in item.data]
@@ -132,7 +132,7 @@ def _convert(chosen: DatasetFormat, item: RawRecord, base: Path) -> Example | Pr
         return Problem(item.location, f"missing field {missing[0]!r} (format {chosen.name})")
     try:
         record = chosen.convert(item.data)
-        return Example(item.location, chosen.kind, check_record_images(record, base))
+        return Example(item.location, chosen.kind, check_record_media(record, base))
     except (ValueError, TypeError, KeyError) as error:
         reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         return Problem(item.location, reason)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from modelloop.data.labels import IGNORE
+from modelloop.data.media import Media
 from modelloop.data.records import Example, FileFormat
 from modelloop.data.sources import DataError, Problem, RawRecord, open_source, read_jsonl_from
 from modelloop.data.tokenize import (
@@ -373,17 +374,17 @@ class _Builder:
         self.labels = array("i")
         self.offsets = array("q", [0])
         self.locations: list[str] = []
-        self.images: list[tuple[str, ...]] = []
+        self.media: list[tuple[Media, ...]] = []
 
     def __len__(self) -> int:
         return len(self.locations)
 
-    def add(self, location: str, input_ids: list[int], labels: list[int], images: tuple[str, ...]) -> None:
+    def add(self, location: str, input_ids: list[int], labels: list[int], media: tuple[Media, ...]) -> None:
         self.ids.extend(input_ids)
         self.labels.extend(labels)
         self.offsets.append(len(self.ids))
         self.locations.append(location)
-        self.images.append(images)
+        self.media.append(media)
 
     def data(self) -> TokenizedData:
         import numpy
@@ -394,7 +395,7 @@ class _Builder:
             numpy.frombuffer(self.offsets, dtype=numpy.int64),
             self.locations,
             DataStats(examples=len(self.locations)),
-            images=self.images if any(self.images) else None,
+            media=self.media if any(self.media) else None,
         )
 
 
@@ -627,12 +628,12 @@ class Stream:
             stats.dropped += 1
             return
         stats.truncated += len(kept) < len(encoded)
-        builder.add(location, kept.input_ids, kept.labels, encoded.images)
+        builder.add(location, kept.input_ids, kept.labels, encoded.media)
         stats.examples += 1
         stats.tokens += len(kept)
         stats.trained_tokens += len(kept.labels) - kept.labels.count(IGNORE)
         stats.longest = max(stats.longest, len(kept))
-        stats.images += len(encoded.images)
+        stats.count_media(encoded.media)
 
     def _bad(self, problem: Problem, stats: DataStats, epoch: int) -> None:
         if not self.skip_bad_records:

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from modelloop.artifacts import atomic_file, sha256_path
 from modelloop.chat import ChatFormat, TemplateError
-from modelloop.data.images import IMAGE_MARK, ImageTokens
 from modelloop.data.labels import IGNORE
+from modelloop.data.media import BY_NAME, Media, MediaTokens, record_media
 from modelloop.data.records import Example, Records, read_records
 from modelloop.data.sources import DataError, DataSource, Problem
 from modelloop.paths import cache_home
@@ -50,7 +50,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    images: tuple[str, ...] = ()
+    media: tuple[Media, ...] = ()
     cut: bool = False
 
     def __len__(self) -> int:
@@ -63,19 +63,19 @@ class Encoded:
     def cut_at(self, limit: int) -> Encoded:
         """Its first ``limit`` tokens, marked ``cut`` when there are more."""
         return (
-            self if len(self) <= limit else Encoded(self.input_ids[:limit], self.labels[:limit], self.images, cut=True)
+            self if len(self) <= limit else Encoded(self.input_ids[:limit], self.labels[:limit], self.media, cut=True)
         )
 
 
 class Encoder:
-    """Renders and tokenises canonical records of every kind; with ``images`` (a vision
-    model's ``ImageTokens``) each image mark becomes the family's placeholder and its image
-    token is repeated once per image feature."""
+    """Renders and tokenises canonical records of every kind; with ``media`` (a
+    multimodal model's ``MediaTokens``) each mark becomes its kind's placeholder and the
+    kind's token is repeated once per feature of the item."""
 
-    def __init__(self, tokenizer: Any, chat: ChatFormat | None, images: ImageTokens | None = None) -> None:
+    def __init__(self, tokenizer: Any, chat: ChatFormat | None, media: MediaTokens | None = None) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
-        self.images = images
+        self.media = media
 
     def _chat(self) -> ChatFormat:
         if self.chat is None:
@@ -101,13 +101,17 @@ class Encoder:
         return [self._placed(chat.segments([*record["prompt"], *record["completion"]]), record)]
 
     def _placed(self, pieces: list[tuple[str, bool]], record: Any) -> list[tuple[str, bool]]:
-        """Image marks replaced by the model's placeholder (a model without images refuses them)."""
-        if not record.get("images"):
+        """Marks replaced by the model's placeholders (a model refuses a kind it does not take)."""
+        media = record_media(record)
+        if not media:
             return pieces
-        if self.images is None:
-            raise TemplateError("the record has images, and this model takes none (choose a vision-language model)")
-        placeholder = self.images.spec.placeholder
-        return [(text.replace(IMAGE_MARK, placeholder), trained) for text, trained in pieces]
+        refused = media[0].kind if self.media is None else self.media.refused(media)
+        if refused is not None:
+            kind = BY_NAME[refused]
+            model = "a vision-language" if refused == "image" else f"an {refused}-language"
+            raise TemplateError(f"the record has {kind.column}, and this model takes none (choose {model} model)")
+        assert self.media is not None
+        return [(self.media.place(text), trained) for text, trained in pieces]
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added: through the Rust tokenizer
@@ -136,7 +140,7 @@ class Encoder:
             if isinstance(sequences, Problem):
                 encoded.append(sequences)
                 continue
-            encoded.append(self._with_images(example, [next(tokenised) for _ in sequences]))
+            encoded.append(self._with_media(example, [next(tokenised) for _ in sequences]))
         return encoded
 
     def each(
@@ -176,20 +180,20 @@ class Encoder:
             encoded.append(Encoded(input_ids, labels))
         return encoded
 
-    def _with_images(self, example: Example, sequences: list[Encoded]) -> list[Encoded] | Problem:
-        """Each picture's tokens expanded; for a vision model also checks that a record
-        without pictures holds no image token (typed into its text, it would have no pixels).
-        A cut record is left as it is: its text may hold only some of its pictures, and it
+    def _with_media(self, example: Example, sequences: list[Encoded]) -> list[Encoded] | Problem:
+        """Each item's tokens expanded; for a multimodal model also checks that a record
+        without items holds no media token (typed into its text, it would have no features).
+        A cut record is left as it is: its text may hold only some of its items, and it
         is too long to keep with them anyway."""
-        images = tuple(example.record.get("images") or ())
-        if self.images is None:
+        media = record_media(example.record)
+        if self.media is None:
             return sequences
         if any(sequence.cut for sequence in sequences):
-            return [replace(sequence, images=images) for sequence in sequences]
+            return [replace(sequence, media=media) for sequence in sequences]
         try:
-            counts = self.images.counts(images)
+            counts = self.media.counts(media)
             return [
-                Encoded(*self.images.expand(sequence.input_ids, sequence.labels, counts), images=images)
+                Encoded(*self.media.expand(sequence.input_ids, sequence.labels, media, counts), media=media)
                 for sequence in sequences
             ]
         except ValueError as error:
@@ -218,13 +222,16 @@ class DataStats:
     tokens: int = 0
     trained_tokens: int = 0
     longest: int = 0
-    images: int = 0
+    media: dict[str, int] = field(default_factory=dict)  # items of each kind: {"image": 3}
     formats: dict[str, str] = field(default_factory=dict)
+
+    def count_media(self, media: Sequence[Media]) -> None:
+        for item in media:
+            self.media[item.kind] = self.media.get(item.kind, 0) + 1
 
     def summary(self) -> str:
         parts = [f"{self.examples} examples", f"{self.tokens} tokens ({self.trained_tokens} trained)"]
-        if self.images:
-            parts.append(f"{self.images} images")
+        parts += [f"{count} {BY_NAME[kind].column}" for kind, count in self.media.items()]
         for label, count in (
             ("truncated", self.truncated),
             ("dropped", self.dropped),
@@ -261,7 +268,7 @@ class TokenizedData:
 
     Tokens are kept in flat int32 arrays with offsets (a tenth of the memory of Python
     lists); ``input_ids[i]`` and ``labels[i]`` are numpy views of one sequence, and
-    ``images[i]`` its images (read when batched).
+    ``media[i]`` its media items (read when batched).
     """
 
     flat_ids: Any
@@ -270,7 +277,7 @@ class TokenizedData:
     locations: list[str]
     stats: DataStats
     from_cache: bool = False
-    images: list[tuple[str, ...]] | None = None  # each sequence's images, when any has one
+    media: list[tuple[Media, ...]] | None = None  # each sequence's media items, when any has one
 
     @property
     def input_ids(self) -> Ragged:
@@ -302,7 +309,7 @@ def too_long(location: str, encoded: Encoded, max_length: int) -> Problem:
 def fit(encoded: Encoded, max_length: int, truncation: Truncation) -> Encoded | None:
     """The sequence within ``max_length``: cut, or None when dropped (or nothing trained is left)."""
     if len(encoded) > max_length:
-        if truncation != "truncate" or encoded.images:  # a cut through an image's tokens would not match its features
+        if truncation != "truncate" or encoded.media:  # a cut through an item's tokens would not match its features
             return None
         encoded = Encoded(encoded.input_ids[:max_length], encoded.labels[:max_length])
     if all(label == IGNORE for label in encoded.labels):
@@ -322,7 +329,7 @@ def tokenize_records(
     stats = DataStats()
     flat_ids, flat_labels, offsets = array("i"), array("i"), array("q", [0])
     locations: list[str] = []
-    images: list[tuple[str, ...]] = []
+    media: list[tuple[Media, ...]] = []
     refused: list[Problem] = []
     unrendered: list[Problem] = []
     for example, sequences in encoder.each(examples, max_length):
@@ -342,7 +349,8 @@ def tokenize_records(
         flat_labels.extend(kept.labels)
         offsets.append(len(flat_ids))
         locations.append(example.location)
-        images.append(encoded.images)
+        media.append(encoded.media)
+        stats.count_media(encoded.media)
         stats.longest = max(stats.longest, len(kept))
     if refused:
         raise problems_error(refused, "Raise --max-length, or choose --truncation truncate or drop.")
@@ -350,14 +358,13 @@ def tokenize_records(
     stats.examples = len(locations)
     stats.tokens = len(flat_ids)
     stats.trained_tokens = int(numpy.count_nonzero(labels != IGNORE))
-    stats.images = sum(len(example_images) for example_images in images)
     data = TokenizedData(
         numpy.frombuffer(flat_ids, dtype=numpy.int32),
         labels,
         numpy.frombuffer(offsets, dtype=numpy.int64),
         locations,
         stats,
-        images=images if stats.images else None,
+        media=media if any(media) else None,
     )
     return data, unrendered
 
@@ -438,14 +445,14 @@ def prepare_data(
     skip_bad_records: bool = False,
     seed: int = 0,
     use_cache: bool = True,
-    images: ImageTokens | None = None,
+    media: MediaTokens | None = None,
 ) -> TokenizedData:
     """Read, validate, render, tokenise and (once) cache training data.
 
     Every record is validated first: any bad one stops here with ``file:line: reason``
     for each, unless ``skip_bad_records`` (then they are counted in ``stats``). For a
-    vision-language model (``images``) nothing is cached: the image files are not part
-    of the cache key.
+    multimodal model (``media``) nothing is cached: the media files are not part of the
+    cache key.
     """
     if max_length < 1:
         raise DataError(f"max_length must be positive, got {max_length}")
@@ -453,8 +460,8 @@ def prepare_data(
     for source in parsed:
         if not source.path.exists():
             raise DataError(f"{source.path}: no such file or folder")
-    encoder = Encoder(tokenizer, chat if kind == "conversation" else None, images)
-    use_cache = use_cache and images is None
+    encoder = Encoder(tokenizer, chat if kind == "conversation" else None, media)
+    use_cache = use_cache and media is None
     settings = {
         "max_length": max_length,
         "kind": kind,

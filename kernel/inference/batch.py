@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelloop.data.images import as_content_parts, inline_images
+from modelloop.data.media import COLUMNS, as_content_parts, inline_media
 from modelloop.data.records import Example
 from modelloop.data.sources import DataError
 from modelloop.inference.types import GenerationRequest, SamplingParams
@@ -33,14 +33,12 @@ class Prompt:
 
 def prompts_from(examples: Sequence[Example]) -> list[Prompt]:
     """What to ask the model for each record, and the answer it should give if known
-    (a record's pictures as image parts of the messages)."""
+    (a record's pictures and clips as image and audio parts of the messages)."""
     prompts = []
     for index, example in enumerate(examples):
         record = example.record
         if example.kind == "conversation":
-            messages = (
-                as_content_parts(record["messages"], record["images"]) if record.get("images") else record["messages"]
-            )
+            messages = as_content_parts(record["messages"], record)
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = Prompt(index, example.location, messages[:last], None, messages[last]["content"], {})
         elif example.kind == "text":
@@ -49,12 +47,10 @@ def prompts_from(examples: Sequence[Example]) -> list[Prompt]:
             columns = {
                 k: v
                 for k, v in record.items()
-                if k not in ("prompt", "chosen", "rejected", "completion", "label", "images")
+                if k not in ("prompt", "chosen", "rejected", "completion", "label", *COLUMNS)
             }
             reference = columns.get("solution")
-            messages = (
-                as_content_parts(record["prompt"], record["images"]) if record.get("images") else record["prompt"]
-            )
+            messages = as_content_parts(record["prompt"], record)
             prompt = Prompt(
                 index, example.location, messages, None, None if reference is None else str(reference), columns
             )
@@ -84,7 +80,7 @@ def run_inference(
             batch = todo[start : start + batch_size]
             requests = [
                 GenerationRequest(
-                    messages=inline_images(p.messages) if p.messages is not None else None,
+                    messages=inline_media(p.messages) if p.messages is not None else None,
                     prompt=p.text,
                     model=model,
                     params=params,

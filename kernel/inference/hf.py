@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from modelloop.data.images import IMAGE_MARK, REMOTE, open_image, resolve_image, take_image_parts
+from modelloop.data.media import BY_NAME, REMOTE, Media, resolve_source, take_media_parts
 from modelloop.errors import EngineError
 from modelloop.inference.jobs import EngineJob, job_deltas, job_results
 from modelloop.inference.limits import check_prompt_ids
@@ -31,9 +31,9 @@ _DONE = object()  # the worker's queue: closed
 
 @dataclass(eq=False)
 class _Job(EngineJob):
-    """A request with the pictures its prompt shows (opened), in the order of their tokens."""
+    """A request with the media its prompt holds (opened), in the order of their tokens."""
 
-    images: tuple[Any, ...] = ()
+    media: tuple[Any, ...] = ()  # the prompt's media items, opened
 
 
 class HFSession:
@@ -62,7 +62,7 @@ class HFSession:
         generating meanwhile runs about a third slower.
         """
         options = dict(options or {})
-        self.images = options.get("images")  # a vision-language model's ImageTokens
+        self.media = options.get("media")  # a multimodal model's MediaTokens
         self.allow_remote_images = bool(options.get("allow_remote_images", False))
         self.max_batch_size = int(options.get("max_batch_size", 32))
         self.batch_window = float(options.get("batch_window", 0.0))
@@ -107,11 +107,11 @@ class HFSession:
         device_map = options.get("device_map", inference_device_map())
         loaded = load_model(model_path, dtype=options.get("dtype", "auto"), device_map=device_map)
         chat = resolve_chat_format(loaded.tokenizer, loaded.family, options.get("template"))
-        if loaded.family.vision is not None:
-            from modelloop.models.loading import load_image_tokens, resolve_model_source
+        if loaded.family.multimodal:
+            from modelloop.models.loading import load_media_tokens, resolve_model_source
 
             folder = resolve_model_source(model_path).tokenizer
-            options["images"] = load_image_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
+            options["media"] = load_media_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
         served_name = str(options.get("served_name") or Path(str(model_path)).name)
         return cls(
             loaded.model.eval(),
@@ -162,24 +162,25 @@ class HFSession:
         """The prompt's token ids, rendered with the chat template the model was trained with."""
         return self.prompt(request)[0]
 
-    def prompt(self, request: GenerationRequest) -> tuple[list[int], tuple[Any, ...]]:
-        """The prompt's token ids and its pictures, opened (OpenAI image parts in the messages).
+    def prompt(self, request: GenerationRequest) -> tuple[list[int], tuple[Media, ...]]:
+        """The prompt's token ids and its media, opened (OpenAI image and audio parts in
+        the messages).
 
-        For a vision model the image tokens are checked against the pictures even when
-        there are none: an image token typed into the text would have no pixels."""
+        For a multimodal model the media tokens are checked against the items even when
+        there are none: a media token typed into the text would have no features."""
         if request.model is not None and request.model not in self.models:
             raise EngineError(f"unknown model {request.model!r}; served: {', '.join(self.models)}")
-        images: tuple[Any, ...] = ()
+        media: tuple[Media, ...] = ()
         vocabulary = None  # checked for token-id prompts: text tokenised here cannot leave it
         if request.messages is not None:
-            messages, images = self._take_images(request.messages)
+            messages, media = self._take_media(request.messages)
             text = self.chat.render(messages, add_generation_prompt=True)
-            if images:
-                text = text.replace(IMAGE_MARK, self.images.spec.placeholder)
+            if media:
+                text = self.media.place(text)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.images is not None:
+            if self.media is not None:
                 try:
-                    ids = self.images.expand_ids(ids, self.images.counts(images))
+                    ids = self.media.expand_ids(ids, media)
                 except ValueError as error:
                     raise EngineError(str(error)) from None
         elif isinstance(request.prompt, str):
@@ -189,26 +190,27 @@ class HFSession:
         else:
             raise EngineError("a request needs messages or a prompt")
         limits = {"max_tokens": request.params.max_tokens, "context_length": self.context_length}
-        return check_prompt_ids(ids, **limits, vocabulary=vocabulary), images
+        return check_prompt_ids(ids, **limits, vocabulary=vocabulary), media
 
-    def _take_images(self, messages: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        """Messages with image parts as text with image marks, and the pictures, each read
-        once: base64 data URLs always, remote URLs where the session allows, local paths
-        never (a request must not read the server's files)."""
+    def _take_media(self, messages: Any) -> tuple[list[Any], tuple[Media, ...]]:
+        """Messages with media parts as text with marks, and the items, each read once:
+        base64 data URLs always, remote URLs where the session allows, local paths never
+        (a request must not read the server's files)."""
         try:
-            flattened, references = take_image_parts(messages)
-            if references and self.images is None:
-                raise ValueError(f"the model {self.base_name!r} takes no images")
-            for reference in references:
-                if not reference.startswith(("data:", *REMOTE)):
-                    raise ValueError("images are sent as base64 data URLs (local paths are not read)")
-            opened = tuple(
-                open_image(resolve_image(reference, None, allow_remote=self.allow_remote_images))
-                for reference in references
-            )
+            flattened, taken = take_media_parts(messages)
+            opened = []
+            for column, sources in taken.items():
+                kind = next(kind for kind in BY_NAME.values() if kind.column == column)
+                if self.media is None or not self.media.takes(kind.name):
+                    raise ValueError(f"the model {self.base_name!r} takes no {kind.column}")
+                for source in sources:
+                    if not source.startswith(("data:", *REMOTE)):
+                        raise ValueError(f"{kind.column} are sent as base64 data URLs (local paths are not read)")
+                    resolved = resolve_source(source, None, allow_remote=self.allow_remote_images, noun=kind.noun)
+                    opened.append(self.media.open(Media(kind.name, resolved)))
         except ValueError as error:
             raise EngineError(str(error)) from None
-        return flattened, opened
+        return flattened, tuple(opened)
 
     def check(self, request: GenerationRequest) -> int:
         """The request's prompt length in tokens; EngineError if it cannot be served."""
@@ -250,8 +252,8 @@ class HFSession:
             raise EngineError("the engine was closed")
         jobs = []
         for request in requests:
-            ids, images = self.prompt(request)
-            jobs.append(_Job(request, ids, streamed=streamed, images=images))
+            ids, media = self.prompt(request)
+            jobs.append(_Job(request, ids, streamed=streamed, media=media))
         if self.inline:  # generate now, in this thread, up to max_batch_size rows at a time
             batch: list[_Job] = []
             for job in jobs:
@@ -303,7 +305,7 @@ class HFSession:
         attention_mask = torch.tensor(
             [[0] * (width - len(job.prompt_ids)) + [1] * len(job.prompt_ids) for job, _ in rows]
         )
-        pictures = self._image_inputs(input_ids, [job.images for job, _ in rows])
+        media = self._media_inputs(input_ids, [job.media for job, _ in rows])
         streamer = _BatchStreamer(self, rows)
         options: dict[str, Any] = {
             "stopping_criteria": [_rows_closed(streamer)],
@@ -331,7 +333,7 @@ class HFSession:
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     use_cache=True,
-                    **{key: value.to(device) for key, value in pictures.items()},
+                    **{key: value.to(device) for key, value in media.items()},
                     **options,
                 )
         finally:
@@ -348,15 +350,12 @@ class HFSession:
             if not job.done.is_set():  # answered early by the streamer unless it needed logprobs
                 streamer.answer(job, finished[id(job)])
 
-    def _image_inputs(self, input_ids: Any, pictures: list[tuple[Any, ...]]) -> dict[str, Any]:
-        """The pixel inputs of every row's pictures, in row order (a row per choice)."""
-        references = [reference for row in pictures for reference in row]
-        if not references:
+    def _media_inputs(self, input_ids: Any, media: list[tuple[Media, ...]]) -> dict[str, Any]:
+        """The model inputs of every row's media, in row order (a row per choice)."""
+        items = [item for row in media for item in row]
+        if not items:
             return {}
-        inputs = self.images.inputs(references)
-        if self.images.spec.token_types:
-            inputs[self.images.spec.token_types] = (input_ids == self.images.image_token_id).long()
-        return inputs
+        return {**self.media.inputs(items), **self.media.token_type_ids(input_ids)}
 
     def _complete(self, generated: list[int], params: SamplingParams, logprobs: list[float] | None) -> Completion:
         """Cut one generated row at its end of turn, its stop strings or its max_tokens."""

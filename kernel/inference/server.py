@@ -154,6 +154,25 @@ class ImagePart(Strict):
     image_url: ImageURL
 
 
+class InputAudio(Strict):
+    data: str = Field(min_length=1)  # base64
+    format: str = Field(pattern=r"^[a-z0-9]{1,8}$")  # wav, mp3, flac ...
+
+
+class AudioPart(Strict):
+    """OpenAI's audio input: the clip's bytes in the request."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioURLPart(Strict):
+    """vLLM's audio by URL (a base64 data URL, or remote where allowed), as pictures are."""
+
+    type: Literal["audio_url"]
+    audio_url: ImageURL
+
+
 class Function(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -169,7 +188,9 @@ class Message(Strict):
     """An OpenAI chat message; only these fields reach the chat template."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: (
+        str | list[Annotated[TextPart | ImagePart | AudioPart | AudioURLPart, Field(discriminator="type")]] | None
+    ) = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -338,8 +359,8 @@ def create_app(
     With ``request_log`` every answered request is logged, with ``origin`` (what is served:
     its ``source`` and ``run``), and ``/v1/feedback`` takes what users thought of the answers.
 
-    Pictures in chat requests are base64 data URLs, or http(s) URLs with
-    ``allow_remote_images``, whatever the engine (vLLM would otherwise fetch any URL, and
+    Pictures and clips in chat requests are base64 data URLs (or OpenAI's ``input_audio``),
+    or http(s) URLs with ``allow_remote_images``, whatever the engine (vLLM would otherwise fetch any URL, and
     read server paths where allowed). Adapters are loaded at run time from under
     ``adapter_dirs`` only (none: never), so that the route reads no other server path."""
     load = Load(limits)
@@ -553,7 +574,7 @@ def create_app(
     async def chat(raw: Request) -> Any:
         load.refuse_if_full()
         body = await parse(raw, ChatRequest)
-        _check_picture_urls(body.messages, allow_remote_images)
+        _check_media_urls(body.messages, allow_remote_images)
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
         for message in messages:
             message.setdefault("content", "")
@@ -644,23 +665,28 @@ def _inside(path: str, folders: Sequence[Path]) -> bool:
     return any(resolved.is_relative_to(folder) for folder in folders)
 
 
-def _check_picture_urls(messages: Sequence[Message], allow_remote: bool) -> None:
+def _check_media_urls(messages: Sequence[Message], allow_remote: bool) -> None:
+    """Pictures and clips by URL are base64 data URLs, or remote ones where allowed:
+    never a path on the server."""
     for number, message in enumerate(messages):
         for index, part in enumerate(message.content if isinstance(message.content, list) else []):
-            if not isinstance(part, ImagePart):
+            if isinstance(part, ImagePart):
+                url, field, noun = part.image_url.url, "image_url", ("image", "pictures")
+            elif isinstance(part, AudioURLPart):
+                url, field, noun = part.audio_url.url, "audio_url", ("audio", "clips")
+            else:
                 continue
-            url = part.image_url.url
             if url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://"))):
                 continue
             reason = (
                 "remote URLs are not fetched (serve with --allow-remote-images)"
                 if url.startswith(("http://", "https://"))
-                else "send pictures as base64 data URLs"
+                else f"send {noun[1]} as base64 data URLs"
             )
             raise OpenAIError(
                 400,
-                f"messages[{number}]: image {url[:80]}: {reason}",
-                param=f"messages[{number}].content[{index}].image_url.url",
+                f"messages[{number}]: {noun[0]} {url[:80]}: {reason}",
+                param=f"messages[{number}].content[{index}].{field}.url",
             )
 
 

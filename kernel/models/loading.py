@@ -220,38 +220,97 @@ def resolve_family(model_type: str) -> ModelFamily:
 
 def model_class(family: ModelFamily | None, *, reward_head: bool = False) -> Any:
     """transformers' Auto class for the family's models: image-text-to-text for vision
-    families, causal LM otherwise, sequence classification for a reward model."""
+    families, multimodal LM for those that hear, causal LM otherwise, sequence
+    classification for a reward model."""
     import transformers
 
     if reward_head:
         return transformers.AutoModelForSequenceClassification
-    return (
-        transformers.AutoModelForImageTextToText
-        if family is not None and family.vision is not None
-        else transformers.AutoModelForCausalLM
-    )
+    if family is not None and family.audio is not None:
+        return transformers.AutoModelForMultimodalLM
+    if family is not None and family.vision is not None:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def load_image_processor(name_or_path: str | Path) -> Any:
     """The image processor saved beside a vision-language model."""
     from transformers import AutoImageProcessor
 
+    return _load_processor(AutoImageProcessor, name_or_path, "image processor")
+
+
+def load_feature_extractor(name_or_path: str | Path) -> Any:
+    """The audio feature extractor saved beside an audio-language model."""
+    from transformers import AutoFeatureExtractor
+
+    return _load_processor(AutoFeatureExtractor, name_or_path, "audio feature extractor")
+
+
+def _load_processor(auto_class: Any, name_or_path: str | Path, what: str) -> Any:
     location = locate(name_or_path, needs_config=False)
     try:
-        return AutoImageProcessor.from_pretrained(location)
+        return auto_class.from_pretrained(location)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{location}: cannot load the image processor ({error})") from None
+        raise ModelLoadError(f"{location}: cannot load the {what} ({error})") from None
 
 
-def load_image_tokens(family: ModelFamily, folder: str | Path, model_config: Any, tokenizer: Any) -> Any:
-    """A vision family's image handling (``ImageTokens``) with the image processor saved in
-    ``folder`` (beside the tokenizer); None for a text family. Here, not in ``data/``: data
-    is tokenised with what it is given, and loading is this module's job."""
-    from modelloop.data.images import ImageTokens
+def save_processors(family: ModelFamily, folder: str | Path, out: Path) -> None:
+    """Copy a multimodal model's processors (image processor, feature extractor) from
+    ``folder`` into ``out``, so the next stage reads pictures and sound as this one did."""
+    if family.vision is not None:
+        load_image_processor(folder).save_pretrained(out)
+    if family.audio is not None:
+        load_feature_extractor(folder).save_pretrained(out)
 
-    if family.vision is None:
+
+def load_media_tokens(family: ModelFamily, folder: str | Path, model_config: Any, tokenizer: Any) -> Any:
+    """A multimodal family's media handling (``MediaTokens``: pictures through the image
+    processor, sound through the feature extractor, both saved in ``folder`` beside the
+    tokenizer); None for a text family. Here, not in ``data/``: data is tokenised with
+    what it is given, and loading is this module's job."""
+    import functools
+
+    from modelloop.data.audio import open_audio
+    from modelloop.data.media import AUDIO, IMAGE, KindTokens, MediaTokens
+
+    kinds = []
+    shared = {"model_config": model_config, "tokenizer": tokenizer}
+    if family.vision is not None:
+        vision = family.vision
+        kinds.append(
+            KindTokens(
+                IMAGE,
+                placeholder=vision.placeholder,
+                token=vision.image_token,
+                inputs=vision.image_inputs,
+                processor=load_image_processor(folder),
+                opener=IMAGE.open,
+                **shared,
+            )
+        )
+    if family.audio is not None:
+        audio = family.audio
+        extractor = load_feature_extractor(folder)
+        kinds.append(
+            KindTokens(
+                AUDIO,
+                placeholder=audio.placeholder,
+                token=audio.audio_token,
+                inputs=audio.audio_inputs,
+                processor=extractor,
+                opener=functools.partial(open_audio, rate=extractor.sampling_rate),
+                **shared,
+            )
+        )
+    if not kinds:
         return None
-    return ImageTokens(family.vision, load_image_processor(folder), model_config, tokenizer)
+    vision = family.vision
+    return MediaTokens(
+        kinds,
+        token_types=vision.token_types if vision is not None else None,
+        rope_index=vision.rope_index if vision is not None else None,
+    )
 
 
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False) -> Any:
@@ -410,9 +469,9 @@ def load_model(
         **model_options,
     }
     if reward_head:
-        if family.load is not None or family.vision is not None:
+        if family.load is not None or family.multimodal:
             raise ModelLoadError(
-                f"the {family.name} family loads its models its own way or takes pictures; "
+                f"the {family.name} family loads its models its own way or takes pictures or sound; "
                 "reward models are text models under transformers' sequence-classification head"
             )
         config = copy.deepcopy(config)  # read_config's may be shared

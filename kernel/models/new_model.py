@@ -170,6 +170,7 @@ def new_model(
     model_type = fields.pop("model_type")
     tokenizer_vocab = fields.pop("tokenizer_vocab", 2000)
     image_processor_options = fields.pop("image_processor", None)
+    feature_extractor_options = fields.pop("feature_extractor", None)
 
     import torch
     from transformers import AutoConfig, GenerationConfig
@@ -183,7 +184,9 @@ def new_model(
     eos_ids = [
         tokenizer.convert_tokens_to_ids(token) for token in dict.fromkeys((*chat.end_of_turn, tokenizer.eos_token))
     ]
-    if family.vision:  # a vision family's language model has the vocabulary (a copy: the preset stays as registered)
+    if (
+        family.multimodal
+    ):  # a multimodal family's language model has the vocabulary (a copy: the preset stays as registered)
         text = fields["text_config"] = dict(fields.get("text_config", {}))
     else:
         text = fields
@@ -193,10 +196,11 @@ def new_model(
         eos_token_id=eos_ids[0],
         pad_token_id=tokenizer.pad_token_id,
     )
-    if family.vision:
-        fields.update(
-            {field: tokenizer.convert_tokens_to_ids(token) for field, token in family.vision.config_tokens.items()}
-        )
+    for spec in (family.vision, family.audio):
+        if spec is not None:
+            fields.update(
+                {field: tokenizer.convert_tokens_to_ids(token) for field, token in spec.config_tokens.items()}
+            )
     config = AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -211,6 +215,8 @@ def new_model(
         tokenizer.save_pretrained(building)
         if family.vision is not None and family.vision.image_processor is not None:
             family.vision.image_processor(**(image_processor_options or {})).save_pretrained(building)
+        if family.audio is not None and family.audio.feature_extractor is not None:
+            family.audio.feature_extractor(**(feature_extractor_options or {})).save_pretrained(building)
         sample = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
         _check_tokenizer_round_trip(building, [*corpus[:200], chat.render(sample, add_generation_prompt=False)])
         if out.exists():

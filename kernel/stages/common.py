@@ -329,11 +329,11 @@ def tuner_optimizer(config: TrainConfig, checked: Checked) -> Callable[[Any], An
     )
 
 
-def image_tokens(checked: Checked, tokenizer: Any) -> Any:
-    """A vision-language model's image handling (its family's and its image processor's), or None."""
-    from modelloop.models.loading import load_image_tokens
+def media_tokens(checked: Checked, tokenizer: Any) -> Any:
+    """A multimodal model's media handling (its family's and its processors'), or None."""
+    from modelloop.models.loading import load_media_tokens
 
-    return load_image_tokens(checked.family, checked.source.tokenizer, checked.model_config, tokenizer)
+    return load_media_tokens(checked.family, checked.source.tokenizer, checked.model_config, tokenizer)
 
 
 def run_trainer(trainer: Any, resume: Any, run_dir: Path) -> tuple[dict[str, Any], float]:
@@ -430,10 +430,10 @@ def complete_run(
     if chat is not None:
         tokenizer.chat_template = chat.source
     tokenizer.save_pretrained(model_dir)
-    if checked.family.vision is not None:  # the next stage reads images as this one did
-        from modelloop.models.loading import load_image_processor
+    if checked.family.multimodal:  # the next stage reads pictures and sound as this one did
+        from modelloop.models.loading import save_processors
 
-        load_image_processor(checked.source.tokenizer).save_pretrained(model_dir)
+        save_processors(checked.family, checked.source.tokenizer, model_dir)
     plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     # a hub dataset (streamed) is named as given: it has no file to hash
     sources = [DataSource.parse(f).path for f in [*config.data, *config.eval_data] if not is_hub_id(f)]

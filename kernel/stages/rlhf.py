@@ -35,8 +35,8 @@ from modelloop.stages.checks import Checked, check_training
 from modelloop.stages.common import (
     advise_schedule,
     finish_run,
-    image_tokens,
     load_trainable,
+    media_tokens,
     merged_base,
     record_compute,
     record_module_groups,
@@ -300,6 +300,12 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
             if records.problems
             else f"no records in {', '.join(files)}"
         )
+    heard = next((example for example in records.examples if example.record.get("audios")), None)
+    if heard is not None:
+        raise ConfigError(
+            f"{heard.location}: {config.method} does not take sound: TRL {_trl_version()}'s trainers take text "
+            "and pictures (sft, serve, infer and eval take sound)"
+        )
     pictured = next((example for example in records.examples if example.record.get("images")), None)
     if pictured is not None and config.method not in ("dpo", "grpo"):
         raise ConfigError(
@@ -307,6 +313,12 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
         )
     keys = {key: None for example in records.examples for key in example.record}  # every column in every row
     return [{**keys, **example.record} for example in records.examples]
+
+
+def _trl_version() -> str:
+    from importlib.metadata import version
+
+    return version("trl")
 
 
 def check_scoring(config: RLHFConfig, records: list[dict[str, Any]]) -> tuple[list[Any], Any]:
@@ -658,11 +670,12 @@ def with_pictures(record: dict[str, Any]) -> dict[str, Any]:
     """A record as TRL's vision trainers take it: the prompt's content as parts, each image
     mark an image part, and the pictures themselves (``[]`` for a record without; every
     row has the same columns)."""
-    from modelloop.data.images import as_content_parts, open_image
+    from modelloop.data.images import open_image
+    from modelloop.data.media import as_content_parts
 
     images = record.get("images") or []
     prompt = []
-    for message in as_content_parts(record["prompt"], images):
+    for message in as_content_parts(record["prompt"], record):
         content = message["content"]
         parts = (
             [{"type": "image"} if part["type"] == "image_url" else part for part in content]
@@ -735,7 +748,7 @@ def _rollouts(
         sync_steps=config.sync_steps,
         seed=config.seed,
         options=options,
-        images=image_tokens(checked, tokenizer),
+        media=media_tokens(checked, tokenizer),
         episodes=episodes,
     )
     if config.max_staleness is None:

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from modelloop.data.media import Media
 from modelloop.errors import EngineError
 from modelloop.inference.types import Completion, GenerationRequest, SamplingParams
 from modelloop.specs import Engine, EngineSession, Tuner
@@ -56,12 +57,12 @@ class EngineRollouts:
         sync_steps: int = 1,
         seed: int | None = None,
         options: Mapping[str, Any] | None = None,
-        images: Any = None,
+        media: Any = None,
         episodes: Episodes | None = None,
     ) -> None:
         self.engine = engine
         self.episodes = episodes
-        self.images = images  # a vision-language policy's ImageTokens
+        self.media = media  # a vision-language policy's MediaTokens
         self.tokenizer = tokenizer
         self.chat = chat
         self.sampling = sampling
@@ -139,7 +140,7 @@ class EngineRollouts:
         )["input_ids"]
         pictures = _pictures(prompt)
         if pictures:
-            ids = self.images.expand_ids(ids, self.images.counts(pictures))
+            ids = self.media.expand_ids(ids, [Media("image", picture) for picture in pictures])
         return ids
 
     def _next_sampling(self) -> SamplingParams:
@@ -184,7 +185,7 @@ class EngineRollouts:
                 policy = trainer.accelerator.unwrap_model(trainer.model)
                 options = {
                     **self.options,
-                    **({"images": self.images} if self.images is not None else {}),
+                    **({"media": self.media} if self.media is not None else {}),
                 }  # in this process only
                 self.session = self.engine.attach(policy, self.tokenizer, self.chat, options=options)
             return self.session

@@ -37,8 +37,8 @@ from modelloop.stages.common import (
     advise_schedule,
     complete_run,
     finish_run,
-    image_tokens,
     load_trainable,
+    media_tokens,
     record_compute,
     record_module_groups,
     run_stage,
@@ -227,18 +227,18 @@ def _run(
         if kind == "conversation"
         else None
     )
-    images = image_tokens(checked, tokenizer)
+    media = media_tokens(checked, tokenizer)
     data_options = {
         "kind": kind,
         "format": config.format,
         "truncation": config.truncation,
         "skip_bad_records": config.skip_bad_records,
         "seed": config.seed,
-        "images": images,
+        "media": media,
     }
     stream, data = None, None
     if config.streaming:  # read as training goes, from the background
-        encoder = Encoder(tokenizer, chat if kind == "conversation" else None, images)
+        encoder = Encoder(tokenizer, chat if kind == "conversation" else None, media)
         stream = cleanup.enter_context(open_stream(config, kind, encoder, run_dir, resume))
     else:
         data = prepare_data(config.data, tokenizer, chat, max_length=config.max_length, **data_options)
@@ -273,10 +273,10 @@ def _run(
     if data is not None:
         advise_schedule(config, checked.plan, rows=len(train_set), examples=data.stats.examples)
     rope_index = None
-    if images is not None and config.packing and images.spec.rope_index is not None:
-        rope_index = functools.partial(images.spec.rope_index, model)
+    if media is not None and config.packing and media.rope_index is not None:
+        rope_index = functools.partial(media.rope_index, model)
     multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if onednn else 1)
-    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, images=images, rope_index=rope_index)
+    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, media=media, rope_index=rope_index)
     sampler = registry_sampler(config, train_set) if stream is None else None
     # a stream is resumed from the position its checkpoint keeps, not by skipping batches
     streamed = {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}} if stream else {}

@@ -1,6 +1,6 @@
 """Model families: the tiny preset builds and loads as the family; its chat format trains
-each assistant turn through its end-of-turn token, tool calls included (and places a
-picture the model reads, for a vision family); its default LoRA targets name modules
+each assistant turn through its end-of-turn token, tool calls included (and places
+pictures and clips the model reads, for a family that sees or hears); its default LoRA targets name modules
 of its model; and packed rows give each example the loss it has alone.
 
 A family without a tiny preset (the generic fallback) has nothing the kit can build.
@@ -23,7 +23,7 @@ from modelloop.testing.samples import (
     encode,
     load,
     loss,
-    picture_conversation,
+    media_conversations,
     tiny_model,
 )
 from modelloop.testing.templates import check_tool_calls, check_turns
@@ -43,8 +43,8 @@ def checks(family: ModelFamily) -> list[Check]:
         ),
         Check("model", family, "its chat format trains a tool call and not its result", trains_tool_calls),
     ]
-    if family.vision is not None:
-        found.append(Check("model", family, "its chat format places a picture the model reads", reads_pictures))
+    if family.multimodal:
+        found.append(Check("model", family, "its chat format places pictures and clips the model reads", reads_media))
     found += [
         Check("model", family, "its default LoRA targets name modules of its model", lora_targets_exist),
         Check("model", family, "packed rows give the loss their examples give alone", packing_keeps_examples_apart),
@@ -110,27 +110,31 @@ def trains_tool_calls(family: ModelFamily, workspace: Workspace) -> None:
     encode(tokenizer, chat, [TOOL_CONVERSATION])
 
 
-def reads_pictures(family: ModelFamily, workspace: Workspace) -> None:
-    """A conversation with a picture tokenises with the picture's tokens, and the model
-    takes the batch (its image features must match those tokens) to a finite loss."""
+def reads_media(family: ModelFamily, workspace: Workspace) -> None:
+    """A conversation with a picture (a clip, for a family that hears) tokenises with the
+    item's tokens, and the model takes the batch (its features must match those tokens)
+    to a finite loss."""
     from modelloop.training import Collator
 
     folder = tiny_model(workspace, family)
     loaded = load(folder)
-    images = image_tokens(family, folder, loaded)
-    (encoded,) = encode(loaded.tokenizer, chat_of(family, folder)[1], [picture_conversation(workspace)], images)
-    if images.image_token_id not in encoded.input_ids:
-        raise Broken(f"the rendered conversation holds no image token {family.vision.image_token!r}")
-    inputs = Collator(loaded.tokenizer.pad_token_id, packing=False, images=images)(
-        [(encoded.input_ids, encoded.labels, encoded.images)]
-    )
-    loss(loaded.model, inputs)
+    media = media_tokens(family, folder, loaded)
+    records = media_conversations(family, workspace)
+    for encoded in encode(loaded.tokenizer, chat_of(family, folder)[1], records, media):
+        (item,) = encoded.media
+        token = media.kinds[item.kind].token
+        if media.kinds[item.kind].token_id not in encoded.input_ids:
+            raise Broken(f"the rendered conversation holds no {item.kind} token {token!r}")
+        inputs = Collator(loaded.tokenizer.pad_token_id, packing=False, media=media)(
+            [(encoded.input_ids, encoded.labels, encoded.media)]
+        )
+        loss(loaded.model, inputs)
 
 
-def image_tokens(family: ModelFamily, folder: Path, loaded: Any) -> Any:
-    from modelloop.models.loading import load_image_tokens
+def media_tokens(family: ModelFamily, folder: Path, loaded: Any) -> Any:
+    from modelloop.models.loading import load_media_tokens
 
-    return load_image_tokens(family, folder, loaded.model.config, loaded.tokenizer)
+    return load_media_tokens(family, folder, loaded.model.config, loaded.tokenizer)
 
 
 def lora_targets_exist(family: ModelFamily, workspace: Workspace) -> None:
@@ -153,8 +157,9 @@ def lora_targets_exist(family: ModelFamily, workspace: Workspace) -> None:
 
 
 def packing_keeps_examples_apart(family: ModelFamily, workspace: Workspace) -> None:
-    """The sample conversations (and a pictured one, for a vision family) packed into one
-    row, through the collator training uses, against each alone: the same summed loss."""
+    """The sample conversations (and one with each kind of media the family takes) packed
+    into one row, through the collator training uses, against each alone: the same summed
+    loss."""
     import torch
 
     from modelloop.data.packing import pack
@@ -163,23 +168,19 @@ def packing_keeps_examples_apart(family: ModelFamily, workspace: Workspace) -> N
     folder = tiny_model(workspace, family)
     loaded = load(folder)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    images = image_tokens(family, folder, loaded)
-    records = [*CONVERSATIONS, picture_conversation(workspace)] if images is not None else list(CONVERSATIONS)
-    encoded = encode(tokenizer, chat_of(family, folder)[1], records, images)
-    items = [(e.input_ids, e.labels, e.images) if images is not None else (e.input_ids, e.labels) for e in encoded]
+    media = media_tokens(family, folder, loaded)
+    records = [*CONVERSATIONS, *media_conversations(family, workspace)]
+    encoded = encode(tokenizer, chat_of(family, folder)[1], records, media)
+    items = [(e.input_ids, e.labels, e.media) if media is not None else (e.input_ids, e.labels) for e in encoded]
     rows = pack(
         [e.input_ids for e in encoded],
         [e.labels for e in encoded],
         sum(map(len, encoded)),
-        [e.images for e in encoded] if images else None,
+        [e.media for e in encoded] if media else None,
     )
-    rope_index = (
-        partial(family.vision.rope_index, model)
-        if images is not None and family.vision.rope_index is not None
-        else None
-    )
-    packed = Collator(tokenizer.pad_token_id, packing=True, images=images, rope_index=rope_index)(rows)
-    alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    rope_index = partial(media.rope_index, model) if media is not None and media.rope_index is not None else None
+    packed = Collator(tokenizer.pad_token_id, packing=True, media=media, rope_index=rope_index)(rows)
+    alone = Collator(tokenizer.pad_token_id, packing=False, media=media)
     with torch.no_grad():
         together = summed_loss(model, packed)
         apart = sum(summed_loss(model, alone([item])) for item in items)

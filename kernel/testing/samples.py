@@ -70,17 +70,44 @@ def picture_conversation(workspace: Workspace) -> dict[str, Any]:
     """A conversation about a red square, drawn into the workspace."""
     from PIL import Image
 
-    from modelloop.data.images import IMAGE_MARK
+    from modelloop.data.media import IMAGE
 
     path = workspace.folder("picture") / "red.png"
     Image.new("RGB", (64, 64), (220, 20, 20)).save(path)
     return {
         "messages": [
-            {"role": "user", "content": f"{IMAGE_MARK}What colour is this?"},
+            {"role": "user", "content": f"{IMAGE.mark}What colour is this?"},
             {"role": "assistant", "content": "Red."},
         ],
         "images": [str(path)],
     }
+
+
+def clip_conversation(workspace: Workspace) -> dict[str, Any]:
+    """A conversation about a one-second 440 Hz tone, written into the workspace."""
+    import numpy
+
+    from modelloop.data.audio import wav_bytes
+    from modelloop.data.media import AUDIO
+
+    path = workspace.folder("clip") / "a440.wav"
+    rate = 16000
+    path.write_bytes(wav_bytes(0.5 * numpy.sin(2 * numpy.pi * 440 * numpy.arange(rate) / rate), rate))
+    return {
+        "messages": [
+            {"role": "user", "content": f"{AUDIO.mark}Which note is this?"},
+            {"role": "assistant", "content": "A."},
+        ],
+        "audios": [str(path)],
+    }
+
+
+def media_conversations(family: ModelFamily, workspace: Workspace) -> list[dict[str, Any]]:
+    """A conversation for each kind of media the family takes."""
+    return [
+        *([picture_conversation(workspace)] if family.vision is not None else []),
+        *([clip_conversation(workspace)] if family.audio is not None else []),
+    ]
 
 
 def assistant_turns(record: Mapping[str, Any]) -> int:
@@ -104,7 +131,7 @@ def tiny_model(workspace: Workspace, family: ModelFamily) -> Path:
 def reference(workspace: Workspace) -> tuple[ModelFamily, Path]:
     """The text model that tuners, engines, exporters and strategies are checked on: the
     tiny Qwen2 when its family is installed, else the first text family's tiny model."""
-    families = [family for family in get_registry(MODELS) if buildable(family) and family.vision is None]
+    families = [family for family in get_registry(MODELS) if buildable(family) and not family.multimodal]
     if not families:
         raise Skip(
             "no installed model family has a tiny text preset to check it on (pip install modelloop-plugin-model-qwen)"
@@ -120,7 +147,7 @@ def load(folder: Path, **options: Any) -> Any:
     return load_model(folder, dtype="fp32", **options)
 
 
-def encode(tokenizer: Any, chat: Any, records: Sequence[Mapping[str, Any]], images: Any = None) -> list[Any]:
+def encode(tokenizer: Any, chat: Any, records: Sequence[Mapping[str, Any]], media: Any = None) -> list[Any]:
     """Each conversation's tokens and labels, as training makes them (``Encoded``)."""
     from modelloop.data.records import Example
     from modelloop.data.tokenize import Encoder
@@ -130,8 +157,8 @@ def encode(tokenizer: Any, chat: Any, records: Sequence[Mapping[str, Any]], imag
         for number, record in enumerate(records, start=1)
     ]
     encoded = []
-    for result in Encoder(tokenizer, chat, images).encode(examples):
-        if not isinstance(result, list):  # a Problem: the record cannot be rendered or its pictures placed
+    for result in Encoder(tokenizer, chat, media).encode(examples):
+        if not isinstance(result, list):  # a Problem: the record cannot be rendered or its media placed
             raise Broken(str(result))
         encoded += result
     return encoded

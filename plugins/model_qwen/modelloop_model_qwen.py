@@ -1,5 +1,5 @@
-"""Qwen model families: Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, and the
-vision-language Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""Qwen model families: Qwen2 / Qwen2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, the
+vision-language Qwen2-VL, Qwen2.5-VL and Qwen3-VL, and the audio-language Qwen2-Audio.
 
 Facts used here (layer names, released shapes, tokenizer pre-tokenizer, chat format)
 are those of the released models and of transformers' Qwen classes. Nothing heavy is
@@ -15,6 +15,7 @@ from modelloop.plugin import (
     IM_END,
     SMALL,
     TINY,
+    AudioSpec,
     ChatTemplate,
     ModelFamily,
     TokenizerRecipe,
@@ -23,7 +24,7 @@ from modelloop.plugin import (
     hookimpl,
 )
 
-PLUGIN_API = ">=1.6,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.7,<2"  # the versions of modelloop.plugin this plugin is written against
 
 #: Qwen2's pre-tokenizer split: letters, single digits, punctuation runs, newlines, spaces.
 #: transformers rebuilds any qwen2-type tokenizer with it (plus NFC), so new-model must train with it.
@@ -177,6 +178,67 @@ def vl_family(
     )
 
 
+#: What one clip is in Qwen2-Audio's chat text (its audio token repeated per feature).
+QWEN_AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+QWEN_AUDIO_TOKENIZER = TokenizerRecipe(
+    split_regex=QWEN_SPLIT,
+    nfc=True,
+    special_tokens=("<|endoftext|>", "<|im_start|>", IM_END, "<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>"),
+    eos_token=IM_END,
+    pad_token="<|endoftext|>",
+)
+
+#: Qwen2-Audio's parts: the Whisper-style encoder, the projector into the language
+#: model's width, and the language model.
+AUDIO_GROUPS = {
+    "audio": ("model.audio_tower",),
+    "aligner": ("model.multi_modal_projector",),
+    "llm": ("model.language_model", "lm_head"),
+}
+
+
+def whisper_feature_extractor(**options):
+    """Qwen2-Audio's feature extractor: Whisper's log-mel frames, 10 ms apart, over a
+    window of ``chunk_length`` seconds (30 in the released models)."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(**options)
+
+
+def qwen_audio_inputs(feature_extractor, clips, model_config):
+    """Each clip's mel frames, padded to the encoder's window, and its frame mask; a clip
+    takes one token per four frames (two stride-2 stages), as Qwen2AudioProcessor counts.
+    A clip longer than the window would be cut silently, so it is refused."""
+    window = feature_extractor.n_samples / feature_extractor.sampling_rate
+    for clip in clips:
+        if len(clip.samples) > feature_extractor.n_samples:
+            raise ValueError(f"a clip of {clip.seconds:.1f} s is longer than the {window:g} s this model hears")
+    inputs = feature_extractor(
+        [clip.samples for clip in clips],
+        sampling_rate=feature_extractor.sampling_rate,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    frames = inputs["attention_mask"].sum(-1)
+    counts = ((frames - 1) // 2 + 1 - 2) // 2 + 1
+    if (counts < 2).any():  # one token reads as the legacy unexpanded form to transformers
+        raise ValueError(f"a clip of {clips[int(counts.argmin())].seconds:.2f} s is too short (at least 0.1 s)")
+    return {
+        "input_features": inputs["input_features"],
+        "feature_attention_mask": inputs["attention_mask"],
+    }, counts.tolist()
+
+
+QWEN2_AUDIO = AudioSpec(
+    placeholder=QWEN_AUDIO,
+    audio_token="<|AUDIO|>",
+    audio_inputs=qwen_audio_inputs,
+    config_tokens={"audio_token_index": "<|AUDIO|>"},
+    feature_extractor=whisper_feature_extractor,
+)
+
 _MROPE = {
     "rope_type": "default",
     "rope_theta": 10000.0,
@@ -188,7 +250,7 @@ TINY_MOE = {**TINY, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_t
 QWEN2_TEMPLATE = ChatTemplate(
     name="qwen2",
     description="Qwen2/Qwen2.5 ChatML, default system prompt, tool calls",
-    source=chatml_source(default_system="You are a helpful assistant.", image=QWEN_IMAGE),
+    source=chatml_source(default_system="You are a helpful assistant.", image=QWEN_IMAGE, audio=QWEN_AUDIO),
     end_of_turn=(IM_END,),
     tool_calls=HERMES_TOOL_CALLS,
 )
@@ -351,6 +413,61 @@ FAMILIES = (
             "deepstack_visual_indexes": [0],
         },
         16,
+    ),
+)
+
+
+FAMILIES += (
+    ModelFamily(
+        name="qwen2_audio",
+        description="Qwen2-Audio (audio-language)",
+        model_types=("qwen2_audio",),
+        template="qwen2",
+        lora_targets=DENSE_TARGETS,
+        module_groups=AUDIO_GROUPS,
+        audio=QWEN2_AUDIO,
+        tokenizer=QWEN_AUDIO_TOKENIZER,
+        presets={
+            # a 2-second window (200 mel frames, 100 encoder positions): 50 tokens a clip at most
+            "tiny": {
+                "model_type": "qwen2_audio",
+                "text_config": {"model_type": "qwen2", **_VL_TEXT},
+                "audio_config": {
+                    "num_mel_bins": 32,
+                    "encoder_layers": 2,
+                    "encoder_attention_heads": 2,
+                    "encoder_ffn_dim": 128,
+                    "d_model": 64,
+                    "max_source_positions": 100,
+                },
+                "feature_extractor": {"feature_size": 32, "sampling_rate": 16000, "chunk_length": 2},
+                "tokenizer_vocab": TINY["tokenizer_vocab"],
+            },
+            "qwen2-audio-7b": {
+                "model_type": "qwen2_audio",
+                "text_config": {
+                    "model_type": "qwen2",
+                    "hidden_size": 4096,
+                    "intermediate_size": 11008,
+                    "num_hidden_layers": 32,
+                    "num_attention_heads": 32,
+                    "num_key_value_heads": 32,
+                    "max_position_embeddings": 8192,
+                    "rms_norm_eps": 1e-5,
+                    "vocab_size": 156032,
+                },
+                "audio_config": {
+                    "num_mel_bins": 128,
+                    "encoder_layers": 32,
+                    "encoder_attention_heads": 20,
+                    "encoder_ffn_dim": 5120,
+                    "d_model": 1280,
+                    "max_source_positions": 1500,
+                },
+                "feature_extractor": {"feature_size": 128, "sampling_rate": 16000, "chunk_length": 30},
+                "tokenizer_vocab": 8000,
+            },
+        },
     ),
 )
 

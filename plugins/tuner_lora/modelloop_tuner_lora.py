@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelloop.plugin import AdapterFormat, Tuner, complete, hookimpl, in_range, positive
 
-PLUGIN_API = ">=1.1,<2"  # the versions of modelloop.plugin this plugin is written against
+PLUGIN_API = ">=1.7,<2"  # the versions of modelloop.plugin this plugin is written against
 
 DEFAULTS = {
     "rank": 8,
@@ -23,7 +23,11 @@ DEFAULTS = {
     "modules_to_save": [],
     "loraplus_lr_ratio": None,
     "vision_lora": False,
+    "audio_lora": False,
 }
+
+#: The options that put adapters on a tower, and the module group of that tower.
+TOWER_OPTIONS = {"vision_lora": "vision", "audio_lora": "audio"}
 
 
 def check(options: Mapping[str, Any], *, quantized: bool = False) -> dict[str, Any]:
@@ -60,10 +64,11 @@ def quantization(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def vision_family_targets(model: Any, family: Any, *, vision: bool) -> list[str]:
-    """A vision-language model's LoRA targets by full name: the family's projections in
-    the language model (its vision tower may reuse their names, as Qwen2.5-VL's MLP does),
-    and with ``vision`` every linear layer of the vision tower too (never the aligner)."""
+def multimodal_family_targets(model: Any, family: Any, *, towers: Sequence[str] = ()) -> list[str]:
+    """A multimodal model's LoRA targets by full name: the family's projections in the
+    language model (a vision or audio tower may reuse their names, as Qwen2.5-VL's MLP and
+    Qwen2-Audio's attention do), and every linear layer of each tower named in ``towers``
+    (``vision``, ``audio``; never the aligner)."""
     import torch
 
     from modelloop.plugin import group_of
@@ -74,7 +79,7 @@ def vision_family_targets(model: Any, family: Any, *, vision: bool) -> list[str]
         if not isinstance(module, torch.nn.Linear):
             continue
         group = group_of(name, family.module_groups)
-        if (group == "llm" and (not suffixes or name.endswith(suffixes))) or (vision and group == "vision"):
+        if (group == "llm" and (not suffixes or name.endswith(suffixes))) or group in towers:
             targets.append(name)
     return targets
 
@@ -84,14 +89,20 @@ def lora_config(options: Mapping[str, Any], family: Any, *, dora: bool, model: A
 
     targets: Any = options["targets"]
     parameters: list[str] = []
-    if options["vision_lora"] and (family is None or family.vision is None):
-        raise ValueError("vision_lora puts adapters on a vision tower, and this model has none")
-    if options["vision_lora"] and targets != "default":
-        raise ValueError(
-            "vision_lora chooses the targets itself: leave targets at default, or list the vision layers in targets"
-        )
-    if targets == "default" and family is not None and family.vision is not None and model is not None:
-        targets = vision_family_targets(model, family, vision=options["vision_lora"])
+    towers = [group for option, group in TOWER_OPTIONS.items() if options[option]]
+    for option, group in TOWER_OPTIONS.items():
+        if not options[option]:
+            continue
+        if family is None or group not in family.module_groups:
+            raise ValueError(
+                f"{option} puts adapters on {'an' if group == 'audio' else 'a'} {group} tower, and this model has none"
+            )
+        if targets != "default":
+            raise ValueError(
+                f"{option} chooses the targets itself: leave targets at default, or list the {group} layers in targets"
+            )
+    if targets == "default" and family is not None and family.multimodal and model is not None:
+        targets = multimodal_family_targets(model, family, towers=towers)
     elif targets == "default":
         targets = list(family.lora_targets) if family is not None and family.lora_targets else "all-linear"
         parameters = list(family.lora_target_parameters) if family is not None else []

@@ -18,7 +18,7 @@ from modelloop.data.records import Example
 from modelloop.data.tokenize import Encoder
 from modelloop.models.loading import (
     load_image_processor,
-    load_image_tokens,
+    load_media_tokens,
     load_model,
     load_tokenizer,
     model_class,
@@ -107,7 +107,7 @@ def test_a_picture_is_tokenised_as_gemma_3s_processor_does(tiny_models):
     folder = tiny_models("gemma3")
     family, config, tokenizer = resolve_family("gemma3"), read_config(folder), load_tokenizer(folder)
     picture = PICTURES / "red-circle-96.png"
-    images = load_image_tokens(family, folder, config, tokenizer)
+    images = load_media_tokens(family, folder, config, tokenizer)
     record = {
         "messages": [
             {"role": "system", "content": "Be brief."},
@@ -141,9 +141,9 @@ def test_a_picture_is_tokenised_as_gemma_3s_processor_does(tiny_models):
             return_tensors="pt",
         )
     assert encoded.input_ids == expected["input_ids"][0].tolist()
-    assert encoded.input_ids.count(images.image_token_id) == config.mm_tokens_per_image == 4
-    batch = Collator(tokenizer.pad_token_id, packing=False, images=images)(
-        [(encoded.input_ids, encoded.labels, encoded.images)]
+    assert encoded.input_ids.count(images.kinds["image"].token_id) == config.mm_tokens_per_image == 4
+    batch = Collator(tokenizer.pad_token_id, packing=False, media=images)(
+        [(encoded.input_ids, encoded.labels, encoded.media)]
     )
     assert torch.equal(batch["pixel_values"], expected["pixel_values"])
     assert torch.equal(batch["token_type_ids"], expected["token_type_ids"])  # pictures attend to themselves whole

@@ -18,7 +18,7 @@ from modelloop.data.records import Example
 from modelloop.data.tokenize import Encoder
 from modelloop.models.loading import (
     load_image_processor,
-    load_image_tokens,
+    load_media_tokens,
     load_model,
     load_tokenizer,
     model_class,
@@ -83,7 +83,7 @@ def test_a_picture_is_tiled_and_tokenised_as_internvl_processor_does(tiny_models
 
     folder = tiny_models("internvl")
     family, config, tokenizer = resolve_family("internvl"), read_config(folder), load_tokenizer(folder)
-    images = load_image_tokens(family, folder, config, tokenizer)
+    images = load_media_tokens(family, folder, config, tokenizer)
     wide = tmp_path / "wide.png"  # 2:1
     Image.new("RGB", (96, 48), (20, 20, 220)).save(wide)
     record = {
@@ -96,8 +96,8 @@ def test_a_picture_is_tiled_and_tokenised_as_internvl_processor_does(tiny_models
     ((encoded,),) = Encoder(tokenizer, resolve_chat_format(tokenizer, family), images).encode(
         [Example("r", "conversation", record)]
     )
-    batch = Collator(tokenizer.pad_token_id, packing=False, images=images)(
-        [(encoded.input_ids, encoded.labels, encoded.images)]
+    batch = Collator(tokenizer.pad_token_id, packing=False, media=images)(
+        [(encoded.input_ids, encoded.labels, encoded.media)]
     )
     processor = family.vision.processor(tokenizer, load_image_processor(folder), config)
     parts = [{"type": "image"}, {"type": "text", "text": "What shape? "}, {"type": "image"}]
@@ -109,7 +109,7 @@ def test_a_picture_is_tiled_and_tokenised_as_internvl_processor_does(tiny_models
     assert encoded.input_ids == expected["input_ids"][0].tolist()
     assert torch.equal(batch["pixel_values"], expected["pixel_values"])
     # 96 px square: 2 x 2 tiles and a thumbnail; 2:1: 2 x 1 tiles and a thumbnail; 4 tokens a tile
-    assert encoded.input_ids.count(images.image_token_id) == (5 + 3) * config.image_seq_length == 32
+    assert encoded.input_ids.count(images.kinds["image"].token_id) == (5 + 3) * config.image_seq_length == 32
 
 
 def test_the_released_preset_has_internvl3_1b_parameter_count():

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import modelloop
 from modelloop.chat import resolve_chat_format
-from modelloop.data.images import ImageTokens
 from modelloop.data.tokenize import prepare_data
-from modelloop.models.loading import load_image_processor, load_tokenizer, read_config, resolve_family
+from modelloop.models.loading import load_media_tokens, load_tokenizer, read_config, resolve_family
 from modelloop.training import Collator, TrainingData
 
 REPO = Path(__file__).resolve().parents[3]
@@ -26,18 +25,20 @@ def test_the_llava_1_5_format(tiny_models):
 def tokenized(folder: Path):
     config, tokenizer = read_config(folder), load_tokenizer(folder)
     family = resolve_family("llava")
-    images = ImageTokens(family.vision, load_image_processor(folder), config, tokenizer)
+    images = load_media_tokens(family, folder, config, tokenizer)
     return (
         tokenizer,
         images,
-        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=128, images=images),
+        prepare_data([SHAPES], tokenizer, resolve_chat_format(tokenizer, family), max_length=128, media=images),
     )
 
 
 def test_each_picture_takes_its_patches_as_image_tokens(tiny_models):
     _, images, data = tokenized(tiny_models("llava"))
-    for ids, pictures in zip(data.input_ids, data.images):
-        assert (ids == images.image_token_id).sum() == 16 * len(pictures)  # 32 px in 8 px patches, class token left out
+    for ids, pictures in zip(data.input_ids, data.media):
+        assert (ids == images.kinds["image"].token_id).sum() == 16 * len(
+            pictures
+        )  # 32 px in 8 px patches, class token left out
 
 
 def test_packed_examples_keep_their_own_logits(tiny_models):
@@ -48,15 +49,15 @@ def test_packed_examples_keep_their_own_logits(tiny_models):
     tokenizer, images, data = tokenized(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     row = max(
-        TrainingData.build(data, max_length=128, packing=True).items, key=lambda row: sum(bool(p) for p in row.images)
+        TrainingData.build(data, max_length=128, packing=True).items, key=lambda row: sum(bool(p) for p in row.media)
     )
-    assert sum(bool(pictures) for pictures in row.images) >= 2
-    packed = Collator(tokenizer.pad_token_id, packing=True, images=images)([row])
-    alone = Collator(tokenizer.pad_token_id, packing=False, images=images)
+    assert sum(bool(pictures) for pictures in row.media) >= 2
+    packed = Collator(tokenizer.pad_token_id, packing=True, media=images)([row])
+    alone = Collator(tokenizer.pad_token_id, packing=False, media=images)
     with torch.no_grad():
         logits = model(**packed).logits[0]
         start = 0
-        for length, pictures in zip(row.lengths, row.images):
+        for length, pictures in zip(row.lengths, row.media):
             single = alone([(row.input_ids[start : start + length], row.labels[start : start + length], pictures)])
             assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
             start += length
