@@ -23,6 +23,7 @@ layers go to the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -205,6 +206,18 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return low
 
 
+@contextlib.contextmanager
+def _llama_cpp_warnings_muted() -> Iterator[None]:
+    """llama-cpp-python prints llama.cpp's warnings through this logger; mute it meanwhile."""
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class LlamaCppSession:
     """An engine session over one llama.cpp model and context (see the module docstring)."""
 
@@ -217,17 +230,13 @@ class LlamaCppSession:
         # llama.cpp's threads spin while they wait: on every core they starve the server's own
         # threads (on 2 cores, 32-token answers took 9 ms with one and 9-80 ms with two)
         threads = int(options["threads"] or max(1, (os.cpu_count() or 2) - 1))
-        # the model, its vocabulary and metadata; answers are decoded on a context of this
-        # session's own (below), so the one Llama makes is kept at its smallest
-        self.llm = llama_cpp.Llama(
-            model_path=str(model.gguf),
-            n_ctx=256,
-            n_batch=32,
-            n_ubatch=32,
-            n_threads=threads,
-            n_gpu_layers=int(options["n_gpu_layers"]),
-            verbose=False,
-        )
+        # the vocabulary and metadata; the weights are loaded apart (_load_weights) and answers
+        # decoded on a context of this session's own (below), so the one Llama makes is kept at its smallest
+        with _llama_cpp_warnings_muted():  # its context outgrows a vocabulary's trained context (0)
+            self.llm = llama_cpp.Llama(
+                model_path=str(model.gguf), vocab_only=True, n_ctx=256, n_batch=32, n_ubatch=32, verbose=False
+            )
+        self._weights = self._load_weights(int(options["n_gpu_layers"]))
         trained = int(self.llm.metadata.get(f"{self.llm.metadata.get('general.architecture')}.context_length", 0))
         self.context_length = min(int(options["n_ctx"]) or trained or 4096, trained or 1 << 30)
         self.kv_tokens = max(int(options["kv_tokens"]) or 16384, self.context_length)
@@ -237,7 +246,7 @@ class LlamaCppSession:
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.base_name = served_name
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._weights)
         template = self.llm.metadata.get("tokenizer.chat_template")
         self.chat = ChatFormat(template, (), special_tokens=self._special_tokens(), name="gguf") if template else None
         self._adapters: dict[str, Any] = {}
@@ -270,7 +279,7 @@ class LlamaCppSession:
         if gguf.is_dir():
             gguf = self._converted_adapter(gguf)
         with self._lock:
-            adapter = self._llama_cpp.llama_adapter_lora_init(self.llm.model, str(gguf).encode())
+            adapter = self._llama_cpp.llama_adapter_lora_init(self._weights, str(gguf).encode())
             if not adapter:
                 raise EngineError(f"llama.cpp could not load the adapter {path} on {self.gguf.name}")
             self._adapters[name] = adapter
@@ -344,9 +353,29 @@ class LlamaCppSession:
             self._adapters.clear()
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self._weights)
             self.llm.close()
 
     # ------------------------------------------------------------------ the worker
+
+    def _load_weights(self, gpu_layers: int) -> Any:
+        """The model's weights, which this session's context and adapters use.
+
+        Where llama.cpp's CPU backend has AMX-INT8 kernels (built for a CPU that has them),
+        it keeps quantised weights in AMX buffers, and decoding with them segfaults in the
+        build llama-cpp-python 0.3.36 makes (a Xeon with AMX, q8_0 and q4_K_M models of
+        hidden size 256 and 512, the first batch): there the weights stay in plain CPU
+        buffers (no AMX, no repacking), which decode correctly."""
+        llama_cpp = self._llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+            params.use_extra_bufts = False
+        weights = llama_cpp.llama_model_load_from_file(str(self.gguf).encode(), params)
+        if not weights:
+            self.llm.close()
+            raise EngineError(f"llama.cpp could not load the weights of {self.gguf}")
+        return weights
 
     def _context(self, threads: int) -> Any:
         """A context with a sequence per answer in the batch, sharing one pool of KV cells."""
@@ -361,15 +390,11 @@ class LlamaCppSession:
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = threads
         # llama.cpp warns that the pool outgrows the trained context (one sequence's, under a
-        # unified pool; no sequence here does), and llama-cpp-python prints its warnings
-        log = logging.getLogger("llama-cpp-python")
-        level = log.level
-        log.setLevel(logging.CRITICAL)
-        try:
-            ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
-        finally:
-            log.setLevel(level)
+        # unified pool; no sequence here does)
+        with _llama_cpp_warnings_muted():
+            ctx = llama_cpp.llama_init_from_model(self._weights, params)
         if not ctx:
+            llama_cpp.llama_model_free(self._weights)
             self.llm.close()
             raise EngineError(f"llama.cpp could not make a context of {self.kv_tokens} tokens for {self.gguf.name}")
         return ctx
