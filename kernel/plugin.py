@@ -50,6 +50,7 @@ EXPORTS: dict[str, str] = {
             "ToolCallFormat",
             "Tuner",
             "Turn",
+            "VideoSpec",
             "VisionSpec",
         )
     },  # fmt: skip
@@ -65,8 +66,10 @@ EXPORTS: dict[str, str] = {
     "HERMES_TOOL_CALLS": "modelloop.builtin.templates:HERMES_TOOL_CALLS",
     "chatml_source": "modelloop.builtin.templates:chatml_source",
     "content_text_macro": "modelloop.builtin.templates:content_text_macro",
-    # Audio-language families: the decoded clip their ``audio_inputs`` receive.
+    # Audio- and video-language families: the decoded clip their ``audio_inputs`` and
+    # ``video_inputs`` receive.
     "Clip": "modelloop.data.audio:Clip",
+    "Video": "modelloop.data.video:Video",
     "TINY": "modelloop.models.presets:TINY",
     "SMALL": "modelloop.models.presets:SMALL",
     "group_of": "modelloop.models.groups:group_of",

@@ -209,6 +209,37 @@ class TokenizerRecipe:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VideoSpec:
+    """What a vision family adds for video: how a clip's frames enter the text and the
+    model (through the family's image processor, frame by frame).
+
+    Data and chat requests mark a video's place with ``<video>``; the family's
+    ``placeholder`` replaces it in the rendered chat, and its ``video_token`` there stands
+    for the clip's features.
+
+    :param placeholder: the chat text for one video (``<|vision_start|><|video_pad|><|vision_end|>``).
+    :param video_token: the token that stands for a video's features (``<|video_pad|>``).
+    :param video_inputs: ``video_inputs(image_processor, videos, model_config, options) ->
+        (model inputs, expansions)``: the inputs of a list of videos (each a ``Video``: its
+        sampled frames and their times) and, for each, how many times its token is
+        repeated, or the text that replaces the token (Qwen3-VL writes each frame's time).
+    :param options: the defaults of how frames are sampled and sized: ``fps`` (frames a
+        second of video) or ``num_frames`` (a count), ``min_frames``, ``max_frames``,
+        ``temporal_patch_size`` (frames come in multiples of it), ``size`` (a frame's pixel
+        budget, as the image processor's). A model folder's ``video_preprocessor_config.json``
+        (transformers' video processor settings) overrides them.
+    :param token_type: the value of its tokens in the family's ``token_types`` input
+        (Qwen-VL: 2).
+    """
+
+    placeholder: str
+    video_token: str
+    video_inputs: Callable[..., tuple[Mapping[str, Any], list[Any]]]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    token_type: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
 class VisionSpec:
     """What a vision-language family adds to a text family: how an image enters the
     text and the model.
@@ -234,6 +265,7 @@ class VisionSpec:
     :param processor: ``processor(tokenizer, image_processor, model_config) -> transformers
         processor`` (its chat template the tokenizer's), for trainers that take one (TRL's
         DPO on pictures); None when the family has none.
+    :param video: what the family adds for video (``VideoSpec``); None when it takes none.
     """
 
     placeholder: str
@@ -244,6 +276,7 @@ class VisionSpec:
     image_processor: Callable[..., Any] | None = None
     rope_index: Callable[..., Any] | None = None
     processor: Callable[..., Any] | None = None
+    video: VideoSpec | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

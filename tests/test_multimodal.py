@@ -76,7 +76,7 @@ def test_bad_images_are_named_by_file_and_line(tmp_path):
     assert problems[3].startswith(f"{data}:4: image https://example.com/a.png: remote URLs are not fetched")
     assert (
         problems[4] == f"{data}:5: messages[1].content[1]: unknown content part type 'file' "
-        "(expected text, image_url, image, input_audio, audio_url, audio)"
+        "(expected text, image_url, image, input_audio, audio_url, audio, video_url, video)"
     )
     assert problems[5] == f"{data}:6: give images as content parts or in the images column, not both"
 

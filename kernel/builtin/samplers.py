@@ -6,7 +6,7 @@ off, a batch pads little: it shuffles, cuts the order into mega-batches of
 (so the model does not see lengths in order).
 
 ``modality_balanced`` gives every batch its share of each modality's examples (text,
-pictures, sound: ``image_share``, ``audio_share``; a modality without a share splits
+pictures, sound, video: ``image_share``, ``audio_share``, ``video_share``; a modality without a share splits
 what is left evenly with the others), spread evenly when a batch cannot hold the exact
 share. The epoch ends when the modality that runs out last has been seen once; the
 others are drawn again, in a new order each round, so skewed data never leaves a batch
@@ -53,8 +53,10 @@ def modality_balanced_order(
     modalities: Sequence[str],
     image_share: float | None = None,
     audio_share: float | None = None,
+    video_share: float | None = None,
 ) -> Iterator[int]:
-    given = {kind: share for kind, share in (("image", image_share), ("audio", audio_share)) if share is not None}
+    shares_given = (("image", image_share), ("audio", audio_share), ("video", video_share))
+    given = {kind: share for kind, share in shares_given if share is not None}
     for kind, share in given.items():
         if not 0 < share < 1:
             raise ValueError(f"{kind}_share must be between 0 and 1, got {share}")
@@ -113,7 +115,7 @@ SAMPLERS = (
     Sampler(name="length_grouped", description="batches of similar length (less padding)", order=length_grouped_order),
     Sampler(
         name="modality_balanced",
-        description="a set share of each modality (text, pictures, sound) in every batch",
+        description="a set share of each modality (text, pictures, sound, video) in every batch",
         order=modality_balanced_order,
     ),
 )

@@ -31,10 +31,10 @@ _TOOL_CALLS = (
 _EMPTY_THINK = "<think>\\n\\n</think>\\n\\n"
 
 
-def content_text_macro(image: str, audio: str = "<audio>") -> str:
+def content_text_macro(image: str, audio: str = "<audio>", video: str = "<video>") -> str:
     """A Jinja macro ``text(content)``: a message's content as text, whether a string or a
     list of parts (text parts as they are, each image part as ``image``, each audio part
-    as ``audio``)."""
+    as ``audio``, each video part as ``video``)."""
     return (
         "{%- macro text(content) -%}"
         "{%- if content is string -%}{{ content }}"
@@ -42,20 +42,26 @@ def content_text_macro(image: str, audio: str = "<audio>") -> str:
         "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
         "{%- elif part['type'] in ('image', 'image_url') -%}{{ '" + image + "' }}"
         "{%- elif part['type'] in ('audio', 'audio_url', 'input_audio') -%}{{ '" + audio + "' }}"
+        "{%- elif part['type'] in ('video', 'video_url') -%}{{ '" + video + "' }}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
     )
 
 
 def chatml_source(
-    *, default_system: str | None = None, thinking: bool = False, image: str = "<image>", audio: str = "<audio>"
+    *,
+    default_system: str | None = None,
+    thinking: bool = False,
+    image: str = "<image>",
+    audio: str = "<audio>",
+    video: str = "<video>",
 ) -> str:
     """Jinja for ChatML with tool calls and tool responses.
 
     A message's content is text, or a list of OpenAI-style parts (what processors and
     TRL's vision trainers hand a template): text parts as they are, each image part as
     ``image``, the text a picture stands for in the family's format, each audio part as
-    ``audio``.
+    ``audio`` and each video part as ``video``.
 
     :param default_system: system prompt inserted when the conversation has none.
     :param thinking: honour ``enable_thinking``: when it is false, ``<think>`` blocks are
@@ -64,7 +70,7 @@ def chatml_source(
         prompts stay identical.
     """
     no_thinking = "enable_thinking is defined and not enable_thinking"
-    parts = [content_text_macro(image, audio)]
+    parts = [content_text_macro(image, audio, video)]
     if default_system is not None:
         parts.append(
             "{%- if not messages or messages[0]['role'] != 'system' %}"

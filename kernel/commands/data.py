@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from modelloop.data.media import Media
+    from modelloop.data.media import Media, MediaTokens
     from modelloop.data.records import Example
     from modelloop.data.sources import Problem
     from modelloop.data.tokenize import Encoded, Encoder, Truncation
@@ -130,6 +130,7 @@ def _media_summary(examples: Sequence[Example], encoder: Encoder | None) -> list
     and (with a model) the tokens each item takes."""
     from modelloop.data.audio import open_audio
     from modelloop.data.media import BY_NAME, record_media
+    from modelloop.data.video import open_video
 
     by_kind: dict[str, list[Media]] = {}
     for example in examples:
@@ -138,8 +139,9 @@ def _media_summary(examples: Sequence[Example], encoder: Encoder | None) -> list
     lines = []
     for kind, items in by_kind.items():
         parts = [f"{len(items)} {BY_NAME[kind].column}"]
-        if kind == "audio":
-            seconds = [open_audio(item.source).seconds for item in items]
+        if kind in ("audio", "video"):
+            opener = open_audio if kind == "audio" else open_video
+            seconds = [opener(item.source).seconds for item in items]
             parts.append(f"{min(seconds):.1f}-{max(seconds):.1f} s a clip, {sum(seconds):.1f} s in all")
         if encoder is not None and encoder.media is not None and encoder.media.takes(kind):
             counts = [
@@ -198,7 +200,7 @@ def preview_command(file, model, count, format_name, template) -> None:
                         continue
                     if part in tokens:
                         item, count = next(shown[tokens[part]])
-                        text.append(f"{part}×{count} [{_described(item)}]", style="magenta")
+                        text.append(f"{part}×{count} [{_described(item, encoder.media)}]", style="magenta")
                     elif trained and not console.is_terminal:
                         text.append(f"«{part}»")
                     else:
@@ -215,14 +217,20 @@ def preview_command(file, model, count, format_name, template) -> None:
             )
 
 
-def _described(item: Media) -> str:
-    """How preview names an item: its file name (a clip with its length)."""
+def _described(item: Media, media: MediaTokens) -> str:
+    """How preview names an item: its file name (a clip with its length, a video with the
+    frames the model sees)."""
     source = item.source
+    if isinstance(source, list):  # a video's frames
+        return f"{len(source)} frames from {Path(source[0]).name}"
     name = "data URL" if source.startswith("data:") else Path(source).name
     if item.kind == "audio":
         from modelloop.data.audio import open_audio
 
         return f"{name}, {open_audio(source).seconds:.1f} s"
+    if item.kind == "video":
+        video = media.open(item).source
+        return f"{name}, {video.seconds:.1f} s, {len(video.frames)} frames"
     return name
 
 

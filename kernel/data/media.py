@@ -37,12 +37,17 @@ class Kind:
     url_part: str  # the part type an engine request carries it in
     noun: str  # what one is called in messages: "image", "audio clip"
 
-    def open(self, source: str) -> Any:
-        """The item decoded (a PIL image, an audio ``Clip``); ValueError naming it."""
+    def open(self, source: Any) -> Any:
+        """The item decoded, every frame of it (a PIL image, an audio ``Clip``, a ``Video``);
+        ValueError naming it."""
         if self.name == "audio":
             from modelloop.data.audio import open_audio
 
             return open_audio(source)
+        if self.name == "video":
+            from modelloop.data.video import open_video
+
+            return open_video(source)
         from modelloop.data.images import open_image
 
         return open_image(source)
@@ -50,7 +55,9 @@ class Kind:
 
 IMAGE = Kind("image", "images", "<image>", ("image_url", "image"), "image_url", "image")
 AUDIO = Kind("audio", "audios", "<audio>", ("input_audio", "audio_url", "audio"), "audio_url", "audio clip")
-KINDS = (IMAGE, AUDIO)
+#: A video is a file or data URL, or a list of frames (pictures, in order).
+VIDEO = Kind("video", "videos", "<video>", ("video_url", "video"), "video_url", "video")
+KINDS = (IMAGE, AUDIO, VIDEO)
 BY_NAME = {kind.name: kind for kind in KINDS}
 BY_PART = {part: kind for kind in KINDS for part in kind.parts}
 COLUMNS = tuple(kind.column for kind in KINDS)
@@ -60,11 +67,19 @@ IMAGE_MARK = IMAGE.mark
 
 
 class Media(NamedTuple):
-    """One item of a record or request: its kind's name and its source (a path or URL,
-    or the item already opened)."""
+    """One item of a record or request: its kind's name and its source (a path or URL, a
+    video's list of frames, or the item already opened)."""
 
     kind: str
     source: Any
+
+
+def is_source(value: Any) -> bool:
+    """Whether ``value`` says where an item is (a path or URL, or a list of frames)
+    rather than being the item, opened."""
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(frame, str) for frame in value)
+    )
 
 
 def record_media(record: Mapping[str, Any]) -> tuple[Media, ...]:
@@ -72,13 +87,13 @@ def record_media(record: Mapping[str, Any]) -> tuple[Media, ...]:
     return tuple(Media(kind.name, source) for kind in KINDS for source in record.get(kind.column) or ())
 
 
-def take_media_parts(messages: Any) -> tuple[Any, dict[str, list[str]]]:
+def take_media_parts(messages: Any) -> tuple[Any, dict[str, list[Any]]]:
     """Messages whose content is a list of parts, as text with a mark where each media
     part was, and the items by column (``{"images": [...], "audios": [...]}``, kinds
     without items left out). Anything else is returned as it came."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         return messages, {}
-    taken: dict[str, list[str]] = {}
+    taken: dict[str, list[Any]] = {}
     flattened = []
     for number, item in enumerate(messages, start=1):
         content = item.get("content") if isinstance(item, Mapping) else None
@@ -102,7 +117,7 @@ def take_media_parts(messages: Any) -> tuple[Any, dict[str, list[str]]]:
     return flattened, taken
 
 
-def _part_source(part: Mapping[str, Any], part_type: str, where: str) -> str:
+def _part_source(part: Mapping[str, Any], part_type: str, where: str) -> str | list[str]:
     if part_type == "input_audio":  # {"input_audio": {"data": BASE64, "format": "wav"}}
         audio = part.get("input_audio")
         if not isinstance(audio, Mapping) or not isinstance(audio.get("data"), str) or not audio["data"]:
@@ -111,6 +126,10 @@ def _part_source(part: Mapping[str, Any], part_type: str, where: str) -> str:
     value = part.get(part_type)
     if isinstance(value, Mapping):  # {"image_url": {"url": ...}}
         value = value.get("url")
+    if part_type == "video" and isinstance(value, list):  # a video's frames
+        if not is_source(value):
+            raise ValueError(f"{where}: a video part's frames are a non-empty list of paths or URLs")
+        return list(value)
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: an {part_type} part needs a path or URL")
     return value
@@ -127,8 +146,10 @@ def check_record_media(record: dict[str, Any], base: Path | None) -> dict[str, A
     checked = dict(record)
     for kind in KINDS:
         items = record.get(kind.column) or []
-        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise ValueError(f"{kind.column} must be a list of paths or data URLs")
+        allowed = is_source if kind is VIDEO else (lambda item: isinstance(item, str))
+        if not isinstance(items, list) or not all(allowed(item) for item in items):
+            frames = " (a video: or a list of its frames)" if kind is VIDEO else ""
+            raise ValueError(f"{kind.column} must be a list of paths or data URLs{frames}")
         if not items:
             continue
         marks = count_marks(record_texts(record), kind.mark)
@@ -136,11 +157,17 @@ def check_record_media(record: dict[str, Any], base: Path | None) -> dict[str, A
             raise ValueError(f"{marks} {kind.mark} placeholder(s) but {len(items)} {kind.noun}(s)")
         if count_marks(answer_texts(record), kind.mark):
             raise ValueError(f"{kind.column} go in the prompt, not in the answers")
-        resolved = [resolve_source(item, base, noun=kind.noun) for item in items]
+        resolved = [_resolved(item, base, kind.noun) for item in items]
         for item in resolved:
             kind.open(item)
         checked[kind.column] = resolved
     return checked
+
+
+def _resolved(item: str | list[str], base: Path | None, noun: str) -> str | list[str]:
+    if isinstance(item, list):
+        return [resolve_source(frame, base, noun=f"{noun} frame") for frame in item]
+    return resolve_source(item, base, noun=noun)
 
 
 def record_texts(
@@ -179,7 +206,11 @@ def as_content_parts(messages: Sequence[Mapping[str, Any]], record: Mapping[str,
         for piece in splitter.split(content):
             if piece in items:
                 kind = next(kind for kind in KINDS if kind.mark == piece)
-                parts.append({"type": kind.url_part, kind.url_part: {"url": next(items[piece])}})
+                source = next(items[piece])
+                if isinstance(source, list):  # a video's frames
+                    parts.append({"type": "video", "video": list(source)})
+                else:
+                    parts.append({"type": kind.url_part, kind.url_part: {"url": source}})
             elif piece:
                 parts.append({"type": "text", "text": piece})
         converted.append({**item, "content": parts})
@@ -200,17 +231,21 @@ def inline_media(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def _inlined(part: Mapping[str, Any]) -> Mapping[str, Any]:
     part_type = part.get("type")
-    if part_type not in ("image_url", "audio_url"):
+    if part_type == "video" and isinstance(part.get("video"), list):
+        return {"type": "video", "video": [_inline_url(frame, "image/png") for frame in part["video"]]}
+    fallback = {"image_url": "image/png", "audio_url": "audio/wav", "video_url": "video/mp4"}.get(str(part_type))
+    if fallback is None:
         return part
     url = (part.get(part_type) or {}).get("url", "")
-    if not url or url.startswith(("data:", *REMOTE)):
-        return part
-    fallback = "image/png" if part_type == "image_url" else "audio/wav"
+    return {"type": part_type, part_type: {"url": _inline_url(url, fallback)}} if url else part
+
+
+def _inline_url(url: str, fallback: str) -> str:
+    """A local file as a base64 data URL; a data or remote URL as it is."""
+    if url.startswith(("data:", *REMOTE)):
+        return url
     kind = mimetypes.guess_type(url)[0] or fallback
-    return {
-        part_type: {"url": f"data:{kind};base64," + base64.b64encode(Path(url).read_bytes()).decode()},
-        "type": part_type,
-    }
+    return f"data:{kind};base64," + base64.b64encode(Path(url).read_bytes()).decode()
 
 
 class KindTokens:
@@ -218,7 +253,8 @@ class KindTokens:
     repeated once per feature, and the processor that makes the model inputs.
 
     :param inputs: ``inputs(processor, opened items, model_config) -> (model inputs,
-        tokens per item)``, the family's.
+        expansions)``, the family's: each item's expansion is how many times its token is
+        repeated, or the text that replaces the token (Qwen3-VL's frames with their times).
     :param opener: ``opener(source) -> opened item`` in the form ``inputs`` takes.
     """
 
@@ -239,6 +275,7 @@ class KindTokens:
         self.placeholder = placeholder
         self.token = token
         self.token_id = tokenizer.convert_tokens_to_ids(token)
+        self.tokenizer = tokenizer
         self.processor = processor
         self.model_config = model_config
         self.token_type = token_type  # its tokens' value in the family's token-type input
@@ -246,14 +283,19 @@ class KindTokens:
         self._opener = opener
 
     def open(self, source: Any) -> Any:
-        return self._opener(source) if isinstance(source, str) else source
+        return self._opener(source) if is_source(source) else source
 
-    def processed(self, sources: Sequence[Any]) -> tuple[dict[str, Any], list[int]]:
-        """The model inputs of these items and the tokens each takes (none for none)."""
+    def processed(self, sources: Sequence[Any]) -> tuple[dict[str, Any], list[list[int]]]:
+        """The model inputs of these items and the token ids each stands for (none for none)."""
         if not sources:
             return {}, []
-        inputs, counts = self._inputs(self.processor, [self.open(source) for source in sources], self.model_config)
-        return dict(inputs), list(counts)
+        inputs, expansions = self._inputs(self.processor, [self.open(source) for source in sources], self.model_config)
+        return dict(inputs), [self._ids(expansion) for expansion in expansions]
+
+    def _ids(self, expansion: int | str) -> list[int]:
+        if isinstance(expansion, str):
+            return self.tokenizer(expansion, add_special_tokens=False)["input_ids"]
+        return [self.token_id] * int(expansion)
 
 
 class MediaTokens:
@@ -294,6 +336,10 @@ class MediaTokens:
 
     def counts(self, media: Sequence[Media]) -> list[int]:
         """Tokens per item, in the order of ``media``."""
+        return [len(ids) for ids in self.expansions(media)]
+
+    def expansions(self, media: Sequence[Media]) -> list[list[int]]:
+        """The token ids each item stands for, in the order of ``media``."""
         return self._processed(media)[1]
 
     def inputs(self, media: Sequence[Media]) -> dict[str, Any]:
@@ -312,27 +358,28 @@ class MediaTokens:
                 by_kind[name] = inputs
         return by_kind
 
-    def _processed(self, media: Sequence[Media]) -> tuple[dict[str, Any], list[int]]:
-        counts: dict[int, int] = {}
+    def _processed(self, media: Sequence[Media]) -> tuple[dict[str, Any], list[list[int]]]:
+        expansions: dict[int, list[int]] = {}
         merged: dict[str, Any] = {}
         for name, handler in self.kinds.items():
             numbers = [number for number, item in enumerate(media) if item.kind == name]
-            inputs, kind_counts = handler.processed([media[number].source for number in numbers])
+            inputs, kind_expansions = handler.processed([media[number].source for number in numbers])
             merged.update(inputs)
-            counts.update(zip(numbers, kind_counts))
-        if len(counts) != len(media):
+            expansions.update(zip(numbers, kind_expansions))
+        if len(expansions) != len(media):
             raise ValueError(f"this model takes no {self.refused(media)}")
-        return merged, [counts[number] for number in range(len(media))]
+        return merged, [expansions[number] for number in range(len(media))]
 
     def expand(
-        self, input_ids: list[int], labels: list[int], media: Sequence[Media], counts: Sequence[int]
+        self, input_ids: list[int], labels: list[int], media: Sequence[Media], expansions: Sequence[list[int]]
     ) -> tuple[list[int], list[int]]:
-        """Each item's token repeated as many times as the item has features (never trained)."""
+        """Each item's token replaced by the ids it stands for (its token once per feature;
+        never trained)."""
         from modelloop.data.labels import IGNORE
 
-        per_token: dict[int, list[int]] = {handler.token_id: [] for handler in self.kinds.values()}
-        for item, count in zip(media, counts):
-            per_token[self.kinds[item.kind].token_id].append(count)
+        per_token: dict[int, list[list[int]]] = {handler.token_id: [] for handler in self.kinds.values()}
+        for item, expansion in zip(media, expansions):
+            per_token[self.kinds[item.kind].token_id].append(expansion)
         for handler in self.kinds.values():
             found, wanted = input_ids.count(handler.token_id), len(per_token[handler.token_id])
             if found != wanted:
@@ -344,9 +391,9 @@ class MediaTokens:
         kept: list[int] = []
         for token, label in zip(input_ids, labels):
             if token in remaining:
-                count = next(remaining[token])
-                ids += [token] * count
-                kept += [IGNORE] * count
+                expansion = next(remaining[token])
+                ids += expansion
+                kept += [IGNORE] * len(expansion)
             else:
                 ids.append(token)
                 kept.append(label)
@@ -354,7 +401,7 @@ class MediaTokens:
 
     def expand_ids(self, input_ids: list[int], media: Sequence[Media]) -> list[int]:
         """``expand`` for a prompt, whose labels nobody needs."""
-        return self.expand(input_ids, input_ids, media, self.counts(media))[0]
+        return self.expand(input_ids, input_ids, media, self.expansions(media))[0]
 
     def token_type_ids(self, input_ids: Any) -> dict[str, Any]:
         """The family's token-type input for these ids (each kind's tokens marked with

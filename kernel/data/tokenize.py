@@ -191,9 +191,9 @@ class Encoder:
         if any(sequence.cut for sequence in sequences):
             return [replace(sequence, media=media) for sequence in sequences]
         try:
-            counts = self.media.counts(media)
+            expansions = self.media.expansions(media)
             return [
-                Encoded(*self.media.expand(sequence.input_ids, sequence.labels, media, counts), media=media)
+                Encoded(*self.media.expand(sequence.input_ids, sequence.labels, media, expansions), media=media)
                 for sequence in sequences
             ]
         except ValueError as error:

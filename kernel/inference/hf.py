@@ -204,10 +204,15 @@ class HFSession:
                 if self.media is None or not self.media.takes(kind.name):
                     raise ValueError(f"the model {self.base_name!r} takes no {kind.column}")
                 for source in sources:
-                    if not source.startswith(("data:", *REMOTE)):
+                    urls = source if isinstance(source, list) else [source]  # a video's frames, or one item
+                    if not all(url.startswith(("data:", *REMOTE)) for url in urls):
                         raise ValueError(f"{kind.column} are sent as base64 data URLs (local paths are not read)")
-                    resolved = resolve_source(source, None, allow_remote=self.allow_remote_images, noun=kind.noun)
-                    opened.append(self.media.open(Media(kind.name, resolved)))
+                    resolved = [
+                        resolve_source(url, None, allow_remote=self.allow_remote_images, noun=kind.noun) for url in urls
+                    ]
+                    opened.append(
+                        self.media.open(Media(kind.name, resolved if isinstance(source, list) else resolved[0]))
+                    )
         except ValueError as error:
             raise EngineError(str(error)) from None
         return flattened, tuple(opened)

@@ -173,6 +173,13 @@ class AudioURLPart(Strict):
     audio_url: ImageURL
 
 
+class VideoURLPart(Strict):
+    """vLLM's video by URL (a base64 data URL, or remote where allowed), as pictures are."""
+
+    type: Literal["video_url"]
+    video_url: ImageURL
+
+
 class Function(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -189,7 +196,9 @@ class Message(Strict):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: (
-        str | list[Annotated[TextPart | ImagePart | AudioPart | AudioURLPart, Field(discriminator="type")]] | None
+        str
+        | list[Annotated[TextPart | ImagePart | AudioPart | AudioURLPart | VideoURLPart, Field(discriminator="type")]]
+        | None
     ) = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -359,7 +368,7 @@ def create_app(
     With ``request_log`` every answered request is logged, with ``origin`` (what is served:
     its ``source`` and ``run``), and ``/v1/feedback`` takes what users thought of the answers.
 
-    Pictures and clips in chat requests are base64 data URLs (or OpenAI's ``input_audio``),
+    Pictures, clips and videos in chat requests are base64 data URLs (or OpenAI's ``input_audio``),
     or http(s) URLs with ``allow_remote_images``, whatever the engine (vLLM would otherwise fetch any URL, and
     read server paths where allowed). Adapters are loaded at run time from under
     ``adapter_dirs`` only (none: never), so that the route reads no other server path."""
@@ -666,14 +675,16 @@ def _inside(path: str, folders: Sequence[Path]) -> bool:
 
 
 def _check_media_urls(messages: Sequence[Message], allow_remote: bool) -> None:
-    """Pictures and clips by URL are base64 data URLs, or remote ones where allowed:
-    never a path on the server."""
+    """Pictures, clips and videos by URL are base64 data URLs, or remote ones where
+    allowed: never a path on the server."""
     for number, message in enumerate(messages):
         for index, part in enumerate(message.content if isinstance(message.content, list) else []):
             if isinstance(part, ImagePart):
                 url, field, noun = part.image_url.url, "image_url", ("image", "pictures")
             elif isinstance(part, AudioURLPart):
                 url, field, noun = part.audio_url.url, "audio_url", ("audio", "clips")
+            elif isinstance(part, VideoURLPart):
+                url, field, noun = part.video_url.url, "video_url", ("video", "videos")
             else:
                 continue
             if url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://"))):

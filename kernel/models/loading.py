@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,19 +256,60 @@ def _load_processor(auto_class: Any, name_or_path: str | Path, what: str) -> Any
         raise ModelLoadError(f"{location}: cannot load the {what} ({error})") from None
 
 
+#: transformers' video processor settings beside a model (a family's ``VideoSpec.options``
+#: are their defaults).
+VIDEO_SETTINGS = "video_preprocessor_config.json"
+#: Where transformers keeps an image processor's and a feature extractor's settings.
+PROCESSOR_SETTINGS = "preprocessor_config.json"
+
+
+def write_processors(out: Path, *, image_processor: Any = None, feature_extractor: Any = None) -> None:
+    """Save a model's image processor and audio feature extractor into ``out``. Both
+    write ``preprocessor_config.json``, so a model that sees and hears keeps their
+    settings merged in that one file, as Qwen2.5-Omni's release does: their keys are
+    disjoint, and each Auto class reads back its own by its ``*_type`` key."""
+    import json
+
+    settings: dict[str, Any] = {}
+    for processor in (image_processor, feature_extractor):
+        if processor is not None:
+            processor.save_pretrained(out)
+            settings.update(json.loads((out / PROCESSOR_SETTINGS).read_text()))
+    if image_processor is not None and feature_extractor is not None:
+        (out / PROCESSOR_SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def save_processors(family: ModelFamily, folder: str | Path, out: Path) -> None:
-    """Copy a multimodal model's processors (image processor, feature extractor) from
-    ``folder`` into ``out``, so the next stage reads pictures and sound as this one did."""
-    if family.vision is not None:
-        load_image_processor(folder).save_pretrained(out)
-    if family.audio is not None:
-        load_feature_extractor(folder).save_pretrained(out)
+    """Copy a multimodal model's processors (image processor, video settings, feature
+    extractor) from ``folder`` into ``out``, so the next stage reads pictures, video and
+    sound as this one did."""
+    write_processors(
+        out,
+        image_processor=load_image_processor(folder) if family.vision is not None else None,
+        feature_extractor=load_feature_extractor(folder) if family.audio is not None else None,
+    )
+    settings = Path(locate(folder, needs_config=False)) / VIDEO_SETTINGS
+    if family.vision is not None and settings.is_file():
+        shutil.copyfile(settings, out / VIDEO_SETTINGS)
+
+
+def video_options(spec: Any, folder: str | Path) -> dict[str, Any]:
+    """A vision family's video options (``VideoSpec.options``), overridden by the model's
+    own ``video_preprocessor_config.json`` where it has one."""
+    import json
+
+    options = dict(spec.options)
+    settings = Path(locate(folder, needs_config=False)) / VIDEO_SETTINGS
+    if settings.is_file():
+        saved = json.loads(settings.read_text())
+        options.update({key: value for key, value in saved.items() if key in spec.options or key == "num_frames"})
+    return options
 
 
 def load_media_tokens(family: ModelFamily, folder: str | Path, model_config: Any, tokenizer: Any) -> Any:
-    """A multimodal family's media handling (``MediaTokens``: pictures through the image
-    processor, sound through the feature extractor, both saved in ``folder`` beside the
-    tokenizer); None for a text family. Here, not in ``data/``: data is tokenised with
+    """A multimodal family's media handling (``MediaTokens``: pictures and video frames
+    through the image processor, sound through the feature extractor, both saved in
+    ``folder`` beside the tokenizer); None for a text family. Here, not in ``data/``: data is tokenised with
     what it is given, and loading is this module's job."""
     import functools
 
@@ -278,17 +320,20 @@ def load_media_tokens(family: ModelFamily, folder: str | Path, model_config: Any
     shared = {"model_config": model_config, "tokenizer": tokenizer}
     if family.vision is not None:
         vision = family.vision
+        image_processor = load_image_processor(folder)
         kinds.append(
             KindTokens(
                 IMAGE,
                 placeholder=vision.placeholder,
                 token=vision.image_token,
                 inputs=vision.image_inputs,
-                processor=load_image_processor(folder),
+                processor=image_processor,
                 opener=IMAGE.open,
                 **shared,
             )
         )
+        if vision.video is not None:
+            kinds.append(_video_tokens(vision.video, folder, image_processor, shared))
     if family.audio is not None:
         audio = family.audio
         extractor = load_feature_extractor(folder)
@@ -310,6 +355,34 @@ def load_media_tokens(family: ModelFamily, folder: str | Path, model_config: Any
         kinds,
         token_types=vision.token_types if vision is not None else None,
         rope_index=vision.rope_index if vision is not None else None,
+    )
+
+
+def _video_tokens(spec: Any, folder: str | Path, image_processor: Any, shared: dict[str, Any]) -> Any:
+    """A vision family's video handling: frames sampled by the model's video options and
+    processed by its image processor."""
+    import functools
+
+    from modelloop.data.media import VIDEO, KindTokens
+    from modelloop.data.video import open_video
+
+    options = video_options(spec, folder)
+    sampling = {
+        "fps": None if options.get("num_frames") else options.get("fps"),
+        "count": options.get("num_frames"),
+        "min_frames": options.get("min_frames", 1),
+        "max_frames": options.get("max_frames"),
+        "multiple": options.get("temporal_patch_size", 1),
+    }
+    return KindTokens(
+        VIDEO,
+        placeholder=spec.placeholder,
+        token=spec.video_token,
+        inputs=functools.partial(spec.video_inputs, options=options),
+        processor=image_processor,
+        opener=functools.partial(open_video, **sampling),
+        token_type=spec.token_type,
+        **shared,
     )
 
 

@@ -142,6 +142,11 @@ def _family(name: str) -> ModelFamily:
     return family
 
 
+def _built(factory: Any, options: dict[str, Any] | None) -> Any:
+    """A processor from a family's factory and a preset's options; None without a factory."""
+    return factory(**(options or {})) if factory else None
+
+
 def new_model(
     family_name: str,
     preset: str,
@@ -171,11 +176,12 @@ def new_model(
     tokenizer_vocab = fields.pop("tokenizer_vocab", 2000)
     image_processor_options = fields.pop("image_processor", None)
     feature_extractor_options = fields.pop("feature_extractor", None)
+    video_settings = fields.pop("video_processor", None)
 
     import torch
     from transformers import AutoConfig, GenerationConfig
 
-    from modelloop.models.loading import model_class
+    from modelloop.models.loading import VIDEO_SETTINGS, model_class, write_processors
 
     corpus = [*generated_corpus(seed=seed), *corpus_from_files(corpus_files)]
     tokenizer = train_tokenizer(family.tokenizer, corpus, tokenizer_vocab)
@@ -213,10 +219,13 @@ def new_model(
     try:
         model.save_pretrained(building)
         tokenizer.save_pretrained(building)
-        if family.vision is not None and family.vision.image_processor is not None:
-            family.vision.image_processor(**(image_processor_options or {})).save_pretrained(building)
-        if family.audio is not None and family.audio.feature_extractor is not None:
-            family.audio.feature_extractor(**(feature_extractor_options or {})).save_pretrained(building)
+        write_processors(
+            building,
+            image_processor=_built(family.vision and family.vision.image_processor, image_processor_options),
+            feature_extractor=_built(family.audio and family.audio.feature_extractor, feature_extractor_options),
+        )
+        if video_settings is not None:  # transformers' video processor settings, as a released model has them
+            (building / VIDEO_SETTINGS).write_text(json.dumps(video_settings, indent=2) + "\n")
         sample = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
         _check_tokenizer_round_trip(building, [*corpus[:200], chat.render(sample, add_generation_prompt=False)])
         if out.exists():

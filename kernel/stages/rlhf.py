@@ -300,12 +300,13 @@ def read_data(files: list[str], config: RLHFConfig, kind: str) -> list[dict[str,
             if records.problems
             else f"no records in {', '.join(files)}"
         )
-    heard = next((example for example in records.examples if example.record.get("audios")), None)
-    if heard is not None:
-        raise ConfigError(
-            f"{heard.location}: {config.method} does not take sound: TRL {_trl_version()}'s trainers take text "
-            "and pictures (sft, serve, infer and eval take sound)"
-        )
+    for column, what in (("audios", "sound"), ("videos", "video")):
+        holding = next((example for example in records.examples if example.record.get(column)), None)
+        if holding is not None:
+            raise ConfigError(
+                f"{holding.location}: {config.method} does not take {what}: TRL {_trl_version()}'s trainers take "
+                f"text and pictures (sft, serve, infer and eval take {what})"
+            )
     pictured = next((example for example in records.examples if example.record.get("images")), None)
     if pictured is not None and config.method not in ("dpo", "grpo"):
         raise ConfigError(

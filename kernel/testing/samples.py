@@ -102,10 +102,40 @@ def clip_conversation(workspace: Workspace) -> dict[str, Any]:
     }
 
 
+def video_conversation(workspace: Workspace) -> dict[str, Any]:
+    """A conversation about a two-second video of a square moving right, written into
+    the workspace (MPEG-4, 4 frames a second)."""
+    import av
+    import numpy
+
+    from modelloop.data.media import VIDEO
+
+    path = workspace.folder("video") / "square.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for number in range(8):
+            frame = numpy.full((64, 64, 3), 30, numpy.uint8)
+            frame[24:40, 4 + 5 * number : 20 + 5 * number] = (230, 200, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return {
+        "messages": [
+            {"role": "user", "content": f"{VIDEO.mark}Which way does the square move?"},
+            {"role": "assistant", "content": "Right."},
+        ],
+        "videos": [str(path)],
+    }
+
+
 def media_conversations(family: ModelFamily, workspace: Workspace) -> list[dict[str, Any]]:
     """A conversation for each kind of media the family takes."""
     return [
         *([picture_conversation(workspace)] if family.vision is not None else []),
+        *([video_conversation(workspace)] if family.vision is not None and family.vision.video is not None else []),
         *([clip_conversation(workspace)] if family.audio is not None else []),
     ]
 
