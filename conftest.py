@@ -172,6 +172,68 @@ def assert_same_greedy_tokens(
     assert compared >= 0.5 * sum(map(len, expected)), f"only {compared} tokens were decisive"
 
 
+def assert_packed_examples_match_alone(model: Any, packed: dict[str, Any], row: Any, alone: Callable[..., Any]) -> None:
+    """Each example of the packed ``row`` (``packed``, its batch) has the logits it has in a
+    batch of its own (``alone``: an unpacked collator), to 1e-4: its positions, pictures,
+    videos and clips were kept apart from its neighbours'."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**packed).logits[0]
+        start = 0
+        for length, items in zip(row.lengths, row.media, strict=True):
+            single = alone([(row.input_ids[start : start + length], row.labels[start : start + length], items)])
+            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
+            start += length
+
+
+def answer_accuracy(folder: Path, data: Path, answers: tuple[str, ...]) -> float:
+    """How often the model at ``folder`` finds the right one of ``answers`` likelier (the
+    lower summed loss) for the one-turn questions in ``data``, pictures, videos and clips
+    read as training reads them."""
+    import torch
+
+    from modelloop.chat import resolve_chat_format
+    from modelloop.data.records import Example, read_records
+    from modelloop.data.tokenize import Encoder
+    from modelloop.models.loading import load_media_tokens, load_model
+    from modelloop.training import Collator
+
+    loaded = load_model(folder, dtype="fp32")
+    media = load_media_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
+    encoder = Encoder(loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family), media)
+    collate = Collator(loaded.tokenizer.pad_token_id, packing=False, media=media)
+    examples = read_records([data]).examples
+    right = 0
+    for example in examples:
+        scores = {}
+        for answer in answers:
+            record = {
+                **example.record,
+                "messages": [example.record["messages"][0], {"role": "assistant", "content": answer}],
+            }
+            ((encoded,),) = encoder.encode([Example(example.location, example.kind, record)])
+            batch = collate([(encoded.input_ids, encoded.labels, encoded.media)])
+            with torch.no_grad():
+                loss = loaded.model(**batch).loss
+            scores[answer] = -float(loss) * int((batch["labels"][:, 1:] != -100).sum())
+        right += max(scores, key=scores.get) == example.record["messages"][1]["content"]
+    return right / len(examples)
+
+
+def accuracy_before_and_after_sft(
+    base: Path, held_out: Path, answers: tuple[str, ...], **config: Any
+) -> tuple[float, float, Path]:
+    """``answer_accuracy`` on ``held_out`` of ``base`` and of the model an SFT run of it
+    with ``config`` (full tuning at a constant rate unless told) makes, and that model's folder."""
+    import modelloop
+
+    before = answer_accuracy(base, held_out, answers)
+    result = modelloop.sft({"model": str(base), "tuner": "full", "scheduler": "constant", **config})
+    model = Path(result["run_dir"]) / "model"
+    return before, answer_accuracy(model, held_out, answers), model
+
+
 @pytest.fixture(scope="session")
 def subprocess_env(session_cache: Path) -> dict[str, str]:
     """The environment for a ``modelloop`` child process, as hermetic as this one."""

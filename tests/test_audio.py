@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import modelloop
+from conftest import accuracy_before_and_after_sft, assert_packed_examples_match_alone
 from modelloop.config import ConfigError
 from modelloop.data.records import read_records
 from modelloop.errors import ModelloopError
@@ -207,56 +208,19 @@ def test_a_text_model_and_alignment_refuse_clips(tiny_models, tmp_path):
 def test_sft_learns_to_tell_a_low_tone_from_a_high_one(tiny_models, tmp_path):
     base = tiny_models("qwen2_audio")
     train, held_out = tones(tmp_path / "data", 64, seed=1), tones(tmp_path / "data", 16, seed=2)
-    before = tone_accuracy(base, held_out)
-    result = modelloop.sft(
-        {
-            "model": str(base),
-            "data": [str(train)],
-            "tuner": "full",
-            "max_steps": 20,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "scheduler": "constant",
-            "max_length": 128,
-            "output_dir": str(tmp_path / "run"),
-        }
+    before, after, model = accuracy_before_and_after_sft(
+        base,
+        held_out,
+        ("low", "high"),
+        data=[str(train)],
+        max_steps=20,
+        batch_size=8,
+        lr=1e-3,
+        max_length=128,
+        output_dir=str(tmp_path / "run"),
     )
-    model = Path(result["run_dir"]) / "model"
     assert (model / "preprocessor_config.json").is_file()  # the next stage hears clips the same way
-    after = tone_accuracy(model, held_out)
     assert before <= 0.75 and after >= 0.9, (before, after)
-
-
-def tone_accuracy(folder: Path, data: Path) -> float:
-    """How often the model finds the right answer ("low" or "high") likelier."""
-    import torch
-
-    from modelloop.chat import resolve_chat_format
-    from modelloop.data.records import Example
-    from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_media_tokens, load_model
-    from modelloop.training import Collator
-
-    loaded = load_model(folder, dtype="fp32")
-    media = load_media_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
-    encoder = Encoder(loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family), media)
-    collate = Collator(loaded.tokenizer.pad_token_id, packing=False, media=media)
-    examples = read_records([data]).examples
-    right = 0
-    for example in examples:
-        scores = {}
-        for answer in ("low", "high"):
-            record = {
-                **example.record,
-                "messages": [example.record["messages"][0], {"role": "assistant", "content": answer}],
-            }
-            ((encoded,),) = encoder.encode([Example(example.location, example.kind, record)])
-            batch = collate([(encoded.input_ids, encoded.labels, encoded.media)])
-            with torch.no_grad():
-                loss = loaded.model(**batch).loss
-            scores[answer] = -float(loss) * int((batch["labels"][:, 1:] != -100).sum())
-        right += max(scores, key=scores.get) == example.record["messages"][1]["content"]
-    return right / len(examples)
 
 
 def test_a_frozen_audio_tower_stays_as_it_was_while_the_rest_trains(tiny_models, tmp_path):
@@ -305,7 +269,6 @@ def test_lora_goes_on_the_language_model_and_on_request_on_the_audio_tower(tiny_
 
 
 def test_packed_clip_examples_give_each_example_the_logits_it_has_alone(tiny_models, tmp_path):
-    import torch
 
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
@@ -329,13 +292,7 @@ def test_packed_clip_examples_give_each_example_the_logits_it_has_alone(tiny_mod
     packed = Collator(tokenizer.pad_token_id, packing=True, media=media)([row])
     assert packed["input_features"].shape[0] == 6
     alone = Collator(tokenizer.pad_token_id, packing=False, media=media)
-    with torch.no_grad():
-        logits = model(**packed).logits[0]
-        start = 0
-        for length, clips in zip(row.lengths, row.media):
-            single = alone([(row.input_ids[start : start + length], row.labels[start : start + length], clips)])
-            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
-            start += length
+    assert_packed_examples_match_alone(model, packed, row, alone)
 
 
 def test_batches_hold_their_share_of_clips_pictures_and_text():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import modelloop
+from conftest import assert_packed_examples_match_alone
 from modelloop.builtin.full_tuner import FULL
 from modelloop.config import ConfigError
 from modelloop.data.records import read_records
@@ -239,7 +240,6 @@ def test_lora_goes_on_the_language_model_and_on_request_on_the_vision_tower(tiny
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_models, family):
-    import torch
     from transformers import AutoModelForImageTextToText
 
     from modelloop.chat import resolve_chat_format
@@ -263,14 +263,7 @@ def test_packed_image_examples_give_each_example_the_logits_it_has_alone(tiny_mo
     )([row])
     assert packed["position_ids"].shape[0] == 4  # the plain positions first, then the multimodal ones
     alone = Collator(tokenizer.pad_token_id, packing=False, media=images)
-    with torch.no_grad():
-        logits = model(**packed).logits[0]
-        start = 0
-        for length, pictures in zip(row.lengths, row.media):
-            ids = row.input_ids[start : start + length]
-            single = alone([(ids, row.labels[start : start + length], pictures)])
-            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
-            start += length
+    assert_packed_examples_match_alone(model, packed, row, alone)
 
 
 # --------------------------------------------------------------------------- modality-balanced sampling

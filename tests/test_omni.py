@@ -10,10 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-from test_audio import tone, tone_accuracy, tones, write_jsonl
+from test_audio import tone, tones, write_jsonl
 from test_video import square_video, squares
 
 import modelloop
+from conftest import accuracy_before_and_after_sft, assert_packed_examples_match_alone
 from modelloop.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,6 @@ def test_the_template_places_each_kind_and_each_item_takes_its_own_tokens(tiny_m
 def test_packed_examples_of_every_kind_give_each_the_logits_it_has_alone(tiny_models, tmp_path):
     """Pictures, clips and videos keep their time-aligned positions (each example's from 0)
     when packed into one row with text."""
-    import torch
 
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
@@ -105,13 +105,7 @@ def test_packed_examples_of_every_kind_give_each_the_logits_it_has_alone(tiny_mo
     packed = Collator(tokenizer.pad_token_id, packing=True, media=media, rope_index=rope_index)([row])
     assert {"pixel_values", "pixel_values_videos", "input_features", "video_second_per_grid"} <= set(packed)
     alone = Collator(tokenizer.pad_token_id, packing=False, media=media)
-    with torch.no_grad():
-        logits = model(**packed).logits[0]
-        start = 0
-        for length, items in zip(row.lengths, row.media):
-            single = alone([(row.input_ids[start : start + length], row.labels[start : start + length], items)])
-            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
-            start += length
+    assert_packed_examples_match_alone(model, packed, row, alone)
 
 
 def test_sft_on_mixed_pictures_clips_and_videos_learns_the_tones(tiny_models, tmp_path):
@@ -125,31 +119,22 @@ def test_sft_on_mixed_pictures_clips_and_videos_learns_the_tones(tiny_models, tm
         tmp_path / "pictures.jsonl",
         [{"messages": [{"role": "user", "content": [{"type": "image", "image": str(PICTURE)}, {"type": "text", "text": "Colour?"}]}, {"role": "assistant", "content": "red"}]}] * 8,
     )  # fmt: skip
-    before = tone_accuracy(base, held_out)
-    result = modelloop.sft(
-        {
-            "model": str(base),
-            "data": [
-                str(tones(tmp_path / "data", 64, seed=1)),
-                str(squares(tmp_path / "video", 8, seed=1)),
-                str(pictures),
-            ],
-            "sampler": "modality_balanced",
-            "sampler_options": {"audio_share": 0.75, "video_share": 0.125, "image_share": 0.125},
-            "tuner": "full",
-            "max_steps": 24,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "scheduler": "constant",
-            "max_length": 256,
-            "output_dir": str(tmp_path / "run"),
-        }
+    before, after, model = accuracy_before_and_after_sft(
+        base,
+        held_out,
+        ("low", "high"),
+        data=[str(tones(tmp_path / "data", 64, seed=1)), str(squares(tmp_path / "video", 8, seed=1)), str(pictures)],
+        sampler="modality_balanced",
+        sampler_options={"audio_share": 0.75, "video_share": 0.125, "image_share": 0.125},
+        max_steps=24,
+        batch_size=8,
+        lr=1e-3,
+        max_length=256,
+        output_dir=str(tmp_path / "run"),
     )
-    model = Path(result["run_dir"]) / "model"
     assert AutoImageProcessor.from_pretrained(model).patch_size == 14
     assert AutoFeatureExtractor.from_pretrained(model).sampling_rate == 16000
     assert (model / "video_preprocessor_config.json").is_file()
-    after = tone_accuracy(model, held_out)
     assert before <= 0.75 and after >= 0.9, (before, after)
 
 

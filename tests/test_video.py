@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import modelloop
+from conftest import accuracy_before_and_after_sft, assert_packed_examples_match_alone
 from modelloop.config import ConfigError
 from modelloop.data.records import read_records
 
@@ -270,7 +271,6 @@ def test_a_text_model_and_alignment_refuse_videos(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_packed_video_examples_give_each_example_the_logits_it_has_alone(tiny_models, tmp_path, family):
-    import torch
 
     from modelloop.chat import resolve_chat_format
     from modelloop.data.tokenize import prepare_data
@@ -302,68 +302,25 @@ def test_packed_video_examples_give_each_example_the_logits_it_has_alone(tiny_mo
     rope_index = lambda *args: loaded.family.vision.rope_index(model, *args)  # noqa: E731
     packed = Collator(tokenizer.pad_token_id, packing=True, media=media, rope_index=rope_index)([row])
     alone = Collator(tokenizer.pad_token_id, packing=False, media=media)
-    with torch.no_grad():
-        logits = model(**packed).logits[0]
-        start = 0
-        for length, items in zip(row.lengths, row.media):
-            single = alone([(row.input_ids[start : start + length], row.labels[start : start + length], items)])
-            assert torch.allclose(model(**single).logits[0], logits[start : start + length], atol=1e-4)
-            start += length
+    assert_packed_examples_match_alone(model, packed, row, alone)
 
 
 def test_sft_learns_which_way_a_square_moves(tiny_models, tmp_path):
     base = tiny_models("qwen2_vl")
     train, held_out = squares(tmp_path / "data", 48, seed=1), squares(tmp_path / "data", 16, seed=2)
-    before = direction_accuracy(base, held_out)
-    result = modelloop.sft(
-        {
-            "model": str(base),
-            "data": [str(train)],
-            "tuner": "full",
-            "max_steps": 80,
-            "batch_size": 8,
-            "lr": 2e-3,
-            "scheduler": "constant",
-            "max_length": 256,
-            "output_dir": str(tmp_path / "run"),
-        }
+    before, after, model = accuracy_before_and_after_sft(
+        base,
+        held_out,
+        ("left", "right"),
+        data=[str(train)],
+        max_steps=80,
+        batch_size=8,
+        lr=2e-3,
+        max_length=256,
+        output_dir=str(tmp_path / "run"),
     )
-    model = Path(result["run_dir"]) / "model"
     assert (model / "video_preprocessor_config.json").is_file()  # the next stage samples frames the same way
-    after = direction_accuracy(model, held_out)
     assert before <= 0.75 and after >= 0.9, (before, after)
-
-
-def direction_accuracy(folder: Path, data: Path) -> float:
-    """How often the model finds the right answer ("left" or "right") likelier."""
-    import torch
-
-    from modelloop.chat import resolve_chat_format
-    from modelloop.data.records import Example
-    from modelloop.data.tokenize import Encoder
-    from modelloop.models.loading import load_media_tokens, load_model
-    from modelloop.training import Collator
-
-    loaded = load_model(folder, dtype="fp32")
-    media = load_media_tokens(loaded.family, folder, loaded.model.config, loaded.tokenizer)
-    encoder = Encoder(loaded.tokenizer, resolve_chat_format(loaded.tokenizer, loaded.family), media)
-    collate = Collator(loaded.tokenizer.pad_token_id, packing=False, media=media)
-    examples = read_records([data]).examples
-    right = 0
-    for example in examples:
-        scores = {}
-        for answer in ("left", "right"):
-            record = {
-                **example.record,
-                "messages": [example.record["messages"][0], {"role": "assistant", "content": answer}],
-            }
-            ((encoded,),) = encoder.encode([Example(example.location, example.kind, record)])
-            batch = collate([(encoded.input_ids, encoded.labels, encoded.media)])
-            with torch.no_grad():
-                loss = loaded.model(**batch).loss
-            scores[answer] = -float(loss) * int((batch["labels"][:, 1:] != -100).sum())
-        right += max(scores, key=scores.get) == example.record["messages"][1]["content"]
-    return right / len(examples)
 
 
 # --------------------------------------------------------------------------- serving

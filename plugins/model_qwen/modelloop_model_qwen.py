@@ -9,6 +9,7 @@ imported: everything registered is data, or a function that imports when called.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from modelloop.plugin import (
@@ -359,23 +360,10 @@ OMNI_SYSTEM = (
     "perceiving auditory and visual inputs, as well as generating text and speech."
 )
 
-OMNI_TOKENIZER = TokenizerRecipe(
-    split_regex=QWEN_SPLIT,
-    nfc=True,
-    special_tokens=(
-        "<|endoftext|>",
-        "<|im_start|>",
-        IM_END,
-        "<|AUDIO|>",
-        "<|audio_bos|>",
-        "<|audio_eos|>",
-        "<|IMAGE|>",
-        "<|VIDEO|>",
-        "<|vision_bos|>",
-        "<|vision_eos|>",
-    ),
-    eos_token=IM_END,
-    pad_token="<|endoftext|>",
+#: Qwen2-Audio's tokens and Qwen2.5-Omni's for pictures and videos.
+OMNI_TOKENIZER = dataclasses.replace(
+    QWEN_AUDIO_TOKENIZER,
+    special_tokens=(*QWEN_AUDIO_TOKENIZER.special_tokens, "<|IMAGE|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"),
 )
 
 #: Qwen2.5-Omni thinker's parts: a Qwen2.5-VL ViT and a Whisper-style encoder, each with
