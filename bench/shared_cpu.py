@@ -5,7 +5,7 @@ Runs the README's SFT line (the tiny Qwen3 built on the shipped sums, full tunin
 each keep one CPU busy (``while True: pass``), twice each:
 
   modelloop        the command as it runs (``modelloop.threads``: the pool capped at the
-                   available CPUs, idle OpenMP threads spinning 300 rounds before sleeping)
+                   available CPUs, idle OpenMP threads spinning 3,000 rounds before sleeping)
   libgomp default  the same with GOMP_SPINCOUNT=300000, libgomp's own default spin
 
 Prints train tokens/s of each run (from the run's manifest) and each beside-figure as a

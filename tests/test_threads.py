@@ -67,6 +67,6 @@ def test_settling_caps_the_pool_and_shortens_the_spin_unless_the_user_chose(subp
         for key, value in subprocess_env.items()
         if key not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
     }
-    assert settled(env) == [1, "300", "0"]
+    assert settled(env) == [1, "3000", "0"]
     assert settled({**env, "OMP_WAIT_POLICY": "ACTIVE"})[1:] == [None, None]  # the user's policy stands
     assert settled({**env, "OMP_NUM_THREADS": "2"})[0] == 2  # and the user's pool size

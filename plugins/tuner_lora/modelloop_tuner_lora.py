@@ -170,18 +170,18 @@ def fast_dropout_class() -> type:
     """The module class, built on first use so that importing this plugin imports no torch."""
     import torch
 
-    class FastDropout(torch.nn.Module):
-        """Dropout with a mask drawn as 16-bit integers (see ``_use_fast_dropout``)."""
+    class FastDropout(torch.nn.Dropout):
+        """Dropout with a mask drawn as 16-bit integers (see ``_use_fast_dropout``). A
+        ``torch.nn.Dropout`` still, so that what turns dropout off finds it: TRL's DPO and
+        KTO set every dropout's ``p`` to 0 (``disable_dropout``, their default)."""
 
         def __init__(self, p: float, *, reuse_checkpointed_mask: bool = False) -> None:
-            super().__init__()
-            self.p = p
-            self.threshold = round(p * 65536) - 32768
+            super().__init__(p)
             self.reuse_checkpointed_mask = reuse_checkpointed_mask
             self._checkpointed_mask: torch.Tensor | None = None
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if not self.training:
+            if not self.training or self.p == 0:
                 return x
             keep = self._checkpointed_mask
             self._checkpointed_mask = None
@@ -194,10 +194,7 @@ def fast_dropout_class() -> type:
         def _draw(self, x: torch.Tensor) -> torch.Tensor:
             count = x.numel()
             draws = torch.randint(-(2**31), 2**31 - 1, ((count + 1) // 2,), dtype=torch.int32, device=x.device)
-            return draws.view(torch.int16)[:count].view(x.shape) >= self.threshold
-
-        def extra_repr(self) -> str:
-            return f"p={self.p}"
+            return draws.view(torch.int16)[:count].view(x.shape) >= round(self.p * 65536) - 32768
 
     return FastDropout
 

@@ -77,6 +77,23 @@ def test_lora_replaces_peft_dropout_on_cpu(tiny_models):
     assert kinds == {"FastDropout"}
 
 
+def test_what_turns_dropout_off_turns_the_fast_dropout_off_too(tiny_models):
+    """TRL's DPO and KTO switch every ``torch.nn.Dropout`` off by default; the LoRA dropout
+    modelloop puts in place on a CPU must be one of them, or those runs train with dropout
+    where TRL's do not (and pay for drawing its masks)."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    loaded = load_model(tiny_models("qwen2"))
+    model = lora.prepare(loaded.model, lora.check({"dropout": 0.5}), loaded.family).train()
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # drawn as zeros: the adapters' inputs, and their dropout, would not show
+            torch.nn.init.normal_(parameter)
+    ids = torch.arange(1, 17)[None]
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout on
+    disable_dropout_in_model(model)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_lora_keeps_torchs_dropout_where_it_will_train_on_a_gpu(tiny_models, monkeypatch):
     """The weights are still on the CPU when the tuner prepares them: where training goes
     decides, and on a GPU torch's fused dropout is the cheaper one."""
