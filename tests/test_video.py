@@ -170,6 +170,19 @@ def test_frames_are_sampled_by_a_rate_or_a_count_in_whole_time_steps(tmp_path):
     assert listed.timestamps == [0.0, 0.5, 1.0, 1.5] and len(listed.frames) == 4
 
 
+def test_checking_a_video_reads_every_frame_and_keeps_one(tmp_path):
+    """A data check decodes each video whole (a broken frame is named) without holding
+    its frames: a long video would not fit in memory."""
+    from modelloop.data.media import VIDEO
+
+    checked = VIDEO.open(str(square_video(tmp_path / "square.mp4", frames=8, fps=4)))
+    assert len(checked.frames) == 1 and checked.total_frames == 8 and checked.seconds == 2.0
+    frames = frame_files(tmp_path / "frames", 3)
+    Path(frames[2]).write_bytes(b"not a picture")
+    with pytest.raises(ValueError, match="frame-2.png"):
+        VIDEO.open(frames)  # the last frame, which the check keeps none of, is still read
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_a_time_step_holds_consecutive_frames_laid_out_as_a_picture_is(tiny_models, family):
     import numpy

@@ -140,8 +140,10 @@ def _media_summary(examples: Sequence[Example], encoder: Encoder | None) -> list
     for kind, items in by_kind.items():
         parts = [f"{len(items)} {BY_NAME[kind].column}"]
         if kind in ("audio", "video"):
-            opener = open_audio if kind == "audio" else open_video
-            seconds = [opener(item.source).seconds for item in items]
+            seconds = [
+                (open_audio(item.source) if kind == "audio" else open_video(item.source, max_frames=1)).seconds
+                for item in items
+            ]
             parts.append(f"{min(seconds):.1f}-{max(seconds):.1f} s a clip, {sum(seconds):.1f} s in all")
         if encoder is not None and encoder.media is not None and encoder.media.takes(kind):
             counts = [

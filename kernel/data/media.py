@@ -38,8 +38,9 @@ class Kind:
     noun: str  # what one is called in messages: "image", "audio clip"
 
     def open(self, source: Any) -> Any:
-        """The item decoded, every frame of it (a PIL image, an audio ``Clip``, a ``Video``);
-        ValueError naming it."""
+        """The item decoded (a PIL image, an audio ``Clip``, a ``Video``: every frame read,
+        the first kept, so that checking a long video does not hold all of it); ValueError
+        naming it."""
         if self.name == "audio":
             from modelloop.data.audio import open_audio
 
@@ -47,7 +48,7 @@ class Kind:
         if self.name == "video":
             from modelloop.data.video import open_video
 
-            return open_video(source)
+            return open_video(source, max_frames=1)
         from modelloop.data.images import open_image
 
         return open_image(source)

@@ -103,9 +103,10 @@ def _frame_list(references: list[str], **sampling: Any) -> Video:
 
     if not references:
         raise ValueError("a video given as frames needs at least one")
+    frames = [open_image(reference) for reference in references]  # every frame read, as a file's are decoded
     keep = sampled_indices(len(references), FRAME_LIST_FPS, **sampling) if sampling else range(len(references))
     return Video(
-        [open_image(references[index]) for index in keep],
+        [frames[index] for index in keep],
         [index / FRAME_LIST_FPS for index in keep],
         len(references) / FRAME_LIST_FPS,
         len(references),
