@@ -10,7 +10,10 @@ the process tree's peak anonymous memory):
 
   swift                 ms-swift 4.6 ``swift rlhf --rlhf_type dpo``, its defaults
   same settings         modelloop ``rlhf --method dpo``, gradient checkpointing on
-  defaults              modelloop's own defaults (gradient checkpointing off)
+  TRL's batches         modelloop's defaults but ``packing=false``: each pair twice,
+                        prompt + chosen and prompt + rejected, padded (TRL's layout)
+  defaults              modelloop's own defaults (gradient checkpointing off, each
+                        pair's prompt computed once in padding-free rows)
 
 The pairs are the peer's ``dpo.jsonl`` (ms-swift's ``messages`` + ``rejected_response``),
 written once in the conversational preference form for modelloop: the same 200 pairs.
@@ -76,6 +79,9 @@ def main() -> None:
         variants["ms-swift 4.6 DPO (its defaults)"] = lambda out: swift_command(venv, model, swift_pairs, out)
     variants["modelloop DPO, gradient checkpointing on"] = lambda out: modelloop_command(
         model, pairs, out, "--gradient-checkpointing"
+    )
+    variants["modelloop DPO, TRL's batches"] = lambda out: modelloop_command(
+        model, pairs, out, "--set", "packing=false"
     )
     variants["modelloop DPO defaults"] = lambda out: modelloop_command(model, pairs, out)
     results = measure(variants, work, env, arguments.repeat, prefix="dpo-")

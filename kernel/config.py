@@ -178,7 +178,10 @@ class RLHFConfig(TrainConfig):
         "dpo",
         description="dpo, kto, simpo, orpo (preference data), grpo, rloo, online_dpo (prompts and rewards), gkd (prompts and a teacher) or rm (a reward model, from preference data)",
     )
-    packing: bool = False
+    packing: bool | None = Field(
+        None,
+        description="dpo: each pair in padding-free rows that compute its prompt once (None: wherever the model allows; true: insist; false: TRL's batches)",
+    )
     beta: float | None = Field(
         None,
         ge=0.0,
@@ -258,8 +261,8 @@ class RLHFConfig(TrainConfig):
                 call_default_factory=True
             ):
                 raise ValueError(f"{name} is for {', '.join(methods)}, not {self.method}")
-        if self.packing:
-            raise ValueError("rlhf does not pack examples: leave packing off")
+        if self.packing and self.method != "dpo":
+            raise ValueError(f"packing is for dpo's pairs; {self.method} batches its examples as TRL does")
         if self.streaming:
             raise ValueError("rlhf reads its data whole (TRL's trainers): leave streaming off")
         if self.sequence_parallel > 1:

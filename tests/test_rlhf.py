@@ -206,7 +206,11 @@ def test_a_third_party_reward_package_is_used_by_name(partly_right, tmp_path, su
         ({"method": "kto", "simpo_gamma": 1.0}, "simpo_gamma is for simpo, not kto"),
         ({"method": "dpo", "loss_type": "dapo"}, "loss_type 'dapo' is not one of dpo's"),
         ({"method": "dpo", "method_options": {"betta": 1}}, "method_options.betta: not a field of TRL's DPOConfig"),
-        ({"method": "dpo", "packing": True}, "rlhf does not pack examples"),
+        ({"method": "kto", "packing": True}, "packing is for dpo's pairs; kto batches its examples as TRL does"),
+        (
+            {"method": "dpo", "packing": True, "method_options": {"truncation_mode": "keep_end"}},
+            "packing: truncation_mode keep_end cuts each pair's prompt its own way",
+        ),
         ({"method": "grpo", "rewards": []}, "GRPO needs at least one reward"),
         ({"method": "grpo", "rewards": ["accuracy"], "rollout_engine": "vlm"}, "Unknown engine 'vlm'"),
         (

@@ -133,6 +133,7 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         raise ConfigError(
             f"the {checked.strategy.name} strategy trains with its own loop, for sft and pt; rlhf runs TRL's trainers (ddp, fsdp, deepspeed)"
         )
+    sharing = shares_prompts(config, checked)
     # TRL's own checks, before loading
     trl_arguments(config, CHECK_DIR, evaluating=bool(config.eval_data or config.eval_split))
     records = read_data(config.data, config, method.kind)
@@ -158,7 +159,15 @@ def rlhf(config: RLHFConfig | Mapping[str, Any], *, owns_process: bool = False) 
         config,
         checked,
         lambda run_dir, context, continuing: _run(
-            config, method, checked, (records, eval_records), (rewards, environment), run_dir, context, continuing
+            config,
+            method,
+            checked,
+            (records, eval_records),
+            (rewards, environment),
+            run_dir,
+            context,
+            continuing,
+            sharing_prompts=sharing,
         ),
     )
 
@@ -198,6 +207,70 @@ def multiplies_with_onednn(config: RLHFConfig, checked: Checked) -> bool:
 
     text = checked.family.vision is None
     return config.method in ONEDNN_METHODS and text and sft_multiplies_with_onednn(config, checked.plan)
+
+
+def prompt_sharing_refusal(config: RLHFConfig, checked: Checked) -> str | None:
+    """Why a run cannot batch its pairs in shared-prompt rows (``modelloop.data.shared_prompts``),
+    or None where it can: DPO on text, an attention kernel that takes the rows' 4-D mask,
+    TRL's ``keep_start`` truncation (keeping the end would cut each pair's prompt its own
+    way), no router loss (it would weigh the rows' tokens, not TRL's) and no sliding window
+    a sequence can outgrow (the mask is the full one)."""
+    from modelloop.data.shared_prompts import MASKED_ATTENTION
+
+    text = checked.model_config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or ["sliding_attention"]
+    sliding = bool(window) and getattr(text, "use_sliding_window", True) and "sliding_attention" in layer_types
+    if config.method != "dpo":
+        return f"{config.method} batches its examples as TRL does; dpo packs pairs"
+    if checked.family.vision is not None:
+        return f"the {checked.family.name} family reads pictures: its pairs go as TRL batches them"
+    if checked.attention not in MASKED_ATTENTION:
+        return f"attention {checked.attention} takes no 4-D mask (sdpa and eager do)"
+    if config.method_options.get("truncation_mode", "keep_start") != "keep_start":
+        return "truncation_mode keep_end cuts each pair's prompt its own way"
+    if getattr(text, "output_router_logits", False):
+        return "the router's balancing loss would count the packed rows' tokens"
+    if sliding and (config.max_length is None or config.max_length > window):
+        return f"a sequence can outgrow the model's sliding window ({window} tokens)"
+    return None
+
+
+def shares_prompts(config: RLHFConfig, checked: Checked) -> bool:
+    """Whether the pairs go in shared-prompt rows: by default wherever they can; ``packing``
+    true insists (a run that cannot stops with the reason), false keeps TRL's batches."""
+    if config.packing is False:
+        return False
+    refusal = prompt_sharing_refusal(config, checked)
+    if refusal is not None and config.packing:
+        raise ConfigError(f"packing: {refusal}")
+    return refusal is None
+
+
+def leaner(config: RLHFConfig, trainer_class: Any, *, sharing_prompts: bool) -> Any:
+    """The method's TRL trainer, with DPO's prompts shared and SimPO's and ORPO's
+    log-probabilities from TRL's fused head (``modelloop.stages.preference_trainers``)."""
+    from modelloop.stages.preference_trainers import fused_log_probs, prompts_shared
+
+    if sharing_prompts:
+        return prompts_shared(trainer_class)
+    if config.method in FUSED_BY_MODELLOOP:
+        return fused_log_probs(trainer_class, orpo=config.method == "orpo")
+    return trainer_class
+
+
+#: The methods whose TRL trainers project onto the whole vocabulary, given TRL's fused
+#: LM head by modelloop (TRL's DPO, KTO, GRPO and RLOO trainers have it already).
+FUSED_BY_MODELLOOP = ("simpo", "orpo")
+
+
+def loss_description(config: RLHFConfig, *, sharing_prompts: bool) -> str:
+    """How the run computes its loss, for the manifest."""
+    if sharing_prompts:
+        return f"TRL's {config.method} loss, pairs in shared-prompt rows"
+    if config.method in FUSED_BY_MODELLOOP:
+        return f"TRL's {config.method} loss, log-probabilities from TRL's fused LM head"
+    return f"TRL's {config.method} loss"
 
 
 def trl_arguments(
@@ -428,6 +501,8 @@ def _run(
     run_dir: Path,
     context: Any,
     resume: Any,
+    *,
+    sharing_prompts: bool,
 ) -> dict[str, Any]:
     from datasets import Dataset
 
@@ -476,12 +551,12 @@ def _run(
     if config.method == "rm":  # the head scores the last token that is not padding
         model.config.pad_token_id = tokenizer.pad_token_id
     record_module_groups(model, config, checked, run_dir)
-    record_compute(run_dir, checked, f"TRL's {config.method} loss")
+    record_compute(run_dir, checked, loss_description(config, sharing_prompts=sharing_prompts))
     arguments = trl_arguments(config, run_dir, evaluating=eval_dataset is not None, plan=checked.plan, onednn=onednn)
     report = ReportCallback(run_dir / "metrics.jsonl", context.log)
     extra: dict[str, Any] = {}
     rollouts = None
-    trainer_class = _trl_class(method, method.trainer)
+    trainer_class = leaner(config, _trl_class(method, method.trainer), sharing_prompts=sharing_prompts)
     if config.method in REWARDED:
         extra = {"reward_funcs": [reward.score for reward in rewards]}
     if config.method in REWARDED and config.rollout_engine != TRL_GENERATE:
