@@ -14,6 +14,8 @@ the process tree's peak anonymous memory):
                         prompt + chosen and prompt + rejected, padded (TRL's layout)
   defaults              modelloop's own defaults (gradient checkpointing off, each
                         pair's prompt computed once in padding-free rows)
+  defaults, oneDNN      the same with the linear layers' products forced to oneDNN
+                        (cpu_matmul auto leaves them to MKL on Intel processors)
 
 The pairs are the peer's ``dpo.jsonl`` (ms-swift's ``messages`` + ``rejected_response``),
 written once in the conversational preference form for modelloop: the same 200 pairs.
@@ -84,11 +86,14 @@ def main() -> None:
         model, pairs, out, "--set", "packing=false"
     )
     variants["modelloop DPO defaults"] = lambda out: modelloop_command(model, pairs, out)
+    variants["modelloop DPO defaults, cpu_matmul=onednn"] = lambda out: modelloop_command(
+        model, pairs, out, "--set", "cpu_matmul=onednn"
+    )
     results = measure(variants, work, env, arguments.repeat, prefix="dpo-")
 
     swift = next((runs for label, runs in results.items() if "ms-swift" in label), None)
     print(
-        f"\n{'variant':42} {'wall s':>7} {'train s':>8} {'peak MiB':>9} {'anon MiB':>9} {'wall vs swift':>14} {'train vs swift':>15}"
+        f"\n{'variant':46} {'wall s':>7} {'train s':>8} {'peak MiB':>9} {'anon MiB':>9} {'wall vs swift':>14} {'train vs swift':>15}"
     )
     for label, runs in results.items():
         wall, runtime = statistics.median(r["wall"] for r in runs), statistics.median(r["runtime"] for r in runs)
@@ -98,7 +103,7 @@ def main() -> None:
             trains = f"{statistics.median(r['runtime'] for r in swift) / runtime:.2f}x"
         else:
             walls = trains = "-"
-        print(f"{label:42} {wall:7.1f} {runtime:8.1f} {rss:9.0f} {anonymous:9.0f} {walls:>14} {trains:>15}")
+        print(f"{label:46} {wall:7.1f} {runtime:8.1f} {rss:9.0f} {anonymous:9.0f} {walls:>14} {trains:>15}")
     (work / "bench-out" / "dpo-results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sft import PEAK_FLOPS, WORDS, parameters  # noqa: E402 - the SFT bench's model, words and FLOPs
+from gpu_sft import WORDS, bench_parser, in_child, modelloop_run, parameters, report, run_each, write_results  # noqa: E402 - shared with the SFT bench
 
 LORA = ("--set", "tuner_options.rank=8", "--set", "tuner_options.alpha=16")
 
@@ -86,23 +86,17 @@ def run_modelloop(args: argparse.Namespace, method: str, model: Path, data: Path
         "--tuner", "lora", *LORA, "--max-steps", str(args.steps), "--batch-size", str(args.rows),
         "--logging-steps", "1", "--lr", "1e-5", "--output-dir", str(out), *extra,
     ]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300], "wall_s": wall}
-    manifest = json.loads((out / "manifest.json").read_text())
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    tokens = max(record.get("num_tokens", 0) for record in logged)
-    metrics = manifest["metrics"]
+    run = modelloop_run(command, out)
+    if "error" in run:
+        return run
+    metrics = run["manifest"]["metrics"]
     return {
-        "tokens_per_s": tokens / metrics["train_seconds"],
+        "tokens_per_s": max(record.get("num_tokens", 0) for record in run["logged"]) / metrics["train_seconds"],
         "peak_gib": metrics["peak_memory_mib"] / 1024,
         "loss": metrics.get("train_loss"),
-        "wall_s": wall,
+        "wall_s": run["wall_s"],
         "parameters": parameters(model),
-        "compute": manifest.get("compute"),
+        "compute": run["manifest"].get("compute"),
     }
 
 
@@ -116,19 +110,8 @@ def grpo_arguments(args: argparse.Namespace) -> tuple[str, ...]:
 
 def in_own_process(args: argparse.Namespace, runner: str, model: Path, data: Path, out: Path) -> dict:
     """Run TRL's trainer (``runner``: dpo or grpo) in a child process of this script."""
-    result = out.parent / f"{out.name}.json"
-    command = [
-        sys.executable, __file__, "--runner", runner, "--model-dir", str(model), "--data-file", str(data),
-        "--result", str(result), "--steps", str(args.steps), "--rows", str(args.rows), "--tokens", str(args.tokens),
-        "--out", str(out),
-    ]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0 or not result.exists():
-        tail = (done.stderr or done.stdout).strip().splitlines()
-        return {"error": tail[-1][:300] if tail else f"exit {done.returncode}"}
-    return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started, "parameters": parameters(model)}
+    shape = ["--steps", str(args.steps), "--rows", str(args.rows), "--tokens", str(args.tokens)]
+    return in_child(__file__, runner, model, data, out, shape)
 
 
 def peer_run(args: argparse.Namespace) -> None:
@@ -195,39 +178,10 @@ def peer_run(args: argparse.Namespace) -> None:
     )
 
 
-def report(results: dict, cuda: bool) -> str:
-    lines = ["| run | tokens/s | peak GiB | MFU | loss | wall s |", "|---|---|---|---|---|---|"]
-    for name, result in results.items():
-        if "error" in result:
-            lines.append(f"| {name} | failed: {result['error']} | | | | |")
-            continue
-        # a DPO token takes the policy's forward and backward and the reference's forward: 8N FLOPs
-        mfu = result["tokens_per_s"] * 8 * result["parameters"] / PEAK_FLOPS if cuda else float("nan")
-        loss = f"{result['loss']:.3f}" if result.get("loss") is not None else "-"
-        lines.append(
-            f"| {name} | {result['tokens_per_s']:,.0f} | {result['peak_gib']:.1f} | {mfu:.1%} | {loss} | {result.get('wall_s', 0):.0f} |"
-        )
-    for mine, theirs in (("modelloop dpo", "trl dpo"), ("modelloop grpo", "trl grpo")):
-        a, b = results.get(mine, {}), results.get(theirs, {})
-        if a.get("tokens_per_s") and b.get("tokens_per_s"):
-            memory = f" at {a['peak_gib'] / b['peak_gib']:.0%} of its peak memory" if b["peak_gib"] else ""
-            lines.append(f"{mine} vs {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s{memory}")
-    return "\n".join(lines)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", default="qwen2.5-0.5b")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rows", type=int, default=8)
+    parser = bench_parser(__doc__, runners=("dpo", "grpo"), steps=20)
     parser.add_argument("--tokens", type=int, default=1024, help="DPO: max_length; GRPO: 5 x a prompt's tokens")
     parser.add_argument("--pairs", type=int, default=400)
-    parser.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
-    parser.add_argument("--runner", choices=["dpo", "grpo"], help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.runner:
         return peer_run(args)
@@ -253,20 +207,11 @@ def main() -> None:
         "modelloop grpo": lambda out: run_modelloop(args, "grpo", model, questions, out, *grpo_arguments(args)),
         "trl grpo": lambda out: in_own_process(args, "grpo", model, questions, out),
     }
-    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
-    results: dict[str, dict] = {}
-    for name, run in runs.items():
-        if wanted and name not in wanted:
-            continue
-        print(f"running {name} ...", flush=True)
-        results[name] = run(args.out / name.replace(" ", "-"))
-        print(f"  {results[name]}", flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    gpu = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{time.strftime('%Y-%m-%d')}, {gpu}, {args.preset}: {args.rows} a step, {args.steps} steps")
-    print(report(results, cuda))
-    (args.out / "results.json").write_text(
-        json.dumps({"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "runs": results}, indent=2)
+    results = run_each(runs, args.only, args.out)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {write_results(args.out, results)}, {args.preset}: {args.steps} steps")
+    # a DPO token costs the policy's forward and backward and the reference's forward: 8N FLOPs
+    print(
+        report(results, cuda, pairs=(("modelloop dpo", "trl dpo"), ("modelloop grpo", "trl grpo")), flops_a_parameter=8)
     )
 
 

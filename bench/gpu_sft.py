@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_FLOPS = 989e12  # H200 dense bf16
@@ -83,58 +84,56 @@ def run_modelloop(args: argparse.Namespace, model: Path, data: Path, out: Path, 
         command += ["--set", "tuner_options.rank=8", "--set", "tuner_options.alpha=16"]
     if "--gradient-checkpointing" not in extra:
         command.append("--no-gradient-checkpointing")
+    run = modelloop_run(command, out)
+    if "error" in run:
+        return run
+    metrics = run["manifest"]["metrics"]
+    return {
+        "tokens_per_s": steady_speed(
+            [record["tokens_per_second"] for record in run["logged"] if record.get("tokens_per_second")]
+        ),
+        "peak_gib": metrics["peak_memory_mib"] / 1024,
+        "loss": metrics.get("train_loss"),
+        "wall_s": run["wall_s"],
+        "parameters": parameters(model),
+        "compute": run["manifest"].get("compute"),
+    }
+
+
+def modelloop_run(command: list[str], out: Path) -> dict:
+    """Run ``command`` (a modelloop stage writing its run to ``out``, its output kept beside
+    as ``out.log``): the wall seconds with the run's manifest and metrics.jsonl records, or
+    the command's last line of error."""
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300], "wall_s": wall}
-    manifest = json.loads((out / "manifest.json").read_text())
-    windows = [json.loads(line).get("tokens_per_second") for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {
-        "tokens_per_s": steady_speed([w for w in windows if w]),
-        "peak_gib": manifest["metrics"]["peak_memory_mib"] / 1024,
-        "loss": manifest["metrics"].get("train_loss"),
-        "wall_s": wall,
-        "parameters": parameters(model),
-        "compute": manifest.get("compute"),
-    }
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "manifest": json.loads((out / "manifest.json").read_text()), "logged": logged}
 
 
 def in_own_process(args: argparse.Namespace, runner: str, model: Path, data: Path, out: Path) -> dict:
     """Run ``runner`` (trl or hf) in a child process of this script; its result as a dict."""
+    shape = ["--steps", str(args.steps), "--rows", str(args.rows), "--max-length", str(args.max_length)]
+    return in_child(__file__, runner, model, data, out, shape)
+
+
+def in_child(script: str, runner: str, model: Path, data: Path, out: Path, arguments: list[str]) -> dict:
+    """Run ``script --runner runner`` on the model and data in a child process; the dict it
+    writes to ``--result``, with the wall time and the parameter count, or its error."""
     result = out.parent / f"{out.name}.json"
     command = [
-        sys.executable,
-        __file__,
-        "--runner",
-        runner,
-        "--model-dir",
-        str(model),
-        "--data-file",
-        str(data),
-        "--result",
-        str(result),
-    ]
-    command += [
-        "--steps",
-        str(args.steps),
-        "--rows",
-        str(args.rows),
-        "--max-length",
-        str(args.max_length),
-        "--out",
-        str(out),
-    ]
+        sys.executable, script, "--runner", runner, "--model-dir", str(model), "--data-file", str(data),
+        "--result", str(result), "--out", str(out), *arguments,
+    ]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     (out.parent / f"{out.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0 or not result.exists():
-        return {
-            "error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]
-            if (done.stderr or done.stdout)
-            else f"exit {done.returncode}"
-        }
+        tail = (done.stderr or done.stdout).strip().splitlines()
+        return {"error": tail[-1][:300] if tail else f"exit {done.returncode}"}
     return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started, "parameters": parameters(model)}
 
 
@@ -237,41 +236,49 @@ def parameters(model: Path) -> int:
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
 
 
-def report(results: dict, cuda: bool) -> str:
+def report(results: dict, cuda: bool, pairs: tuple[tuple[str, str], ...], flops_a_parameter: int = 6) -> str:
+    """The table (MFU: ``flops_a_parameter`` FLOPs per parameter a token), then each pair's
+    (mine, theirs) speed and memory ratio."""
     lines = ["| run | tokens/s | peak GiB | MFU | loss | wall s |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
         if "error" in result:
             lines.append(f"| {name} | failed: {result['error']} | | | | |")
             continue
-        mfu = result["tokens_per_s"] * 6 * result["parameters"] / PEAK_FLOPS if cuda else float("nan")
+        mfu = result["tokens_per_s"] * flops_a_parameter * result["parameters"] / PEAK_FLOPS if cuda else float("nan")
         result["mfu"] = mfu
         loss = f"{result['loss']:.3f}" if result.get("loss") is not None else "-"
         lines.append(
             f"| {name} | {result['tokens_per_s']:,.0f} | {result['peak_gib']:.1f} | {mfu:.1%} | {loss} | {result.get('wall_s', 0):.0f} |"
         )
-    base = results.get("trl lora", {})
-    for name in ("modelloop lora", "modelloop lora liger", "modelloop lora checkpointed"):
-        mine = results.get(name, {})
-        if "tokens_per_s" in mine and base.get("tokens_per_s"):
-            memory = f" at {mine['peak_gib'] / base['peak_gib']:.0%} of its peak memory" if base["peak_gib"] else ""
-            lines.append(f"{name} vs trl lora: {mine['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s{memory}")
+    for mine, theirs in pairs:
+        a, b = results.get(mine, {}), results.get(theirs, {})
+        if a.get("tokens_per_s") and b.get("tokens_per_s"):
+            memory = f" at {a['peak_gib'] / b['peak_gib']:.0%} of its peak memory" if b["peak_gib"] else ""
+            lines.append(f"{mine} vs {theirs}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s{memory}")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(doc: str, *, runners: tuple[str, ...], steps: int) -> argparse.ArgumentParser:
+    """The options a GPU bench shares: where to write, the model's preset, steps and rows a
+    step, which runs; and, hidden, those its child processes take (``in_child``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--preset", default="qwen2.5-0.5b")
-    parser.add_argument("--big-preset", default="qwen2.5-7b", help="the QLoRA memory run's shape ('' leaves it out)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=2048)
-    parser.add_argument("--chats", type=int, default=3000)
     parser.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
-    parser.add_argument("--runner", choices=["trl", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--runner", choices=runners, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, runners=("trl", "hf"), steps=30)
+    parser.add_argument("--big-preset", default="qwen2.5-7b", help="the QLoRA memory run's shape ('' leaves it out)")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--chats", type=int, default=3000)
     args = parser.parse_args()
     if args.runner:
         return peer_run(args)
@@ -342,23 +349,37 @@ def main() -> None:
             return run_modelloop(settings, big, data, out, "qlora", "--gradient-checkpointing")
 
         runs[f"modelloop qlora {args.big_preset}"] = qlora
-    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    results = run_each(runs, args.only, args.out)
+    compared = ("modelloop lora", "modelloop lora liger", "modelloop lora checkpointed")
+    table = report(results, cuda, pairs=tuple((name, "trl lora") for name in compared))
+    shape = f"{args.rows} rows x {args.max_length} tokens, {args.steps} steps"
+    print(f"\n{time.strftime('%Y-%m-%d')}, {write_results(args.out, results)}, {args.preset}: {shape}\n{table}")
+
+
+def run_each(runs: dict[str, Any], only: str, out: Path) -> dict[str, dict]:
+    """Each run of ``runs`` (name -> its output folder -> result) named in ``only`` (a
+    comma-separated list; empty: all), its result printed and kept in results.json as it comes."""
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
     results: dict[str, dict] = {}
     for name, run in runs.items():
         if wanted and name not in wanted:
             continue
         print(f"running {name} ...", flush=True)
-        results[name] = run(args.out / name.replace(" ", "-"))
+        results[name] = run(out / name.replace(" ", "-"))
         print(f"  {results[name]}", flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    gpu = torch.cuda.get_device_name() if cuda else "CPU"
-    table = report(results, cuda)
-    print(
-        f"\n{time.strftime('%Y-%m-%d')}, {gpu}, {args.preset}: {args.rows} rows x {args.max_length} tokens, {args.steps} steps\n{table}"
-    )
-    (args.out / "results.json").write_text(
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def write_results(out: Path, results: dict[str, dict]) -> str:
+    """results.json with the date and the device; returns the device's name."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    (out / "results.json").write_text(
         json.dumps({"date": time.strftime("%Y-%m-%d"), "gpu": gpu, "runs": results}, indent=2)
     )
+    return gpu
 
 
 if __name__ == "__main__":

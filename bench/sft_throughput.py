@@ -9,8 +9,9 @@ adam beta2 0.95, fp32, one epoch, seed 42. Each variant runs in its own process 
 process tree's anonymous memory is sampled beside it (``timed``):
 
   swift            ms-swift 4.6, its defaults (gradient checkpointing on, no packing)
-  same settings    modelloop, gradient checkpointing on, packing off
-  + BLAS           the same with torch's own BLAS products (--set cpu_matmul=blas), not oneDNN
+  same settings    modelloop, gradient checkpointing on, packing off (cpu_matmul auto: oneDNN,
+                   but torch's BLAS where that is MKL on an Intel processor)
+  + BLAS, oneDNN   the same with each choice forced (--set cpu_matmul=blas, =onednn)
   + packing        modelloop, gradient checkpointing on, packing on
   defaults         modelloop's own defaults: packing on, gradient checkpointing off
 
@@ -202,9 +203,10 @@ def main() -> None:
     variants["modelloop, same settings (GC on, no packing)"] = lambda out: modelloop_command(
         model, data, out, "--gradient-checkpointing", "--no-packing"
     )
-    variants["modelloop, same settings, BLAS not oneDNN"] = lambda out: modelloop_command(
-        model, data, out, "--gradient-checkpointing", "--no-packing", "--set", "cpu_matmul=blas"
-    )
+    for matmul in ("blas", "onednn"):
+        variants[f"modelloop, same settings, cpu_matmul={matmul}"] = lambda out, matmul=matmul: modelloop_command(
+            model, data, out, "--gradient-checkpointing", "--no-packing", "--set", f"cpu_matmul={matmul}"
+        )
     variants["modelloop, GC on, packing on"] = lambda out: modelloop_command(
         model, data, out, "--gradient-checkpointing", "--packing"
     )

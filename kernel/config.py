@@ -90,7 +90,7 @@ class TrainConfig(BaseModel):
     accelerators: list[str] = Field(default_factory=list, description="kernels to swap in, e.g. liger (GPU)")
     cpu_matmul: Literal["auto", "onednn", "blas"] = Field(
         "auto",
-        description="sft/pt, and rlhf's dpo/kto, on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes",
+        description="sft/pt, and rlhf's dpo/kto, on a CPU: fp32 linear layers multiply with oneDNN (2.2x MKL on AMD processors) or torch's BLAS; auto: oneDNN where batches come in few shapes, but MKL on Intel processors",
     )
     template: str | None = Field(None, description="chat template (default: the model's own, else its family's)")
     template_options: dict[str, Any] = Field(default_factory=dict)

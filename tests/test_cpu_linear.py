@@ -148,3 +148,32 @@ def assert_equal_within_rounding_but_not_bit_for_bit(weights):
     assert any(not torch.equal(weights["onednn"][name], tensor) for name, tensor in weights["blas"].items())
     for name, tensor in weights["blas"].items():
         torch.testing.assert_close(weights["onednn"][name], tensor, rtol=1e-3, atol=1e-4)  # Adam steps of 2e-3 each
+
+
+@pytest.mark.parametrize(
+    "vendor, packing, max_length, expected",
+    [
+        ("AuthenticAMD", True, 2048, True),  # packed rows: one shape
+        ("AuthenticAMD", False, 128, True),  # unpacked, short: few widths
+        ("AuthenticAMD", False, 1024, False),  # unpacked, long: a shape for every width
+        ("GenuineIntel", True, 2048, False),  # MKL's own processors: MKL multiplies as fast
+        (None, True, 2048, True),
+    ],
+)
+def test_auto_takes_onednn_where_batches_come_in_few_shapes_and_mkl_is_not_at_home(
+    vendor, packing, max_length, expected, monkeypatch, tiny_models
+):
+    from modelloop.config import TrainConfig
+    from modelloop.models import cpu_linear
+    from modelloop.parallel.plan import ParallelPlan
+    from modelloop.parallel.world import World
+    from modelloop.stages.train import multiplies_with_onednn
+
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the rule for a CPU, wherever it runs
+    config = TrainConfig(model=str(tiny_models("qwen2")), data=["x.jsonl"], packing=packing, max_length=max_length)
+    plan = ParallelPlan(strategy="single", world=World(nproc=1), mesh={"dp": 1})
+    assert multiplies_with_onednn(config, plan) is expected
+    for forced, chosen in (("onednn", True), ("blas", False)):
+        assert multiplies_with_onednn(config.model_copy(update={"cpu_matmul": forced}), plan) is chosen

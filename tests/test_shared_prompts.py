@@ -126,7 +126,8 @@ def test_rows_give_trls_log_probabilities_and_gradients(family, attention, tuner
 @pytest.mark.parametrize("tuner", ["lora", "full"])
 def test_dpo_trains_the_same_in_shared_prompt_rows(tuner, tiny_models, tmp_path):
     """Four DPO steps with the pairs in shared-prompt rows (the default) and in TRL's
-    batches log the same losses and margins; the manifest says which ran."""
+    batches log the same losses and margins; the manifest says which ran. On a GPU the
+    runs compute in bf16, and the two layouts round differently."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
         "".join(
@@ -160,7 +161,8 @@ def test_dpo_trains_the_same_in_shared_prompt_rows(tuner, tiny_models, tmp_path)
     assert len(logged[None]) == 4
     margins = [step[1] for step in logged[False]]
     assert max(abs(m) for m in margins[1:]) > 1e-3  # the steps moved the policy off the reference
-    torch.testing.assert_close(torch.tensor(logged[None]), torch.tensor(logged[False]), rtol=1e-4, atol=1e-4)
+    tolerance = 2e-2 if torch.cuda.is_available() else 1e-4
+    torch.testing.assert_close(torch.tensor(logged[None]), torch.tensor(logged[False]), rtol=tolerance, atol=tolerance)
 
 
 def test_pairs_a_model_cannot_share_go_as_trl_batches_them(tiny_models, tmp_path):

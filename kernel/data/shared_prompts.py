@@ -2,7 +2,7 @@
 
 TRL's DPO batch holds every pair twice, prompt + chosen and prompt + rejected, each
 row padded to the longest; the prompt (usually most of a pair's tokens) goes through
-the model twice, for the policy and again for the reference. Here a pair is one
+the model twice in the policy's pass and twice again in the reference's. Here a pair is one
 segment: the prompt but its last token, then two branches, ``[last prompt token] +
 chosen`` and ``[last prompt token] + rejected``, each attending to the shared prompt and
 to itself, never to the other branch. Both branches start at the same position, so

@@ -16,6 +16,12 @@ speed. Rows of many lengths still meet many shapes, and the heap fragments aroun
 compiled code: a review measured 1.9 GiB more for 128 row counts of Qwen2.5-0.5B's layers
 (0.1 GiB with BLAS). So ``cpu_matmul: auto`` takes oneDNN for packed rows (all of one
 length) and for unpacked ones up to ``AUTO_UNPACKED_LENGTH`` tokens only.
+
+On Intel processors MKL runs its own best code, and ``auto`` leaves the products to it:
+on a Xeon with AMX (2026-12-07) MKL multiplied these shapes at 1.0-1.2x oneDNN's speed
+(``bench/cpu_matmul.py``), and without the layers here the peer baseline's SFT at its
+settings trained in 24.6 s against 29.8 (``bench/sft_throughput.py``), its DPO in 2.6 s
+against 3.0 (``bench/dpo_throughput.py``); packed rows ran alike either way.
 """
 
 from __future__ import annotations
@@ -33,6 +39,24 @@ AUTO_UNPACKED_LENGTH = 512
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def blas_tuned_for_this_cpu() -> bool:
+    """Whether torch's BLAS is MKL on an Intel processor: MKL picks its code by the
+    processor's vendor, and there runs its fastest."""
+    return torch.backends.mkl.is_available() and cpu_vendor() == "GenuineIntel"
+
+
+def cpu_vendor() -> str | None:
+    """The processor's vendor as Linux reports it (``GenuineIntel``, ``AuthenticAMD``), or None."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def multiply_with_onednn(model: Any) -> int:

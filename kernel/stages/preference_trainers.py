@@ -4,8 +4,9 @@ prompts computed once.
 TRL 1.16's DPO trainer already takes its log-probabilities from a fused LM head (TRL's
 ``add_fused_lm_head``: the output projection in tiles, no ``(batch, length, vocabulary)``
 logits); its CPO (SimPO) and ORPO trainers, in ``trl.experimental``, still project every
-position onto the whole vocabulary and take a log-softmax over it. ``fused_log_probs``
-gives those two the same head. ``prompts_shared`` gives DPO shared-prompt rows
+position onto the whole vocabulary and take a log-softmax over it, and so does the
+experimental online DPO trainer. ``fused_log_probs`` and ``fused_completion_log_probs``
+give those the same head. ``prompts_shared`` gives DPO shared-prompt rows
 (``modelloop.data.shared_prompts``).
 """
 
@@ -84,6 +85,49 @@ def fused_log_probs(trainer_class: Any, *, orpo: bool) -> Any:
 
     FusedLogProbs.__name__ = FusedLogProbs.__qualname__ = trainer_class.__name__
     return FusedLogProbs
+
+
+def fused_completion_log_probs(trainer_class: Any) -> Any:
+    """TRL's online DPO trainer with its completions' per-token log-probabilities (policy
+    and reference) from TRL's fused LM head: TRL's ``_forward`` takes a log-softmax over
+    the whole vocabulary at every position of prompt and completion. Every completion
+    position is scored, padding included, as TRL's are (its loss masks them, its KL and
+    entropy metrics count them). Pictures, and an empty prompt, go TRL's own way."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    class FusedCompletionLogProbs(trainer_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for model in (self.model, self.ref_model):  # no reference model under an adapter
+                if model is not None:
+                    add_fused_lm_head(_transformers_model(self.accelerator.unwrap_model(model)))
+
+        def _forward(
+            self,
+            model: Any,
+            prompt_ids: Any,
+            prompt_mask: Any,
+            completion_ids: Any,
+            completion_mask: Any,
+            vision_inputs: Any = None,
+        ) -> Any:
+            if vision_inputs is not None or prompt_ids.size(1) == 0:
+                return super()._forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vision_inputs)
+            import torch
+
+            cut = max(prompt_ids.size(1) + completion_ids.size(1) - self.max_length, 0)  # TRL's: the prompt's start
+            prompt_ids, prompt_mask = prompt_ids[:, cut:], prompt_mask[:, cut:]
+            outputs = model(
+                torch.cat((prompt_ids, completion_ids), dim=1),
+                attention_mask=torch.cat((prompt_mask, completion_mask), dim=1),
+                labels=torch.cat((torch.full_like(prompt_ids, IGNORE), completion_ids), dim=1),
+                fused_lm_head=True,
+                use_cache=False,
+            )
+            return outputs.log_probs[:, prompt_ids.size(1) - 1 :]
+
+    FusedCompletionLogProbs.__name__ = FusedCompletionLogProbs.__qualname__ = trainer_class.__name__
+    return FusedCompletionLogProbs
 
 
 def _transformers_model(model: Any) -> Any:

@@ -248,20 +248,23 @@ def shares_prompts(config: RLHFConfig, checked: Checked) -> bool:
 
 
 def leaner(config: RLHFConfig, trainer_class: Any, *, sharing_prompts: bool) -> Any:
-    """The method's TRL trainer, with DPO's prompts shared and SimPO's and ORPO's
-    log-probabilities from TRL's fused head (``modelloop.stages.preference_trainers``)."""
-    from modelloop.stages.preference_trainers import fused_log_probs, prompts_shared
+    """The method's TRL trainer, with DPO's prompts shared and SimPO's, ORPO's and online
+    DPO's log-probabilities from TRL's fused head (``modelloop.stages.preference_trainers``)."""
+    from modelloop.stages.preference_trainers import fused_completion_log_probs, fused_log_probs, prompts_shared
 
     if sharing_prompts:
         return prompts_shared(trainer_class)
-    if config.method in FUSED_BY_MODELLOOP:
+    if config.method in ("simpo", "orpo"):
         return fused_log_probs(trainer_class, orpo=config.method == "orpo")
+    if config.method == "online_dpo":
+        return fused_completion_log_probs(trainer_class)
     return trainer_class
 
 
 #: The methods whose TRL trainers project onto the whole vocabulary, given TRL's fused
-#: LM head by modelloop (TRL's DPO, KTO, GRPO and RLOO trainers have it already).
-FUSED_BY_MODELLOOP = ("simpo", "orpo")
+#: LM head by modelloop (TRL's DPO, KTO, GRPO and RLOO trainers have it already; gkd's
+#: loss compares whole distributions, and rm scores with a one-output head).
+FUSED_BY_MODELLOOP = ("simpo", "orpo", "online_dpo")
 
 
 def loss_description(config: RLHFConfig, *, sharing_prompts: bool) -> str:

@@ -160,17 +160,20 @@ def settle_memory_settings(config: TrainConfig) -> TrainConfig:
 
 def multiplies_with_onednn(config: TrainConfig, plan: ParallelPlan) -> bool:
     """Whether sft and pt multiply the linear layers with oneDNN (``modelloop.models.cpu_linear``):
-    on a CPU, as asked (``auto``: where batches come in few shapes), and with whole weights
+    on a CPU, as asked (``auto``: where batches come in few shapes, and torch's BLAS is not
+    MKL on an Intel processor, which multiplies as fast there), and with whole weights
     and gradients on every rank (a strategy that splits them keeps torch's own layers).
     rlhf asks it only for the methods whose TRL collator pads to a multiple of a width
     (``modelloop.stages.rlhf.ONEDNN_METHODS``): oneDNN keeps compiled code for every shape
     it meets."""
     import torch
 
-    from modelloop.models.cpu_linear import AUTO_UNPACKED_LENGTH, onednn_available
+    from modelloop.models.cpu_linear import AUTO_UNPACKED_LENGTH, blas_tuned_for_this_cpu, onednn_available
 
-    if config.cpu_matmul == "blas" or (
-        config.cpu_matmul == "auto" and not config.packing and config.max_length > AUTO_UNPACKED_LENGTH
+    if config.cpu_matmul == "blas":
+        return False
+    if config.cpu_matmul == "auto" and (
+        blas_tuned_for_this_cpu() or (not config.packing and config.max_length > AUTO_UNPACKED_LENGTH)
     ):
         return False
     return not torch.cuda.is_available() and plan.shard == 0 and plan.mesh.get("tp", 1) == 1 and onednn_available()
