@@ -165,20 +165,30 @@ def test_dpo_trains_the_same_in_shared_prompt_rows(tuner, tiny_models, tmp_path)
     torch.testing.assert_close(torch.tensor(logged[None]), torch.tensor(logged[False]), rtol=tolerance, atol=tolerance)
 
 
-def test_pairs_a_model_cannot_share_go_as_trl_batches_them(tiny_models, tmp_path):
-    """packing unset on a run that cannot share prompts (here TRL's keep_end truncation)
-    trains on TRL's batches; asked for, the same run stops before loading (test_rlhf)."""
+@pytest.mark.parametrize(
+    "family, options, shared",
+    [
+        ("qwen2", {"truncation_mode": "keep_end"}, False),  # TRL would cut each pair's prompt its own way
+        ("mixtral", {}, False),  # TRL adds the router's balancing loss over its batch's tokens
+        ("mixtral", {"router_aux_loss_coef": 0.0}, True),
+    ],
+)
+def test_pairs_a_model_cannot_share_go_as_trl_batches_them(family, options, shared, tiny_models, tmp_path):
+    """packing unset on a run that cannot share prompts trains on TRL's batches; asked for,
+    the same run stops before loading (test_rlhf)."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Yes.", "rejected": "No."}) + "\n")
     run = tmp_path / "run"
     modelloop.rlhf(
         {
-            "model": str(tiny_models("qwen2")),
+            "model": str(tiny_models(family)),
             "data": [str(pairs)],
             "method": "dpo",
             "max_steps": 1,
-            "method_options": {"truncation_mode": "keep_end"},
+            "tuner_options": {"dropout": 0.0},  # LoRA on fused experts takes no dropout
+            "method_options": options,
             "output_dir": str(run),
         }
     )
-    assert json.loads((run / "manifest.json").read_text())["compute"]["loss"] == "TRL's dpo loss"
+    loss = json.loads((run / "manifest.json").read_text())["compute"]["loss"]
+    assert loss == ("TRL's dpo loss, pairs in shared-prompt rows" if shared else "TRL's dpo loss")

@@ -229,8 +229,11 @@ def prompt_sharing_refusal(config: RLHFConfig, checked: Checked) -> str | None:
         return f"attention {checked.attention} takes no 4-D mask (sdpa and eager do)"
     if config.method_options.get("truncation_mode", "keep_start") != "keep_start":
         return "truncation_mode keep_end cuts each pair's prompt its own way"
-    if getattr(text, "output_router_logits", False):
-        return "the router's balancing loss would count the packed rows' tokens"
+    coefficient = config.method_options.get("router_aux_loss_coef")
+    if coefficient is None:
+        coefficient = getattr(text, "router_aux_loss_coef", 0.0)
+    if hasattr(text, "output_router_logits") and coefficient:  # TRL's rule for adding the router loss
+        return "the router's balancing loss would count the packed rows' tokens (router_aux_loss_coef 0 drops it)"
     if sliding and (config.max_length is None or config.max_length > window):
         return f"a sequence can outgrow the model's sliding window ({window} tokens)"
     return None
