@@ -15,17 +15,22 @@ resume (optimizer, scheduler, RNG, data position) and the report_to integrations
   never leaves a half-written checkpoint for ``--resume`` to pick up (TRL's trainers
   get the same through ``with_atomic_checkpoints``);
 - a rich progress bar (step, loss, tokens/s, ETA), ``metrics.jsonl``, the lifecycle
-  ``on_log`` hook, and ``loss.png``.
+  ``on_log`` hook, and ``loss.png``;
+- Ctrl-C saving a checkpoint of the step under way before the run stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -599,6 +604,48 @@ class MeasureFromFirstStep(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.memory.restart()
+
+
+class StopWithCheckpoint(TrainerCallback):
+    """Ctrl-C (SIGINT, which the ui's Stop sends too) ends training at the end of the step
+    under way, with a checkpoint of it, instead of dropping every step since the last one
+    saved (all of them when ``save_steps`` is unset). A second Ctrl-C stops at once.
+
+    One process only (``catching`` does nothing in a launched worker): the ranks of a job
+    take the signal each at its own step, and the launcher stops them as before.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        """SIGINT handled as above while the block runs (from the main thread, where Python
+        delivers signals), and as before after it."""
+        from modelloop.parallel.world import in_worker
+
+        if in_worker() or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._interrupted)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "modelloop: stopping at the end of this step, with a checkpoint (Ctrl-C again stops now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = control.should_training_stop = True
 
 
 class ReportCallback(TrainerCallback):

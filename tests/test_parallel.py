@@ -254,7 +254,7 @@ def test_ddp_matches_one_process_and_saves_a_plain_model(tiny_models, subprocess
     ids=["fsdp", "zero2", "zero3", "zero2-offload", "tp"],
 )
 def test_sharded_strategies_match_one_process(
-    tiny_models, subprocess_env, one_process, tmp_path, strategy, options, batch, wrapped_as
+    tiny_models, subprocess_env, session_cache, one_process, tmp_path, strategy, options, batch, wrapped_as
 ):
     out = tmp_path / strategy
     done = sft(
@@ -275,6 +275,8 @@ def test_sharded_strategies_match_one_process(
     assert parallel["wrapped_as"] == wrapped_as  # what really ran, not what was asked for
     assert sorted(path.name for path in (out / "model").glob("*.safetensors")) == ["model.safetensors"]
     assert_same_weights(out / "model", one_process / "model")
+    # DeepSpeed's shared-memory all-reduce serves its inference only: not compiled for training
+    assert not (session_cache / "torch_extensions" / "deepspeed_shm_comm").exists()
 
 
 def test_fsdp_with_tp_on_a_2d_mesh_matches_one_process(tiny_models, subprocess_env, one_process, tmp_path):

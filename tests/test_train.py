@@ -316,9 +316,16 @@ def final_adapter(run):
     return load_file(run / "model" / "adapter_model.safetensors")
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, subprocess_env):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, demo, tmp_path_factory, subprocess_env):
+    """``sft_process``'s run, from its start to its end in one go."""
+    whole = tmp_path_factory.mktemp("uninterrupted") / "run"
     subprocess.run(sft_process(tiny_models, demo, whole), env=subprocess_env, check=True, capture_output=True)
+    return whole
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, uninterrupted, tmp_path, subprocess_env):
+    killed = tmp_path / "killed"
     process = subprocess.Popen(
         sft_process(tiny_models, demo, killed), env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -338,10 +345,63 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, tmp_path, s
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((killed / "manifest.json").read_text())["status"] == "completed"
-    expected, got = final_adapter(whole), final_adapter(killed)
+    assert_same_adapter(killed, uninterrupted)
+
+
+def assert_same_adapter(run, expected_run):
+    expected, got = final_adapter(expected_run), final_adapter(run)
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_saves_the_step_under_way_and_resume_ends_at_the_same_weights(
+    tiny_models, demo, uninterrupted, tmp_path, subprocess_env
+):
+    stopped = tmp_path / "stopped"
+    command = sft_process(tiny_models, demo, stopped)
+    command[command.index("--save-steps") + 1] = "1000"  # no checkpoint but the one Ctrl-C saves
+    command[command.index("--logging-steps") + 1] = "1"
+    process = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = stopped / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):  # a first step trained
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    (checkpoint,) = (stopped / "checkpoints").glob("checkpoint-*")
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    assert 1 <= step < 30  # the step under way when Ctrl-C came, not the run's end
+    assert f"modelloop: stopped at step {step}, saved in {checkpoint}; --resume {stopped} goes on" in stderr
+    manifest = json.loads((stopped / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"].startswith(f"KeyboardInterrupt: stopped at step {step}")
+    assert not (stopped / "model").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "modelloop", "sft", "--resume", str(stopped)],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {checkpoint}" in resumed.stdout
+    assert_same_adapter(stopped, uninterrupted)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handler_is_put_back():
+    from transformers import TrainerControl
+
+    from modelloop.training import StopWithCheckpoint
+
+    before, stop, control = signal.getsignal(signal.SIGINT), StopWithCheckpoint(), TrainerControl()
+    with stop.catching():
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        stop.on_step_end(None, None, control)
+        assert control.should_save and control.should_training_stop
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_resume_from_a_named_checkpoint(tiny_models, demo, tmp_path, subprocess_env):

@@ -269,11 +269,11 @@ def test_a_run_stopped_from_its_page_stays_resumable(ui, home, browser):
     browser.find_element(By.ID, "resume").click()
     wait_for(lambda: status() == "running", 120, "the run to resume")
     log = wait_for(
-        lambda: "resum" in browser.find_element(By.ID, "log").text.lower() and browser.find_element(By.ID, "log").text,
+        lambda: "resuming from" in browser.find_element(By.ID, "log").text and browser.find_element(By.ID, "log").text,
         60,
         "the resumed run's log",
     )
-    assert "checkpoint" in log.lower()
+    assert f"resuming from {checkpoints}" in log  # the checkpoint the stop saved
     browser.find_element(By.ID, "stop").click()
     wait_for(lambda: status() == "stopped", 120, "the resumed run to stop")
 

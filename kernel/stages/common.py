@@ -10,6 +10,7 @@ not each other.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -339,16 +340,25 @@ def media_tokens(checked: Checked, tokenizer: Any) -> Any:
 def run_trainer(trainer: Any, resume: Any, run_dir: Path) -> tuple[dict[str, Any], float]:
     """Run ``trainer`` to its end, from the checkpoint ``resume`` names (``resume_point``),
     without transformers' own progress printer. Returns the run's metrics (the trainer's
-    numbers, and the train loss over every attempt of a resumed run) and the seconds it trained."""
+    numbers, and the train loss over every attempt of a resumed run) and the seconds it
+    trained. Stopped by Ctrl-C, it saves the step it was on and raises ``KeyboardInterrupt``
+    (``StopWithCheckpoint``): the run is then stopped, and ``--resume`` goes on from there."""
     from transformers import PrinterCallback
 
-    from modelloop.training import resume_point, step_of, whole_run_losses
+    from modelloop.training import StopWithCheckpoint, latest_checkpoint, resume_point, step_of, whole_run_losses
 
     trainer.remove_callback(PrinterCallback)
-    checkpoint = resume_point(resume, run_dir)
-    started = time.perf_counter()
-    outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = StopWithCheckpoint()
+    trainer.add_callback(stop)
+    with stop.catching():  # from the line that says where the run resumes
+        checkpoint = resume_point(resume, run_dir)
+        started = time.perf_counter()
+        outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - started
+    if stop.requested:
+        stopped = f"stopped at step {trainer.state.global_step}, saved in {latest_checkpoint(run_dir / 'checkpoints')}"
+        print(f"modelloop: {stopped}; --resume {run_dir} goes on from there", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt(stopped)
     metrics: dict[str, Any] = {key: value for key, value in outcome.metrics.items() if isinstance(value, (int, float))}
     metrics.update(
         whole_run_losses(

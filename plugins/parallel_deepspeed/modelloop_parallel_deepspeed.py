@@ -6,9 +6,9 @@ never disagree — and a user's JSON (``strategy_options.config``) is merged ove
 ZeRO-3 gathers the 16-bit weights when the model is saved, so the run's ``model/`` is an
 ordinary safetensors folder rather than DeepSpeed's partitioned checkpoint.
 
-On CPUs DeepSpeed needs ``DS_ACCELERATOR=cpu``; it compiles its ops on first use (about
-45 s for the communication op, a minute more for CPU Adam with optimizer offload), into
-``TORCH_EXTENSIONS_DIR``, which the plan points at modelloop's cache so that it happens once.
+On CPUs DeepSpeed needs ``DS_ACCELERATOR=cpu``; it compiles its ops on first use (a minute
+for CPU Adam, where a user's config asks for it), into ``TORCH_EXTENSIONS_DIR``, which the
+plan points at modelloop's cache so that it happens once.
 """
 
 from __future__ import annotations
@@ -128,8 +128,21 @@ def join_deepspeed(model: Any, plan: ParallelPlan) -> Any:
     (accelerate leaves it out when the group exists; Ulysses and ZeRO-3 need it)."""
     import deepspeed
 
+    if plan.backend == "gloo":
+        leave_out_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=plan.backend)
     return model
+
+
+def leave_out_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce: it builds
+    that C++ op whenever it starts on CPUs (30-45 s on a machine's first run), but only
+    DeepSpeed-Inference's tensor parallelism calls it (``inference_all_reduce``); training
+    reduces through the process group. DeepSpeed keeps the compatible ops in one dict that
+    it reads then, and says that edits to it persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 @hookimpl
