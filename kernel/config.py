@@ -56,6 +56,10 @@ class TrainConfig(BaseModel):
     )
     max_length: int = Field(1024, gt=0, description="tokens per row; longer examples are cut as truncation says")
     packing: bool = True
+    padding_free: bool = Field(
+        True,
+        description="with packing off: each step's examples side by side in rows no wider than the longest, kept apart, instead of one row each padded to the longest (where oneDNN multiplies on a CPU, padded)",
+    )
     sampler: str = Field(
         "random", description="the order rows are taken in: random, length_grouped, modality_balanced, ..."
     )
@@ -265,6 +269,8 @@ class RLHFConfig(TrainConfig):
             raise ValueError(f"packing is for dpo's pairs; {self.method} batches its examples as TRL does")
         if self.streaming:
             raise ValueError("rlhf reads its data whole (TRL's trainers): leave streaming off")
+        if not self.padding_free:
+            raise ValueError("padding_free is for sft and pt: rlhf batches as TRL does (dpo: packing)")
         if self.sequence_parallel > 1:
             raise ValueError(
                 "rlhf does not split sequences (TRL's trainers batch rows their own way): leave sequence_parallel at 1"

@@ -153,6 +153,12 @@ class Collator:
     items' model inputs and, where the family has one, the input marking their tokens;
     ``rope_index`` (the family's, bound to the model) gives packed rows their
     multimodal positions, each example's from 0.
+
+    Unpacked items (``packing`` false) are padded to the longest, or with ``padding_free``
+    placed side by side in rows no wider than the longest (best-fit decreasing, as packing
+    does): the same examples a step and the same loss, in fewer rows of the same width at
+    most, so never more tokens computed than padded, nor wider rows (attention costs a
+    row's width squared).
     """
 
     def __init__(
@@ -162,9 +168,12 @@ class Collator:
         multiple: int = 1,
         media: MediaTokens | None = None,
         rope_index: Callable[..., Any] | None = None,
+        *,
+        padding_free: bool = False,
     ) -> None:
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.padding_free = padding_free
         self.multiple = multiple  # rows padded to a multiple of this many tokens (sequence parallelism, oneDNN)
         self.media = media
         self.rope_index = rope_index
@@ -177,15 +186,21 @@ class Collator:
             batch[STREAM_POSITION] = items[-1].position
             return batch
         if self.packing:
-            self.tokens += self.counting * sum(len(row.input_ids) for row in items)
-            batch = collate_packed(items, self.pad_token_id, self.multiple)
-            media = [item for row in items for example in row.media for item in example]
-            return self._with_media(batch, media, items)
+            return self._packed(items)
+        if self.padding_free:
+            input_ids, labels = [item[0] for item in items], [item[1] for item in items]
+            media = [item[2] for item in items] if len(items[0]) > 2 else None
+            return self._packed(pack(input_ids, labels, max(map(len, input_ids)), media))
         self.tokens += self.counting * sum(len(item[0]) for item in items)
         batch = collate_padded(
             [item[0] for item in items], [item[1] for item in items], self.pad_token_id, self.multiple
         )
         return self._with_media(batch, [item for each in items if len(each) > 2 for item in each[2]])
+
+    def _packed(self, rows: Sequence[PackedRow]) -> dict[str, torch.Tensor]:
+        self.tokens += self.counting * sum(len(row.input_ids) for row in rows)
+        batch = collate_packed(rows, self.pad_token_id, self.multiple)
+        return self._with_media(batch, [item for row in rows for example in row.media for item in example], rows)
 
     def _with_media(self, batch: dict[str, Any], media: list[Media], rows: Sequence[PackedRow] = ()) -> dict[str, Any]:
         if self.media is None:

@@ -162,8 +162,8 @@ def owns_its_memory(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous() and all(stride > 0 for size, stride in zip(tensor.shape, tensor.stride()) if size > 1)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_collated_batches_own_their_memory_and_survive_pinning(packing):
+@pytest.mark.parametrize(("packing", "padding_free"), [(False, False), (False, True), (True, False)])
+def test_collated_batches_own_their_memory_and_survive_pinning(packing, padding_free):
     """A GPU trainer pins every batch; an expanded row of positions (one storage for all
     rows) made the first unpacked batch fail there."""
     from modelloop.training import Collator
@@ -176,7 +176,7 @@ def test_collated_batches_own_their_memory_and_survive_pinning(packing):
     items = (
         pack([ids for ids, _ in examples], [labels for _, labels in examples], max_length=16) if packing else examples
     )
-    batch = Collator(pad_token_id=0, packing=packing, multiple=8)(items)
+    batch = Collator(pad_token_id=0, packing=packing, multiple=8, padding_free=padding_free)(items)
     tensors = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
     assert {"input_ids", "labels", "position_ids"} <= set(tensors)
     for key, tensor in tensors.items():
@@ -241,3 +241,39 @@ def test_flex_attention_trains_packed_rows_as_sdpa_trains_them_alone(tmp_path, t
     )
     torch.testing.assert_close(together[0], alone[0], rtol=2e-2, atol=2e-2)
     assert torch.nn.functional.cosine_similarity(together[1], alone[1], dim=0) > 0.99
+
+
+def test_a_padding_free_batch_trains_as_the_padded_one(tmp_path, tiny_models):
+    """With packing off, a step's examples (those, no others) side by side in rows no wider
+    than the longest: fewer tokens computed than padded, and the same loss and gradients."""
+    from modelloop.training import Collator
+
+    loaded = load_model(tiny_models("qwen2"), dtype="fp32")
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    data = chat_tokens(tmp_path, tokenizer, loaded.family)
+    items = list(zip(data.input_ids, data.labels))
+    items.append((sum(map(list, data.input_ids[:3]), []), sum(map(list, data.labels[:3]), [])))  # a long one
+    padded_collator = Collator(tokenizer.pad_token_id, packing=False)
+    free_collator = Collator(tokenizer.pad_token_id, packing=False, padding_free=True)
+    padded, free = padded_collator(items), free_collator(items)
+    assert free["input_ids"].shape[1] == padded["input_ids"].shape[1] == max(len(ids) for ids, _ in items)
+    assert free["input_ids"].shape[0] < len(items)
+    assert free_collator.tokens == padded_collator.tokens == sum(len(ids) for ids, _ in items)
+    results = []
+    for batch in (padded, free):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (padded_loss, padded_grads), (free_loss, free_grads) = results
+    torch.testing.assert_close(free_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(free_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_free_is_for_unpacked_training_batches():
+    from modelloop.config import RLHFConfig, TrainConfig
+
+    assert TrainConfig(model="m", data=["d"]).padding_free  # the default
+    with pytest.raises(ValueError, match="padding_free is for sft and pt"):
+        RLHFConfig(model="m", data=["d"], padding_free=False)

@@ -337,15 +337,18 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_models, demo, uninterrupt
     process.wait()
     assert json.loads((killed / "manifest.json").read_text())["status"] == "running"
     assert not (killed / "model").exists()
+    resume_to_the_end(killed, subprocess_env)
+    assert_same_adapter(killed, uninterrupted)
+
+
+def resume_to_the_end(run, env):
+    """``modelloop sft --resume RUN``, which completes the run; returns the process."""
     resumed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "sft", "--resume", str(killed)],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "modelloop", "sft", "--resume", str(run)], env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((killed / "manifest.json").read_text())["status"] == "completed"
-    assert_same_adapter(killed, uninterrupted)
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    return resumed
 
 
 def assert_same_adapter(run, expected_run):
@@ -377,14 +380,7 @@ def test_ctrl_c_saves_the_step_under_way_and_resume_ends_at_the_same_weights(
     manifest = json.loads((stopped / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["error"].startswith(f"KeyboardInterrupt: stopped at step {step}")
     assert not (stopped / "model").exists()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "modelloop", "sft", "--resume", str(stopped)],
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming from {checkpoint}" in resumed.stdout
+    assert f"resuming from {checkpoint}" in resume_to_the_end(stopped, subprocess_env).stdout
     assert_same_adapter(stopped, uninterrupted)
 
 

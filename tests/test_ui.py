@@ -100,14 +100,23 @@ def browser():
 
 def wait_for(condition, timeout=60.0, what="the page"):
     """``condition()`` once it holds; a page that reloads meanwhile (a run's page does as
-    its status changes) is read again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    its status changes) is read again. chromedriver reports an element read while the page
+    was being replaced either as stale or as a node that "does not belong to the document"."""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             found = condition()
         except (NoSuchElementException, StaleElementReferenceException):
+            found = None
+        except WebDriverException as error:
+            if "does not belong to the document" not in str(error):
+                raise
             found = None
         if found:
             return found

@@ -58,7 +58,7 @@ def train(stage: Stage, config: TrainConfig | Mapping[str, Any], *, owns_process
     if not isinstance(config, TrainConfig):
         config = build_config(TrainConfig, config)
     config = settle_memory_settings(config)
-    checked = check_training(config, packed_rows=config.packing)
+    checked = check_training(config, packed_rows=config.packing or config.padding_free)
     if config.streaming:
         check_streaming(stage, config, checked)
     if owns_process:
@@ -275,11 +275,20 @@ def _run(
         eval_set, train_set = train_set.split(config.eval_split, config.seed)
     if data is not None:
         advise_schedule(config, checked.plan, rows=len(train_set), examples=data.stats.examples)
+    # oneDNN compiles code for each shape it meets: padded rows come in few (``cpu_linear``)
+    padding_free = not config.packing and config.padding_free and not onednn
     rope_index = None
-    if media is not None and config.packing and media.rope_index is not None:
+    if media is not None and (config.packing or padding_free) and media.rope_index is not None:
         rope_index = functools.partial(media.rope_index, model)
     multiple = math.lcm(checked.plan.mesh.get("cp", 1), ROW_MULTIPLE if onednn else 1)
-    collator = Collator(tokenizer.pad_token_id, config.packing, multiple=multiple, media=media, rope_index=rope_index)
+    collator = Collator(
+        tokenizer.pad_token_id,
+        config.packing,
+        multiple=multiple,
+        media=media,
+        rope_index=rope_index,
+        padding_free=padding_free,
+    )
     sampler = registry_sampler(config, train_set) if stream is None else None
     # a stream is resumed from the position its checkpoint keeps, not by skipping batches
     streamed = {"ignore_data_skip": True, "accelerator_config": {"dispatch_batches": False}} if stream else {}
