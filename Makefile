@@ -8,6 +8,8 @@
 # installs Debian's chromium and its driver for the browser tests of `modelloop ui`.
 
 PYTHON ?= python3
+# The suite's processes: two for CI's two cores (a module's tests share one, with its fixtures).
+TEST_WORKERS ?= 2
 VENV ?= .venv
 BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*)
@@ -25,7 +27,7 @@ export MODELSCOPE_OFFLINE := 1
 test: $(STAMP) $(EVALSCOPE_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The main job: examples/quickstart.yaml takes a tiny model built here around the whole loop
 # (eval, SFT, eval, GRPO, eval, merged export, a served check through the OpenAI API, eval)

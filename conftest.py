@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from modelloop import plugins
+from modelloop.threads import settle_threads
 
 REPO = Path(__file__).resolve().parent
 
@@ -41,6 +42,10 @@ HERMETIC_ENV = {
 }
 # huggingface_hub reads its offline switch when imported: set it before any test imports it.
 os.environ.update({key: value for key, value in HERMETIC_ENV.items() if key.endswith("OFFLINE")})
+# The suite runs on two xdist workers (Makefile); each sizes torch's pool and OpenMP's spin
+# as a ``modelloop`` command does, before torch is imported: with libgomp's default spin,
+# two workers' threads on two cores burn each other's time slices.
+settle_threads()
 
 
 def _hermetic(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:

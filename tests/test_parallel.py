@@ -9,6 +9,7 @@ weights at the end, saved as an ordinary folder transformers loads.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -240,6 +241,10 @@ def test_ddp_matches_one_process_and_saves_a_plain_model(tiny_models, subprocess
     assert "plan: mesh" in done.stdout and "dp=2" in done.stdout
     assert_same_weights(out / "model", one_process / "model")
     assert sorted(path.name for path in (out / "logs" / "node0").glob("*/attempt_0/*")) == ["0", "1"]
+    # each rank owns its process as the command does: DeepSpeed, which ddp does not use,
+    # stays out, and with it its start-up notice
+    output = (done.stdout + done.stderr).splitlines()
+    assert [line for line in output if not re.match(r"(\[rank\d+\]:)?(modelloop: |train )", line)] == []
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,10 @@ LAUNCH_JSON``.
 
 It runs the stage the launcher ordered, with the launcher's resolved config; torch's
 elastic agent has set ``RANK``, ``WORLD_SIZE`` and the rendezvous variables, which the
-trainer reads. ``record`` writes an uncaught exception where the launcher finds it.
+trainer reads. ``record`` writes an uncaught exception where the launcher finds it. Each
+rank owns its process as the ``modelloop`` command does (``modelloop.process``): the
+libraries its run does not use stay out (DeepSpeed's start-up notice on a ddp job's
+console among them), and it ends without the interpreter's teardown.
 
 It lives with the stages, not with ``parallel/``'s launcher: it is a stage's entry point
 on each rank, so it imports the stages, and the parts below them (the launcher among
@@ -23,11 +26,11 @@ def run(stage: str, config: dict) -> None:
     if stage == "rlhf":
         from modelloop.stages.rlhf import rlhf
 
-        rlhf(config)
+        rlhf(config, owns_process=True)
     else:
         from modelloop.stages.train import train
 
-        train(stage, config)
+        train(stage, config, owns_process=True)
     leave_process_group()
 
 
@@ -36,6 +39,7 @@ def main() -> None:
 
     from modelloop.errors import ModelloopError
     from modelloop.log import quiet_library_notices, verbose_requested
+    from modelloop.process import end
 
     if not verbose_requested():
         quiet_library_notices()
@@ -44,7 +48,8 @@ def main() -> None:
         record(run)(order["stage"], order["config"])
     except ModelloopError as error:
         print(f"Error: {error}", file=sys.stderr)
-        sys.exit(2)
+        end(2)
+    end(0)
 
 
 if __name__ == "__main__":
